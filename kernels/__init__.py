@@ -1,0 +1,1 @@
+"""NOSA Triton kernels (imported as nosa_sglang.kernels)."""

@@ -1,0 +1,1 @@
+"""NOSA offload runtime (imported as nosa_sglang.runtime)."""
