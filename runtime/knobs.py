@@ -39,7 +39,7 @@ class OffloadKnobs:
     """
 
     gpu_slots: int = 64
-    transfer_mode: str = "copy_engine"
+    transfer_mode: str = "zero_copy"
     prefetch: bool = True
     host_capacity_bytes: int = 0
     victim_policy: str = "eviction_score"
