@@ -1,0 +1,285 @@
+"""Transfer kernels and the eviction head on one GPU, against ceilings measured in the same run.
+
+    python benchmarks/kernels_transfer.py --out benchmarks/results/kernels_transfer.md
+
+Tables: (a) pinned H2D / D2H copy ceilings (1 GiB torch copies) and device-to-device bandwidth;
+(b) gather (and write-back) GB/s of random 8 KiB / 16 KiB runs, zero_copy vs each copy-engine backend,
+as % of the H2D (D2H) ceiling, with the host time each call costs; (c) how much a bf16 8192^3 GEMM on
+another stream slows down while transfers run, and how fast the transfers go meanwhile; (d) eviction
+head time vs its byte roofline (N = 1..32768 tokens), a tile sweep, and torch for comparison.
+Timing: CUDA events (or triton.testing.do_bench, median), warm-up first, id sets rotated; the host store
+(--host-gib of pinned memory, random data) is far larger than L2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from nosa_sglang.kernels.block_copy import gather_runs, launch_zero_copy, scatter_runs
+from nosa_sglang.kernels.copy_engine import batch_memcpy_available, coalesce_runs
+from nosa_sglang.kernels.eviction_head import (
+    PRODUCT_ELEMS, eviction_bias, eviction_launch_config, launch_eviction_bias,
+)
+from nosa_sglang.reference import eviction_bias as reference_eviction_bias
+from nosa_sglang.kernels.pinned import alloc_pinned, pinned_mode
+
+GiB = 1 << 30
+ROTATE = 4  # id sets / inputs rotated between timed calls
+
+
+def table(title: str, cols: list[str], rows: list[list[object]], md: list[str]) -> None:
+    fmt = lambda x: f"{x:.3g}" if isinstance(x, float) else str(x)  # noqa: E731
+    lines = [f"### {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(x) for x in r) + " |" for r in rows]
+    print("\n".join(lines) + "\n", flush=True)
+    md += lines + [""]
+
+
+def time_calls(fn: Callable[[int], object], stream: torch.cuda.Stream, reps: int, warmup: int = 2):
+    """(median device ms, median host ms) of fn(i) on `stream`; the device time includes any gap
+    the host leaves while it is still issuing (a host-bound path shows up as slow, as it would)."""
+    for i in range(warmup):
+        fn(i)
+    torch.cuda.synchronize()
+    dev, host = [], []
+    for i in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        t0 = time.perf_counter()
+        fn(i)
+        host.append((time.perf_counter() - t0) * 1e3)
+        end.record(stream)
+        end.synchronize()
+        dev.append(start.elapsed_time(end))
+    return statistics.median(dev), statistics.median(host)
+
+
+def ceilings(host_bytes: torch.Tensor, stream: torch.cuda.Stream, md: list[str]) -> dict[str, float]:
+    src = host_bytes[:GiB]
+    dev = torch.empty(GiB, dtype=torch.uint8, device="cuda")
+    with torch.cuda.stream(stream):
+        h2d, _ = time_calls(lambda i: dev.copy_(src, non_blocking=True), stream, 5)
+        d2h, _ = time_calls(lambda i: src.copy_(dev, non_blocking=True), stream, 5)
+    a = torch.empty(2 * GiB, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    with torch.cuda.stream(stream):
+        d2d, _ = time_calls(lambda i: b.copy_(a), stream, 5)
+    del dev, a, b
+    c = {"h2d": GiB / h2d / 1e6, "d2h": GiB / d2h / 1e6, "d2d": 2 * 2 * GiB / d2d / 1e6}
+    table("(a) copy ceilings (GB/s)", ["pinned H2D 1 GiB", "pinned D2H 1 GiB", "device copy 2 GiB (read+write)"],
+          [[c["h2d"], c["d2h"], c["d2d"]]], md)
+    return c
+
+
+def run_methods() -> list[tuple[str, str]]:
+    methods = [("zero_copy", "-")]
+    methods += [("copy_engine", "batch")] if batch_memcpy_available() else []
+    return methods + [("copy_engine", "cupy"), ("copy_engine", "torch")]
+
+
+def gather_table(host_k8: torch.Tensor, host_v8: torch.Tensor, ceil: dict[str, float], counts: list[int],
+                 stream: torch.cuda.Stream, md: list[str]) -> dict[tuple, float]:
+    rows, per_call = [], {}
+    for run_kib in (8, 16):
+        run_elems = run_kib * 1024 // 2
+        hk, hv = host_k8.view(torch.bfloat16).view(-1, run_elems), host_v8.view(torch.bfloat16).view(-1, run_elems)
+        n_host = hk.shape[0]
+        for n in counts:
+            gk = torch.empty(n, run_elems, dtype=torch.bfloat16, device="cuda")
+            gv = torch.empty_like(gk)
+            sets = [(torch.randperm(n_host, device="cuda")[:n], torch.randperm(n, device="cuda")) for _ in range(ROTATE)]
+            sets_cpu = [(s.cpu(), d.cpu()) for s, d in sets]
+            spans = len(coalesce_runs(sets_cpu[0][0].numpy(), sets_cpu[0][1].numpy()).length)
+            nbytes = 2 * n * run_kib * 1024
+            for direction in ("H2D", "D2H"):
+                if direction == "D2H" and n != counts[len(counts) // 2]:
+                    continue
+                for mode, backend in run_methods():
+                    ids = sets if mode == "zero_copy" else sets_cpu
+                    cb = "auto" if backend == "-" else backend
+                    if direction == "H2D":
+                        fn = lambda i: gather_runs(hk, hv, ids[i % ROTATE][0], gk, gv, ids[i % ROTATE][1], mode,  # noqa: E731
+                                                   stream, validate_ids=False, copy_backend=cb)
+                    else:
+                        fn = lambda i: scatter_runs(gk, gv, ids[i % ROTATE][1], hk, hv, ids[i % ROTATE][0], mode,  # noqa: E731
+                                                    stream, validate_ids=False, copy_backend=cb)
+                    reps = 3 if (backend == "torch" and n >= 32768) else 5
+                    dev_ms, host_ms = time_calls(fn, stream, reps)
+                    if direction == "H2D":  # correctness spot check of the last call
+                        s, d = ids[(reps - 1) % ROTATE]
+                        pick = torch.arange(0, n, max(1, n // 64))
+                        ok = torch.equal(gk[d.cuda()[pick.cuda()]].cpu().view(torch.int16), hk[s.cpu()[pick]].view(torch.int16))
+                    else:
+                        ok = "-"
+                    gbs = nbytes / dev_ms / 1e6
+                    ceiling = ceil["h2d"] if direction == "H2D" else ceil["d2h"]
+                    rows.append([direction, f"{run_kib} KiB", n, spans, mode, backend, gbs, 100 * gbs / ceiling,
+                                 dev_ms, host_ms, ok])
+                    per_call[(direction, run_kib, n, mode, backend)] = dev_ms
+                    per_call[("host", direction, run_kib, n, mode, backend)] = host_ms
+            del gk, gv
+    table("(b) random runs, K+V per run (GB/s; % of the pinned ceiling of that direction)",
+          ["dir", "run", "runs", "spans", "mode", "backend", "GB/s", "% ceiling", "device ms", "host ms", "ok"],
+          rows, md)
+    return per_call
+
+
+def gemm_contention(host_k8: torch.Tensor, host_v8: torch.Tensor, per_call: dict, stream: torch.cuda.Stream,
+                    md: list[str]) -> None:
+    n, run_elems = 4096, 8192
+    hk, hv = host_k8.view(torch.bfloat16).view(-1, run_elems), host_v8.view(torch.bfloat16).view(-1, run_elems)
+    gk = torch.empty(n, run_elems, dtype=torch.bfloat16, device="cuda")
+    gv = torch.empty_like(gk)
+    sets = [(torch.randperm(hk.shape[0], device="cuda")[:n], torch.randperm(n, device="cuda")) for _ in range(ROTATE)]
+    sets_cpu = [(s.cpu(), d.cpu()) for s, d in sets]
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b, c = torch.randn_like(a), torch.empty_like(a)
+    gemm_stream, n_gemm = torch.cuda.Stream(), 30
+    with torch.cuda.stream(gemm_stream):
+        alone, _ = time_calls(lambda i: [torch.mm(a, b, out=c) for _ in range(n_gemm)], gemm_stream, 3, warmup=1)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(100_000_000)
+    end.record()
+    end.synchronize()
+    cycles_per_ms = 100_000_000 / start.elapsed_time(end)
+    rows = [["none", "-", alone, 1.0, "-", "-", "-"]]
+    methods = [("zero_copy", "-"), ("copy_engine", "batch" if batch_memcpy_available() else "cupy")]
+    for mode, backend in methods:
+        x_alone = per_call[("H2D", 16, n, mode, backend)]
+        x_host = per_call[("host", "H2D", 16, n, mode, backend)]
+        calls = max(2, math.ceil(1.3 * alone / x_alone))
+        ids = sets if mode == "zero_copy" else sets_cpu
+        cb = "auto" if backend == "-" else backend
+        results = []
+        for _ in range(3):
+            torch.cuda.synchronize()
+            gate_stream = torch.cuda.Stream()
+            gate = torch.cuda.Event(enable_timing=True)
+            g_end, x_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with torch.cuda.stream(gate_stream):  # hold both streams while the host issues everything
+                torch.cuda._sleep(int(cycles_per_ms * (5 + 2 * calls * x_host)))
+                gate.record(gate_stream)
+            stream.wait_event(gate)
+            gemm_stream.wait_event(gate)
+            t0 = time.perf_counter()
+            with torch.cuda.stream(gemm_stream):  # GEMMs first: a full copy queue can't delay them
+                for _ in range(n_gemm):
+                    torch.mm(a, b, out=c)
+            g_end.record(gemm_stream)
+            for i in range(calls):
+                s, d = ids[i % ROTATE]
+                gather_runs(hk, hv, s, gk, gv, d, mode, stream, validate_ids=False, copy_backend=cb)
+            x_end.record(stream)
+            issue_ms = (time.perf_counter() - t0) * 1e3
+            torch.cuda.synchronize()
+            results.append((gate.elapsed_time(g_end), gate.elapsed_time(x_end), issue_ms))
+        g_ms, x_ms, issue_ms = (statistics.median(r[i] for r in results) for i in range(3))
+        gbs = calls * 2 * n * 16384 / x_ms / 1e6
+        rows.append([mode, backend, g_ms, g_ms / alone, gbs, x_ms >= g_ms, f"{issue_ms:.1f}"])
+    table(f"(c) {n_gemm} bf16 8192^3 GEMMs on one stream, 16 KiB-run gathers of {n} runs on another",
+          ["transfers", "backend", "GEMM ms", "GEMM slowdown x", "transfer GB/s meanwhile",
+           "transfers covered the GEMMs", "host issue ms"], rows, md)
+
+
+def eviction_table(d2d_gbs: float, md: list[str]) -> None:
+    rows, sweep = [], []
+    for hkv, d in ((2, 128), (8, 128)):
+        w = (torch.randn(hkv, hkv * d, device="cuda") / (hkv * d) ** 0.5).bfloat16()
+        A, bias = torch.rand(hkv, device="cuda") + 0.5, torch.randn(hkv, device="cuda")
+        for n in (1, 8, 64, 512, 4096, 32768):
+            vs = [torch.randn(n, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(ROTATE)]
+            out = torch.empty(n, hkv, device="cuda")
+            it = iter(range(10**9))
+            ms = triton.testing.do_bench(lambda: eviction_bias(vs[next(it) % ROTATE], A, w, bias, out=out),
+                                         warmup=25, rep=100, return_mode="median")
+            ref_ms = triton.testing.do_bench(
+                lambda: A * F.softplus(F.linear(vs[next(it) % ROTATE].flatten(1), w, None).float() + bias),
+                warmup=25, rep=100, return_mode="median")
+            t0 = time.perf_counter()
+            for i in range(200):
+                eviction_bias(vs[i % ROTATE], A, w, bias, out=out)
+            host_us = (time.perf_counter() - t0) / 200 * 1e6
+            torch.cuda.synchronize()
+            nbytes = n * hkv * d * 2 + w.numel() * 2 + n * hkv * 4
+            roof_ms = nbytes / (d2d_gbs * 1e6)
+            eviction_bias(vs[0], A, w, bias, out=out.fill_(float("nan")))
+            ref = reference_eviction_bias(vs[0].double(), A.double(), w.double(), bias.double())
+            err = ((out.double() - ref).norm() / ref.norm()).item()
+            rows.append([hkv, d, n, ms * 1e3, roof_ms * 1e3, 100 * roof_ms / ms, ref_ms * 1e3, host_us, err,
+                         tuple(eviction_launch_config(n, hkv, d))])
+            if n in (4096, 32768) and hkv == 8:
+                for bn in (4, 8, 16, 32, 64):
+                    for nw in (4, 8):
+                        bk = max(16, min(hkv * d, PRODUCT_ELEMS * nw // 4 // (bn * 8)))  # same regs/thread
+                        t = triton.testing.do_bench(
+                            lambda: launch_eviction_bias(vs[next(it) % ROTATE], A, w, bias, out, bn, bk, nw),
+                            warmup=25, rep=100, return_mode="median")
+                        sweep.append([n, bn, bk, nw, t * 1e3, 100 * roof_ms / t])
+    table("(d) eviction head, bf16 v and delta_weight (us; roofline = bytes / device-copy GB/s)",
+          ["Hkv", "d", "tokens", "kernel us", "roofline us", "% roofline", "torch us", "host us/call", "rel err", "config (BLOCK_N, BLOCK_K, warps)"],
+          rows, md)
+    table("(d') eviction head tile sweep, Hkv 8, d 128", ["tokens", "BLOCK_N", "BLOCK_K", "warps", "us", "% roofline"],
+          sweep, md)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=None, help="write the markdown tables here")
+    parser.add_argument("--host-gib", type=float, default=8.0, help="pinned host store, K+V together")
+    parser.add_argument("--skip", default="", help="comma list of sections to skip: a,b,c,d (b needs a, c needs a and b)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    md = [f"## kernels_transfer on {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
+          f"triton {triton.__version__}, pinned mode {pinned_mode()}, cudaMemcpyBatchAsync "
+          f"{'yes' if batch_memcpy_available() else 'no'}", ""]
+    print(md[0], flush=True)
+    skip = set(args.skip.split(","))
+    half = int(args.host_gib * GiB / 2) // GiB * GiB
+    t0 = time.perf_counter()
+    host_k8, host_v8 = alloc_pinned((half,), torch.uint8), alloc_pinned((half,), torch.uint8)
+    noise = torch.randint(0, 255, (GiB,), dtype=torch.uint8, device="cuda")
+    for h in (host_k8, host_v8):  # random bytes (bf16 NaN patterns included; copies don't care)
+        for off in range(0, half, GiB):
+            h[off : off + GiB].copy_(noise)
+            noise = noise.roll(4096)
+    del noise
+    torch.cuda.synchronize()
+    print(f"pinned {2 * half / GiB:.0f} GiB in {time.perf_counter() - t0:.1f} s", flush=True)
+    stream = torch.cuda.Stream()
+    ptx = launch_zero_copy(host_k8.view(-1, 4096)[:1], host_v8.view(-1, 4096)[:1],
+                           torch.empty(1, 4096, dtype=torch.uint8, device="cuda"),
+                           torch.empty(1, 4096, dtype=torch.uint8, device="cuda"),
+                           torch.zeros(1, dtype=torch.int64, device="cuda"),
+                           torch.zeros(1, dtype=torch.int64, device="cuda")).asm["ptx"]
+    md += [f"zero-copy kernel PTX has 16-byte loads: {bool(re.search(r'ld[.]global([.][a-z0-9]+)*[.]v4', ptx))}", ""]
+    print(md[-2], flush=True)
+    ceil = ceilings(host_k8, stream, md) if "a" not in skip else None
+    per_call = gather_table(host_k8, host_v8, ceil, [256, 4096, 32768], stream, md) if "b" not in skip else None
+    if "c" not in skip and per_call is not None:
+        gemm_contention(host_k8, host_v8, per_call, stream, md)
+    if "d" not in skip:
+        eviction_table(ceil["d2d"] if ceil else 3000.0, md)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(md) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

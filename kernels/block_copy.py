@@ -1,0 +1,225 @@
+"""Move (block, KV head) runs of K and V between the pinned host store and GPU slots.
+
+Layout contract (the runtime relies on it): a *run* is one (block, KV head) of K or of V, block_size x
+head_dim contiguous elements. Per layer the host store is `host_k`/`host_v [num_host_runs, run_elems]`
+(host run id = block_id * Hkv + kv_head) in pinned memory; the GPU slot cache is `gpu_k`/`gpu_v
+[num_slots, run_elems]`. A miss moves one K run and one V run with the same ids, so one call moves both.
+
+Modes:
+  "zero_copy"    a Triton kernel reads (gather) or writes (scatter) pinned host memory directly over
+                 PCIe; ids on the GPU (CPU ids are copied over first). Under TRITON_INTERPRET=1 it also
+                 runs on CPU tensors, which is how it is tested without a GPU.
+  "copy_engine"  cudaMemcpyAsync / cudaMemcpyBatchAsync on coalesced spans (copy_engine.py); ids must be
+                 CPU tensors, because reading GPU ids back would synchronise the hot path.
+  "cpu"          torch index_copy_ on CPU tensors: the runtime's CPU mode (no CUDA on the machine).
+Host tensors of the CUDA modes must be pinned, device-accessible memory (`alloc_pinned`): pageable
+memory raises KernelArgumentError instead of silently taking a slow staged path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Literal, NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from nosa_sglang.kernels._checks import (
+    KernelArgumentError,
+    check_contiguous,
+    check_ids,
+    check_tensor,
+    triton_interpreting,
+)
+from nosa_sglang.kernels.copy_engine import CopyBackend, coalesce_runs, copy_spans, resolve_backend
+from nosa_sglang.kernels.pinned import is_device_accessible
+
+TransferMode = Literal["zero_copy", "copy_engine", "cpu"]
+TRANSFER_MODES: tuple[str, ...] = ("zero_copy", "copy_engine", "cpu")
+MAX_CHUNK_BYTES = 16 * 1024  # bytes of K (and again of V) one program moves: 32 KiB of loads in flight
+MIN_CHUNK_BYTES = 2 * 1024  # below this a program is mostly index math
+TARGET_PROGRAMS = 1024  # split runs into chunks until this many programs (>= 4 per SM on an H100)
+
+
+class TransferResult(NamedTuple):
+    """What one gather/scatter call issued (for the runtime's counters)."""
+
+    runs: int  # (block, KV head) pairs moved; each is one K run and one V run
+    bytes: int  # K + V bytes moved
+    copies: int  # kernel launches or memcpy operations issued
+
+
+@triton.jit
+def _copy_runs_kernel(src_k, src_v, dst_k, dst_v, src_ids, dst_ids,
+                      RUN: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr):
+    # One program copies chunk `pid % CHUNKS` of run `pid // CHUNKS`, of K and of V: both loads are
+    # issued before either store, so 2 x CHUNK words per program are in flight over PCIe.
+    pid = tl.program_id(0)
+    run = pid // CHUNKS
+    offs = (pid % CHUNKS) * CHUNK + tl.arange(0, CHUNK)
+    s = tl.load(src_ids + run).to(tl.int64) * RUN  # int64: host stores exceed 2^31 words
+    d = tl.load(dst_ids + run).to(tl.int64) * RUN
+    k = tl.load(src_k + s + offs)
+    v = tl.load(src_v + s + offs)
+    tl.store(dst_k + d + offs, k)
+    tl.store(dst_v + d + offs, v)
+
+
+def gather_runs(
+    host_k: torch.Tensor, host_v: torch.Tensor, src_ids: torch.Tensor,
+    gpu_k: torch.Tensor, gpu_v: torch.Tensor, dst_ids: torch.Tensor,
+    mode: TransferMode = "zero_copy", stream: torch.cuda.Stream | None = None,
+    *, validate_ids: bool = True, copy_backend: CopyBackend = "auto",
+) -> TransferResult:
+    """Host -> GPU: gpu_k[dst_ids[i]] = host_k[src_ids[i]] and the same for V, for every i.
+
+    Args:
+        host_k, host_v: [num_host_runs, run_elems] pinned CPU tensors (CPU tensors in mode "cpu").
+        src_ids: [n] int32/int64 host run ids (repeats allowed).
+        gpu_k, gpu_v: [num_slots, run_elems] CUDA tensors (CPU in mode "cpu"/interpreter), same dtype.
+        dst_ids: [n] int32/int64 slot ids, no repeats. Device: GPU for zero_copy, CPU for copy_engine.
+        mode: "zero_copy" | "copy_engine" | "cpu".
+        stream: CUDA stream to issue on (default: the current stream). The caller records events and
+            `record_stream`s; nothing here synchronises unless validate_ids checks CUDA ids.
+        validate_ids: check id ranges and duplicate destinations (syncs the device for CUDA ids: pass
+            False on the hot path once the ids come from trusted code).
+        copy_backend: how copy_engine issues copies ("auto" | "batch" | "cupy" | "torch").
+    """
+    return _transfer(("host_k", host_k), ("host_v", host_v), ("src_ids", src_ids),
+                     ("gpu_k", gpu_k), ("gpu_v", gpu_v), ("dst_ids", dst_ids),
+                     host_is_src=True, mode=mode, stream=stream, validate_ids=validate_ids,
+                     copy_backend=copy_backend)
+
+
+def scatter_runs(
+    gpu_k: torch.Tensor, gpu_v: torch.Tensor, src_ids: torch.Tensor,
+    host_k: torch.Tensor, host_v: torch.Tensor, dst_ids: torch.Tensor,
+    mode: TransferMode = "zero_copy", stream: torch.cuda.Stream | None = None,
+    *, validate_ids: bool = True, copy_backend: CopyBackend = "auto",
+) -> TransferResult:
+    """GPU -> host write-back: host_k[dst_ids[i]] = gpu_k[src_ids[i]] and the same for V.
+
+    Same arguments and devices as `gather_runs`, with the roles of the id lists swapped (src_ids are
+    slot ids, dst_ids host run ids, unique).
+    """
+    return _transfer(("gpu_k", gpu_k), ("gpu_v", gpu_v), ("src_ids", src_ids),
+                     ("host_k", host_k), ("host_v", host_v), ("dst_ids", dst_ids),
+                     host_is_src=False, mode=mode, stream=stream, validate_ids=validate_ids,
+                     copy_backend=copy_backend)
+
+
+Named = tuple[str, torch.Tensor]
+
+
+def _transfer(src_k: Named, src_v: Named, src_ids: Named, dst_k: Named, dst_v: Named, dst_ids: Named, *,
+              host_is_src: bool, mode: str, stream: torch.cuda.Stream | None, validate_ids: bool,
+              copy_backend: CopyBackend) -> TransferResult:
+    if mode not in TRANSFER_MODES:
+        raise KernelArgumentError(f"mode: expected one of {TRANSFER_MODES}, got {mode!r}")
+    _check_run_tensors(src_k, src_v, dst_k, dst_v)
+    host, gpu = ((src_k, src_v), (dst_k, dst_v)) if host_is_src else ((dst_k, dst_v), (src_k, src_v))
+    _check_devices(mode, host, gpu)
+    for name, ids in (src_ids, dst_ids):
+        check_tensor(name, ids, 1, (torch.int32, torch.int64))
+        if mode == "copy_engine" and ids.device.type != "cpu":
+            raise KernelArgumentError(f"{name}: copy_engine needs CPU ids (reading CUDA ids back would "
+                                      f"synchronise); pass a CPU copy, got {ids.device}")
+        if mode == "cpu" and ids.device.type != "cpu":
+            raise KernelArgumentError(f"{name}: mode 'cpu' needs CPU ids, got {ids.device}")
+    if src_ids[1].numel() != dst_ids[1].numel():
+        raise KernelArgumentError(f"dst_ids: length {dst_ids[1].numel()} must equal src_ids length "
+                                  f"{src_ids[1].numel()}")
+    if validate_ids:
+        check_ids(src_ids[0], src_ids[1], src_k[1].shape[0], src_k[0], unique=False)
+        check_ids(dst_ids[0], dst_ids[1], dst_k[1].shape[0], dst_k[0], unique=True)
+    n = src_ids[1].numel()
+    run_bytes = src_k[1].shape[1] * src_k[1].element_size()
+    if n == 0:
+        return TransferResult(0, 0, 0)
+    tensors = (src_k[1], src_v[1], dst_k[1], dst_v[1])
+    if mode == "cpu":
+        s, d = src_ids[1].long(), dst_ids[1].long()
+        dst_k[1].index_copy_(0, d, src_k[1].index_select(0, s))
+        dst_v[1].index_copy_(0, d, src_v[1].index_select(0, s))
+        return TransferResult(n, 2 * n * run_bytes, 2)
+    device = gpu[0][1].device
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        if mode == "copy_engine":
+            spans = coalesce_runs(src_ids[1].numpy(), dst_ids[1].numpy())
+            handle = stream.cuda_stream if stream is not None else torch.cuda.current_stream().cuda_stream
+            copies = copy_spans(tensors[:2], tensors[2:], spans, resolve_backend(copy_backend, handle), stream)
+            return TransferResult(n, 2 * n * run_bytes, copies)
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            # NOTE: CPU ids are copied on the issuing stream, so the kernel sees them in order.
+            sid, did = (ids.to(device, non_blocking=True) for ids in (src_ids[1], dst_ids[1]))
+            launch_zero_copy(*tensors, sid, did)
+    return TransferResult(n, 2 * n * run_bytes, 1)
+
+
+def zero_copy_launch_config(n_runs: int, run_bytes: int) -> tuple[int, int, int]:
+    """(word_bytes, chunk_words, num_warps) for the zero-copy kernel: 4-byte words (so one kernel
+    serves every 2- and 4-byte dtype and 4 words make a 16-byte vector); chunks of 16 KiB, halved
+    down to 2 KiB until there are TARGET_PROGRAMS programs, so that a few runs still fill the GPU."""
+    word = 4 if run_bytes % 4 == 0 else 1
+    run_words = run_bytes // word
+    chunk = 1
+    while run_words % (chunk * 2) == 0 and (chunk * 2) * word <= MAX_CHUNK_BYTES:
+        chunk *= 2
+    while chunk * word > MIN_CHUNK_BYTES and n_runs * (run_words // chunk) < TARGET_PROGRAMS:
+        chunk //= 2
+    num_warps = max(1, min(8, chunk * word // 4096))
+    return word, chunk, num_warps
+
+
+def launch_zero_copy(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.Tensor, dst_v: torch.Tensor,
+                     src_ids: torch.Tensor, dst_ids: torch.Tensor) -> object:
+    """Launch the copy kernel on the current stream (no checks; use gather_runs/scatter_runs).
+    Returns Triton's compiled-kernel handle (its .asm shows the PTX, e.g. for ld.global.v4)."""
+    n = src_ids.numel()
+    run_bytes = src_k.shape[1] * src_k.element_size()
+    word, chunk, num_warps = zero_copy_launch_config(n, run_bytes)
+    wdt = torch.int32 if word == 4 else torch.uint8
+    views = [t.view(wdt) for t in (src_k, src_v, dst_k, dst_v)]
+    run_words = run_bytes // word
+    chunks = run_words // chunk
+    return _copy_runs_kernel[(n * chunks,)](*views, src_ids, dst_ids, RUN=run_words, CHUNK=chunk,
+                                           CHUNKS=chunks, num_warps=num_warps)
+
+
+def _check_run_tensors(src_k: Named, src_v: Named, dst_k: Named, dst_v: Named) -> None:
+    ref_name, ref = src_k
+    for name, t in (src_k, src_v, dst_k, dst_v):
+        check_tensor(name, t, 2)
+        check_contiguous(name, t)
+        if t.dtype != ref.dtype:
+            raise KernelArgumentError(f"{name}: dtype {t.dtype} must equal {ref_name}'s {ref.dtype}")
+        if t.shape[1] != ref.shape[1]:
+            raise KernelArgumentError(f"{name}: run_elems (dim 1) {t.shape[1]} must equal {ref_name}'s {ref.shape[1]}")
+    for (kn, k), (vn, v) in ((src_k, src_v), (dst_k, dst_v)):
+        if v.shape != k.shape:
+            raise KernelArgumentError(f"{vn}: shape {tuple(v.shape)} must equal {kn}'s {tuple(k.shape)}")
+
+
+def _check_devices(mode: str, host: tuple[Named, Named], gpu: tuple[Named, Named]) -> None:
+    (gk_name, gk), (gv_name, gv) = gpu
+    if gv.device != gk.device:
+        raise KernelArgumentError(f"{gv_name}: must be on {gk.device} like {gk_name}, got {gv.device}")
+    for name, t in host:
+        if t.device.type != "cpu":
+            raise KernelArgumentError(f"{name}: the host store must be a CPU tensor, got {t.device}")
+    if mode == "cpu":
+        if gk.device.type != "cpu":
+            raise KernelArgumentError(f"{gk_name}: mode 'cpu' needs CPU tensors, got {gk.device}")
+        return
+    if gk.device.type == "cuda":
+        for name, t in host:
+            if not is_device_accessible(t):
+                raise KernelArgumentError(f"{name}: must be pinned, device-accessible host memory "
+                                          "(kernels.pinned.alloc_pinned or cudaHostRegister), got pageable memory")
+        return
+    if mode == "zero_copy" and gk.device.type == "cpu" and triton_interpreting(_copy_runs_kernel):
+        return  # TRITON_INTERPRET=1: CPU tensors stand in for host store and GPU slots
+    raise KernelArgumentError(f"{gk_name}: mode {mode!r} needs a CUDA tensor (or TRITON_INTERPRET=1 for "
+                              f"zero_copy on CPU; use mode='cpu' without a GPU), got {gk.device}")
