@@ -15,6 +15,8 @@ VICTIM_POLICIES = ("eviction_score", "lru")
 #: upper bound on GPU slots per (request, layer, KV head): 64 blocks of 64 tokens = 4K tokens is the
 #: selection; 1024 slots = 64K tokens per head is far past the point where every block hits.
 MAX_GPU_SLOTS = 1024
+#: upper bound on the host capacity knob (1 PiB): a sanity limit, not a machine's size
+MAX_HOST_CAPACITY_BYTES = 1 << 50
 
 
 class KnobError(ValueError):
@@ -49,20 +51,7 @@ class OffloadKnobs:
 
     def validate(self, topk_blocks: int = 1) -> None:
         """Raise KnobError naming the field and the allowed range."""
-        _check_int("gpu_slots", self.gpu_slots, max(1, topk_blocks), MAX_GPU_SLOTS)
-        if self.transfer_mode not in TRANSFER_MODES:
-            raise KnobError(
-                "transfer_mode",
-                f"transfer_mode={self.transfer_mode!r}: allowed values are {list(TRANSFER_MODES)}",
-            )
-        if not isinstance(self.prefetch, bool):
-            raise KnobError("prefetch", f"prefetch={self.prefetch!r}: must be a bool (true/false)")
-        _check_int("host_capacity_bytes", self.host_capacity_bytes, 0, 1 << 50)
-        if self.victim_policy not in VICTIM_POLICIES:
-            raise KnobError(
-                "victim_policy",
-                f"victim_policy={self.victim_policy!r}: allowed values are {list(VICTIM_POLICIES)}",
-            )
+        _validate(self.to_dict(), topk_blocks)
 
     def validate_for(self, topk_blocks: int) -> "OffloadKnobs":
         """Check the knobs against a model's topk_blocks (slots must hold one whole selection)."""
@@ -75,12 +64,29 @@ class OffloadKnobs:
         for name in changes:
             if name not in known:
                 raise KnobError(name, f"unknown knob {name!r}; known knobs: {sorted(known)}")
-        new = dataclasses.replace(self, **dict(changes))
-        new.validate(topk_blocks)
-        return new
+        merged = {**self.to_dict(), **dict(changes)}
+        _validate(merged, topk_blocks)  # before construction, so ranges name the model's bound
+        return dataclasses.replace(self, **dict(changes))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _validate(values: Mapping[str, Any], topk_blocks: int) -> None:
+    _check_int("gpu_slots", values["gpu_slots"], max(1, topk_blocks), MAX_GPU_SLOTS)
+    if values["transfer_mode"] not in TRANSFER_MODES:
+        raise KnobError(
+            "transfer_mode",
+            f"transfer_mode={values['transfer_mode']!r}: allowed values are {list(TRANSFER_MODES)}",
+        )
+    if not isinstance(values["prefetch"], bool):
+        raise KnobError("prefetch", f"prefetch={values['prefetch']!r}: must be a bool (true/false)")
+    _check_int("host_capacity_bytes", values["host_capacity_bytes"], 0, MAX_HOST_CAPACITY_BYTES)
+    if values["victim_policy"] not in VICTIM_POLICIES:
+        raise KnobError(
+            "victim_policy",
+            f"victim_policy={values['victim_policy']!r}: allowed values are {list(VICTIM_POLICIES)}",
+        )
 
 
 def _check_int(field: str, value: Any, lo: int, hi: int) -> None:

@@ -21,6 +21,7 @@ class LayerStats:
     bytes_d2h: int = 0
     transfer_time_s: float = 0.0  # time copies were in flight (device events, read lazily)
     stall_time_s: float = 0.0  # time the compute stream waited on copies
+    host_wait_time_s: float = 0.0  # time the host waited to read a miss list back (copy-engine path)
 
     @property
     def hit_rate(self) -> float:

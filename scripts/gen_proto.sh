@@ -8,9 +8,9 @@
 #      module name becomes nosa_sglang.control.pb.control_pb2 (the file is not a top-level `nosa`);
 #   2. protoc's protobuf runtime-version guard is dropped: it refuses any runtime older than the
 #      generator's (6.31.1 for grpcio-tools 1.76.0) although this builder-style gencode works on
-#      protobuf >= 4.21; nosa_sglang/control/pb/__init__.py checks the real minimum instead;
+#      protobuf >= 4.25 (tested); nosa_sglang/control/pb/__init__.py checks the real minimum instead;
 #   3. grpc's generated-version guard (grpcio >= 1.76.0) is dropped for the same reason; the stubs
-#      need grpcio >= 1.63 (`_registered_method`), also checked in pb/__init__.py.
+#      need grpcio >= 1.64 (registered method handlers), also checked in pb/__init__.py.
 # Each edit asserts that it matched, so a grpcio-tools upgrade that changes the output fails here.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
