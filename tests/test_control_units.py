@@ -11,7 +11,7 @@ import time
 import pytest
 
 from nosa_sglang.config import NosaConfig
-from nosa_sglang.control.boundary import KnobSwap
+from nosa_sglang.runtime.knob_queue import KnobQueue
 from nosa_sglang.control.convert import MAX_HOST_CAPACITY_BYTES, delta_to_proto
 from nosa_sglang.control.pb import control_pb2 as pb
 from nosa_sglang.control.snapshot_cache import CachedSnapshot, SnapshotCache
@@ -20,24 +20,24 @@ from nosa_sglang.runtime.knobs import KnobError, OffloadKnobs
 from nosa_sglang.runtime.stats import LayerStats, StatsSnapshot
 
 
-def test_knob_swap_queues_until_apply_pending():
-    swap = KnobSwap(OffloadKnobs())
+def test_knob_swap_queues_until_take():
+    swap = KnobQueue(OffloadKnobs())
     update = swap.request(OffloadKnobs(gpu_slots=128), timeout_s=0)
     assert update.in_force.gpu_slots == 64 and update.pending.gpu_slots == 128
     assert swap.latest().gpu_slots == 128 and swap.in_force().gpu_slots == 64
-    assert swap.apply_pending().gpu_slots == 128
+    assert swap.take().gpu_slots == 128
     assert swap.in_force().gpu_slots == 128 and swap.pending() is None
-    assert swap.apply_pending() is None
+    assert swap.take() is None
 
 
 def test_knob_swap_waiter_wakes_at_the_boundary():
-    swap = KnobSwap(OffloadKnobs())
+    swap = KnobQueue(OffloadKnobs())
     result = []
     waiter = threading.Thread(target=lambda: result.append(swap.request(OffloadKnobs(gpu_slots=96), 5.0)))
     waiter.start()
     assert _wait(lambda: swap.pending() is not None)
     start = time.monotonic()
-    swap.apply_pending()
+    swap.take()
     waiter.join()
     assert time.monotonic() - start < 1.0
     assert result[0].pending is None and result[0].in_force.gpu_slots == 96

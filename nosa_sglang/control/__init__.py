@@ -4,7 +4,7 @@ Public entry points (imported lazily, so `nosa_sglang.control.pb` imports withou
 dependencies — benchmarks/check_grpc_env.py relies on that):
     start_control_server(provider, host, port, token=None, options=ServerOptions()) -> ControlServer
     ControlProvider, KnobUpdate: the interface the runtime implements (provider.py)
-    KnobSwap: the step-boundary knob queue a provider uses (boundary.py)
+    (the step-boundary knob queue a provider uses is nosa_sglang.runtime.knob_queue.KnobQueue)
     SyntheticProvider: a test double, not the runtime (synthetic.py)
 """
 
@@ -20,7 +20,6 @@ _EXPORTS = {
     "ServerOptions": "nosa_sglang.control.server",
     "ControlProvider": "nosa_sglang.control.provider",
     "KnobUpdate": "nosa_sglang.control.provider",
-    "KnobSwap": "nosa_sglang.control.boundary",
     "SyntheticProvider": "nosa_sglang.control.synthetic",
 }
 

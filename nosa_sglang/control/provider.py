@@ -12,24 +12,16 @@ longer than a copy of some counters.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import NamedTuple
 
 from nosa_sglang.config import NosaConfig
+from nosa_sglang.runtime.knob_queue import KnobRequest
 from nosa_sglang.runtime.knobs import OffloadKnobs
 from nosa_sglang.runtime.stats import StatsSnapshot
 
 
-class KnobUpdate(NamedTuple):
-    """What `request_knobs` reports back.
-
-    Attributes:
-        in_force: the knobs in force when the call returned.
-        pending: the requested knobs if they still wait for a step boundary (the wait ran out),
-            else None (they are in force: `in_force` is them).
-    """
-
-    in_force: OffloadKnobs
-    pending: OffloadKnobs | None
+#: what `request_knobs` reports: `in_force` (the knobs in force when the call returned) and
+#: `pending` (the requested knobs if they still wait for a step boundary, else None)
+KnobUpdate = KnobRequest
 
 
 class ControlProvider(ABC):
@@ -37,8 +29,8 @@ class ControlProvider(ABC):
 
     Knob changes follow one protocol: the service validates them on arrival (so a bad value never
     reaches the runtime), the provider queues the new `OffloadKnobs` and swaps it in whole at its
-    next step boundary. `nosa_sglang.control.boundary.KnobSwap` implements that queue; a provider
-    normally owns one and calls `KnobSwap.apply_pending()` at each step boundary (and from its idle
+    next step boundary. `nosa_sglang.runtime.knob_queue.KnobQueue` implements that queue; a provider
+    normally owns one and calls `KnobQueue.take()` at each step boundary (and from its idle
     path, so updates do not wait for traffic).
     """
 

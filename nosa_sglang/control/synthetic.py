@@ -5,7 +5,7 @@ closed-form model of a decode loop (each `step()` grows every request by one tok
 falls with more GPU slots; prefetch hides part of the transfer time), just enough for the numbers to
 move the way an operator expects, so the service, `nosa-ctl` and `examples/tune_offload.py` can be
 exercised before (and without) `nosa_sglang.runtime.NosaRuntime`. It uses the same step-boundary
-knob swap as the runtime (`KnobSwap`), so the UpdateConfig semantics tested against it are real.
+knob swap as the runtime (`KnobQueue`), so the UpdateConfig semantics tested against it are real.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from nosa_sglang.config import NosaConfig
-from nosa_sglang.control.boundary import KnobSwap
+from nosa_sglang.runtime.knob_queue import KnobQueue
 from nosa_sglang.control.provider import ControlProvider, KnobUpdate
 from nosa_sglang.runtime.knobs import OffloadKnobs
 from nosa_sglang.runtime.stats import LayerStats, RequestStats, StatsSnapshot
@@ -75,7 +75,7 @@ class SyntheticProvider(ControlProvider):
     ) -> None:
         self.setup = setup
         self._nosa = nosa
-        self._knobs = KnobSwap((knobs or OffloadKnobs(gpu_slots=nosa.topk_blocks)).validate_for(
+        self._knobs = KnobQueue((knobs or OffloadKnobs(gpu_slots=nosa.topk_blocks)).validate_for(
             nosa.topk_blocks))
         self._lock = threading.Lock()
         self._next_request = 0
@@ -85,7 +85,7 @@ class SyntheticProvider(ControlProvider):
     # -- the stepping side -------------------------------------------------------------------
     def step(self) -> None:
         """One modelled decode step of every request; the step boundary comes first."""
-        self._knobs.apply_pending()
+        self._knobs.take()
         knobs = self._knobs.in_force()
         s, nosa = self.setup, self._nosa
         block_bytes = 2 * nosa.block_size * s.head_dim * s.dtype_bytes  # K and V of one head
