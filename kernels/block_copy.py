@@ -40,13 +40,16 @@ TRANSFER_MODES: tuple[str, ...] = ("zero_copy", "copy_engine", "cpu")
 MAX_CHUNK_BYTES = 16 * 1024  # bytes of K (and again of V) one program moves: 32 KiB of loads in flight
 MIN_CHUNK_BYTES = 2 * 1024  # below this a program is mostly index math
 TARGET_PROGRAMS = 1024  # split runs into chunks until this many programs (>= 4 per SM on an H100)
+#: zero_copy skips entries whose src id is negative (their dst id is ignored): the runtime passes
+#: fixed-size, padded id lists that stay on the GPU, so it never reads a miss list back to the host
+SKIPS_NEGATIVE_IDS = True
 
 
 class TransferResult(NamedTuple):
     """What one gather/scatter call issued (for the runtime's counters)."""
 
-    runs: int  # (block, KV head) pairs moved; each is one K run and one V run
-    bytes: int  # K + V bytes moved
+    runs: int  # (block, KV head) pairs issued; each is one K run and one V run (zero_copy: incl. padding)
+    bytes: int  # K + V bytes of those runs
     copies: int  # kernel launches or memcpy operations issued
 
 
@@ -54,16 +57,19 @@ class TransferResult(NamedTuple):
 def _copy_runs_kernel(src_k, src_v, dst_k, dst_v, src_ids, dst_ids,
                       RUN: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr):
     # One program copies chunk `pid % CHUNKS` of run `pid // CHUNKS`, of K and of V: both loads are
-    # issued before either store, so 2 x CHUNK words per program are in flight over PCIe.
+    # issued before either store, so 2 x CHUNK words per program are in flight over PCIe. A negative
+    # src id is padding: the uniform mask keeps the 16-byte vector accesses and moves nothing.
     pid = tl.program_id(0)
     run = pid // CHUNKS
     offs = (pid % CHUNKS) * CHUNK + tl.arange(0, CHUNK)
-    s = tl.load(src_ids + run).to(tl.int64) * RUN  # int64: host stores exceed 2^31 words
+    src = tl.load(src_ids + run).to(tl.int64)
+    live = src >= 0  # scalar, broadcast over the chunk
+    s = src * RUN  # int64: host stores exceed 2^31 words
     d = tl.load(dst_ids + run).to(tl.int64) * RUN
-    k = tl.load(src_k + s + offs)
-    v = tl.load(src_v + s + offs)
-    tl.store(dst_k + d + offs, k)
-    tl.store(dst_v + d + offs, v)
+    k = tl.load(src_k + s + offs, mask=live)
+    v = tl.load(src_v + s + offs, mask=live)
+    tl.store(dst_k + d + offs, k, mask=live)
+    tl.store(dst_v + d + offs, v, mask=live)
 
 
 def gather_runs(
@@ -76,7 +82,8 @@ def gather_runs(
 
     Args:
         host_k, host_v: [num_host_runs, run_elems] pinned CPU tensors (CPU tensors in mode "cpu").
-        src_ids: [n] int32/int64 host run ids (repeats allowed).
+        src_ids: [n] int32/int64 host run ids (repeats allowed). zero_copy only: a negative id is
+            padding, skipped together with its dst id (SKIPS_NEGATIVE_IDS).
         gpu_k, gpu_v: [num_slots, run_elems] CUDA tensors (CPU in mode "cpu"/interpreter), same dtype.
         dst_ids: [n] int32/int64 slot ids, no repeats. Device: GPU for zero_copy, CPU for copy_engine.
         mode: "zero_copy" | "copy_engine" | "cpu".
@@ -131,8 +138,9 @@ def _transfer(src_k: Named, src_v: Named, src_ids: Named, dst_k: Named, dst_v: N
         raise KernelArgumentError(f"dst_ids: length {dst_ids[1].numel()} must equal src_ids length "
                                   f"{src_ids[1].numel()}")
     if validate_ids:
-        check_ids(src_ids[0], src_ids[1], src_k[1].shape[0], src_k[0], unique=False)
-        check_ids(dst_ids[0], dst_ids[1], dst_k[1].shape[0], dst_k[0], unique=True)
+        live = src_ids[1] >= 0 if mode == "zero_copy" else slice(None)  # zero_copy skips padding
+        check_ids(src_ids[0], src_ids[1][live], src_k[1].shape[0], src_k[0], unique=False)
+        check_ids(dst_ids[0], dst_ids[1][live], dst_k[1].shape[0], dst_k[0], unique=True)
     n = src_ids[1].numel()
     run_bytes = src_k[1].shape[1] * src_k[1].element_size()
     if n == 0:

@@ -20,7 +20,7 @@ import pytest
 
 from nosa_sglang.kernels._checks import KernelArgumentError, triton_interpreting
 from nosa_sglang.kernels.block_copy import (
-    MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, TARGET_PROGRAMS, _copy_runs_kernel, gather_runs, launch_zero_copy, scatter_runs,
+    MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, SKIPS_NEGATIVE_IDS, TARGET_PROGRAMS, _copy_runs_kernel, gather_runs, launch_zero_copy, scatter_runs,
     zero_copy_launch_config,
 )
 from nosa_sglang.kernels.copy_engine import batch_memcpy_available, coalesce_runs, copy_spans
@@ -110,6 +110,23 @@ def test_repeated_source_is_allowed(gen):
     src, dst = torch.tensor([3, 3, 5]), torch.tensor([0, 2, 1])
     gather_runs(hk, hv, src, gk, gv, dst, mode=cpu_mode("zero_copy"))
     assert_copied(gk, dst, hk, src)
+
+
+def test_zero_copy_skips_negative_src_ids(gen):
+    """Padding entries (src < 0) move nothing, even when their dst ids repeat (the runtime's trash slot)."""
+    assert SKIPS_NEGATIVE_IDS
+    hk, hv = store(gen, 12, 512, torch.bfloat16), store(gen, 12, 512, torch.bfloat16)
+    gk, gv = poisoned(6, 512, torch.bfloat16), poisoned(6, 512, torch.bfloat16)
+    src, dst = torch.tensor([-1, 7, -1, 2, -5]), torch.tensor([5, 0, 5, 3, 5])
+    gather_runs(hk, hv, src, gk, gv, dst, mode=cpu_mode("zero_copy"))
+    live = src >= 0
+    assert_copied(gk, dst[live], hk, src[live])
+    assert_copied(gv, dst[live], hv, src[live])
+
+
+def test_cpu_mode_rejects_negative_src_ids(gen):
+    with pytest.raises(KernelArgumentError, match=r"^src_ids: ids must lie in \[0, 10\)"):
+        _call(gen, src_ids=torch.tensor([-1, 2]), mode="cpu")
 
 
 def test_small_runs_split_into_chunks_cover_every_word(gen):
@@ -285,6 +302,12 @@ def test_gpu_zero_copy_accepts_cpu_ids_and_uses_16_byte_loads(gen, real_store):
     gather_runs(hk, hv, src, gk, gv, dst, mode="zero_copy")
     torch.cuda.synchronize()
     assert_copied(gk, dst, hk, src)
+    padded_src = torch.cat([src[:8], torch.full((8,), -1)])
+    gk.fill_(NAN)
+    gather_runs(hk, hv, padded_src.cuda(), gk, gv, torch.cat([dst[:8], torch.full((8,), 511)]).cuda(),
+                mode="zero_copy")
+    torch.cuda.synchronize()
+    assert_copied(gk, dst[:8], hk, src[:8])  # padding wrote nothing, not even to the repeated slot 511
     compiled = launch_zero_copy(hk, hv, gk, gv, src.cuda(), dst.cuda())
     assert re.search(r"ld\.global(\.\w+)*\.v4\.", compiled.asm["ptx"]), "host loads are not 16-byte vectors"
 
