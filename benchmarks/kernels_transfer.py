@@ -1,12 +1,14 @@
 """Transfer kernels and the eviction head on one GPU, against ceilings measured in the same run.
 
     python benchmarks/kernels_transfer.py --out benchmarks/results/kernels_transfer.md
+    python benchmarks/kernels_transfer.py --only d --out eviction.md    # the eviction head alone
 
 Tables: (a) pinned H2D / D2H copy ceilings (1 GiB torch copies) and device-to-device bandwidth;
 (b) gather (and write-back) GB/s of random 8 KiB / 16 KiB runs, zero_copy vs each copy-engine backend,
 as % of the H2D (D2H) ceiling, with the host time each call costs; (c) how much a bf16 8192^3 GEMM on
 another stream slows down while transfers run, and how fast the transfers go meanwhile; (d) eviction
-head time vs its byte roofline (N = 1..32768 tokens), a tile sweep, and torch for comparison.
+head time vs its byte roofline (N = 1..32768 tokens) and torch, (d'') other dtypes and the fp32 paths,
+(d') a tile sweep of the bf16 tensor-core path.
 Timing: CUDA events (or triton.testing.do_bench, median), warm-up first, id sets rotated; the host store
 (--host-gib of pinned memory, random data) is far larger than L2.
 """
@@ -24,11 +26,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 import triton
+from triton.runtime.errors import OutOfResources
 
 from nosa_sglang.kernels.block_copy import gather_runs, launch_zero_copy, scatter_runs
 from nosa_sglang.kernels.copy_engine import batch_memcpy_available, coalesce_runs
 from nosa_sglang.kernels.eviction_head import (
-    PRODUCT_ELEMS, eviction_bias, eviction_launch_config, launch_eviction_bias,
+    EvictionLaunchConfig, eviction_bias, eviction_launch_config, launch_eviction_bias,
 )
 from nosa_sglang.reference import eviction_bias as reference_eviction_bias
 from nosa_sglang.kernels.pinned import alloc_pinned, pinned_mode
@@ -192,45 +195,109 @@ def gemm_contention(host_k8: torch.Tensor, host_v8: torch.Tensor, per_call: dict
            "transfers covered the GEMMs", "host issue ms"], rows, md)
 
 
+def device_copy_gbs() -> float:
+    """Device-to-device copy GB/s (read + write) of 2 GiB, as in table (a): the eviction roofline's rate."""
+    a = torch.empty(2 * GiB, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=5, rep=50, return_mode="median")
+    del a, b
+    return 2 * 2 * GiB / ms / 1e6
+
+
+def eviction_inputs(n: int, hkv: int, d: int, v_dtype: torch.dtype, w_dtype: torch.dtype):
+    """ROTATE value batches, A, W, bias, out; the roofline's bytes (v once, W once, c written)."""
+    w = (torch.randn(hkv, hkv * d, device="cuda") / (hkv * d) ** 0.5).to(w_dtype)
+    A, bias = torch.rand(hkv, device="cuda") + 0.5, torch.randn(hkv, device="cuda")
+    vs = [torch.randn(n, hkv, d, device="cuda").to(v_dtype) for _ in range(ROTATE)]
+    out = torch.empty(n, hkv, device="cuda")
+    nbytes = n * hkv * d * vs[0].element_size() + w.numel() * w.element_size() + n * hkv * 4
+    return vs, A, w, bias, out, nbytes
+
+
+def bench_config(vs, A, w, bias, out, config: EvictionLaunchConfig, rep: int = 100) -> float | None:
+    """Median us of one launch with `config` (L2 flushed between calls by do_bench); None if it can't run."""
+    it = iter(range(10**9))
+    try:
+        ms = triton.testing.do_bench(lambda: launch_eviction_bias(vs[next(it) % ROTATE], A, w, bias, out, config),
+                                     warmup=max(10, rep // 4), rep=rep, return_mode="median")
+    except OutOfResources:
+        return None
+    return ms * 1e3
+
+
+def eviction_row(n: int, hkv: int, d: int, v_dtype: torch.dtype, w_dtype: torch.dtype, d2d_gbs: float,
+                 config: EvictionLaunchConfig | None = None) -> list[object]:
+    """[kernel us, roofline us, % roofline, torch us, torch/kernel x, host us/call, rel err, config]."""
+    vs, A, w, bias, out, nbytes = eviction_inputs(n, hkv, d, v_dtype, w_dtype)
+    if config is None:  # the wrapper's own pick: host time through eviction_bias (checks included)
+        config = eviction_launch_config(n, hkv, d, v_dtype, w_dtype)
+        call = lambda i: eviction_bias(vs[i % ROTATE], A, w, bias, out=out)  # noqa: E731
+    else:
+        call = lambda i: launch_eviction_bias(vs[i % ROTATE], A, w, bias, out, config)  # noqa: E731
+    us = bench_config(vs, A, w, bias, out, config)
+    it = iter(range(10**9))
+    torch_us = 1e3 * triton.testing.do_bench(
+        lambda: A * F.softplus(F.linear(vs[next(it) % ROTATE].flatten(1).to(w.dtype), w, None).float() + bias),
+        warmup=25, rep=100, return_mode="median")
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(200):
+        call(i)
+    host_us = (time.perf_counter() - t0) / 200 * 1e6
+    torch.cuda.synchronize()
+    launch_eviction_bias(vs[0], A, w, bias, out.fill_(float("nan")), config)
+    ref = reference_eviction_bias(vs[0].double(), A.double(), w.double(), bias.double())
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    roof_us = nbytes / (d2d_gbs * 1e3)
+    return [us, roof_us, 100 * roof_us / us, torch_us, torch_us / us, host_us, err, tuple(config)]
+
+
+def eviction_sweep_configs(hkv: int, d: int, n: int) -> list[EvictionLaunchConfig]:
+    """bf16 dot tiles: BLOCK_N 16-128 x BLOCK_K 64-256 x (warps, stages); shared memory <= 200 KiB."""
+    configs = []
+    for bn in ((16,) if n <= 2048 else (16, 32, 64, 128)):
+        for bk in (64, 128, 256):
+            if bk > hkv * d:
+                continue
+            for nw, ns in ((4, 2), (4, 3), (4, 4), (8, 3)):
+                if ns * (bn * bk + bk * max(16, hkv)) * 2 <= 200 * 1024:
+                    configs.append(EvictionLaunchConfig(True, bn, bk, nw, ns))
+    return configs
+
+
 def eviction_table(d2d_gbs: float, md: list[str]) -> None:
-    rows, sweep = [], []
-    for hkv, d in ((2, 128), (8, 128)):
-        w = (torch.randn(hkv, hkv * d, device="cuda") / (hkv * d) ** 0.5).bfloat16()
-        A, bias = torch.rand(hkv, device="cuda") + 0.5, torch.randn(hkv, device="cuda")
-        for n in (1, 8, 64, 512, 4096, 32768):
-            vs = [torch.randn(n, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(ROTATE)]
-            out = torch.empty(n, hkv, device="cuda")
-            it = iter(range(10**9))
-            ms = triton.testing.do_bench(lambda: eviction_bias(vs[next(it) % ROTATE], A, w, bias, out=out),
-                                         warmup=25, rep=100, return_mode="median")
-            ref_ms = triton.testing.do_bench(
-                lambda: A * F.softplus(F.linear(vs[next(it) % ROTATE].flatten(1), w, None).float() + bias),
-                warmup=25, rep=100, return_mode="median")
-            t0 = time.perf_counter()
-            for i in range(200):
-                eviction_bias(vs[i % ROTATE], A, w, bias, out=out)
-            host_us = (time.perf_counter() - t0) / 200 * 1e6
-            torch.cuda.synchronize()
-            nbytes = n * hkv * d * 2 + w.numel() * 2 + n * hkv * 4
-            roof_ms = nbytes / (d2d_gbs * 1e6)
-            eviction_bias(vs[0], A, w, bias, out=out.fill_(float("nan")))
-            ref = reference_eviction_bias(vs[0].double(), A.double(), w.double(), bias.double())
-            err = ((out.double() - ref).norm() / ref.norm()).item()
-            rows.append([hkv, d, n, ms * 1e3, roof_ms * 1e3, 100 * roof_ms / ms, ref_ms * 1e3, host_us, err,
-                         tuple(eviction_launch_config(n, hkv, d))])
-            if n in (4096, 32768) and hkv == 8:
-                for bn in (4, 8, 16, 32, 64):
-                    for nw in (4, 8):
-                        bk = max(16, min(hkv * d, PRODUCT_ELEMS * nw // 4 // (bn * 8)))  # same regs/thread
-                        t = triton.testing.do_bench(
-                            lambda: launch_eviction_bias(vs[next(it) % ROTATE], A, w, bias, out, bn, bk, nw),
-                            warmup=25, rep=100, return_mode="median")
-                        sweep.append([n, bn, bk, nw, t * 1e3, 100 * roof_ms / t])
-    table("(d) eviction head, bf16 v and delta_weight (us; roofline = bytes / device-copy GB/s)",
-          ["Hkv", "d", "tokens", "kernel us", "roofline us", "% roofline", "torch us", "host us/call", "rel err", "config (BLOCK_N, BLOCK_K, warps)"],
-          rows, md)
-    table("(d') eviction head tile sweep, Hkv 8, d 128", ["tokens", "BLOCK_N", "BLOCK_K", "warps", "us", "% roofline"],
-          sweep, md)
+    """(d) the default configs, bf16 v and W, against torch; (d'') other dtypes and the fp32 paths;
+    (d') a tile sweep (the default marked *) to re-fit eviction_launch_config from."""
+    t0 = time.perf_counter()
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    cols = ["kernel us", "roofline us", "% roofline", "torch us", "torch / kernel", "host us/call", "rel err",
+            "config (dot, BLOCK_N, BLOCK_K, warps, stages)"]
+    rows = [[hkv, d, n] + eviction_row(n, hkv, d, bf16, bf16, d2d_gbs)
+            for hkv, d in ((2, 128), (8, 128)) for n in (1, 8, 64, 512, 4096, 32768)]
+    table(f"(d) eviction head, bf16 v and delta_weight (us; roofline = bytes / {d2d_gbs:.0f} GB/s device copy)",
+          ["Hkv", "d", "tokens"] + cols, rows, md)
+    rows = []
+    for v_dtype, w_dtype, config in ((fp16, fp16, None), (bf16, fp32, None), (fp16, fp32, None), (fp32, fp32, None),
+                                     (fp32, fp32, EvictionLaunchConfig(False, 4, 256, 4, 1)),
+                                     (fp32, fp32, EvictionLaunchConfig(False, 16, 64, 4, 1))):
+        for n in (1, 4096, 32768):
+            row = eviction_row(n, 8, 128, v_dtype, w_dtype, d2d_gbs, config)
+            rows.append([str(v_dtype)[6:], str(w_dtype)[6:], n] + row)
+    table("(d'') eviction head, other dtypes, Hkv 8, d 128 (dot False = the 3-D fp32 multiply-add path)",
+          ["v", "delta_weight", "tokens"] + cols, rows, md)
+    print(f"(d), (d'') took {time.perf_counter() - t0:.0f} s", flush=True)
+    sweep = []
+    for hkv, d, n in ((8, 128, 64), (8, 128, 4096), (8, 128, 32768), (2, 128, 32768)):
+        vs, A, w, bias, out, nbytes = eviction_inputs(n, hkv, d, bf16, bf16)
+        default = eviction_launch_config(n, hkv, d, bf16, bf16)
+        for config in eviction_sweep_configs(hkv, d, n):
+            us = bench_config(vs, A, w, bias, out, config, rep=50)
+            pct = 100 * nbytes / (d2d_gbs * 1e3) / us if us else "-"
+            sweep.append([hkv, n, "*" if config == default else "", config.block_n, config.block_k, config.num_warps,
+                          config.num_stages, us if us else "out of resources", pct])
+    table("(d') eviction head tile sweep, bf16, d 128 (* = eviction_launch_config's pick)",
+          ["Hkv", "tokens", "default", "BLOCK_N", "BLOCK_K", "warps", "stages", "us", "% roofline"], sweep, md)
+    print(f"(d) section took {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def main() -> int:
@@ -238,6 +305,8 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="write the markdown tables here")
     parser.add_argument("--host-gib", type=float, default=8.0, help="pinned host store, K+V together")
     parser.add_argument("--skip", default="", help="comma list of sections to skip: a,b,c,d (b needs a, c needs a and b)")
+    parser.add_argument("--only", default="", help="comma list of sections to run instead, e.g. d (the eviction "
+                        "head alone, ~3-5 min: no pinned host store, its roofline from a device copy timed here)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -248,32 +317,36 @@ def main() -> int:
           f"triton {triton.__version__}, pinned mode {pinned_mode()}, cudaMemcpyBatchAsync "
           f"{'yes' if batch_memcpy_available() else 'no'}", ""]
     print(md[0], flush=True)
-    skip = set(args.skip.split(","))
-    half = int(args.host_gib * GiB / 2) // GiB * GiB
-    t0 = time.perf_counter()
-    host_k8, host_v8 = alloc_pinned((half,), torch.uint8), alloc_pinned((half,), torch.uint8)
-    noise = torch.randint(0, 255, (GiB,), dtype=torch.uint8, device="cuda")
-    for h in (host_k8, host_v8):  # random bytes (bf16 NaN patterns included; copies don't care)
-        for off in range(0, half, GiB):
-            h[off : off + GiB].copy_(noise)
-            noise = noise.roll(4096)
-    del noise
-    torch.cuda.synchronize()
-    print(f"pinned {2 * half / GiB:.0f} GiB in {time.perf_counter() - t0:.1f} s", flush=True)
-    stream = torch.cuda.Stream()
-    ptx = launch_zero_copy(host_k8.view(-1, 4096)[:1], host_v8.view(-1, 4096)[:1],
-                           torch.empty(1, 4096, dtype=torch.uint8, device="cuda"),
-                           torch.empty(1, 4096, dtype=torch.uint8, device="cuda"),
-                           torch.zeros(1, dtype=torch.int64, device="cuda"),
-                           torch.zeros(1, dtype=torch.int64, device="cuda")).asm["ptx"]
-    md += [f"zero-copy kernel PTX has 16-byte loads: {bool(re.search(r'ld[.]global([.][a-z0-9]+)*[.]v4', ptx))}", ""]
-    print(md[-2], flush=True)
-    ceil = ceilings(host_k8, stream, md) if "a" not in skip else None
-    per_call = gather_table(host_k8, host_v8, ceil, [256, 4096, 32768], stream, md) if "b" not in skip else None
-    if "c" not in skip and per_call is not None:
-        gemm_contention(host_k8, host_v8, per_call, stream, md)
-    if "d" not in skip:
-        eviction_table(ceil["d2d"] if ceil else 3000.0, md)
+    sections = set(args.only.split(",")) if args.only else {"a", "b", "c", "d"} - set(args.skip.split(","))
+    ceil = per_call = None
+    if sections & {"a", "b", "c"}:
+        half = int(args.host_gib * GiB / 2) // GiB * GiB
+        t0 = time.perf_counter()
+        host_k8, host_v8 = alloc_pinned((half,), torch.uint8), alloc_pinned((half,), torch.uint8)
+        noise = torch.randint(0, 255, (GiB,), dtype=torch.uint8, device="cuda")
+        for h in (host_k8, host_v8):  # random bytes (bf16 NaN patterns included; copies don't care)
+            for off in range(0, half, GiB):
+                h[off : off + GiB].copy_(noise)
+                noise = noise.roll(4096)
+        del noise
+        torch.cuda.synchronize()
+        print(f"pinned {2 * half / GiB:.0f} GiB in {time.perf_counter() - t0:.1f} s", flush=True)
+        stream = torch.cuda.Stream()
+        ptx = launch_zero_copy(host_k8.view(-1, 4096)[:1], host_v8.view(-1, 4096)[:1],
+                               torch.empty(1, 4096, dtype=torch.uint8, device="cuda"),
+                               torch.empty(1, 4096, dtype=torch.uint8, device="cuda"),
+                               torch.zeros(1, dtype=torch.int64, device="cuda"),
+                               torch.zeros(1, dtype=torch.int64, device="cuda")).asm["ptx"]
+        md += [f"zero-copy kernel PTX has 16-byte loads: {bool(re.search(r'ld[.]global([.][a-z0-9]+)*[.]v4', ptx))}",
+               ""]
+        print(md[-2], flush=True)
+        ceil = ceilings(host_k8, stream, md) if "a" in sections else None
+        if "b" in sections:
+            per_call = gather_table(host_k8, host_v8, ceil, [256, 4096, 32768], stream, md)
+        if "c" in sections and per_call is not None:
+            gemm_contention(host_k8, host_v8, per_call, stream, md)
+    if "d" in sections:
+        eviction_table(ceil["d2d"] if ceil else device_copy_gbs(), md)
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(md) + "\n")
