@@ -1,0 +1,225 @@
+"""Prefill selection: stage-1 scores of every prompt token against the chunks complete at its position.
+
+Exact NOSA prefill needs, per token t and KV head, S_b and E_b over the chunks visible at t. The
+[T, n_chunks] score matrix per query head is never stored: one program takes a tile of tokens x GQA
+heads (64 rows), pass 1 streams the visible compressed keys for each row's log-sum-exp, pass 2
+recomputes the logits window by window, normalises, sums the group and max-pools straight into
+[tokens, blocks] scores (forced +inf, absent -inf), and pools the eviction means with the same per-token
+visibility. Tokens go through in slices so S and E stay ~256 MiB; the top-k glue (`topk.py`) then picks
+each token's blocks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from nosa_sglang.config import NosaConfig
+from nosa_sglang.kernels._checks import KernelArgumentError
+from nosa_sglang.kernels._dispatch import (
+    check_devices, check_float, check_gqa, check_head_dim, check_shape, fp32_dot, next_pow2, resolve_impl,
+)
+from nosa_sglang.kernels.compress import compress_windows
+from nosa_sglang.kernels.selection import pool_chunks_torch
+from nosa_sglang.kernels.topk import forced_and_existing, select_topk
+
+LOG2E = 1.4426950408889634
+ROWS_PER_TILE = 64
+CHUNK_TILE = 64
+BLOCK_TILE = 16
+SCORE_BUDGET_FLOATS = 1 << 25  # per S / E slice (128 MiB each)
+
+
+def select_blocks_prefill(
+    q: torch.Tensor, k: torch.Tensor, c: torch.Tensor, config: NosaConfig, impl: str = "auto"
+) -> torch.Tensor:
+    """Per-token NOSA selection of one prompt (each token sees the chunks complete at its position).
+
+    Args:
+        q: [T, Hq, d]; k: [T, Hkv, d] post-RoPE keys (q's dtype); c: [T, Hkv] float32 eviction bias.
+    Returns:
+        [T, Hkv, topk_blocks] int32 ascending block ids, -1 padded.
+    """
+    check_float("q", q, 3)
+    check_float("k", k, 3)
+    T, Hq, d = q.shape
+    hkv = k.shape[1]
+    check_shape("k", k, (T, hkv, d), "[T of q, Hkv, head_dim of q]")
+    G = check_gqa(Hq, hkv)
+    if not isinstance(c, torch.Tensor) or c.dtype != torch.float32:
+        raise KernelArgumentError(f"c: expected a float32 tensor [{T}, {hkv}]")
+    check_shape("c", c, (T, hkv), "[T, Hkv]")
+    device = check_devices(q=q, k=k, c=c)
+    use = resolve_impl(impl, device)
+    check_head_dim("q", d, use == "triton")
+    nb = config.num_blocks(T)
+    out = torch.empty((T, hkv, config.topk_blocks), dtype=torch.int32, device=device)
+    if T == 0:
+        return out
+    ck = compress_windows(k, config)  # [n, Hkv, d] float32
+    ce = compress_windows(c, config)  # [n, Hkv] float32
+    if use == "triton":
+        ck = ck.to(q.dtype)
+    rows = max(ROWS_PER_TILE, (SCORE_BUDGET_FLOATS // max(1, hkv * nb)) // ROWS_PER_TILE * ROWS_PER_TILE)
+    if use == "torch":  # the torch path also holds [rows, Hq, n_chunks] logits
+        rows = max(1, min(rows, SCORE_BUDGET_FLOATS // max(1, Hq * ck.shape[0])))
+    for lo in range(0, T, rows):
+        hi = min(T, lo + rows)
+        if use == "torch":
+            S, E = prefill_block_scores_torch(q[lo:hi], ck, ce, lo, config, nb)
+        else:
+            S, E = _prefill_block_scores_triton(q, ck, ce, lo, hi, config, nb, G)
+        seq_lens = torch.arange(lo + 1, hi + 1, device=device, dtype=torch.int32)
+        out[lo:hi] = select_topk(S, E, seq_lens, config, impl=use)
+    return out
+
+
+def prefill_block_scores_torch(q, ck, ce, lo: int, config: NosaConfig, nb: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """S, E [Tt, Hkv, NB] of the tokens lo .. lo + Tt - 1 (q holds just those rows)."""
+    Tt, Hq, d = q.shape
+    n, hkv = ce.shape
+    pos = torch.arange(lo, lo + Tt, device=q.device)
+    chunk_end = torch.arange(n, device=q.device) * config.kernel_stride + config.kernel_size
+    visible = chunk_end[None, :] <= pos[:, None] + 1  # [Tt, n]
+    logits = torch.einsum("thgd,nhd->thgn", q.float().view(Tt, hkv, Hq // hkv, d), ck.float()) / math.sqrt(d)
+    p = torch.softmax(logits.masked_fill(~visible[:, None, None], float("-inf")), -1).nan_to_num(0.0)
+    s = p.sum(dim=2).masked_fill(~visible[:, None], float("-inf"))
+    e = ce.T[None].masked_fill(~visible[:, None], float("-inf"))
+    exists, forced = forced_and_existing(pos + 1, nb, config)
+    S = torch.where(forced, float("inf"), pool_chunks_torch(s, nb, config)).masked_fill(~exists, float("-inf"))
+    E = pool_chunks_torch(e, nb, config).masked_fill(~exists, float("-inf"))
+    return S, E
+
+
+def _prefill_block_scores_triton(q, ck, ce, lo, hi, config: NosaConfig, nb: int, G: int):
+    T, Hq, d = q.shape
+    hkv = ck.shape[1]
+    g_pad = next_pow2(G)
+    block_t = max(1, ROWS_PER_TILE // g_pad)
+    S = torch.empty((hi - lo, hkv, nb), dtype=torch.float32, device=q.device)
+    E = torch.empty_like(S)
+    r = config.chunks_per_block
+    _prefill_scores_kernel[(triton.cdiv(hi - lo, block_t), hkv)](
+        q, ck, ce, S, E, LOG2E / math.sqrt(d), lo, hi, ck.shape[0], nb,
+        q.stride(0), q.stride(1), ck.stride(0), ck.stride(1), ce.stride(0), ce.stride(1),
+        G=G, G_PAD=g_pad, BLOCK_T=block_t, HEAD_DIM=d, BLOCK_C=CHUNK_TILE, BLOCK_NB=BLOCK_TILE,
+        R=r, R_PAD=next_pow2(r), STRIDE=config.kernel_stride, KSIZE=config.kernel_size,
+        BLOCK_SIZE=config.block_size, INIT=config.init_blocks, LOCAL=config.local_blocks,
+        IEEE=fp32_dot(q.dtype), num_warps=4,
+    )
+    return S, E
+
+
+@triton.jit
+def _scores(q, CK, ch, ok, h, s_cn, s_ch, scale_log2, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr):
+    """Base-2 logits [rows, len(ch)] of q against compressed keys `ch` (zeros where not ok)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = tl.load(CK + ch.to(tl.int64)[:, None] * s_cn + h * s_ch + offs_d[None, :], mask=ok[:, None], other=0.0)
+    if IEEE:
+        x = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        x = tl.dot(q, tl.trans(k))
+    return x * scale_log2
+
+
+@triton.jit
+def _group_pool(x, lse, vis_rows, vis_tok, BLOCK_T: tl.constexpr, G_PAD: tl.constexpr, W: tl.constexpr):
+    """Probabilities of logits x [rows, W], summed over the GQA group -> [BLOCK_T, W] (-inf if hidden)."""
+    p = tl.where(vis_rows, tl.exp2(x - lse[:, None]), 0.0)
+    s = tl.sum(tl.reshape(p, [BLOCK_T, G_PAD, W]), 1)
+    return tl.where(vis_tok, s, float("-inf"))
+
+
+@triton.jit
+def _prefill_scores_kernel(
+    Q, CK, CE, S, E, scale_log2, lo, hi, n_chunks, nb, s_qt, s_qh, s_cn, s_ch, s_en, s_eh,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_NB: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
+    STRIDE: tl.constexpr, KSIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr, INIT: tl.constexpr,
+    LOCAL: tl.constexpr, IEEE: tl.constexpr,
+):
+    h = tl.program_id(1)
+    t0 = lo + tl.program_id(0) * BLOCK_T
+    M: tl.constexpr = BLOCK_T * G_PAD
+    X: tl.constexpr = BLOCK_NB * R_PAD
+    rows = tl.arange(0, M)
+    tok = t0 + rows // G_PAD
+    g = rows % G_PAD
+    row_ok = (tok < hi) & (g < G)
+    q = tl.load(Q + tok.to(tl.int64)[:, None] * s_qt + (h * G + g)[:, None] * s_qh + tl.arange(0, HEAD_DIM)[None, :],
+                mask=row_ok[:, None], other=0.0)
+    if IEEE:
+        q = q.to(tl.float32)
+    # chunks visible to a token t: complete windows of t + 1 tokens
+    n_vis = tl.where(tok + 1 >= KSIZE, (tok + 1 - KSIZE) // STRIDE + 1, 0)
+    n_vis = tl.where(row_ok, n_vis, 0)
+    tok_t = t0 + tl.arange(0, BLOCK_T)
+    n_vis_t = tl.where((tok_t < hi) & (tok_t + 1 >= KSIZE), (tok_t + 1 - KSIZE) // STRIDE + 1, 0)
+    n_tile = tl.max(n_vis_t, 0)
+
+    # pass 1: log-sum-exp of each row over its visible chunks
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    offs_c = tl.arange(0, BLOCK_C)
+    for c0 in range(0, n_tile, BLOCK_C):
+        ch = c0 + offs_c
+        x = _scores(q, CK, ch, ch < n_tile, h, s_cn, s_ch, scale_log2, HEAD_DIM, IEEE)
+        x = tl.where(ch[None, :] < n_vis[:, None], x, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(x, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(x - m_use[:, None]), 1)
+        m_i = m_new
+    lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), 0.0)
+
+    # pass 2: blocks whose window [R*b - 1, R*b + R) can hold a visible chunk
+    qb_t = tok_t // BLOCK_SIZE
+    out_row = (tok_t - lo).to(tl.int64)[:, None] * (tl.num_programs(1) * nb) + h * nb
+    offs_j = tl.arange(0, X)
+    nb_compute = tl.minimum(n_tile // R + 1, nb)
+    offs_b = tl.arange(0, BLOCK_NB)
+    offs_r = tl.arange(0, R_PAD)
+    # the left chunk of block b (R*b - 1) is the last chunk of block b - 1: reuse that very value
+    # (recomputing it in another dot could round differently and break the pooled ties)
+    carry = tl.full([BLOCK_T], float("-inf"), tl.float32)
+    for b0 in range(0, nb_compute, BLOCK_NB):
+        ch_m = (b0 + offs_j // R_PAD) * R + offs_j % R_PAD
+        ok_m = (offs_j % R_PAD < R) & (ch_m < n_tile)
+        blk = b0 + offs_b
+        ch_l = blk * R - 1
+        ok_l = (ch_l >= 0) & (ch_l < n_tile)
+        vis_m_t = ok_m[None, :] & (ch_m[None, :] < n_vis_t[:, None])
+        vis_l_t = ok_l[None, :] & (ch_l[None, :] < n_vis_t[:, None])
+        x = _scores(q, CK, ch_m, ok_m, h, s_cn, s_ch, scale_log2, HEAD_DIM, IEEE)
+        s_m = tl.reshape(
+            _group_pool(x, lse, ok_m[None, :] & (ch_m[None, :] < n_vis[:, None]), vis_m_t, BLOCK_T, G_PAD, X),
+            [BLOCK_T, BLOCK_NB, R_PAD],
+        )
+        last = tl.max(tl.where(offs_r[None, None, :] == R - 1, s_m, float("-inf")), 2)  # [BLOCK_T, BLOCK_NB]
+        prev = tl.broadcast_to(tl.maximum(offs_b - 1, 0)[None, :], [BLOCK_T, BLOCK_NB])
+        s_l = tl.where(offs_b[None, :] == 0, carry[:, None], tl.gather(last, prev, 1))
+        carry = tl.max(tl.where(offs_b[None, :] == BLOCK_NB - 1, last, float("-inf")), 1)
+        s_b = tl.maximum(tl.max(s_m, 2), s_l)
+        e_m = tl.load(CE + ch_m.to(tl.int64) * s_en + h * s_eh, mask=ok_m, other=0.0)
+        e_l = tl.load(CE + ch_l.to(tl.int64) * s_en + h * s_eh, mask=ok_l, other=0.0)
+        e_m = tl.where(vis_m_t, e_m[None, :], float("-inf"))
+        e_l = tl.where(vis_l_t, e_l[None, :], float("-inf"))
+        e_b = tl.maximum(tl.max(tl.reshape(e_m, [BLOCK_T, BLOCK_NB, R_PAD]), 2), e_l)
+        exists = blk[None, :] <= qb_t[:, None]
+        forced = exists & ((blk[None, :] < INIT) | (blk[None, :] >= qb_t[:, None] - LOCAL))
+        s_b = tl.where(forced, float("inf"), tl.where(exists, s_b, float("-inf")))
+        e_b = tl.where(exists, e_b, float("-inf"))
+        st = (tok_t[:, None] < hi) & (blk[None, :] < nb)
+        tl.store(S + out_row + blk[None, :], s_b, mask=st)
+        tl.store(E + out_row + blk[None, :], e_b, mask=st)
+    # the remaining blocks have no visible chunk: forced ones +inf, the rest -inf
+    for b0 in range(tl.cdiv(nb_compute, BLOCK_NB) * BLOCK_NB, nb, BLOCK_NB):
+        blk = b0 + tl.arange(0, BLOCK_NB)
+        exists = blk[None, :] <= qb_t[:, None]
+        forced = exists & ((blk[None, :] < INIT) | (blk[None, :] >= qb_t[:, None] - LOCAL))
+        s_b = tl.where(forced, float("inf"), float("-inf"))
+        st = (tok_t[:, None] < hi) & (blk[None, :] < nb)
+        tl.store(S + out_row + blk[None, :], s_b, mask=st)
+        tl.store(E + out_row + blk[None, :], tl.full([BLOCK_T, BLOCK_NB], float("-inf"), tl.float32), mask=st)

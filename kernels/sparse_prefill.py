@@ -1,0 +1,200 @@
+"""Sparse prefill attention: every prompt token attends its own selected blocks (causal) with the bias.
+
+Kernel design: one program = a tile of BLOCK_T consecutive tokens x the query heads of one KV group
+(rows = token x head, 64 rows: tensor-core sized even at G = 4). Neighbouring tokens share most of
+their selection (the forced local window and the eviction picks), so the program iterates the *union*
+of its tokens' blocks (built in torch: sort, dedupe) and masks, per row, the blocks that row's token did
+not select and the keys after it. Each union block is read once per tile instead of once per token.
+The stage-1 prefill selection lives in `prefill_selection.py` (re-exported here).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nosa_sglang.kernels._checks import KernelArgumentError
+from nosa_sglang.kernels._dispatch import (
+    check_block_size, check_devices, check_float, check_gqa, check_head_dim, check_index, check_shape,
+    default_scale, fp32_dot, next_pow2, resolve_impl,
+)
+from nosa_sglang.kernels.prefill_selection import select_blocks_prefill
+
+__all__ = ["select_blocks_prefill", "sparse_prefill_attention", "sparse_prefill_torch", "union_blocks"]
+
+LOG2E = 1.4426950408889634
+ROWS_PER_TILE = 64  # tokens x GQA heads per program
+UNION_PAD = torch.iinfo(torch.int32).max
+#: launch options of the prefill kernel (wgmma on sm_90, no spills at 4 or 8 warps x 2 stages)
+PREFILL_LAUNCH = {"num_warps": 4, "num_stages": 2}
+
+
+def sparse_prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    c: torch.Tensor,
+    block_ids: torch.Tensor,
+    block_size: int,
+    sm_scale: float | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Causal NOSA attention of one sequence, each token over its own selected blocks.
+
+    Args:
+        q: [T, Hq, d]; k, v: [T, Hkv, d] (q's dtype, last dim contiguous); c: [T, Hkv] float32.
+        block_ids: [T, Hkv, topk] int32/int64 selected blocks of each token (-1 = padding).
+        block_size: tokens per block (a power of two >= 16 for the Triton path).
+    Returns:
+        [T, Hq, d] in q.dtype; token t attends the keys j <= t of its selected blocks.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float(name, t, 3)
+    T, Hq, d = q.shape
+    hkv = k.shape[1]
+    check_shape("k", k, (T, hkv, d), "[T of q, Hkv, head_dim of q]")
+    check_shape("v", v, tuple(k.shape), "k's shape")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise KernelArgumentError(f"{name}: dtype must equal q's {q.dtype}, got {t.dtype}")
+    check_gqa(Hq, hkv)
+    if not isinstance(c, torch.Tensor) or c.dtype != torch.float32:
+        raise KernelArgumentError(f"c: expected a float32 tensor [{T}, {hkv}]")
+    check_shape("c", c, (T, hkv), "[T, Hkv]")
+    check_index("block_ids", block_ids, 3)
+    if tuple(block_ids.shape[:2]) != (T, hkv):
+        raise KernelArgumentError(f"block_ids: expected [{T}, {hkv}, topk], got {list(block_ids.shape)}")
+    device = check_devices(q=q, k=k, v=v, c=c, block_ids=block_ids)
+    scale = default_scale(sm_scale, d)
+    use = resolve_impl(impl, device)
+    check_block_size("block_size", block_size, use == "triton")
+    check_head_dim("q", d, use == "triton")
+    if use == "torch" or T == 0:
+        return sparse_prefill_torch(q, k, v, c, block_ids, block_size, scale)
+    return _sparse_prefill_triton(q, k, v, c, block_ids, block_size, scale)
+
+
+def sparse_prefill_torch(q, k, v, c, block_ids, block_size: int, sm_scale: float) -> torch.Tensor:
+    """Pure torch, query tiles against the causal prefix (memory O(tile x Hq x T))."""
+    T, Hq, d = q.shape
+    hkv = k.shape[1]
+    G = Hq // hkv
+    nb = -(-T // block_size)
+    out = torch.empty_like(q)
+    tile = max(16, min(256, (1 << 26) // max(1, Hq * T)))
+    key_block = torch.arange(T, device=q.device) // block_size
+    for lo in range(0, T, tile):
+        hi = min(lo + tile, T)
+        ids = block_ids[lo:hi].long()
+        chosen = torch.zeros(hi - lo, hkv, nb + 1, dtype=torch.bool, device=q.device)
+        chosen.scatter_(-1, torch.where((ids < 0) | (ids >= nb), nb, ids), True)
+        pos = torch.arange(lo, hi, device=q.device)
+        mask = chosen[:, :, key_block[:hi]] & (torch.arange(hi, device=q.device)[None, :] <= pos[:, None])[:, None]
+        qg = q[lo:hi].float().view(hi - lo, hkv, G, d)
+        logits = torch.einsum("thgd,lhd->thgl", qg, k[:hi].float()) * sm_scale + c[:hi].T[None, :, None, :]
+        p = torch.softmax(logits.masked_fill(~mask[:, :, None], float("-inf")), dim=-1).nan_to_num(0.0)
+        out[lo:hi] = torch.einsum("thgl,lhd->thgd", p, v[:hi].float()).reshape(hi - lo, Hq, d).to(q.dtype)
+    return out
+
+
+def union_blocks(block_ids: torch.Tensor, tokens_per_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted union of the blocks of each tile of tokens, per KV head.
+
+    Returns (ids [tiles, Hkv, tokens_per_tile * topk] int32 ascending, padded with INT32_MAX;
+    counts [tiles, Hkv] int32).
+    """
+    T, hkv, topk = block_ids.shape
+    tiles = -(-T // tokens_per_tile)
+    ids = block_ids.to(torch.int32)
+    if tiles * tokens_per_tile != T:
+        ids = torch.cat([ids, ids.new_full((tiles * tokens_per_tile - T, hkv, topk), -1)])
+    ids = ids.view(tiles, tokens_per_tile, hkv, topk).permute(0, 2, 1, 3).reshape(tiles, hkv, -1)
+    ids = torch.where(ids < 0, UNION_PAD, ids).sort(dim=-1).values
+    dup = torch.zeros_like(ids, dtype=torch.bool)
+    dup[..., 1:] = ids[..., 1:] == ids[..., :-1]
+    ids = torch.where(dup, UNION_PAD, ids).sort(dim=-1).values
+    return ids, (ids != UNION_PAD).sum(dim=-1, dtype=torch.int32)
+
+
+def _sparse_prefill_triton(q, k, v, c, block_ids, block_size, scale):
+    T, Hq, d = q.shape
+    hkv, topk = k.shape[1], block_ids.shape[2]
+    G = Hq // hkv
+    g_pad = next_pow2(G)
+    block_t = max(1, ROWS_PER_TILE // g_pad)
+    union, counts = union_blocks(block_ids, block_t)
+    out = torch.empty_like(q)
+    _prefill_kernel[(union.shape[0], hkv)](
+        q, k, v, c, block_ids, union, counts, out, scale * LOG2E, T, hkv,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), c.stride(0), c.stride(1),
+        block_ids.stride(0), block_ids.stride(1), block_ids.stride(2), out.stride(0), out.stride(1),
+        union.shape[2], topk,
+        G=G, G_PAD=g_pad, BLOCK_T=block_t, HEAD_DIM=d, BLOCK_SIZE=block_size, TOPK_PAD=next_pow2(topk),
+        IEEE=fp32_dot(q.dtype), **PREFILL_LAUNCH,
+    )
+    return out
+
+
+@triton.jit
+def _prefill_kernel(
+    Q, K, V, C, IDS, UNION, COUNTS, O, scale_log2, T, n_kv_heads,
+    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ct, s_ch, s_it, s_ih, s_in, s_ot, s_oh,
+    union_width, topk,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TOPK_PAD: tl.constexpr, IEEE: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    M: tl.constexpr = BLOCK_T * G_PAD
+    rows = tl.arange(0, M)
+    tok = tile * BLOCK_T + rows // G_PAD
+    g = rows % G_PAD
+    row_ok = (tok < T) & (g < G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_k = tl.arange(0, BLOCK_SIZE)
+    tok64 = tok.to(tl.int64)
+    q = tl.load(Q + tok64[:, None] * s_qt + (h * G + g)[:, None] * s_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    if IEEE:
+        q = q.to(tl.float32)
+    # each tile token's own selection, to test membership of the union's blocks
+    t_loc = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_n = tl.arange(0, TOPK_PAD)
+    own = tl.load(IDS + t_loc.to(tl.int64)[:, None] * s_it + h * s_ih + offs_n[None, :] * s_in,
+                  mask=(t_loc[:, None] < T) & (offs_n[None, :] < topk), other=-1)
+
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, HEAD_DIM], tl.float32)
+    u_row = UNION + (tile.to(tl.int64) * n_kv_heads + h) * union_width
+    n_union = tl.load(COUNTS + tile * n_kv_heads + h)
+    for u in range(0, n_union):
+        blk = tl.load(u_row + u)
+        member_t = tl.sum((own == blk).to(tl.int32), 1) > 0  # [BLOCK_T]
+        member = tl.reshape(tl.broadcast_to(member_t[:, None], [BLOCK_T, G_PAD]), [M])
+        key = blk.to(tl.int64) * BLOCK_SIZE + offs_k
+        key_ok = key < T
+        kk = tl.load(K + key[:, None] * s_kt + h * s_kh + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        cc = tl.load(C + key * s_ct + h * s_ch, mask=key_ok, other=0.0)
+        if IEEE:
+            x = tl.dot(q, tl.trans(kk.to(tl.float32)), input_precision="ieee")
+        else:
+            x = tl.dot(q, tl.trans(kk))
+        x = x * scale_log2 + cc[None, :] * 1.4426950408889634
+        ok = member[:, None] & (key[None, :] <= tok64[:, None]) & key_ok[None, :]
+        x = tl.where(ok, x, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(x, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(x - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vv = tl.load(V + key[:, None] * s_vt + h * s_vh + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        if IEEE:
+            pv = tl.dot(p, vv.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(vv.dtype), vv)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(O + tok64[:, None] * s_ot + (h * G + g)[:, None] * s_oh + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None])

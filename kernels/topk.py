@@ -1,0 +1,174 @@
+"""The two top-k steps of the NOSA rule on block scores (NOSA_SPEC.md, selection steps 4-6).
+
+Ties go to the lower block id, exactly as in the reference (a stable descending sort): max-pooling
+makes ties common (two neighbouring blocks share their boundary chunk), so a tie-agnostic top-k would
+change the selected *set*. The torch path is that stable sort; the Triton path finds each cut by a
+binary search over the order-preserving integer image of the fp32 scores, takes the lowest-id blocks
+among those tied at the cut, and writes the ids already ascending — one launch for the whole rule.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nosa_sglang.config import NosaConfig
+from nosa_sglang.kernels._checks import KernelArgumentError, check_tensor
+from nosa_sglang.kernels._dispatch import check_devices, check_index, check_shape, next_pow2, resolve_impl
+
+POLICIES = ("nosa", "infllmv2")
+NEG_INF = float("-inf")
+POS_INF = float("inf")
+ROW_ELEMS = 2048  # scores per Triton program: short rows (prefill, short contexts) share a program
+MAX_ROWS = 16  # beyond this the per-row vectors of the search spill registers (sm_90 report)
+
+
+def select_topk(
+    S: torch.Tensor,
+    E: torch.Tensor | None,
+    seq_lens: torch.Tensor,
+    config: NosaConfig,
+    policy: str = "nosa",
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Selected blocks of each row from its block scores.
+
+    Args:
+        S: [B, Hkv, NB] float32 query-aware block scores (forced/absent blocks are re-marked here).
+        E: [B, Hkv, NB] float32 eviction block scores (unused, may be None, for policy "infllmv2").
+        seq_lens: [B] int, tokens visible to each row's query (its position + 1).
+        policy: "nosa" (top query_blocks by S, filled to topk_blocks by E) or "infllmv2" (top
+            topk_blocks by S alone: the InfLLM-V2 baseline with the same budget).
+    Returns:
+        [B, Hkv, topk_blocks] int32 block ids, ascending, -1 padded.
+    """
+    if policy not in POLICIES:
+        raise KernelArgumentError(f"policy: must be one of {POLICIES}, got {policy!r}")
+    check_tensor("S", S, 3, (torch.float32,))
+    B, hkv, nb = S.shape
+    if policy == "nosa":
+        check_tensor("E", E, 3, (torch.float32,))
+        check_shape("E", E, (B, hkv, nb), "S's shape")
+    else:
+        E = S
+    check_index("seq_lens", seq_lens, 1)
+    check_shape("seq_lens", seq_lens, (B,), "[rows of S]")
+    device = check_devices(S=S, E=E, seq_lens=seq_lens)
+    if resolve_impl(impl, device) == "torch" or nb == 0:
+        return select_topk_torch(S, E, seq_lens, config, policy)
+    return _select_topk_triton(S, E, seq_lens, config, policy)
+
+
+def forced_and_existing(seq_lens: torch.Tensor, nb: int, config: NosaConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, 1, NB] masks: block exists (b <= qb) and block is forced (sink, current, local)."""
+    qb = torch.div(seq_lens.long() - 1, config.block_size, rounding_mode="floor").view(-1, 1, 1)
+    b = torch.arange(nb, device=seq_lens.device)
+    exists = b <= qb
+    forced = exists & ((b < config.init_blocks) | (b >= qb - config.local_blocks))
+    return exists, forced
+
+
+def _stable_top(x: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def select_topk_torch(
+    S: torch.Tensor, E: torch.Tensor, seq_lens: torch.Tensor, config: NosaConfig, policy: str
+) -> torch.Tensor:
+    B, hkv, nb = S.shape
+    exists, forced = forced_and_existing(seq_lens, nb, config)
+    S = torch.where(forced, POS_INF, S).masked_fill(~exists, NEG_INF)
+    if policy == "infllmv2":
+        sel = _stable_top(S, min(config.topk_blocks, nb))
+    else:
+        q_idx = _stable_top(S, min(config.query_blocks, nb))
+        in_q = torch.zeros(S.shape, dtype=torch.bool, device=S.device).scatter_(-1, q_idx, True) & exists
+        E = torch.where(in_q, POS_INF, E).masked_fill(~exists, NEG_INF)
+        sel = _stable_top(E, min(config.topk_blocks, nb))
+    qb = torch.div(seq_lens.long() - 1, config.block_size, rounding_mode="floor").view(-1, 1, 1)
+    sel = torch.where(sel <= qb, sel, nb).sort(dim=-1).values
+    sel = torch.where(sel < nb, sel, -1).to(torch.int32)
+    if sel.shape[-1] < config.topk_blocks:
+        sel = torch.cat([sel, sel.new_full((B, hkv, config.topk_blocks - sel.shape[-1]), -1)], dim=-1)
+    return sel
+
+
+def _select_topk_triton(S, E, seq_lens, config, policy):
+    B, hkv, nb = S.shape
+    out = torch.empty((B, hkv, config.topk_blocks), dtype=torch.int32, device=S.device)
+    if B * hkv == 0:
+        return out
+    S = S.contiguous()
+    E = E.contiguous()
+    block_nb = max(16, next_pow2(nb))
+    rows = max(1, min(ROW_ELEMS // block_nb, MAX_ROWS, next_pow2(B * hkv)))
+    _topk_kernel[(triton.cdiv(B * hkv, rows),)](
+        S, E, seq_lens, out, B * hkv, hkv, nb,
+        ROWS=rows, BLOCK_NB=block_nb, BLOCK_SIZE=config.block_size, INIT=config.init_blocks, LOCAL=config.local_blocks,
+        QUERY_K=config.query_blocks, TOP_K=config.topk_blocks,
+        PAD_K=next_pow2(config.topk_blocks), NOSA=policy == "nosa",
+        num_warps=max(4, min(16, rows * block_nb // 256)),
+    )
+    return out
+
+
+@triton.jit
+def _sortable(x):
+    """fp32 -> int32 with the same order (flip the magnitude bits of negatives)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _top_mask(key, ok, k):
+    """Per row of key [ROWS, N] (int32 sortable): mask of its k largest `ok` entries, ties to the lowest
+    column. Binary search for the k-th largest value, then a prefix count among the ties."""
+    key = key.to(tl.int64)  # int64 so that hi - lo cannot overflow
+    lo = tl.min(tl.where(ok, key, 2147483647), 1)  # invariant: count(key >= lo) >= k (or all of ok)
+    hi = tl.max(tl.where(ok, key, -2147483648), 1)
+    n_ok = tl.sum(ok.to(tl.int32), 1)
+    for _ in range(32):
+        mid = lo + ((hi - lo + 1) >> 1)
+        cnt = tl.sum((ok & (key >= mid[:, None])).to(tl.int32), 1)
+        take = cnt >= k
+        lo = tl.where(take, mid, lo)
+        hi = tl.where(take, hi, mid - 1)
+    above = ok & (key > lo[:, None])
+    need = k - tl.sum(above.to(tl.int32), 1)
+    tie = ok & (key == lo[:, None])
+    tie_rank = tl.cumsum(tie.to(tl.int32), 1)  # 1-based among ties, lowest columns first
+    sel = above | (tie & (tie_rank <= need[:, None]))
+    return tl.where((n_ok <= k)[:, None], ok, sel)
+
+
+@triton.jit
+def _topk_kernel(
+    S, E, SEQ, OUT, n_rows, n_kv_heads, nb,
+    ROWS: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_SIZE: tl.constexpr, INIT: tl.constexpr,
+    LOCAL: tl.constexpr, QUERY_K: tl.constexpr, TOP_K: tl.constexpr, PAD_K: tl.constexpr, NOSA: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = row < n_rows
+    qb = (tl.load(SEQ + row // n_kv_heads, mask=row_ok, other=1) - 1) // BLOCK_SIZE
+    offs = tl.arange(0, BLOCK_NB)
+    inb = row_ok[:, None] & (offs[None, :] < nb)
+    exists = inb & (offs[None, :] <= qb[:, None])
+    forced = exists & ((offs[None, :] < INIT) | (offs[None, :] >= qb[:, None] - LOCAL))
+    ptr = row[:, None] * nb + offs[None, :]
+    s = tl.load(S + ptr, mask=inb, other=float("-inf"))
+    s = tl.where(forced, float("inf"), tl.where(exists, s, float("-inf")))
+    # absent blocks (id > qb) never win: only existing blocks are candidates
+    if NOSA:
+        in_q = _top_mask(_sortable(s), exists, QUERY_K)
+        e = tl.load(E + ptr, mask=inb, other=float("-inf"))
+        sel = _top_mask(_sortable(tl.where(in_q, float("inf"), e)), exists, TOP_K)
+    else:
+        sel = _top_mask(_sortable(s), exists, TOP_K)
+    # ascending compaction: each selected block's rank among the selected
+    rank = tl.cumsum(sel.to(tl.int32), 1) - 1
+    tl.store(OUT + row[:, None] * TOP_K + rank, tl.broadcast_to(offs[None, :], [ROWS, BLOCK_NB]), mask=sel)
+    n_sel = tl.sum(sel.to(tl.int32), 1)
+    pad = tl.arange(0, PAD_K)
+    tl.store(OUT + row[:, None] * TOP_K + pad[None, :], tl.full([ROWS, PAD_K], -1, tl.int32),
+             mask=row_ok[:, None] & (pad[None, :] >= n_sel[:, None]) & (pad[None, :] < TOP_K))

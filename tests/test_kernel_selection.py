@@ -1,0 +1,220 @@
+"""Decode selection scores, top-k and incremental compression equal the reference (NOSA_SPEC.md).
+
+CPU: Triton kernels under TRITON_INTERPRET=1 (tests/conftest.py) and the torch paths; GPU: marked.
+Selections are compared as sorted id lists: both sides break ties toward the lower block id.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from nosa_sglang.config import NosaConfig
+from nosa_sglang.kernels._checks import KernelArgumentError
+from nosa_sglang.kernels.selection import (
+    append_new_chunks, chunk_completes, compress_new_chunks, decode_block_scores, eviction_block_scores,
+    max_blocks_for_chunks, select_topk,
+)
+from nosa_sglang.reference import (
+    block_max_pool, chunk_query_scores, compress_eviction, compress_keys, select_blocks_decode,
+    select_from_block_scores,
+)
+
+SMALL = NosaConfig(block_size=16, kernel_stride=4, kernel_size=8, init_blocks=1, local_blocks=2,
+                   query_blocks=5, topk_blocks=8)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+IMPLS = ["triton", "torch"]
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"seed={seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+def poison_like(t: torch.Tensor) -> None:
+    t.fill_(float("nan"))
+
+
+def randn(gen, *shape, dtype=torch.float32):
+    return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
+
+
+def padded_chunks(k, c, seq_lens, cfg, cmax_extra=3):
+    """Per-request compressed keys / eviction means from the reference, padded to a common Cmax with NaN."""
+    n = [cfg.num_chunks(L) for L in seq_lens]
+    cmax = max(n) + cmax_extra
+    B, _, hkv, d = k.shape
+    ck = torch.full((B, cmax, hkv, d), float("nan"), device=DEVICE)
+    ce = torch.full((B, cmax, hkv), float("nan"), device=DEVICE)
+    for b, L in enumerate(seq_lens):
+        ck[b, : n[b]] = compress_keys(k[b, :L].float(), cfg)
+        ce[b, : n[b]] = compress_eviction(c[b, :L].float(), cfg)
+    return ck, ce, torch.tensor(n, dtype=torch.int32, device=DEVICE)
+
+
+def expected_scores(q, ck, ce, n, seq_lens, cfg, nb):
+    """Reference S (forced +inf, absent -inf) and E (absent -inf) of each request's decode token."""
+    S, E = [], []
+    b_ids = torch.arange(nb, device=DEVICE)
+    for b, L in enumerate(seq_lens):
+        s = chunk_query_scores(q[b : b + 1].float(), ck[b, : n[b]].float())[0]
+        e = ce[b, : n[b]].T
+        Sb, Eb = block_max_pool(s, nb, cfg), block_max_pool(e, nb, cfg)
+        qb = (L - 1) // cfg.block_size
+        forced = (b_ids <= qb) & ((b_ids < cfg.init_blocks) | (b_ids >= qb - cfg.local_blocks))
+        S.append(torch.where(forced, float("inf"), Sb).masked_fill(b_ids > qb, float("-inf")))
+        E.append(Eb.masked_fill(b_ids > qb, float("-inf")))
+    return torch.stack(S), torch.stack(E)
+
+
+def assert_scores_close(got, want, rtol):
+    assert torch.equal(torch.isposinf(got), torch.isposinf(want))
+    assert torch.equal(torch.isneginf(got), torch.isneginf(want))
+    fin = torch.isfinite(want)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got[fin], want[fin], rtol=rtol, atol=rtol * want[fin].abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (8, 2), (8, 1)])
+def test_block_scores_match_reference(gen, dtype, impl, hq, hkv):
+    lens = [203, 61, 8, 5]  # tails, not multiples of 16, one chunk, no chunk at all
+    q, k, c = randn(gen, 4, hq, 64, dtype=dtype), randn(gen, 4, 203, hkv, 64, dtype=dtype), randn(gen, 4, 203, hkv)
+    ck, ce, n = padded_chunks(k, c, lens, SMALL)
+    ck = ck.to(dtype)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    nb = max_blocks_for_chunks(ck.shape[1], SMALL)
+    want_S, want_E = expected_scores(q, ck, ce, n, lens, SMALL, nb)
+    S = decode_block_scores(q, ck, n, sl, SMALL, impl=impl)
+    E = eviction_block_scores(ce, n, sl, SMALL, impl=impl)
+    assert S.shape == (4, hkv, nb) and S.dtype == torch.float32
+    assert_scores_close(S, want_S, 1e-4 if dtype == torch.float32 else 1e-2)
+    assert_scores_close(E, want_E, 1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_decode_selection_equals_reference(gen, impl):
+    lens = [250, 117, 40]
+    q, k, c = randn(gen, 3, 8, 64), randn(gen, 3, 250, 2, 64), randn(gen, 3, 250, 2)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    ck, ce, n = padded_chunks(k, c, lens, SMALL)
+    S = decode_block_scores(q, ck, n, sl, SMALL, impl=impl)
+    E = eviction_block_scores(ce, n, sl, SMALL, impl=impl)
+    sel = select_topk(S, E, sl, SMALL, impl=impl)
+    assert sel.dtype == torch.int32 and sel.shape == (3, 2, SMALL.topk_blocks)
+    assert torch.equal(sel.long(), select_blocks_decode(q, k, c, sl, SMALL))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("policy", ["nosa", "infllmv2"])
+def test_topk_rule_with_ties_equals_reference(gen, impl, policy):
+    """Scores drawn from a few values (many ties), rows of different lengths (-1 padding)."""
+    B, hkv, nb = 5, 3, 40
+    S = torch.randint(0, 4, (B, hkv, nb), generator=gen).float().to(DEVICE)
+    E = torch.randint(0, 4, (B, hkv, nb), generator=gen).float().to(DEVICE)
+    S[0, 0, 7] = float("-inf")
+    lens = [640, 33, 100, 1, 400]
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    qb = ((sl.long() - 1) // SMALL.block_size)[:, None].expand(B, hkv)
+    cfg = SMALL if policy == "nosa" else NosaConfig(**{**SMALL.to_dict(), "query_blocks": SMALL.topk_blocks})
+    want = select_from_block_scores(S, E, qb, cfg)
+    got = select_topk(S, E if policy == "nosa" else None, sl, SMALL, policy=policy, impl=impl)
+    assert torch.equal(got.long(), want)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_topk_long_rows(gen, impl):
+    """NB beyond one Triton tile of rows (2K blocks: a 128K context at block 64)."""
+    cfg = NosaConfig()
+    B, hkv, nb = 2, 2, 2048
+    S, E = randn(gen, B, hkv, nb), randn(gen, B, hkv, nb)
+    sl = torch.tensor([131072, 70001], dtype=torch.int32, device=DEVICE)
+    qb = ((sl.long() - 1) // cfg.block_size)[:, None].expand(B, hkv)
+    assert torch.equal(select_topk(S, E, sl, cfg, impl=impl).long(), select_from_block_scores(S, E, qb, cfg))
+
+
+def test_incremental_compression_equals_whole_prompt(gen):
+    """Appending tokens one by one yields the reference compressed keys of the whole sequence."""
+    B, L, hkv, d = 2, 45, 2, 16
+    k, c = randn(gen, B, L, hkv, d), randn(gen, B, L, hkv)
+    cmax = SMALL.num_chunks(L) + 2
+    ck_buf = torch.full((B, cmax, hkv, d), float("nan"), device=DEVICE)
+    ce_buf = torch.full((B, cmax, hkv), float("nan"), device=DEVICE)
+    n = torch.zeros(B, dtype=torch.int32, device=DEVICE)
+    ks = SMALL.kernel_size
+    for t in range(1, L + 1):
+        sl = torch.full((B,), t, dtype=torch.int32, device=DEVICE)
+        if t >= ks:
+            append_new_chunks(ck_buf, ce_buf, n, k[:, t - ks : t], c[:, t - ks : t], sl, SMALL)
+        assert n.tolist() == [SMALL.num_chunks(t)] * B
+    nc = SMALL.num_chunks(L)
+    torch.testing.assert_close(ck_buf[:, :nc], compress_keys(k, SMALL), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ce_buf[:, :nc], compress_eviction(c, SMALL), rtol=1e-6, atol=1e-6)
+
+
+def test_chunk_completes_every_stride():
+    L = torch.arange(1, 30)
+    got = chunk_completes(L, SMALL)
+    want = torch.tensor([SMALL.num_chunks(x) > SMALL.num_chunks(x - 1) for x in L.tolist()])
+    assert torch.equal(got, want)
+
+
+def test_compress_new_chunks_is_window_mean(gen):
+    k, c = randn(gen, 3, SMALL.kernel_size, 2, 16), randn(gen, 3, SMALL.kernel_size, 2)
+    new = compress_new_chunks(k, c, SMALL)
+    torch.testing.assert_close(new.ck, k.mean(1))
+    torch.testing.assert_close(new.ce, c.mean(1))
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: decode_block_scores(torch.zeros(2, 4, 64), torch.zeros(3, 5, 2, 64), torch.zeros(2, dtype=torch.int32),
+                                     torch.ones(2, dtype=torch.int32), SMALL), r"^ck: expected"),
+        (lambda: decode_block_scores(torch.zeros(2, 4, 64), torch.zeros(2, 5, 3, 64), torch.zeros(2, dtype=torch.int32),
+                                     torch.ones(2, dtype=torch.int32), SMALL), r"^q: Hq=4"),
+        (lambda: decode_block_scores(torch.zeros(2, 4, 64), torch.zeros(2, 5, 2, 64), torch.zeros(3, dtype=torch.int32),
+                                     torch.ones(2, dtype=torch.int32), SMALL), r"^n_chunks: expected shape"),
+        (lambda: decode_block_scores(torch.zeros(2, 4, 64), torch.zeros(2, 5, 2, 64), torch.zeros(2, dtype=torch.int32),
+                                     torch.ones(2), SMALL), r"^seq_lens: dtype"),
+        (lambda: decode_block_scores(torch.zeros(2, 4, 64), torch.zeros(2, 5, 2, 64), torch.zeros(2, dtype=torch.int32),
+                                     torch.ones(2, dtype=torch.int32), SMALL, num_blocks=0), r"^num_blocks:"),
+        (lambda: eviction_block_scores(torch.zeros(2, 5, 2, dtype=torch.float16), torch.zeros(2, dtype=torch.int32),
+                                       torch.ones(2, dtype=torch.int32), SMALL), r"^ce: dtype"),
+        (lambda: select_topk(torch.zeros(2, 2, 8), torch.zeros(2, 2, 9), torch.ones(2, dtype=torch.int32), SMALL),
+         r"^E: expected shape"),
+        (lambda: select_topk(torch.zeros(2, 2, 8), None, torch.ones(2, dtype=torch.int32), SMALL, policy="top"),
+         r"^policy:"),
+        (lambda: compress_new_chunks(torch.zeros(2, 7, 2, 16), torch.zeros(2, 7, 2), SMALL), r"^k_tail: dim 1"),
+    ],
+)
+def test_argument_errors_name_the_argument(call, match):
+    with pytest.raises(KernelArgumentError, match=match):
+        call()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 4])
+def test_gpu_decode_selection_real_sizes(gen, batch):
+    """Default NOSA config, d 128, 8B-like heads, 16K context (bf16 keys, fp32 K~ and bf16 K~)."""
+    cfg = NosaConfig()
+    lens = [16384, 16000 + 37, 12345, 9000][:batch]
+    L = max(lens)
+    q, k, c = randn(gen, batch, 32, 128, dtype=torch.bfloat16), randn(gen, batch, L, 8, 128, dtype=torch.bfloat16), \
+        randn(gen, batch, L, 8)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    ck, ce, n = padded_chunks(k, c, lens, cfg)
+    nb = max_blocks_for_chunks(ck.shape[1], cfg)
+    want_S, want_E = expected_scores(q, ck, ce, n, lens, cfg, nb)
+    S = decode_block_scores(q, ck, n, sl, cfg)  # fp32 K~: exact selection expected
+    E = eviction_block_scores(ce, n, sl, cfg)
+    assert_scores_close(S, want_S, 1e-3)
+    assert_scores_close(E, want_E, 1e-6)
+    assert torch.equal(select_topk(S, E, sl, cfg).long(), select_blocks_decode(q, k, c, sl, cfg))
+    S16 = decode_block_scores(q, ck.to(torch.bfloat16), n, sl, cfg)
+    assert_scores_close(S16, want_S, 2e-2)
