@@ -1,0 +1,426 @@
+"""Decode throughput of NOSA with a pinned host KV tier, against InfLLM-V2 selection, NOSA fully on the
+GPU and dense attention, on one GPU (attention + KV only; q/k/v/c random; the rest of the model is not
+run, so these are upper bounds of the attention-side speedup).
+
+    python benchmarks/decode_throughput.py --out benchmarks/results/runtime.md              # everything
+    python benchmarks/decode_throughput.py --model 1b --contexts 16k,32k --out r1.md       # one call's share
+    python benchmarks/decode_throughput.py --simulate                                      # CPU hit rates
+
+Configurations (same runtime code, same kernels):
+  (a) NOSA with offload: NosaRuntime, host store in pinned memory, `--gpu-slots` slots per head;
+  (b) InfLLM-V2 selection (top-64 by query score alone) on the same runtime, LRU victims;
+  (c) NOSA fully on the GPU (gpu_only: every block resident);
+  (d) dense attention fully on the GPU: torch SDPA over a bf16 KV cache (the G query heads of a KV head
+      are G query rows, so no K/V is repeated; FlashAttention / memory-efficient backends apply).
+  (a*) (a) with enough slots that every block hits: the cost of the runtime itself against (c).
+Query models (the weights are random, so the query stream is a model choice, stated in the output):
+  iid    q ~ N(0, 1) afresh for every step, layer and head;
+  drift  q_t = rho * q_{t-1} + sqrt(1 - rho^2) * eps_t per (request, layer, head), eps ~ N(0, 1)
+         (rho = --drift-rho): a slowly turning query, as in real decoding where consecutive steps look alike.
+Compressed keys K~ ~ N(0, 1) and per-token biases c ~ U(0, 1) are random; new tokens append random k/v/c.
+Views: one batch all four configurations hold, and the largest batch each holds (host RAM for (a)/(b),
+HBM for (c)/(d); the binding limit is printed). Prefill is synthetic (`begin_request_synthetic`): the host
+store is filled once with zeros and never rewritten, so admission costs no PCIe pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from nosa_sglang.config import NosaConfig
+from nosa_sglang.runtime import ModelShape, NosaRuntime, OffloadKnobs
+from nosa_sglang.runtime.knobs import MAX_GPU_SLOTS
+
+GiB = 1 << 30
+MODELS = {"1b": (28, 16, 2, 128), "8b": (32, 32, 8, 128)}
+CONTEXTS = {"4k": 4096, "16k": 16384, "32k": 32768, "64k": 65536, "128k": 131072}
+BANK = 8  # distinct random k/v/c/noise tensors cycled through (generating fresh ones would cost launches)
+
+
+# -- memory model -----------------------------------------------------------------------------------------
+def host_bytes_per_request(shape: ModelShape, cfg: NosaConfig, tokens: int) -> int:
+    return cfg.num_blocks(tokens) * 2 * shape.num_layers * shape.num_kv_heads * cfg.block_size * shape.head_dim \
+        * shape.dtype_bytes
+
+
+def runtime_gpu_bytes_per_request(shape: ModelShape, cfg: NosaConfig, tokens: int, slots: int, gpu_only: bool,
+                                  ck_bytes: int) -> int:
+    """Mirror of the runtime's per-row allocations (slot buffers, maps, K~, chunk means, biases)."""
+    L, H, d, bs = shape.num_layers, shape.num_kv_heads, shape.head_dim, cfg.block_size
+    nb = cfg.num_blocks(tokens)
+    per_head = nb if gpu_only else slots + 1
+    slot_bytes = L * H * per_head * bs * (2 * d * shape.dtype_bytes + 4)
+    maps = 0 if gpu_only else L * H * ((slots + 2) * 12 + (nb + 1) * 4) + nb * 4
+    chunks = cfg.num_chunks(nb * bs)
+    sel = L * (chunks * H * (d * ck_bytes + 4) + H * nb * bs * 4 + cfg.kernel_size * H * d * shape.dtype_bytes)
+    return slot_bytes + maps + sel
+
+
+def dense_bytes_per_request(shape: ModelShape, tokens: int) -> int:
+    return 2 * shape.num_layers * shape.num_kv_heads * tokens * shape.head_dim * shape.dtype_bytes
+
+
+# -- workload ---------------------------------------------------------------------------------------------
+class Workload:
+    """Random decode inputs for B requests: k/v/c from a small bank, q from the query model."""
+
+    def __init__(self, shape: ModelShape, B: int, query_model: str, rho: float, device, seed: int = 0) -> None:
+        g = torch.Generator(device=device).manual_seed(seed)
+        L, Hq, H, d, dt = shape.num_layers, shape.num_q_heads, shape.num_kv_heads, shape.head_dim, shape.dtype
+        self.k = torch.randn((BANK, B, H, d), generator=g, device=device).to(dt)
+        self.v = torch.randn((BANK, B, H, d), generator=g, device=device).to(dt)
+        self.c = torch.rand((BANK, B, H), generator=g, device=device)
+        self.noise = torch.randn((BANK, B, Hq, d), generator=g, device=device).to(dt)
+        self.q = torch.randn((L, B, Hq, d), generator=g, device=device).to(dt)
+        self.model, self.rho, self.i = query_model, rho, 0
+
+    def next(self, layer: int):
+        """(q, k, v, c) of `layer` for this step."""
+        self.i += 1
+        j = self.i % BANK
+        if self.model == "iid":
+            q = self.noise[(self.i * 7 + layer) % BANK]
+        else:
+            q = self.q[layer].mul_(self.rho).add_(self.noise[j], alpha=math.sqrt(1 - self.rho ** 2))
+        return q, self.k[j], self.v[j], self.c[j]
+
+
+def run_runtime(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_model, host_buffer) -> dict:
+    victim = "lru" if policy == "infllmv2" else args.victim_policy
+    knobs = OffloadKnobs(gpu_slots=slots, transfer_mode=args.transfer_mode, prefetch=args.prefetch,
+                         victim_policy=victim)
+    host_cap = 0 if gpu_only else B * host_bytes_per_request(shape, cfg, tokens + args.steps + args.warmup + 1)
+    rt = NosaRuntime(shape, cfg, knobs, device=args.device, host_capacity_bytes=host_cap, max_requests=B,
+                     max_seq_len=tokens + args.steps + args.warmup + 2, selection_policy=policy, gpu_only=gpu_only,
+                     host_buffer=host_buffer, ck_dtype=shape.dtype if args.ck_bf16 else torch.float32,
+                     cuda_graphs=args.cuda_graphs)
+    ids = [f"r{i}" for i in range(B)]
+    for i, rid in enumerate(ids):
+        rt.begin_request_synthetic(rid, tokens, seed=i)
+    work = Workload(shape, B, query_model, args.drift_rho, args.device)
+
+    def step() -> None:
+        for layer in range(shape.num_layers):
+            q, k, v, c = work.next(layer)
+            rt.append(layer, ids, k, v, c)
+            rt.attend(layer, ids, q)
+        rt.step_boundary()
+
+    for _ in range(args.warmup):
+        step()
+    sync(args)
+    rt.step_boundary()
+    sync(args)
+    rt.reset_stats()
+    syncs0 = rt.transfer.host_syncs if rt.transfer else 0
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(args)
+    wall = time.perf_counter() - t0
+    rt.step_boundary()
+    sync(args)
+    rt.step_boundary()
+    snap = rt.snapshot().totals
+    out = {
+        "tok_s": B * args.steps / wall, "step_ms": 1e3 * wall / args.steps, "hit": snap.hit_rate,
+        "h2d_gbs": snap.bytes_h2d / wall / 1e9,
+        "copy_gbs": snap.bytes_h2d / snap.transfer_time_s / 1e9 if snap.transfer_time_s else 0.0,
+        "stall": snap.stall_time_s / wall, "host_wait": snap.host_wait_time_s / wall,
+        "miss_per_head": snap.misses / max(1, args.steps * B * shape.num_layers * shape.num_kv_heads),
+        "syncs_per_step": ((rt.transfer.host_syncs if rt.transfer else 0) - syncs0) / args.steps,
+    }
+    rt = None  # noqa: F841 - release the GPU state before the next configuration
+    free_cache(args)
+    return out
+
+
+def run_dense(args, shape, tokens, B) -> dict:
+    L, H, d = shape.num_layers, shape.num_kv_heads, shape.head_dim
+    n_max = tokens + args.steps + args.warmup + 1
+    kc = torch.zeros((L, B, H, n_max, d), dtype=shape.dtype, device=args.device)
+    vc = torch.zeros_like(kc)
+    work = Workload(shape, B, "iid", args.drift_rho, args.device)
+    pos = tokens
+
+    def step() -> None:
+        nonlocal pos
+        for layer in range(L):
+            q, k, v, _ = work.next(layer)
+            kc[layer, :, :, pos] = k
+            vc[layer, :, :, pos] = v
+            # GQA decode without repeating K/V: a group's query heads act as G query rows of its KV head
+            F.scaled_dot_product_attention(q.view(B, H, -1, d), kc[layer, :, :, : pos + 1], vc[layer, :, :, : pos + 1])
+        pos += 1
+
+    for _ in range(args.warmup):
+        step()
+    sync(args)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(args)
+    wall = time.perf_counter() - t0
+    kc = vc = None  # noqa: F841
+    free_cache(args)
+    return {"tok_s": B * args.steps / wall, "step_ms": 1e3 * wall / args.steps}
+
+
+def sync(args) -> None:
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def free_cache(args) -> None:
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+
+
+# -- ceilings ---------------------------------------------------------------------------------------------
+def measure_ceilings(host_buffer: torch.Tensor) -> dict:
+    """Pinned H2D copy bandwidth (1 GiB, copy engine) and zero-copy gather of random 16 KiB runs."""
+    from nosa_sglang.kernels.block_copy import gather_runs
+
+    n = min(GiB, host_buffer.numel())
+    src = host_buffer[:n]
+    dst = torch.empty(n, dtype=torch.uint8, device="cuda")
+    for _ in range(2):
+        dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    h2d = 5 * n / (time.perf_counter() - t0) / 1e9
+    run = 16384
+    runs = n // run // 2
+    hk, hv = src[: runs * run].view(runs, run), src[runs * run : 2 * runs * run].view(runs, run)
+    gk = torch.empty((4096, run), dtype=torch.uint8, device="cuda")
+    gv = torch.empty_like(gk)
+    res = {"h2d_copy_gbs": h2d}
+    for mode in ("zero_copy", "copy_engine"):
+        ids = [torch.randperm(runs)[:4096] for _ in range(3)]
+        dst_ids = torch.arange(4096)
+        dev = (lambda t: t.cuda()) if mode == "zero_copy" else (lambda t: t)
+        calls = [(dev(i), dev(dst_ids)) for i in ids]
+        gather_runs(hk, hv, *calls[0][:1], gk, gv, calls[0][1], mode=mode, validate_ids=False)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for s, d_ in calls:
+            gather_runs(hk, hv, s, gk, gv, d_, mode=mode, validate_ids=False)
+        torch.cuda.synchronize()
+        res[f"gather_{mode}_gbs"] = 3 * 2 * 4096 * run / (time.perf_counter() - t0) / 1e9
+    del dst, gk, gv
+    torch.cuda.empty_cache()
+    return res
+
+
+# -- driver -----------------------------------------------------------------------------------------------
+def table(title: str, cols: list[str], rows: list[list[object]], md: list[str]) -> None:
+    fmt = lambda x: f"{x:.3g}" if isinstance(x, float) else str(x)  # noqa: E731
+    lines = [f"### {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(x) for x in r) + " |" for r in rows]
+    print("\n".join(lines) + "\n", flush=True)
+    md += lines + [""]
+
+
+def plan_batches(args, shape, cfg, tokens, host_cap, gpu_cap) -> dict:
+    t = tokens + args.steps + args.warmup + 2
+    ckb = shape.dtype_bytes if args.ck_bf16 else 4
+    host_req = host_bytes_per_request(shape, cfg, t)
+    off_req = runtime_gpu_bytes_per_request(shape, cfg, t, args.gpu_slots, False, ckb)
+    full_req = runtime_gpu_bytes_per_request(shape, cfg, t, 0, True, ckb)
+    dense_req = dense_bytes_per_request(shape, t)
+    by_host, by_hbm = host_cap // host_req, gpu_cap // off_req
+    ab = min(by_host, by_hbm, args.max_batch)
+    limits = {
+        "a": (ab, "host RAM" if by_host <= by_hbm else "HBM"),
+        "c": (min(gpu_cap // full_req, args.max_batch), "HBM"),
+        "d": (min(gpu_cap // dense_req, args.max_batch), "HBM"),
+    }
+    limits["b"] = limits["a"]
+    return {"limits": limits, "host_req": host_req, "off_req": off_req, "full_req": full_req, "dense_req": dense_req}
+
+
+def bench_one(args, name, tokens, host_buffer, host_cap, gpu_cap, ceil, md) -> None:
+    shape = ModelShape(*MODELS[name], torch.bfloat16)
+    cfg = NosaConfig()
+    plan = plan_batches(args, shape, cfg, tokens, host_cap, gpu_cap)
+    lim = plan["limits"]
+    common = min(v[0] for v in lim.values())
+    md.append(f"## {name.upper()}-like ({shape.num_layers} layers, Hq {shape.num_q_heads}, Hkv {shape.num_kv_heads}, "
+              f"d {shape.head_dim}), context {tokens}")
+    md.append(f"per request: host {plan['host_req'] / GiB:.2f} GiB; GPU (a) {plan['off_req'] / GiB:.2f} GiB, "
+              f"(c) {plan['full_req'] / GiB:.2f} GiB, (d) {plan['dense_req'] / GiB:.2f} GiB. Largest batch: "
+              + ", ".join(f"({k}) {v[0]} [{v[1]}]" for k, v in lim.items())
+              + f"; with 256 GiB of host RAM (a) would hold {int(256 * GiB * 0.85 // plan['host_req'])} by host.")
+    md.append("")
+    print("\n".join(md[-3:]), flush=True)
+    rows = []
+    views = [("common", {k: common for k in lim})] if "common" in args.views else []
+    if "max" in args.views:
+        views.append(("max", {k: v[0] for k, v in lim.items()}))
+    for view, batch in views:
+        for conf in args.configs:
+            B = batch.get(conf.rstrip("*"), common)
+            if B < 1:
+                rows.append([view, conf, "-", 0, "does not fit", "", "", "", "", "", ""])
+                continue
+            qms = ["-"] if conf in ("c", "d", "a*") else args.query_models
+            for qm in qms:
+                t0 = time.perf_counter()
+                try:
+                    if conf == "d":
+                        r = run_dense(args, shape, tokens, B)
+                    elif conf == "a*":
+                        slots = cfg.num_blocks(tokens + args.steps + args.warmup + 2) + 1
+                        if slots > MAX_GPU_SLOTS or view != "common":
+                            continue
+                        r = run_runtime(args, shape, cfg, tokens, B, "nosa", False, slots, "drift", host_buffer)
+                    else:
+                        qm_run = qm if qm != "-" else "drift"
+                        r = run_runtime(args, shape, cfg, tokens, B, "infllmv2" if conf == "b" else "nosa",
+                                        conf == "c", args.gpu_slots, qm_run, host_buffer)
+                except torch.OutOfMemoryError as e:
+                    free_cache(args)
+                    rows.append([view, conf, qm, B, f"OOM: {str(e)[:60]}", "", "", "", "", "", ""])
+                    continue
+                except Exception as e:  # noqa: BLE001 - one broken configuration must not end the call
+                    import traceback
+
+                    traceback.print_exc()
+                    free_cache(args)
+                    err = f"error: {type(e).__name__}: {str(e)[:80]}"
+                    rows.append([view, conf, qm, B, err, "", "", "", "", "", ""])
+                    continue
+                rows.append([view, conf, qm, B, round(r["tok_s"], 1), round(r["step_ms"], 2),
+                             round(r.get("hit", float("nan")), 4), round(r.get("h2d_gbs", 0.0), 2),
+                             round(100 * r.get("copy_gbs", 0.0) / ceil["h2d_copy_gbs"], 1) if r.get("copy_gbs") else "",
+                             round(100 * r.get("stall", 0.0), 1), round(100 * r.get("host_wait", 0.0), 1)])
+                print(f"  [{name} {tokens} {view} {conf} {qm} B={B}] {rows[-1][4:]} ({time.perf_counter() - t0:.1f} s)",
+                      flush=True)
+    table(f"{name} @ {tokens} tokens", ["view", "config", "queries", "batch", "tok/s", "step ms", "hit rate",
+                                         "H2D GB/s", "copy % of ceiling", "stall %", "host wait %"], rows, md)
+
+
+def simulate(args) -> None:
+    """CPU: hit rates of both victim policies under both query models (default NOSA constants)."""
+    torch.set_num_threads(1)
+    cfg = NosaConfig()
+    shape = ModelShape(1, 8, 2, 64, torch.float32)
+    rows = []
+    for qm in ("iid", "drift"):
+        for policy in ("nosa", "infllmv2"):
+            for victim in ("eviction_score", "lru"):
+                for slots in (64, 80, 128):
+                    for prefetch in ((True, False) if policy == "nosa" and slots > 64 else (False,)):
+                        knobs = OffloadKnobs(gpu_slots=slots, victim_policy=victim, prefetch=prefetch)
+                        T = args.sim_context
+                        rt = NosaRuntime(shape, cfg, knobs, host_capacity_bytes=2 * host_bytes_per_request(
+                            shape, cfg, T + args.sim_steps + 2), max_requests=2, max_seq_len=T + args.sim_steps + 2,
+                            selection_policy=policy)
+                        ids = ["x", "y"]
+                        for i, rid in enumerate(ids):
+                            rt.begin_request_synthetic(rid, T - 37 * i, seed=i)
+                        work = Workload(shape, 2, qm, args.drift_rho, "cpu")
+                        for step in range(args.sim_steps):
+                            if step == args.sim_warmup:
+                                rt.reset_stats()
+                            q, k, v, c = work.next(0)
+                            rt.append(0, ids, k, v, c)
+                            rt.attend(0, ids, q)
+                            rt.step_boundary()
+                        s = rt.snapshot().totals
+                        rows.append([qm, policy, victim, slots, prefetch, round(s.hit_rate, 4),
+                                     round(s.misses / (2 * 2 * (args.sim_steps - args.sim_warmup)), 2)])
+                        print(rows[-1], flush=True)
+    md: list[str] = [f"CPU simulation: context {args.sim_context}, {args.sim_steps - args.sim_warmup} steps after "
+                     f"{args.sim_warmup} warm-up, 2 requests, Hkv 2, default NOSA constants, "
+                     f"drift rho {args.drift_rho}", ""]
+    table("hit rate by victim policy", ["queries", "selection", "victims", "slots", "prefetch", "hit rate",
+                                        "misses / (request, head, step)"], rows, md)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write("\n".join(md) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="1b,8b", help="comma list of 1b, 8b")
+    p.add_argument("--contexts", default="16k,32k,64k,128k")
+    p.add_argument("--configs", default="a,b,c,d,a*", help="comma list of a, b, c, d, a* (a with every block hit)")
+    p.add_argument("--views", default="common,max")
+    p.add_argument("--query-models", default="iid,drift")
+    p.add_argument("--drift-rho", type=float, default=0.9)
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--warmup", type=int, default=6)
+    p.add_argument("--gpu-slots", type=int, default=80)
+    p.add_argument("--transfer-mode", default="zero_copy", choices=["zero_copy", "copy_engine"])
+    p.add_argument("--victim-policy", default="lru", choices=["eviction_score", "lru"])
+    p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
+                   help="capture each layer's runtime work in CUDA graphs (configs a, b, c, a*)")
+    p.add_argument("--ck-bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="store K~ in bf16 (half the memory and selection reads)")
+    p.add_argument("--max-batch", type=int, default=256)
+    p.add_argument("--host-gib", type=float, default=0.0, help="pinned host store (0: 85%% of available RAM)")
+    p.add_argument("--gpu-reserve-gib", type=float, default=6.0)
+    p.add_argument("--simulate", action="store_true", help="CPU hit-rate simulation instead of the GPU benchmark")
+    p.add_argument("--sim-context", type=int, default=16384)
+    p.add_argument("--sim-steps", type=int, default=400)
+    p.add_argument("--sim-warmup", type=int, default=50)
+    p.add_argument("--out", default="")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="cpu: a smoke run of the plumbing (tiny --contexts 4k, --host-gib / --gpu-gib small)")
+    p.add_argument("--gpu-gib", type=float, default=0.0, help="device memory budget (0: all but the reserve)")
+    args = p.parse_args(argv)
+    args.configs = args.configs.split(",")
+    args.views = args.views.split(",")
+    args.query_models = args.query_models.split(",")
+    if args.simulate:
+        simulate(args)
+        return 0
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        print("decode_throughput: needs a CUDA GPU (or --simulate / --device cpu on CPU)", file=sys.stderr)
+        return 2
+    import psutil
+
+    from nosa_sglang.kernels.pinned import alloc_pinned
+
+    host_gib = args.host_gib or 0.85 * psutil.virtual_memory().available / GiB
+    t0 = time.perf_counter()
+    host_buffer = alloc_pinned((int(host_gib * GiB),), torch.uint8)
+    host_buffer.zero_()  # finite K/V for every block the synthetic requests fetch
+    device_name = torch.cuda.get_device_name() if cuda else "cpu (smoke run)"
+    md = [f"# decode throughput ({device_name}, torch {torch.__version__})", "",
+          f"pinned host store {host_gib:.1f} GiB (allocated + zeroed in {time.perf_counter() - t0:.1f} s); "
+          f"steps {args.steps} after {args.warmup} warm-up; gpu_slots {args.gpu_slots}; transfer {args.transfer_mode}; "
+          f"prefetch {args.prefetch}; victims {args.victim_policy}; K~ {'bf16' if args.ck_bf16 else 'fp32'}; "
+          f"CUDA graphs {args.cuda_graphs}; "
+          f"drift rho {args.drift_rho}", ""]
+    ceil = measure_ceilings(host_buffer) if cuda else {"h2d_copy_gbs": 1.0, "gather_zero_copy_gbs": 0.0,
+                                                       "gather_copy_engine_gbs": 0.0}
+    md += [f"ceilings: pinned H2D copy {ceil['h2d_copy_gbs']:.1f} GB/s; gather of random 16 KiB runs: zero_copy "
+           f"{ceil['gather_zero_copy_gbs']:.1f} GB/s, copy_engine {ceil['gather_copy_engine_gbs']:.1f} GB/s", ""]
+    print("\n".join(md), flush=True)
+    total = torch.cuda.mem_get_info()[1] if cuda else 0
+    gpu_cap = int(args.gpu_gib * GiB) if args.gpu_gib else int(total - args.gpu_reserve_gib * GiB)
+    host_cap = host_buffer.numel()
+    for name in args.model.split(","):
+        for ctx in args.contexts.split(","):
+            bench_one(args, name, CONTEXTS[ctx], host_buffer, host_cap, gpu_cap, ceil, md)
+            if args.out:
+                with open(args.out, "w", encoding="utf-8") as f:
+                    f.write("\n".join(md) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

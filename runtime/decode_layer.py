@@ -1,0 +1,168 @@
+"""LayerDecoder: the per-layer tensor work of a decode step, cut into capturable segments.
+
+append:  [host: wait for H2D / write-back] -> segment "append" (open blocks, write the token, ring,
+         biases, completed chunks) -> [host: write-back of tails that filled]
+attend:  segment "select" (selection kernels, residency diff, bias gather, counters, packed miss
+         list) -> [host: fetch, compute waits for the copies] -> segment "attend" (sparse attention,
+         prefetch plan) -> [host: queue the prefetch]
+Segments are fixed-shape tensor code that reads the step plan, the inputs and the persistent state at
+fixed addresses; with `cuda_graphs=True` they are captured and replayed (SegmentGraphs), otherwise run
+eagerly. The eager path is the same code, so the CPU tests check what the graphs replay.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from nosa_sglang.kernels.selection import decode_block_scores, eviction_block_scores, select_topk
+from nosa_sglang.kernels.sparse_decode import sparse_decode_attention
+from nosa_sglang.kernels.topk import forced_and_existing
+from nosa_sglang.runtime.graph_cache import SegmentGraphs
+from nosa_sglang.runtime.step_plan import StepPlan, packed_len
+
+if TYPE_CHECKING:
+    from nosa_sglang.runtime.nosa_runtime import NosaRuntime
+
+
+class _Static:
+    """Fixed-address inputs of one batch shape (graph mode)."""
+
+    def __init__(self, rt: "NosaRuntime", B: int) -> None:
+        s, dev = rt.shape, rt.device
+        self.plan = torch.zeros(packed_len(B, s.num_kv_heads), dtype=torch.long, device=dev)
+        self.q = torch.zeros((B, s.num_q_heads, s.head_dim), dtype=s.dtype, device=dev)
+        self.k = torch.zeros((B, s.num_kv_heads, s.head_dim), dtype=s.dtype, device=dev)
+        self.v = torch.zeros_like(self.k)
+        self.c = torch.zeros((B, s.num_kv_heads), dtype=torch.float32, device=dev)
+
+
+class LayerDecoder:
+    """append / attend of one layer for a NosaRuntime."""
+
+    def __init__(self, rt: "NosaRuntime", cuda_graphs: bool) -> None:
+        self.rt = rt
+        self.graphs = SegmentGraphs() if cuda_graphs else None
+        self._static: dict[int, _Static] = {}
+
+    def static_plan_buffer(self, B: int) -> torch.Tensor | None:
+        """Where the step plan of a batch of B is uploaded (graph mode), else None."""
+        if self.graphs is None:
+            return None
+        if B not in self._static:
+            self._static[B] = _Static(self.rt, B)
+        return self._static[B].plan
+
+    def _run(self, p: StepPlan, key: tuple, fn):
+        if self.graphs is None or p.row_range is None:
+            return fn()
+        return self.graphs.run((len(p.rows), p.row_range), key, fn)
+
+    def _inputs(self, p: StepPlan, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Row-order inputs; in graph mode copied into the static buffers the segments read."""
+        out = {}
+        for name, t in tensors.items():
+            if p.perm is not None:
+                t = t[p.perm]
+            if self.graphs is not None and p.row_range is not None:
+                buf = getattr(self._static[len(p.rows)], name)
+                buf.copy_(t)
+                t = buf
+            out[name] = t
+        return out
+
+    # -- append ---------------------------------------------------------------------------------------
+    def append(self, layer: int, p: StepPlan, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor) -> None:
+        rt = self.rt
+        x = self._inputs(p, k=k, v=v, c=c)
+        if p.any_open and not rt.gpu_only:
+            rt.transfer.wait_h2d(layer)  # NOTE: the victim slot may be a prefetch target in flight
+            rt.transfer.wait_writeback(layer)  # NOTE: wait before the tail slot is reused
+
+        def segment() -> None:
+            if p.any_open and not rt.gpu_only:
+                view = rt.slots.rows_view(layer, p.rows, p.row_range)
+                rt.slots.start_tail_block(layer, view, p.tail_blocks, p.opens, rt._victims, rt._step_t, p.slot_base)
+                rt.slots.commit(layer, view)
+            rt.slots.write_token(layer, p.token_slots, p.offsets, x["k"], x["v"], x["c"])
+            rt.selection.append(layer, p.rows, p.pos, x["k"], x["c"], p.completes if p.any_complete else None,
+                                p.chunk_ids)
+
+        self._run(p, ("append", layer, p.any_open, p.any_complete, rt._victims.name), segment)
+        if p.wb_src is not None:
+            rt.transfer.write_back(layer, p.wb_src, p.wb_dst)
+
+    # -- attend ---------------------------------------------------------------------------------------
+    def attend(self, layer: int, p: StepPlan, q: torch.Tensor) -> torch.Tensor:
+        rt = self.rt
+        x = self._inputs(p, q=q)
+        nosa = rt.selection_policy == "nosa"
+        prefetch = (not rt.gpu_only and nosa and rt._knobs.prefetch and rt._victims.uses_scores
+                    and rt.slots.active > rt.config.topk_blocks)
+        # NOTE: under LRU a prefetch may only fill empty slots, which the warm start leaves none of, so
+        # it is skipped (docs/runtime.md, "Victim policy")
+        state: dict[str, object] = {}
+
+        def select():
+            return self._select(layer, p, x["q"], nosa, state)
+
+        sel, slot_ids, packed, E = self._run(p, ("select", layer, p.num_blocks, rt._victims.name), select)
+        if not rt.gpu_only:
+            rt.transfer.fetch(layer, packed)
+            rt.transfer.wait_for_layer(layer)
+
+        def attend():
+            o = sparse_decode_attention(x["q"], rt.slots.k_slots(layer), rt.slots.v_slots(layer),
+                                        rt.slots.c_slots(layer), slot_ids, sel, p.seq_lens, impl=rt.impl)
+            pf = None
+            if not rt.gpu_only:
+                view = state.get("view") or rt.slots.rows_view(layer, p.rows, p.row_range)
+                if prefetch:
+                    pf = self._prefetch(layer, p, E, view)
+                rt.slots.commit(layer, view)
+            return o, pf
+
+        o, pf = self._run(p, ("attend", layer, p.num_blocks, rt._victims.name, prefetch), attend)
+        if pf is not None:
+            rt.transfer.fetch(layer, pf, prefetch=True)
+        rt._last_selection[layer] = sel if p.inv is None else sel[p.inv]
+        return o if p.inv is None else o[p.inv]
+
+    def _select(self, layer: int, p: StepPlan, q: torch.Tensor, nosa: bool, state: dict):
+        rt = self.rt
+        cfg = rt.config
+        ck, ce = rt.selection.batch(layer, p.rows, p.row_range)
+        E = eviction_block_scores(ce, p.n_chunks, p.seq_lens, cfg, impl=rt.impl, num_blocks=p.num_blocks)
+        S = decode_block_scores(q, ck, p.n_chunks, p.seq_lens, cfg, impl=rt.impl, num_blocks=p.num_blocks)
+        sel = select_topk(S, E if nosa else None, p.seq_lens, cfg, rt.selection_policy, impl=rt.impl)
+        sel_l = sel.long()
+        if rt.gpu_only:
+            valid = sel_l >= 0
+            n = valid.sum(dim=(1, 2))
+            rt.counters.add_diff(layer, p.rows, p.row_range, torch.stack((n, torch.zeros_like(n)), dim=-1))
+            return sel, torch.where(valid, p.slot_base + sel_l, -1), None, E
+        view = rt.slots.rows_view(layer, p.rows, p.row_range)
+        if view.rows is not None:
+            state["view"] = view  # gathered copies (eager only): committed after attention
+        diff = rt.slots.resolve(layer, view, sel_l, E, rt._victims, rt._step_t, p.slot_base)
+        rt.selection.gather_c(layer, p.rows, p.row_range, sel_l, diff.dst_slots, rt.slots.c_slots(layer))
+        rt.counters.add_diff(layer, p.rows, p.row_range, diff.counts)
+        src = torch.where(diff.miss, rt.host_runs(p, sel_l), -1)
+        return sel, diff.slot_ids, torch.stack((src.flatten(), diff.dst_slots.flatten())), E
+
+    def _prefetch(self, layer: int, p: StepPlan, E: torch.Tensor, view) -> torch.Tensor:
+        """Plan, one step ahead, the best eviction-score blocks the next step may select (its
+        query-agnostic part) into slots this step did not select; returns the packed copy list."""
+        rt = self.rt
+        cfg = rt.config
+        exists, forced = forced_and_existing(p.seq_lens + 1, E.shape[-1], cfg)
+        tail = torch.div(p.seq_lens - 1, cfg.block_size, rounding_mode="floor").view(-1, 1, 1)
+        b = torch.arange(E.shape[-1], device=E.device)
+        cand = E.masked_fill(forced | ~exists | (b >= tail), float("-inf"))
+        n_cand = cfg.eviction_blocks + cfg.free_query_blocks
+        plan = rt.slots.plan_prefetch(layer, view, cand, n_cand, E, rt._victims, rt._step_t, p.slot_base)
+        rt.selection.gather_c(layer, p.rows, p.row_range, plan.blocks, plan.dst_slots, rt.slots.c_slots(layer))
+        rt.counters.add_prefetch(layer, plan.ok)
+        src = torch.where(plan.ok, rt.host_runs(p, plan.blocks), -1)
+        return torch.stack((src.flatten(), plan.dst_slots.flatten()))

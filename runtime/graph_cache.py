@@ -1,0 +1,73 @@
+"""SegmentGraphs: CUDA graphs of the runtime's per-layer tensor work (opt-in: `cuda_graphs=True`).
+
+Why: the residency diff, map updates, compressed-key appends and counters are ~100 small tensor ops per
+layer; launched one by one from Python they cost a few microseconds each, a per-step floor of tens of
+milliseconds at 28-32 layers. Between host-side points (the miss-list read-back, copies on other
+streams, write-backs), each layer's work is a *segment* with fixed shapes that reads only buffers at
+fixed addresses (the static step plan, static q/k/v/c inputs, the persistent state), so it can be
+captured once and replayed.
+
+Protocol per key (segment name, layer, batch shape, flags): the first call runs eagerly (it is that
+step's real work, and it compiles/initialises every kernel), the second call captures and then replays,
+later calls replay. Capture does not execute, so nothing runs twice. All graphs share one memory pool:
+they replay one at a time on the compute stream, and tensors a segment returns stay referenced (so
+their memory is never handed to another capture) and are rewritten by every replay.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Hashable
+
+import torch
+
+
+#: batch shapes whose graphs are kept; a new one beyond this drops them all (a serving batch that keeps
+#: changing size would otherwise capture without bound)
+MAX_SHAPES = 4
+
+
+class SegmentGraphs:
+    """Captured segments of one runtime, keyed by (batch shape, segment key)."""
+
+    def __init__(self) -> None:
+        self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, object]] = {}
+        self._seen: set[Hashable] = set()
+        self._shapes: set[Hashable] = set()
+        self._pool = None
+        self.captures = 0
+        self.replays = 0
+
+    def run(self, shape: Hashable, key: Hashable, fn: Callable[[], object]) -> object:
+        """fn() for this step: eagerly the first time, then captured and replayed."""
+        if shape not in self._shapes:
+            if len(self._shapes) >= MAX_SHAPES:
+                self.clear()
+            self._shapes.add(shape)
+        key = (shape, key)
+        entry = self._graphs.get(key)
+        if entry is not None:
+            entry[0].replay()
+            self.replays += 1
+            return entry[1]
+        if key not in self._seen:
+            self._seen.add(key)
+            return fn()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        # NOTE: capture on a side stream ordered after everything queued so far (torch.cuda.graph does
+        # the stream switch); the outputs are placeholders that every replay rewrites. thread_local:
+        # control threads (snapshot -> event queries) keep running during a capture.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            out = fn()
+        self._graphs[key] = (graph, out)
+        self.captures += 1
+        graph.replay()
+        self.replays += 1
+        return out
+
+    def clear(self) -> None:
+        """Drop every graph (after a change that the keys do not capture, e.g. reallocated buffers)."""
+        self._graphs.clear()
+        self._seen.clear()
+        self._shapes.clear()

@@ -1,0 +1,413 @@
+"""NosaRuntime: the one API through which the reference model and the SGLang backend drive NOSA offload.
+
+Lifecycle of a request: `begin_request` (prompt KV -> host store + warm GPU slots + compressed keys),
+then per decode step and layer `append` (the new token's k/v/c) and `attend` (select -> residency diff
+-> fetch -> sparse attention), `step_boundary()` between steps, and `end_request` / `abort_request`.
+Control threads (gRPC) call `snapshot`, `knobs`, `request_knobs`, `reset_stats`, `nosa_config`: they
+never touch the device and knob changes wait for the next `step_boundary()`.
+
+Only the stepping thread may call the request and decode methods.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from nosa_sglang.config import NosaConfig
+from nosa_sglang.runtime.counters import BoundaryInfo, Counters, RunningRequest
+from nosa_sglang.runtime.decode_layer import LayerDecoder
+from nosa_sglang.runtime.full_residency import FullResidency
+from nosa_sglang.runtime.host_store import HostKVStore, HostMemoryExhausted
+from nosa_sglang.runtime.knob_queue import KnobQueue, KnobRequest
+from nosa_sglang.runtime.knobs import KnobError, OffloadKnobs
+from nosa_sglang.runtime.prompt import PromptLoader
+from nosa_sglang.runtime.selection_state import SelectionState
+from nosa_sglang.runtime.slot_cache import GpuSlotCache
+from nosa_sglang.runtime.stats import StatsSnapshot
+from nosa_sglang.runtime.step_plan import StepPlan, build_step_plan
+from nosa_sglang.runtime.transfer import TransferEngine
+from nosa_sglang.runtime.types import Admission, Admitted, GpuSlotsExhausted, ModelShape, RuntimeUsageError
+from nosa_sglang.runtime.victim import make_victim_policy
+
+SELECTION_POLICIES = ("nosa", "infllmv2")
+
+
+class _Request:
+    __slots__ = ("request_id", "row", "seq_len", "host_blocks")
+
+    def __init__(self, request_id: str, row: int, seq_len: int, host_blocks: list[int]) -> None:
+        self.request_id, self.row, self.seq_len, self.host_blocks = request_id, row, seq_len, host_blocks
+
+
+class NosaRuntime:
+    """NOSA decode over a pinned host KV store and a GPU slot cache (or fully on the GPU).
+
+    Args:
+        shape: the model's attention shape (layers, heads, head_dim, dtype).
+        config: the model's NOSA constants.
+        knobs: initial OffloadKnobs (default OffloadKnobs(gpu_slots=config.topk_blocks)).
+        device: "cuda[:N]" or "cpu" (named CPU mode: plain memory, synchronous copies).
+        host_capacity_bytes: pinned host bytes for K + V of all layers (offload mode).
+        max_requests: request rows of the GPU state (running requests at most).
+        max_seq_len: tokens per request at most (sizes compressed keys, biases, block maps).
+        max_gpu_slots: regular slots allocated per (layer, request, KV head); the `gpu_slots` knob may
+            range over [topk_blocks, max_gpu_slots]. Default: knobs.gpu_slots.
+        selection_policy: "nosa", or "infllmv2" (top-k by query score alone: the benchmark baseline).
+        gpu_only: every block resident on the GPU, no host tier (NOSA fully on GPU).
+        host_buffer: optional preallocated host tensor to carve the host store from.
+        kernel_impl: "auto" | "triton" | "torch" for the selection and attention kernels
+            (default: "auto" on CUDA, "torch" on CPU).
+        ck_dtype: storage of the compressed keys K~ (float32 matches the reference exactly; the model
+            dtype halves their memory and selection reads, at the price of rare near-tie flips).
+        cuda_graphs: capture each layer's tensor work in CUDA graphs (CUDA only; selection then runs
+            over max_seq_len's blocks so that shapes stay fixed). See graph_cache.py.
+    """
+
+    def __init__(
+        self,
+        shape: ModelShape,
+        config: NosaConfig,
+        knobs: OffloadKnobs | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        host_capacity_bytes: int = 0,
+        max_requests: int = 8,
+        max_seq_len: int = 32768,
+        max_gpu_slots: int | None = None,
+        selection_policy: str = "nosa",
+        gpu_only: bool = False,
+        host_buffer: torch.Tensor | None = None,
+        kernel_impl: str | None = None,
+        ck_dtype: torch.dtype = torch.float32,
+        cuda_graphs: bool = False,
+    ) -> None:
+        self.shape, self.config = shape, config
+        self.device = torch.device(device)
+        knobs = (knobs or OffloadKnobs(gpu_slots=config.topk_blocks)).validate_for(config.topk_blocks)
+        if selection_policy not in SELECTION_POLICIES:
+            raise ValueError(f"selection_policy={selection_policy!r}: allowed values are {list(SELECTION_POLICIES)}")
+        if max_requests < 1 or max_seq_len < 1:
+            raise ValueError(f"max_requests={max_requests}, max_seq_len={max_seq_len}: allowed range is >= 1")
+        self.max_gpu_slots = max(knobs.gpu_slots, max_gpu_slots or knobs.gpu_slots)
+        self.selection_policy, self.gpu_only = selection_policy, gpu_only
+        self.max_requests, self.max_seq_len = max_requests, max_seq_len
+        self.max_blocks = config.num_blocks(max_seq_len)
+        self.impl = kernel_impl or ("auto" if self.device.type == "cuda" else "torch")
+        L, H, d, bs = shape.num_layers, shape.num_kv_heads, shape.head_dim, config.block_size
+        self.selection = SelectionState(L, max_requests, H, d, self.max_blocks * bs, config, shape.dtype, self.device,
+                                        ck_dtype=ck_dtype)
+        if gpu_only:
+            self.slots = FullResidency(L, max_requests, H, bs, d, shape.dtype, self.max_blocks, self.device)
+            self.host = None
+        else:
+            self.slots = GpuSlotCache(L, max_requests, H, self.max_gpu_slots, bs, d, shape.dtype, self.max_blocks,
+                                      self.device)
+            self.slots.set_active(knobs.gpu_slots)
+            self.host = HostKVStore(L, H, d, bs, shape.dtype, host_capacity_bytes, buffer=host_buffer)
+            self.host.set_limit_bytes(knobs.host_capacity_bytes)
+            self._host_table = torch.full((max_requests, self.max_blocks), -1, dtype=torch.int32, device=self.device)
+        run_bytes = bs * d * shape.dtype_bytes
+        self.counters = Counters(L, max_requests, run_bytes, self.device)
+        self.transfer = None if gpu_only else TransferEngine(self.device, self.host, self.slots, self.counters,
+                                                             knobs.transfer_mode)
+        self._prompts = PromptLoader(self)
+        self._knob_queue = KnobQueue(knobs)
+        self._knobs = knobs
+        self._victims = make_victim_policy(knobs.victim_policy)
+        self._requests: dict[str, _Request] = {}
+        self._row_owner: list[str] = []  # running requests occupy rows 0..n-1 (kept compact)
+        self._plan: StepPlan | None = None
+        self._step = 0
+        self._step_t = torch.zeros((), dtype=torch.int32, device=self.device)  # the step, for graphs
+        self._decoder = LayerDecoder(self, cuda_graphs and self.device.type == "cuda")
+        self._last_selection: dict[int, torch.Tensor] = {}
+        self._heads = torch.arange(H, device=self.device)
+        self._lock = threading.Lock()
+        self._publish()
+
+    # -- control surface (any thread) ------------------------------------------------------------------
+    def snapshot(self) -> StatsSnapshot:
+        """Counters as of a recent step boundary; never syncs the GPU."""
+        snap = self.counters.snapshot()
+        assert snap is not None, "the constructor publishes a first snapshot"
+        return snap
+
+    def nosa_config(self) -> NosaConfig:
+        return self.config
+
+    def knobs(self) -> OffloadKnobs:
+        return self._knob_queue.in_force()
+
+    def requested_knobs(self) -> OffloadKnobs:
+        return self._knob_queue.latest()
+
+    def request_knobs(self, knobs: OffloadKnobs, timeout_s: float = 0.0) -> KnobRequest:
+        """Queue `knobs` for the next step boundary (wait up to timeout_s for it). Raises KnobError if
+        gpu_slots exceeds this runtime's slot allocation."""
+        knobs.validate_for(self.config.topk_blocks)
+        if not self.gpu_only and knobs.gpu_slots > self.max_gpu_slots:
+            raise KnobError("gpu_slots", f"gpu_slots={knobs.gpu_slots}: allowed range is "
+                                         f"[{self.config.topk_blocks}, {self.max_gpu_slots}] (slots allocated)")
+        return self._knob_queue.request(knobs, timeout_s)
+
+    def reset_stats(self) -> None:
+        self.counters.reset()
+
+    # -- admission -------------------------------------------------------------------------------------
+    def can_admit(self, prompt_tokens: int, shared_prefix_blocks: int = 0) -> Admission:
+        """Whether begin_request for a prompt of `prompt_tokens` would succeed now (a value, no raise)."""
+        need = 0 if self.gpu_only else self.config.num_blocks(prompt_tokens) - shared_prefix_blocks
+        free = 0 if self.gpu_only else self.host.free_blocks
+        rows = self.max_requests - len(self._row_owner)
+        reason = ""
+        if prompt_tokens + 1 > self.max_seq_len:
+            reason = f"prompt of {prompt_tokens} tokens exceeds max_seq_len={self.max_seq_len}"
+        elif rows < 1:
+            reason = f"no GPU slots: all {self.max_requests} request rows in use"
+        elif need > free:
+            reason = f"host KV store: {need} block(s) needed, {free} free"
+        return Admission(not reason, need, free, rows, reason)
+
+    def begin_request(self, request_id: str, prompt_k, prompt_v, prompt_c,
+                      shared_prefix_blocks: list[int] | None = None) -> Admitted:
+        """Admit a request with its prompt's KV (per layer [T, Hkv, d], bias [T, Hkv]; a list per layer or a
+        stacked [L, T, ...] tensor). The first len(shared_prefix_blocks) full blocks are already in the host
+        store (shared, not rewritten). Raises HostMemoryExhausted / GpuSlotsExhausted and then changes
+        nothing. The prompt's own attention is the caller's (prefill)."""
+        self._require_no_open_step("begin_request")
+        if request_id in self._requests:
+            raise RuntimeUsageError(f"request_id={request_id!r}: already running")
+        T = self._prompts.check(prompt_k, prompt_v, prompt_c)
+        shared = list(shared_prefix_blocks or [])
+        if T < 1 or T + 1 > self.max_seq_len:
+            raise ValueError(f"prompt_k: {T} tokens; allowed range is [1, {self.max_seq_len - 1}] (max_seq_len - 1)")
+        if len(shared) > T // self.config.block_size or (shared and self.gpu_only):
+            raise ValueError(f"shared_prefix_blocks: {len(shared)} blocks; allowed range is "
+                             f"[0, {T // self.config.block_size}]"
+                             " full prompt blocks (and none in gpu_only mode)")
+        if len(self._row_owner) >= self.max_requests:
+            raise GpuSlotsExhausted(self.max_requests)
+        host_blocks: list[int] = []
+        if not self.gpu_only:
+            n_new = self.config.num_blocks(T) - len(shared)
+            if n_new > self.host.free_blocks:
+                raise HostMemoryExhausted(n_new, self.host.free_blocks, f"request {request_id!r}")
+            self.host.share(shared)  # validates the ids before anything else changes
+            try:
+                host_blocks = shared + self.host.allocate(n_new, f"request {request_id!r}")
+            except HostMemoryExhausted:
+                self.host.release(shared)
+                raise
+            self.transfer.quiesce()
+        row = len(self._row_owner)
+        self._prompts.load(row, T, host_blocks, len(shared), prompt_k, prompt_v, prompt_c, self._step)
+        with self._lock:
+            self._requests[request_id] = _Request(request_id, row, T, host_blocks)
+            self._row_owner.append(request_id)
+        return Admitted(request_id, tuple(host_blocks), T)
+
+    def begin_request_synthetic(self, request_id: str, num_tokens: int, seed: int = 0) -> Admitted:
+        """Benchmarks only: admit a request of `num_tokens` whose K/V are whatever the host store and the
+        slots hold, with random compressed keys, chunk means and biases (no prompt upload: admission
+        costs microseconds, not a PCIe pass). Back-pressure as begin_request."""
+        self._require_no_open_step("begin_request_synthetic")
+        if request_id in self._requests:
+            raise RuntimeUsageError(f"request_id={request_id!r}: already running")
+        if not 1 <= num_tokens < self.max_seq_len:
+            raise ValueError(f"num_tokens={num_tokens}: allowed range is [1, {self.max_seq_len - 1}]")
+        if len(self._row_owner) >= self.max_requests:
+            raise GpuSlotsExhausted(self.max_requests)
+        host_blocks = [] if self.gpu_only else self.host.allocate(self.config.num_blocks(num_tokens),
+                                                                   f"request {request_id!r}")
+        if self.transfer is not None:
+            self.transfer.quiesce()
+        row = len(self._row_owner)
+        self._prompts.load_synthetic(row, num_tokens, host_blocks, seed, self._step)
+        with self._lock:
+            self._requests[request_id] = _Request(request_id, row, num_tokens, host_blocks)
+            self._row_owner.append(request_id)
+        return Admitted(request_id, tuple(host_blocks), num_tokens)
+
+    def host_blocks(self, request_id: str) -> tuple[int, ...]:
+        """Host block ids of a running request (for prefix sharing)."""
+        return tuple(self._req(request_id).host_blocks)
+
+    def end_request(self, request_id: str) -> None:
+        """Free everything the request owns (host block references, its GPU row)."""
+        self._require_no_open_step("end_request")
+        req = self._req(request_id)
+        if self.transfer is not None:
+            self.transfer.quiesce()  # NOTE: in-flight copies may still touch its slots and blocks
+            self.host.release(req.host_blocks)
+        last = len(self._row_owner) - 1
+        with self._lock:
+            if req.row != last:  # keep rows compact: the last row moves into the hole
+                mover = self._requests[self._row_owner[last]]
+                self.slots.move_row(last, req.row)
+                self.selection.move_row(last, req.row)
+                self.counters.move_row(last, req.row)
+                if not self.gpu_only:
+                    self._host_table[req.row] = self._host_table[last]
+                mover.row = req.row
+                self._row_owner[req.row] = mover.request_id
+            self._row_owner.pop()
+            del self._requests[request_id]
+        self.slots.clear_row(last)
+
+    def abort_request(self, request_id: str) -> None:
+        """Like end_request, and also valid inside an open step (an exception interrupted a forward):
+        that step is then discarded for the whole batch, whose appends must be repeated."""
+        if self._plan is not None and len(self._plan.appended) != self.shape.num_layers:
+            self._plan = None  # NOTE: a repeated step rewrites the same positions (start_tail_block is idempotent)
+        self.end_request(request_id)
+
+    @property
+    def running_requests(self) -> tuple[str, ...]:
+        return tuple(self._row_owner)
+
+    def seq_len(self, request_id: str) -> int:
+        return self._req(request_id).seq_len
+
+    # -- decode ----------------------------------------------------------------------------------------
+    def append(self, layer: int, request_ids, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor) -> None:
+        """Store one new token per request in `layer`: k, v [B, Hkv, d] (post-RoPE k), c [B, Hkv].
+        The first append of a step may raise HostMemoryExhausted (a new block) and then changes nothing."""
+        p = self._plan_for(tuple(request_ids), layer)
+        self._decoder.append(layer, p, k, v, c)
+        p.appended.add(layer)
+
+    def attend(self, layer: int, request_ids, q: torch.Tensor) -> torch.Tensor:
+        """NOSA decode attention of the tokens appended in `layer` this step: q [B, Hq, d] -> [B, Hq, d].
+        With cuda_graphs the result may live in a graph's buffer: consume it before the next step."""
+        p = self._plan
+        if p is None or tuple(request_ids) != p.request_ids or layer not in p.appended:
+            raise RuntimeUsageError(f"attend(layer={layer}): append this batch's tokens in layer {layer} first")
+        o = self._decoder.attend(layer, p, q)
+        p.attended.add(layer)
+        return o
+
+    def last_selection(self, layer: int) -> torch.Tensor | None:
+        """[B, Hkv, topk_blocks] int32 blocks the last attend of `layer` selected (caller order)."""
+        return self._last_selection.get(layer)
+
+    def step_boundary(self) -> None:
+        """Close the step (every layer appended), apply queued knobs, roll and publish the counters."""
+        p = self._plan
+        if p is not None:
+            if len(p.appended) != self.shape.num_layers:
+                raise RuntimeUsageError(f"step_boundary: only layers {sorted(p.appended)} of "
+                                        f"{self.shape.num_layers} appended this step")
+            for rid in p.request_ids:
+                self._requests[rid].seq_len += 1
+            self._plan = None
+            self._step += 1
+            self._step_t.fill_(self._step)
+        new = self._knob_queue.take()
+        if new is not None:
+            self._apply_knobs(new)
+        self.counters.resolve_events()
+        self._publish()
+
+    # -- internals -------------------------------------------------------------------------------------
+    def _req(self, request_id: str) -> _Request:
+        req = self._requests.get(request_id)
+        if req is None:
+            raise RuntimeUsageError(f"request_id={request_id!r}: not running")
+        return req
+
+    def _require_no_open_step(self, what: str) -> None:
+        if self._plan is not None:
+            if len(self._plan.appended) == self.shape.num_layers:
+                self.step_boundary()
+            else:
+                raise RuntimeUsageError(f"{what}: a decode step is open (call step_boundary() after the last layer)")
+
+    def _plan_for(self, request_ids: tuple[str, ...], layer: int) -> StepPlan:
+        p = self._plan
+        if p is not None and layer in p.appended and len(p.appended) == self.shape.num_layers:
+            self.step_boundary()  # a new step began without an explicit boundary
+            p = None
+        if p is not None:
+            if request_ids != p.request_ids:
+                raise RuntimeUsageError(f"append(layer={layer}): batch {request_ids} differs from this step's "
+                                        f"{p.request_ids}")
+            if layer in p.appended:
+                raise RuntimeUsageError(f"append(layer={layer}): already appended this step")
+            return p
+        reqs = [self._req(r) for r in request_ids]
+        if len(set(request_ids)) != len(request_ids) or not reqs:
+            raise RuntimeUsageError(f"request_ids={request_ids}: expected distinct running requests")
+        for r in reqs:
+            if r.seq_len + 1 > self.max_seq_len:
+                raise ValueError(f"request {r.request_id!r}: {r.seq_len + 1} tokens exceed "
+                                 f"max_seq_len={self.max_seq_len}")
+        self._plan = self._build_plan(request_ids, reqs)
+        return self._plan
+
+    def _build_plan(self, request_ids, reqs) -> StepPlan:
+        bs, H = self.config.block_size, self.shape.num_kv_heads
+        tails: list[int | None] = [None] * len(reqs)
+        updates: list[tuple[int, int, int]] = []
+        if not self.gpu_only:
+            opening = [r for r in reqs if r.seq_len // bs == len(r.host_blocks)]
+            ids = self.host.allocate(len(opening), "a decode step") if opening else []
+            for r, b in zip(opening, ids):
+                r.host_blocks.append(b)
+                updates.append((r.row, r.seq_len // bs, b))
+            tails = [r.host_blocks[r.seq_len // bs] for r in reqs]
+            token_slot = lambda row, h, blk: self.slots.tail_slot_id(row, h)  # noqa: E731
+            tail_slot = self.slots.tail_slot_id
+        else:
+            token_slot, tail_slot = self.slots.slot_id, None
+        base = lambda row, h: self.slots.slot_id(row, h, 0)  # noqa: E731
+        graphs = self._decoder.graphs is not None
+        p = build_step_plan(request_ids, [r.row for r in reqs], [r.seq_len for r in reqs], tails, token_slot,
+                            tail_slot, base, H, self.config, self.device,
+                            num_blocks=self.max_blocks if graphs else None,
+                            static=self._decoder.static_plan_buffer(len(reqs)))
+        if updates:
+            t = torch.tensor(updates, dtype=torch.long).T.contiguous()
+            if self.device.type == "cuda":
+                t = t.pin_memory().to(self.device, non_blocking=True)
+            self._host_table[t[0], t[1]] = t[2].int()
+        if self.gpu_only:
+            for r in reqs:
+                self.slots.set_blocks(r.row, self.config.num_blocks(r.seq_len + 1))
+        return p
+
+    def host_runs(self, p: StepPlan, blocks: torch.Tensor) -> torch.Tensor:
+        """[B, Hkv, K] host run ids of (row, head, block) (garbage where block < 0: masked by callers)."""
+        table = self._host_table[p.row_range[0] : p.row_range[1]] if p.row_range else self._host_table[p.rows]
+        B = blocks.shape[0]
+        hb = table.gather(1, blocks.clamp(min=0).view(B, -1)).view(blocks.shape).long()
+        return hb * self.shape.num_kv_heads + self._heads.view(1, -1, 1)
+
+    def _apply_knobs(self, new: OffloadKnobs) -> None:
+        if not self.gpu_only:
+            if new.gpu_slots != self.slots.active:
+                self.transfer.quiesce()
+                self.slots.set_active(new.gpu_slots)
+            self.transfer.set_mode(new.transfer_mode)
+            self.host.set_limit_bytes(new.host_capacity_bytes)
+        self._victims = make_victim_policy(new.victim_policy)
+        self._knobs = new
+
+    def _publish(self) -> None:
+        with self._lock:
+            running = tuple(
+                RunningRequest(r.request_id, r.row, r.seq_len, len(r.host_blocks))
+                for r in (self._requests[rid] for rid in self._row_owner)
+            )
+        h = self.host
+        info = BoundaryInfo(
+            steps=self._step, running=running,
+            host_blocks_used=h.used_blocks if h else 0, host_blocks_total=h.num_blocks if h else 0,
+            host_bytes_used=h.used_blocks * h.block_bytes if h else 0,
+            host_capacity_bytes=h.capacity_bytes if h else 0,
+            gpu_slot_capacity=self.max_requests * self.shape.num_layers * self.shape.num_kv_heads
+            * (self.max_blocks if self.gpu_only else self.slots.active + 1),
+            device=str(self.device), mode="gpu_only" if self.gpu_only else "offload",
+        )
+        self.counters.publish(self.slots.resident_per_row(), info)

@@ -1,0 +1,123 @@
+"""PromptLoader: put an admitted prompt's KV where the runtime keeps it, per layer.
+
+- full blocks -> the host store (staged as runs on the device, written on the write-back stream);
+  blocks shared with another request's prefix are already there and are skipped;
+- compressed keys, eviction chunk means and biases -> SelectionState;
+- a warm start of the GPU slots straight from the device copy of the prompt (no PCIe): the partial
+  tail block into the tail slot, then the blocks the first decode step will most likely select
+  (forced sink/local blocks, then the highest eviction scores) into the regular slots.
+In gpu_only mode every block goes to its slot instead.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from nosa_sglang.kernels.selection import eviction_block_scores
+from nosa_sglang.kernels.topk import forced_and_existing
+
+if TYPE_CHECKING:
+    from nosa_sglang.runtime.nosa_runtime import NosaRuntime
+
+
+class PromptLoader:
+    """Admission-time loading for one NosaRuntime (not the decode hot path)."""
+
+    def __init__(self, runtime: "NosaRuntime") -> None:
+        self.rt = runtime
+
+    def check(self, prompt_k, prompt_v, prompt_c) -> int:
+        """Validate the prompt tensors (per layer k/v [T, Hkv, d], c [T, Hkv]); returns T."""
+        s = self.rt.shape
+        for name, seq in (("prompt_k", prompt_k), ("prompt_v", prompt_v), ("prompt_c", prompt_c)):
+            if len(seq) != s.num_layers:
+                raise ValueError(f"{name}: expected {s.num_layers} layers, got {len(seq)}")
+        T = int(prompt_k[0].shape[0])
+        for layer in range(s.num_layers):
+            for name, t, shape in (("prompt_k", prompt_k[layer], (T, s.num_kv_heads, s.head_dim)),
+                                   ("prompt_v", prompt_v[layer], (T, s.num_kv_heads, s.head_dim)),
+                                   ("prompt_c", prompt_c[layer], (T, s.num_kv_heads))):
+                if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+                    got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                    raise ValueError(f"{name}[{layer}]: expected shape {list(shape)}, got {got}")
+        return T
+
+    def load(self, row: int, T: int, host_blocks: list[int], n_shared: int, prompt_k, prompt_v, prompt_c,
+             step: int) -> None:
+        rt = self.rt
+        cfg, dev = rt.config, rt.device
+        bs, H = cfg.block_size, rt.shape.num_kv_heads
+        nb, n_full = cfg.num_blocks(T), T // bs
+        self._reset_row(row, host_blocks, nb)
+        for layer in range(rt.shape.num_layers):
+            k = prompt_k[layer].to(dev, rt.shape.dtype)
+            v = prompt_v[layer].to(dev, rt.shape.dtype)
+            c = prompt_c[layer].to(dev, torch.float32)
+            rt.selection.load_prompt(layer, row, k, c)
+            runs = [self._stage(x, nb, bs) for x in (k, v, c)]
+            if rt.gpu_only:
+                gids = rt.slots.slot_base(torch.tensor([row], device=dev))[0] + torch.arange(nb, device=dev)
+                src = (torch.arange(nb, device=dev)[None, :] * H + rt._heads[:, None]).flatten()
+                rt.slots.write_runs(layer, gids.flatten(), runs[0][src], runs[1][src], runs[2][src])
+                continue
+            if n_full > n_shared:
+                src = torch.arange(n_shared * H, n_full * H, dtype=torch.long)
+                dst = torch.tensor([b * H + h for b in host_blocks[n_shared:n_full] for h in range(H)],
+                                   dtype=torch.long)
+                rt.transfer.write_back(layer, src, dst, gpu_k=runs[0], gpu_v=runs[1])
+            self._warm_start(layer, row, T, runs, step)
+        if rt.gpu_only:
+            rt.slots.set_blocks(row, nb)
+
+    def load_synthetic(self, row: int, T: int, host_blocks: list[int], seed: int, step: int) -> None:
+        """Benchmarks: a request of T tokens whose K/V are whatever the host store and slots hold (finite
+        by construction), with random compressed keys, chunk means and biases; no KV upload at all."""
+        rt = self.rt
+        cfg, dev, sel = rt.config, rt.device, rt.selection
+        H, d, nb, n = rt.shape.num_kv_heads, rt.shape.head_dim, cfg.num_blocks(T), cfg.num_chunks(T)
+        self._reset_row(row, host_blocks, nb)
+        g = torch.Generator(device=dev).manual_seed(seed)
+        for layer in range(rt.shape.num_layers):
+            sel.ck[layer, row, :n] = torch.randn((n, H, d), generator=g, device=dev).to(sel.ck.dtype)
+            sel.ce[layer, row, :n] = torch.rand((n, H), generator=g, device=dev)
+            sel.c[layer, row, :, :T] = torch.rand((H, T), generator=g, device=dev)
+            sel.ring[layer, row] = torch.randn(sel.ring.shape[2:], generator=g, device=dev).to(sel.ring.dtype)
+            if not rt.gpu_only:
+                self._warm_start(layer, row, T, None, step)
+        if rt.gpu_only:
+            rt.slots.set_blocks(row, nb)
+
+    def _reset_row(self, row: int, host_blocks: list[int], nb: int) -> None:
+        rt = self.rt
+        rt.slots.clear_row(row)
+        rt.counters.clear_row(row)
+        if not rt.gpu_only:
+            table = torch.full((rt.max_blocks,), -1, dtype=torch.int32)
+            table[:nb] = torch.tensor(host_blocks, dtype=torch.int32)
+            rt._host_table[row] = table.to(rt.device)
+
+    @staticmethod
+    def _stage(x: torch.Tensor, nb: int, bs: int) -> torch.Tensor:
+        """[T, Hkv, ...] -> runs [nb * Hkv, block_size * ...] (run id = block * Hkv + head), zero padded."""
+        T, H = x.shape[0], x.shape[1]
+        pad = torch.zeros((nb * bs - T, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        x = torch.cat((x, pad)).view(nb, bs, H, -1).transpose(1, 2)
+        return x.reshape(nb * H, -1).contiguous()
+
+    def _warm_start(self, layer: int, row: int, T: int, runs: list[torch.Tensor] | None, step: int) -> None:
+        rt = self.rt
+        cfg, dev = rt.config, rt.device
+        bs = cfg.block_size
+        nb, n_full = cfg.num_blocks(T), T // bs
+        seq = torch.tensor([T + 1], device=dev)
+        nch = torch.tensor([cfg.num_chunks(T)], device=dev)
+        E = eviction_block_scores(rt.selection.ce[layer, row : row + 1], nch, seq, cfg, impl=rt.impl, num_blocks=nb)
+        _, forced = forced_and_existing(seq, nb, cfg)
+        prio = torch.where(forced, float("inf"), E)[0, :, :n_full]
+        m = min(rt.slots.active, n_full)
+        blocks = torch.sort(prio, dim=-1, descending=True, stable=True).indices[:, :m]
+        e_vals = E[0, :, :n_full].gather(-1, blocks)
+        tail = nb - 1 if T % bs else None
+        rt.slots.install_prompt(layer, row, blocks, e_vals, tail, runs, step)

@@ -1,0 +1,120 @@
+"""SelectionState: what selection needs on the GPU for every running request, per layer.
+
+- `ck [L, R, Cmax, Hkv, d]` compressed keys K~ (float32 by default: the reference averages in fp32)
+  and `ce [L, R, Cmax, Hkv]` float32 eviction chunk means: one entry per kernel_stride tokens.
+- `c [L, R, Hkv, max_tokens]` float32, the per-token bias: attention gathers it into the slots of
+  missed blocks (GPU-local, so a miss moves only K and V over PCIe).
+- `ring [L, R, kernel_size, Hkv, d]` the last kernel_size keys, from which a completed chunk's K~ is
+  averaged (the older keys of the window may already live only in the host store).
+
+Rows are the runtime's request rows; the selection kernels take `[B, Cmax, ...]` batches, which are
+views when the batch is a contiguous range of rows (the runtime keeps running rows compact) and
+gathered copies otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nosa_sglang.config import NosaConfig
+from nosa_sglang.kernels.compress import compress_windows
+
+
+class SelectionState:
+    """Per-row compressed keys, eviction chunk means, token biases and recent keys of every layer."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        max_rows: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_tokens: int,
+        config: NosaConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+        ck_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.config = config
+        self.max_tokens = max_tokens
+        self.max_chunks = max(1, config.num_chunks(max_tokens))
+        L, R, H, d, ks = num_layers, max_rows, num_kv_heads, head_dim, config.kernel_size
+        self.ck = torch.zeros((L, R, self.max_chunks, H, d), dtype=ck_dtype, device=device)
+        self.ce = torch.zeros((L, R, self.max_chunks, H), dtype=torch.float32, device=device)
+        self.c = torch.zeros((L, R, H, max_tokens), dtype=torch.float32, device=device)
+        self.ring = torch.zeros((L, R, ks, H, d), dtype=dtype, device=device)
+        self.heads = torch.arange(H, device=device)
+        self._window = torch.arange(ks, device=device)
+
+    @property
+    def gpu_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.ck, self.ce, self.c, self.ring))
+
+    # -- prompts --------------------------------------------------------------------------------------
+    def load_prompt(self, layer: int, row: int, k: torch.Tensor, c: torch.Tensor) -> None:
+        """Whole-prompt K~, chunk means, biases and recent keys of one request: k [T, Hkv, d], c [T, Hkv]."""
+        T = k.shape[0]
+        ck = compress_windows(k, self.config)
+        n = ck.shape[0]
+        self.ck[layer, row, :n] = ck.to(self.ck.dtype)
+        self.ce[layer, row, :n] = compress_windows(c, self.config)
+        self.c[layer, row, :, :T] = c.T.to(torch.float32)
+        ks = self.config.kernel_size
+        pos = torch.arange(max(0, T - ks), T, device=k.device)
+        self.ring[layer, row, pos % ks] = k[pos].to(self.ring.dtype)
+
+    # -- decode ---------------------------------------------------------------------------------------
+    def append(
+        self,
+        layer: int,
+        rows: torch.Tensor,
+        pos: torch.Tensor,
+        k: torch.Tensor,
+        c: torch.Tensor,
+        completes: torch.Tensor | None,
+        chunk_ids: torch.Tensor,
+    ) -> None:
+        """Record one token per request (rows [B], positions pos [B], k [B, Hkv, d], c [B, Hkv]).
+
+        completes [B] (0/1, None when no request completes a chunk this step): those requests append
+        chunk chunk_ids[b] (its K~ = mean of the recent-key ring, its chunk mean = mean of the last
+        kernel_size biases); the others rewrite chunk_ids[b] unchanged (fixed shapes, no host branch).
+        """
+        ks = self.config.kernel_size
+        self.ring[layer][rows, pos % ks] = k.to(self.ring.dtype)
+        self.c[layer][rows[:, None], self.heads[None, :], pos[:, None]] = c.to(torch.float32)
+        if completes is None:
+            return
+        done = completes != 0
+        ck_new = self.ring[layer][rows].float().mean(dim=1).to(self.ck.dtype)
+        ck_old = self.ck[layer][rows, chunk_ids]
+        self.ck[layer][rows, chunk_ids] = torch.where(done[:, None, None], ck_new, ck_old)
+        start = (pos + 1 - ks).clamp(min=0)[:, None, None]
+        window = self.c[layer][rows[:, None, None], self.heads[None, :, None], start + self._window]
+        ce_old = self.ce[layer][rows, chunk_ids]
+        self.ce[layer][rows, chunk_ids] = torch.where(done[:, None], window.mean(dim=-1), ce_old)
+
+    def batch(
+        self, layer: int, rows: torch.Tensor, row_range: tuple[int, int] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ck [B, Cmax, Hkv, d], ce [B, Cmax, Hkv]) of the batch: views for a contiguous row range."""
+        if row_range is not None:
+            lo, hi = row_range
+            return self.ck[layer, lo:hi], self.ce[layer, lo:hi]
+        return self.ck[layer][rows], self.ce[layer][rows]
+
+    def gather_c(self, layer: int, rows: torch.Tensor, row_range: tuple[int, int] | None, blocks: torch.Tensor,
+                 dst_slots: torch.Tensor, c_slots: torch.Tensor) -> None:
+        """c_slots[dst_slots] = the biases of (row, head, block) for every entry ([B, Hkv, K]; entries
+        aimed at the trash slot write harmless data there)."""
+        bs = self.config.block_size
+        c = self.c[layer, row_range[0] : row_range[1]] if row_range is not None else self.c[layer][rows]
+        B, H, _ = c.shape
+        idx = blocks.clamp(min=0)[..., None].expand(-1, -1, -1, bs)
+        vals = c.view(B, H, -1, bs).gather(2, idx)
+        c_slots.index_copy_(0, dst_slots.flatten(), vals.flatten(0, 2))
+
+    # -- rows -----------------------------------------------------------------------------------------
+    def move_row(self, src_row: int, dst_row: int) -> None:
+        for t in (self.ck, self.ce, self.c, self.ring):
+            t[:, dst_row] = t[:, src_row]

@@ -1,0 +1,124 @@
+"""StepPlan: everything about one decode step that the host already knows, uploaded once.
+
+A decode step appends one token to each request of the batch, in every layer. Which requests open a
+new block (their tail slot must be freed), which fill their tail (write-back), which complete a
+compressed-key chunk, where each new token goes: all of this depends only on sequence lengths, which
+the host tracks. The plan computes it once per step as full-batch tensors (masks, not subsets, so
+every layer runs the same fixed-shape ops: capturable in a CUDA graph), packs them into one pinned
+tensor of a fixed layout and copies it to the device with a single non-blocking copy (into a static
+buffer when graphs are used). Batch tensors are in *row order* (rows ascending), so that a batch of all
+running requests is a contiguous row range and per-row state can be read through views.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from nosa_sglang.config import NosaConfig
+
+#: per-request int64 fields of the packed layout, in order (then token_slots and slot_base, Hkv each)
+FIELDS = ("rows", "pos", "seq_lens", "n_chunks", "offsets", "tail_blocks", "opens", "completes", "chunk_ids", "perm")
+
+
+@dataclass
+class StepPlan:
+    """One decode step of a fixed batch (built by `build_step_plan`). Device tensors unless noted."""
+
+    request_ids: tuple[str, ...]
+    rows: torch.Tensor  # [B] long, row order
+    pos: torch.Tensor  # [B] long, position of the new token
+    seq_lens: torch.Tensor  # [B] long, pos + 1
+    n_chunks: torch.Tensor  # [B] long, compressed keys after the token
+    offsets: torch.Tensor  # [B] long, pos % block_size
+    tail_blocks: torch.Tensor  # [B] long, pos // block_size (the block the token lands in)
+    opens: torch.Tensor  # [B] long 0/1, the token opens a new block
+    completes: torch.Tensor  # [B] long 0/1, the token completes a compressed-key chunk
+    chunk_ids: torch.Tensor  # [B] long, that chunk (a valid index elsewhere, rewritten unchanged)
+    perm: torch.Tensor | None  # [B] caller index of each row-order position (None: same order)
+    inv: torch.Tensor | None  # caller index -> row-order index
+    token_slots: torch.Tensor  # [B, Hkv] long, slot the new token is written to
+    slot_base: torch.Tensor  # [B, Hkv, 1] long, global slot of local slot 0 of each (row, head)
+    row_range: tuple[int, int] | None  # (lo, hi) when the rows are exactly lo..hi-1
+    any_open: bool  # host copies of the masks' any()
+    any_complete: bool
+    wb_src: torch.Tensor | None  # CPU long [n * Hkv] tail slots that fill with this token
+    wb_dst: torch.Tensor | None  # CPU long [n * Hkv] their host runs
+    num_blocks: int  # NB of the selection
+    table_update: list[tuple[int, int, int]] = field(default_factory=list)  # (row, block, host block)
+    appended: set[int] = field(default_factory=set)
+    attended: set[int] = field(default_factory=set)
+
+
+def packed_len(batch: int, num_kv_heads: int) -> int:
+    return batch * (len(FIELDS) + 2 * num_kv_heads)
+
+
+def build_step_plan(
+    request_ids: tuple[str, ...],
+    rows: list[int],
+    seq_lens: list[int],
+    tail_host_blocks: list[int | None],
+    token_slot_fn,
+    tail_slot_fn,
+    slot_base_fn,
+    num_kv_heads: int,
+    config: NosaConfig,
+    device: torch.device,
+    num_blocks: int | None = None,
+    static: torch.Tensor | None = None,
+) -> StepPlan:
+    """Plan the step in which request i (row rows[i], seq_lens[i] tokens so far) appends a token.
+
+    tail_host_blocks[i]: host block of the block the new token lands in (offload), else None (no
+    write-back). token_slot_fn(row, head, block), tail_slot_fn(row, head), slot_base_fn(row, head):
+    global slot ids (host arithmetic). num_blocks: NB of the selection (default: the batch's longest).
+    static: a device buffer of packed_len(B, Hkv) int64 to upload into (CUDA graphs need fixed addresses).
+    """
+    bs, ks, st = config.block_size, config.kernel_size, config.kernel_stride
+    B, H = len(rows), num_kv_heads
+    order = sorted(range(B), key=lambda i: rows[i])
+    r = [rows[i] for i in order]
+    pos = [seq_lens[i] for i in order]
+    completes = [p + 1 >= ks and (p + 1 - ks) % st == 0 for p in pos]
+    n_ch = [config.num_chunks(p + 1) for p in pos]
+    cols = {
+        "rows": r, "pos": pos, "seq_lens": [p + 1 for p in pos], "n_chunks": n_ch,
+        "offsets": [p % bs for p in pos], "tail_blocks": [p // bs for p in pos],
+        "opens": [int(p % bs == 0) for p in pos], "completes": [int(c) for c in completes],
+        "chunk_ids": [max(n - 1, 0) for n in n_ch], "perm": order,
+    }
+    flat = [x for name in FIELDS for x in cols[name]]
+    flat += [token_slot_fn(r[j], h, pos[j] // bs) for j in range(B) for h in range(H)]
+    flat += [slot_base_fn(r[j], h) for j in range(B) for h in range(H)]
+    host = torch.tensor(flat, dtype=torch.long)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    if static is not None:
+        dev = static[: host.numel()]
+        dev.copy_(host, non_blocking=True)
+    else:
+        dev = host.to(device, non_blocking=True)
+    parts = dict(zip(FIELDS, dev[: B * len(FIELDS)].view(len(FIELDS), B)))
+    tok = dev[B * len(FIELDS) : B * (len(FIELDS) + H)].view(B, H)
+    base = dev[B * (len(FIELDS) + H) :].view(B, H, 1)
+    identity = order == list(range(B))
+    inv = None
+    if not identity:
+        inv = torch.empty_like(parts["perm"])
+        inv[parts["perm"]] = torch.arange(B, device=inv.device)
+    full = [j for j, p in enumerate(pos) if p % bs == bs - 1 and tail_host_blocks[order[j]] is not None]
+    wb_src = wb_dst = None
+    if full:
+        wb_src = torch.tensor([tail_slot_fn(r[j], h) for j in full for h in range(H)], dtype=torch.long)
+        wb_dst = torch.tensor([tail_host_blocks[order[j]] * H + h for j in full for h in range(H)], dtype=torch.long)
+    return StepPlan(
+        request_ids=request_ids, rows=parts["rows"], pos=parts["pos"], seq_lens=parts["seq_lens"],
+        n_chunks=parts["n_chunks"], offsets=parts["offsets"], tail_blocks=parts["tail_blocks"],
+        opens=parts["opens"], completes=parts["completes"], chunk_ids=parts["chunk_ids"],
+        perm=None if identity else parts["perm"], inv=inv, token_slots=tok, slot_base=base,
+        row_range=(r[0], r[0] + B) if r == list(range(r[0], r[0] + B)) else None,
+        any_open=any(cols["opens"]), any_complete=any(completes), wb_src=wb_src, wb_dst=wb_dst,
+        num_blocks=num_blocks or max(config.num_blocks(p + 1) for p in pos),
+    )

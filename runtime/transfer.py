@@ -1,0 +1,218 @@
+"""TransferEngine: every byte between the pinned host store and the GPU slots, on named streams.
+
+Streams and the orderings that matter (CUDA):
+- `h2d_stream` carries misses and prefetches into slots. Before a copy it waits on an event recorded
+  on the compute stream after the residency diff (the victim slots are no longer read by attention
+  and the id lists exist) and on the layer's last write-back (a block being re-fetched must have
+  landed in the host store). The compute stream waits on the layer's last H2D event right before
+  attention (`wait_for_layer`): the only point where compute can stall, and it is timed.
+- `writeback_stream` carries a tail block to the host once it fills (and prompts at admission). It
+  waits on the compute event that wrote the last token; the compute stream waits on the write-back
+  before a later token overwrites the tail slot (`wait_writeback`).
+No `synchronize()` on the hot path. Zero-copy (the default) passes the fixed-size, padded miss list
+straight from the GPU (`block_copy.SKIPS_NEGATIVE_IDS`). The copy engines cannot gather, so the
+copy-engine path reads the miss list back through a pinned buffer and waits for that event (timed as
+host wait); prefetch lists ride along with the next such read-back instead of adding their own.
+On CPU (named CPU mode) copies are synchronous `index_copy_`s and times are host clocks.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from nosa_sglang.kernels import block_copy
+from nosa_sglang.runtime.counters import Counters
+from nosa_sglang.runtime.host_store import HostKVStore
+from nosa_sglang.runtime.slot_buffers import SlotBuffers
+
+#: set by kernels.block_copy when its zero-copy kernel skips entries whose src id is < 0: then the
+#: runtime passes fixed-size, padded GPU id lists and never reads them back
+ZERO_COPY_SKIPS_PADDING = bool(getattr(block_copy, "SKIPS_NEGATIVE_IDS", False))
+
+
+class TransferEngine:
+    """Issues gathers (host -> slots) and write-backs (slots -> host) for one runtime."""
+
+    def __init__(self, device: torch.device, host: HostKVStore, slots: SlotBuffers, counters: Counters,
+                 mode: str) -> None:
+        self.device, self.host, self.slots, self.counters = device, host, slots, counters
+        self.cuda = device.type == "cuda"
+        L = slots.num_layers
+        self.h2d_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.writeback_stream = torch.cuda.Stream(device) if self.cuda else None
+        self._h2d_done: list[object | None] = [None] * L  # last H2D end event per layer
+        self._unwaited: list[list[tuple[object, object]]] = [[] for _ in range(L)]  # (start, end) not yet waited
+        self._wb_done: list[object | None] = [None] * L
+        self._deferred: list[tuple[int, torch.Tensor]] = []  # (layer, packed [2, N]) awaiting a read-back
+        self._readback = torch.empty(0, dtype=torch.long)
+        self.mode = "cpu"
+        self.set_mode(mode)
+        self.debug_delay_cycles = 0  # tests: a sleep kernel on the h2d stream before every copy
+        self.debug_writeback_delay_cycles = 0  # tests: the same on the write-back stream
+        self.host_syncs = 0  # read-backs of miss lists (the copy-engine path's one wait)
+
+    def set_mode(self, mode: str, allow_interpreter: bool = False) -> None:
+        """'zero_copy' | 'copy_engine' (the transfer_mode knob); 'cpu' without CUDA, except that tests may
+        run the zero-copy kernel on CPU tensors under TRITON_INTERPRET=1 (allow_interpreter)."""
+        if self.cuda:
+            self.mode = mode
+        else:
+            self.mode = "zero_copy" if allow_interpreter and mode == "zero_copy" else "cpu"
+
+    # -- host -> GPU ------------------------------------------------------------------------------------
+    def fetch(self, layer: int, packed: torch.Tensor, prefetch: bool = False) -> None:
+        """Copy host runs into slots: packed [2, N] device long = (host run ids, -1 = nothing to copy;
+        slot ids, the trash slot where nothing is copied)."""
+        if not self.cuda:
+            keep = packed[0] >= 0
+            t0 = time.perf_counter()
+            self._issue(layer, packed[0][keep], packed[1][keep])
+            dt = time.perf_counter() - t0
+            self.counters.add_host_times(layer, dt, 0.0 if prefetch else dt)
+            return
+        if self.mode == "zero_copy" and ZERO_COPY_SKIPS_PADDING:
+            self._issue(layer, packed[0], packed[1])
+        elif prefetch:
+            self._deferred.append((layer, packed))
+        else:
+            self._read_back_and_issue([(layer, packed)] + self._deferred, layer)
+            self._deferred = []
+
+    def flush_deferred(self) -> None:
+        """Issue prefetches still waiting for a read-back (before rows change owner)."""
+        if self._deferred:
+            self._read_back_and_issue(self._deferred, self._deferred[0][0])
+            self._deferred = []
+
+    def _read_back_and_issue(self, items: list, wait_layer: int) -> None:
+        packed = torch.cat([p.flatten() for _, p in items]) if len(items) > 1 else items[0][1].flatten()
+        if self._readback.numel() < packed.numel():
+            self._readback = torch.empty(max(packed.numel(), 2 * self._readback.numel()), dtype=torch.long,
+                                         pin_memory=True)
+        buf = self._readback[: packed.numel()]
+        buf.copy_(packed, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        t0 = time.perf_counter()
+        ready.synchronize()  # NOTE: the copy engines need the ids on the host (see module docstring)
+        self.counters.add_host_wait(wait_layer, time.perf_counter() - t0)
+        self.host_syncs += 1
+        off = 0
+        for layer, p in items:
+            n = p.shape[1]
+            arr = buf[off : off + 2 * n].view(2, n)
+            off += 2 * n
+            keep = arr[0] >= 0
+            if bool(keep.any()):
+                self._issue(layer, arr[0][keep], arr[1][keep])
+
+    def _issue(self, layer: int, src: torch.Tensor, dst: torch.Tensor) -> None:
+        host_k, host_v = self.host.layer_k(layer), self.host.layer_v(layer)
+        gpu_k, gpu_v = self.slots.k_runs(layer), self.slots.v_runs(layer)
+        if not self.cuda:
+            block_copy.gather_runs(host_k, host_v, src, gpu_k, gpu_v, dst, mode=self.mode, validate_ids=False)
+            return
+        src, dst = self._ids(src), self._ids(dst)
+        h2d = self.h2d_stream
+        # NOTE: the diff chose these victims on the compute stream; copy only after it (and after the
+        # attention that last read them), and after this layer's write-backs reached the host.
+        diff_done = torch.cuda.Event()
+        diff_done.record()
+        h2d.wait_event(diff_done)
+        if self._wb_done[layer] is not None:
+            h2d.wait_event(self._wb_done[layer])
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(h2d):
+            start.record(h2d)
+            if self.debug_delay_cycles:
+                torch.cuda._sleep(self.debug_delay_cycles)
+            block_copy.gather_runs(host_k, host_v, src, gpu_k, gpu_v, dst, mode=self.mode, stream=h2d,
+                                   validate_ids=False)
+            end.record(h2d)
+        for t in (src, dst):
+            if t.is_cuda:
+                t.record_stream(h2d)  # NOTE: allocated on the compute stream, read on h2d
+        self._h2d_done[layer] = end
+        self._unwaited[layer].append((start, end))
+
+    def wait_for_layer(self, layer: int) -> None:
+        """Compute stream waits for every H2D copy into this layer's slots (timed as stall)."""
+        pending = self._unwaited[layer]
+        if not pending:
+            return
+        ready = torch.cuda.Event(enable_timing=True)
+        ready.record()
+        torch.cuda.current_stream().wait_event(self._h2d_done[layer])
+        for start, end in pending[:-1]:
+            self.counters.add_timing(layer, start, end)
+        self.counters.add_timing(layer, pending[-1][0], pending[-1][1], ready)
+        self._unwaited[layer] = []
+
+    def wait_h2d(self, layer: int) -> None:
+        """Compute waits for H2D copies of this layer before it overwrites a slot (no stall timing)."""
+        if self.cuda and self._h2d_done[layer] is not None:
+            torch.cuda.current_stream().wait_event(self._h2d_done[layer])
+
+    # -- GPU -> host --------------------------------------------------------------------------------
+    def write_back(self, layer: int, src: torch.Tensor, dst_runs: torch.Tensor,
+                   gpu_k: torch.Tensor | None = None, gpu_v: torch.Tensor | None = None) -> None:
+        """host run dst_runs[i] = GPU run src[i] (CPU id tensors); from the slots unless gpu_k/gpu_v
+        (a prompt staged in runs) are given."""
+        staged = gpu_k is not None
+        gpu_k = self.slots.k_runs(layer) if gpu_k is None else gpu_k
+        gpu_v = self.slots.v_runs(layer) if gpu_v is None else gpu_v
+        host_k, host_v = self.host.layer_k(layer), self.host.layer_v(layer)
+        self.counters.add_d2h_bytes(layer, 2 * src.numel() * self.host.run_bytes)
+        if not self.cuda:
+            t0 = time.perf_counter()
+            block_copy.scatter_runs(gpu_k, gpu_v, src, host_k, host_v, dst_runs, mode=self.mode, validate_ids=False)
+            self.counters.add_host_times(layer, time.perf_counter() - t0, 0.0)
+            return
+        src, dst_runs = self._ids(src), self._ids(dst_runs)
+        wb = self.writeback_stream
+        produced = torch.cuda.Event()
+        produced.record()  # NOTE: the last token of the block was written on the compute stream
+        wb.wait_event(produced)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(wb):
+            start.record(wb)
+            if self.debug_writeback_delay_cycles:
+                torch.cuda._sleep(self.debug_writeback_delay_cycles)
+            block_copy.scatter_runs(gpu_k, gpu_v, src, host_k, host_v, dst_runs, mode=self.mode, stream=wb,
+                                    validate_ids=False)
+            end.record(wb)
+        if staged:
+            for t in (gpu_k, gpu_v):
+                t.record_stream(wb)  # NOTE: a staged prompt is freed on the compute stream
+        self._wb_done[layer] = end
+        self.counters.add_timing(layer, start, end)
+
+    def _ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Host id lists for the zero-copy kernel are copied to the GPU: pin them so that the copy is
+        asynchronous (a pageable source would make the host wait)."""
+        if self.mode == "zero_copy" and not ids.is_cuda and not ids.is_pinned():
+            return ids.pin_memory()
+        return ids
+
+    def wait_writeback(self, layer: int) -> None:
+        """Compute waits for this layer's write-backs before it overwrites a tail slot."""
+        if self.cuda and self._wb_done[layer] is not None:
+            torch.cuda.current_stream().wait_event(self._wb_done[layer])
+
+    def quiesce(self) -> None:
+        """Order all three streams before rows or host blocks change owner (admission, release): issue
+        deferred prefetches, then compute waits for both copy streams and they wait for compute."""
+        self.flush_deferred()
+        if not self.cuda:
+            return
+        compute = torch.cuda.current_stream()
+        compute.wait_stream(self.h2d_stream)
+        compute.wait_stream(self.writeback_stream)
+        self.h2d_stream.wait_stream(compute)
+        self.writeback_stream.wait_stream(compute)
+        for layer, pending in enumerate(self._unwaited):
+            for start, end in pending:
+                self.counters.add_timing(layer, start, end)
+        self._unwaited = [[] for _ in self._unwaited]

@@ -1,0 +1,124 @@
+"""On CUDA, with real streams and pinned memory, offloading still changes nothing (marked gpu).
+
+The same reference comparison as test_runtime_equivalence.py, through the Triton kernels, in both
+transfer modes, with prefetch; a sleep kernel on the copy streams (a deliberately late copy) must not
+change a single output bit; and a snapshot never waits for the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+from test_runtime_equivalence import SMALL, drive, small_runtime
+
+from nosa_sglang.config import NosaConfig
+from nosa_sglang.runtime import ModelShape, NosaRuntime, OffloadKnobs
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)"),
+]
+SLEEP_CYCLES = 20_000_000  # ~10 ms at 2 GHz: far longer than any copy here
+
+
+def seed() -> int:
+    s = int.from_bytes(os.urandom(4), "little")
+    print(f"seed={s}")
+    return s
+
+
+@pytest.mark.parametrize("mode", ["zero_copy", "copy_engine"])
+@pytest.mark.parametrize("slots", [8, 10, 16])
+def test_cuda_offload_equals_reference(mode, slots):
+    rt = small_runtime(slots=slots, device="cuda", mode=mode)
+    assert rt.host.mode in ("cupy", "torch") and rt.host.layer_k(0).is_pinned()
+    out = drive(rt, [150, 161, 40], steps=500, seed=seed())
+    assert out["selection_mismatches"] == 0 and out["snapshot"].totals.misses > 0
+
+
+@pytest.mark.parametrize("mode", ["zero_copy", "copy_engine"])
+def test_delayed_copies_give_identical_outputs(mode):
+    s = seed()
+    outs = []
+    for delay in (0, SLEEP_CYCLES):
+        rt = small_runtime(slots=10, device="cuda", mode=mode)
+        rt.transfer.debug_delay_cycles = delay
+        rt.transfer.debug_writeback_delay_cycles = delay
+        out = drive(rt, [150, 161, 40], steps=60, seed=s, collect=True)  # also compared with the reference
+        assert out["selection_mismatches"] == 0
+        outs.append(out["outputs"])
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+@pytest.mark.parametrize("mode", ["zero_copy", "copy_engine"])
+@pytest.mark.parametrize("victim", ["lru", "eviction_score"])
+def test_cuda_graphs_equal_reference_and_eager(mode, victim):
+    """Captured segments replay the eager path exactly: same outputs as a run without graphs."""
+    s = seed()
+    outs = []
+    for graphs in (False, True):
+        rt = small_runtime(slots=10, victim=victim, device="cuda", mode=mode, cuda_graphs=graphs)
+        out = drive(rt, [150, 161, 40], steps=120, seed=s, collect=True)
+        assert out["selection_mismatches"] == 0
+        outs.append(out["outputs"])
+        if graphs:
+            g = rt._decoder.graphs
+            assert g.captures > 0 and g.replays > 100, (g.captures, g.replays)
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_row_moves_block_openings_and_knob_changes_on_cuda(graphs):
+    """End a middle request (rows move, the batch shape changes), grow and shrink slots: still exact."""
+    from test_runtime_lifecycle import Session
+
+    rt = small_runtime(slots=8, device="cuda", cuda_graphs=graphs, max_gpu_slots=16)
+    s = Session(rt)
+    for i, T in enumerate([150, 90, 200]):
+        s.begin(i, T)
+    for _ in range(40):
+        s.step([0, 1, 2])
+    rt.end_request("r1")
+    rt.request_knobs(rt.knobs().with_changes({"gpu_slots": 16}, 8))
+    for _ in range(40):
+        s.step([2, 0])
+    rt.request_knobs(rt.knobs().with_changes({"gpu_slots": 9, "victim_policy": "eviction_score"}, 8))
+    for _ in range(40):
+        s.step([0, 2])
+
+
+def test_default_config_at_real_head_dim_equals_reference():
+    shape = ModelShape(1, 8, 2, 128, torch.float32)
+    rt = NosaRuntime(shape, NosaConfig(), OffloadKnobs(gpu_slots=80), device="cuda", host_capacity_bytes=1 << 28,
+                     max_requests=2, max_seq_len=16384)
+    out = drive(rt, [64 * 100 + 7, 64 * 90], steps=200, seed=seed())
+    assert out["selection_mismatches"] == 0 and out["snapshot"].totals.misses > 0
+
+
+def test_gpu_only_on_cuda_equals_reference():
+    rt = small_runtime(device="cuda", gpu_only=True)
+    out = drive(rt, [150, 60], steps=200, seed=seed())
+    assert out["selection_mismatches"] == 0
+
+
+def test_snapshot_never_waits_for_the_gpu():
+    rt = small_runtime(device="cuda")
+    drive(rt, [150], steps=3, seed=seed())
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU work queued on the compute stream
+    rt.step_boundary()  # publishes counters behind the sleep
+    t0 = time.perf_counter()
+    snap = rt.snapshot()
+    assert time.perf_counter() - t0 < 0.05
+    assert snap.steps >= 2  # an earlier, completed publication
+    torch.cuda.synchronize()
+
+
+def test_infllmv2_policy_runs_on_the_same_runtime():
+    rt = NosaRuntime(ModelShape(1, 4, 2, 16, torch.float32), SMALL, OffloadKnobs(gpu_slots=8, victim_policy="lru"),
+                     device="cuda", host_capacity_bytes=1 << 22, max_requests=2, max_seq_len=1024,
+                     selection_policy="infllmv2")
+    out = drive(rt, [300], steps=20, seed=seed(), check=False)
+    assert out["snapshot"].totals.misses > 0
