@@ -260,6 +260,8 @@ def test_gpu_gather_and_scatter(gen, real_store, d, mode, backend):
     hk, hv, gk, gv = real_store(d)
     src, dst = random_ids(gen, 300, 2048, 512)
     src[:50], dst[:50] = torch.arange(1000, 1050), torch.arange(100, 150)  # coalescible stretch
+    rest = torch.tensor([i for i in torch.randperm(512, generator=gen).tolist() if not 100 <= i < 150][:250])
+    dst[50:] = rest  # destinations stay unique
     stream = torch.cuda.Stream()
     gather_runs(hk, hv, _ids_for(mode, src), gk, gv, _ids_for(mode, dst), mode=mode, stream=stream,
                 copy_backend=backend)
