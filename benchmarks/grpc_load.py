@@ -7,9 +7,13 @@ clients would): 32 clients at 10 calls/s each (GetStats / ListRequests / GetConf
 all of them) so drift hits both conditions alike. Target: loaded mean step time (the throughput)
 <= 5 % slower.
 
-    python benchmarks/grpc_load.py                      # auto: the runtime if wired, else synthetic
+    python benchmarks/grpc_load.py                      # the runtime decoding (auto = runtime)
+    python benchmarks/grpc_load.py --model 1b --prompt-tokens 32768   # on a GPU: the real figure
     python benchmarks/grpc_load.py --provider synthetic --step-work-ms 5
     python benchmarks/grpc_load.py --provider my_module:make_target   # fn(args) -> BenchTarget
+
+The runtime target (benchmarks/runtime_decode.py) decodes one request of a random NOSA-Llama through
+NosaRuntime (CUDA if there is one, else the CPU mode), served by RuntimeProvider.
 
 Prints a markdown table (also written to --out if given).
 """
@@ -47,33 +51,30 @@ class BenchTarget(NamedTuple):
     label: str
 
 
-def synthetic_target(args: argparse.Namespace, note: str = "") -> BenchTarget:
+def synthetic_target(args: argparse.Namespace) -> BenchTarget:
     from nosa_sglang.control.synthetic import SyntheticProvider, SyntheticSetup
 
     provider = SyntheticProvider(SyntheticSetup(num_layers=32, step_work_s=args.step_work_ms / 1e3))
-    label = f"synthetic provider ({args.step_work_ms:g} ms of GIL-holding Python per step){note}"
+    label = f"synthetic provider ({args.step_work_ms:g} ms of GIL-holding Python per step)"
     return BenchTarget(provider, provider.step, lambda: None, label)
 
 
 def runtime_target(args: argparse.Namespace) -> BenchTarget:
-    """The real runtime decoding. TODO(lead): build NosaRuntime on the demo model and return
-    BenchTarget(provider=<its ControlProvider>, step=<one decode step, synced>, close, label)."""
-    raise NotImplementedError("NosaRuntime is not wired into benchmarks/grpc_load.py yet")
+    """NosaRuntime decoding a random NOSA-Llama (CUDA if there is one), served by RuntimeProvider: the
+    control server and the decode loop share this process, as in SGLang's scheduler."""
+    from runtime_decode import build_runtime_decode  # torch: only here, not in the load process
+
+    from nosa_sglang.control.runtime_provider import RuntimeProvider
+
+    decode = build_runtime_decode(args.model, args.device, args.prompt_tokens, args.restart_every)
+    return BenchTarget(RuntimeProvider(decode.runtime), decode.step, decode.close, decode.label)
 
 
 def make_target(args: argparse.Namespace) -> BenchTarget:
     if args.provider == "synthetic":
         return synthetic_target(args)
-    if args.provider == "runtime":
+    if args.provider in ("runtime", "auto"):
         return runtime_target(args)
-    if args.provider == "auto":
-        runtime = importlib.import_module("nosa_sglang.runtime")
-        if not hasattr(runtime, "NosaRuntime"):
-            return synthetic_target(args, note="; NosaRuntime not available")
-        try:
-            return runtime_target(args)
-        except NotImplementedError as err:
-            return synthetic_target(args, note=f"; NOT the runtime: {err}")
     module, _, fn = args.provider.partition(":")
     return getattr(importlib.import_module(module), fn)(args)
 
@@ -166,7 +167,13 @@ def summarize(times: list[float]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--provider", default="auto", help="auto | synthetic | runtime | module:function")
+    p.add_argument("--provider", default="auto", help="auto (= runtime) | synthetic | runtime | module:function")
+    p.add_argument("--model", default="tiny", choices=("tiny", "1b"), help="runtime only: random NOSA-Llama shape")
+    p.add_argument("--device", default="auto", help="runtime only: auto (CUDA if available) | cuda[:N] | cpu")
+    p.add_argument("--prompt-tokens", type=int, default=8192,
+                   help="runtime only: prompt length (> 64 blocks of 64 = 4096 tokens: sparse selection)")
+    p.add_argument("--restart-every", type=int, default=16384,
+                   help="runtime only: decode steps before the request is ended and prefilled again")
     p.add_argument("--phase-seconds", type=float, default=8.0)
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--rate", type=float, default=10.0, help="calls/s per client")
@@ -210,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             stats = results.get(timeout=60)
             proc.join(timeout=30)
             load_stats.append({**stats, "snapshots": built})
+        final = original_snapshot()
     finally:
         server.stop(grace_s=1.0)
         target.close()
@@ -229,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{sum(s['watch_messages'] for s in load_stats) / secs:.0f} stream messages/s, "
         f"{sum(s['errors'] for s in load_stats)} errors, "
         f"{sum(s['snapshots'] for s in load_stats) / (2 * args.phase_seconds):.1f} provider snapshots/s",
+        f"provider counters at the end: {final.steps} steps, {final.running_requests} running, hit rate "
+        f"{final.totals.hit_rate:.3f} ({final.totals.hits + final.totals.misses} lookups), "
+        f"{final.totals.bytes_h2d / 2**20:.1f} MiB H2D",
         "",
         "| condition | steps | mean ms | median ms | p90 ms | p99 ms |",
         "|---|---:|---:|---:|---:|---:|",

@@ -2,36 +2,77 @@
 selection is really sparse, with a table of throughput and selection locality every N steps.
 
 The front door of the project: later layers (kernels, offload runtime, gRPC) are routed through it.
+With `grpc_port` set it also serves the control API over the offload runtime and decodes round after
+round (a fresh request each time, so the runtime never runs past its max_seq_len) until stopped.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
+from nosa_sglang.control.runtime_provider import RuntimeProvider
+from nosa_sglang.control.server import DEFAULT_HOST as DEFAULT_GRPC_HOST
+from nosa_sglang.control.server import start_control_server
 from nosa_sglang.locality import LocalityTracker
 from nosa_sglang.reference.backend import AttentionBackend, ReferenceAttentionBackend
 from nosa_sglang.reference.checkpoint import load_checkpoint, make_tiny_checkpoint
 from nosa_sglang.reference.tokenizer import load_tokenizer
+from nosa_sglang.runtime.knobs import MAX_GPU_SLOTS
 
 DEFAULT_CHECKPOINT = Path(".nosa") / "tiny-nosa-llama"
 PROMPT_SEED_TEXT = (
     "NOSA keeps most of the KV cache in host memory: the eviction score does not move with the query, "
     "so the blocks a request attends change slowly from one decode step to the next. "
 )
+#: gpu_slots may be raised over gRPC up to this many times topk_blocks (256 slots with the default
+#: constants): room for the tuning example to turn every miss of the demo's prompt into a hit
+MAX_GPU_SLOTS_PER_TOPK = 4
+#: tokens per round while serving: long enough that the next round's prefill (seconds on a CPU)
+#: is a small share of the time, so the served numbers keep moving
+SERVE_ROUND_STEPS = 4096
+#: the generated text is shown up to this many characters (a serving round makes thousands)
+MAX_SHOWN_CHARS = 200
+
+
+class _Stopped(Exception):
+    """Raised from the step callback to end a round early when the stop event is set."""
 
 
 @dataclass(frozen=True)
 class DemoOptions:
+    """What the demo runs.
+
+    Attributes:
+        steps: tokens generated (per round while serving).
+        offload: decode through the offload runtime (host store + GPU slot cache).
+        grpc_port: serve the control API on this port (0: a free one) and decode rounds until
+            stopped; needs `offload`.
+        grpc_host, grpc_token: address to bind and the bearer token of the control API.
+    """
+
     checkpoint: Path = DEFAULT_CHECKPOINT
     prompt_tokens: int = 6000
     steps: int = 64
     report_every: int = 16
     offload: bool = False
     seed: int = 0
+    grpc_port: int | None = None
+    grpc_host: str = DEFAULT_GRPC_HOST
+    grpc_token: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.grpc_port is None:
+            return
+        if not 0 <= self.grpc_port <= 65535:
+            raise ValueError(f"grpc_port={self.grpc_port}: allowed range is [0, 65535] (0 picks a free port)")
+        if not self.offload:
+            raise ValueError("grpc_port: the control API serves the offload runtime; needs offload=True")
 
 
 def build_prompt(tokenizer, n_tokens: int) -> list[int]:
@@ -52,11 +93,29 @@ def make_backend(opts: DemoOptions, model) -> tuple[AttentionBackend, object | N
         return ReferenceAttentionBackend(model.nosa), None
     from nosa_sglang.reference.offload_backend import OffloadAttentionBackend, runtime_for_model
 
-    runtime = runtime_for_model(model)
+    # NOTE: one request at a time; the slots allocated beyond the gpu_slots in force are what the
+    # control API's UpdateConfig may grow into.
+    max_gpu_slots = min(MAX_GPU_SLOTS, MAX_GPU_SLOTS_PER_TOPK * model.nosa.topk_blocks)
+    runtime = runtime_for_model(model, max_requests=1, max_gpu_slots=max_gpu_slots)
     return OffloadAttentionBackend(runtime), runtime
 
 
-def run_demo(opts: DemoOptions, print_fn=print) -> list[int]:
+class _Session(NamedTuple):
+    """What every round decodes with."""
+
+    model: object  # NosaLlamaForCausalLM
+    tokenizer: object
+    prompt: list[int]
+    backend: AttentionBackend
+    runtime: object | None  # NosaRuntime when offloading
+
+
+def run_demo(opts: DemoOptions, print_fn=print, stop: threading.Event | None = None) -> list[int]:
+    """Run the demo; returns the tokens generated (of the last whole round while serving).
+
+    While serving (`opts.grpc_port`), rounds repeat until `stop` is set or KeyboardInterrupt; the
+    control server has stopped when this returns.
+    """
     torch.manual_seed(opts.seed)
     path = ensure_checkpoint(opts.checkpoint, opts.seed)
     model = load_checkpoint(path)
@@ -72,6 +131,40 @@ def run_demo(opts: DemoOptions, print_fn=print) -> list[int]:
         f"{'sparse' if n_blocks > cfg.topk_blocks else 'dense'}); attention: {mode}"
     )
     backend, runtime = make_backend(opts, model)
+    if runtime is not None and len(prompt) + opts.steps - 1 > runtime.max_seq_len:
+        raise ValueError(f"prompt_tokens + steps - 1 = {len(prompt) + opts.steps - 1}: allowed range is "
+                         f"<= {runtime.max_seq_len} (the runtime's max_seq_len)")
+    session = _Session(model, tok, prompt, backend, runtime)
+    if opts.grpc_port is None:
+        return _generate_with_table(opts, session, print_fn, stop=None)
+    return _serve(opts, session, print_fn, stop or threading.Event())
+
+
+def _serve(opts: DemoOptions, session: _Session, print_fn, stop: threading.Event) -> list[int]:
+    """Serve the control API (on the server's own threads) while this thread decodes rounds."""
+    provider = RuntimeProvider(session.runtime)
+    server = start_control_server(provider, opts.grpc_host, opts.grpc_port, token=opts.grpc_token)
+    print_fn(f"[demo] control API on {server.address}{' with a token' if opts.grpc_token else ''} "
+             f"(try: nosa-ctl --target {server.address} stats); decoding rounds of {opts.steps} tokens "
+             "until interrupted (Ctrl-C)")
+    tokens: list[int] = []
+    try:
+        while not stop.is_set():
+            tokens = _generate_with_table(opts, session, print_fn, stop)
+    except (_Stopped, KeyboardInterrupt):
+        pass  # the normal end of serving: generate() already aborted the round's request
+    finally:
+        server.stop(grace_s=1.0)
+        print_fn("[demo] control API stopped")
+    return tokens
+
+
+def _generate_with_table(opts: DemoOptions, session: _Session, print_fn,
+                         stop: threading.Event | None) -> list[int]:
+    """One generate() of opts.steps tokens with the locality (and offload) table; raises _Stopped
+    after a step once `stop` is set."""
+    model, runtime = session.model, session.runtime
+    cfg = model.nosa
     tracker = LocalityTracker()
     header = f"{'step':>5} {'tok/s':>8} {'sel/head':>9} {'enter/step':>11} {'max enter':>10} {'bound':>6}"
     if runtime is not None:
@@ -80,6 +173,8 @@ def run_demo(opts: DemoOptions, print_fn=print) -> list[int]:
     clock = {"t": time.perf_counter(), "step": 0}  # rate counts decode steps only, not the prefill
 
     def on_step(step: int, be: AttentionBackend) -> None:
+        if stop is not None and stop.is_set():
+            raise _Stopped
         for layer in range(model.shape.num_hidden_layers):
             sel = be.last_selection(layer)
             if sel is not None:
@@ -102,7 +197,8 @@ def run_demo(opts: DemoOptions, print_fn=print) -> list[int]:
             tracker.reset_interval()
             clock.update(t=time.perf_counter(), step=step)
 
-    gen = model.generate([prompt], opts.steps, backend=backend, on_step=on_step)
-    text = tok.decode(gen.tokens[0])
-    print_fn(f"[demo] generated {len(gen.tokens[0])} tokens: {text!r}")
+    gen = model.generate([session.prompt], opts.steps, backend=session.backend, on_step=on_step)
+    text = session.tokenizer.decode(gen.tokens[0])
+    shown = text if len(text) <= MAX_SHOWN_CHARS else text[:MAX_SHOWN_CHARS] + "..."
+    print_fn(f"[demo] generated {len(gen.tokens[0])} tokens: {shown!r}")
     return gen.tokens[0]

@@ -145,13 +145,14 @@ def knobs_to_proto(k: OffloadKnobs) -> pb.OffloadKnobs:
     )
 
 
-def config_to_proto(knobs: OffloadKnobs, nosa: NosaConfig) -> pb.Config:
+def config_to_proto(knobs: OffloadKnobs, nosa: NosaConfig, max_gpu_slots: int = MAX_GPU_SLOTS) -> pb.Config:
+    """`max_gpu_slots`: the provider's own bound (a runtime accepts at most the slots it allocated)."""
     return pb.Config(
         knobs=knobs_to_proto(knobs),
         nosa=pb.NosaConstants(**nosa.to_dict()),
         limits=pb.KnobLimits(
             min_gpu_slots=nosa.topk_blocks,
-            max_gpu_slots=MAX_GPU_SLOTS,
+            max_gpu_slots=max_gpu_slots,
             max_host_capacity_bytes=MAX_HOST_CAPACITY_BYTES,
         ),
     )

@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 
 from nosa_sglang.config import NosaConfig
 from nosa_sglang.runtime.knob_queue import KnobRequest
-from nosa_sglang.runtime.knobs import OffloadKnobs
+from nosa_sglang.runtime.knobs import MAX_GPU_SLOTS, OffloadKnobs
 from nosa_sglang.runtime.stats import StatsSnapshot
 
 
@@ -61,6 +61,11 @@ class ControlProvider(ABC):
 
         Returns:
             KnobUpdate: the knobs in force after the wait, and the still-queued knobs if any.
+
+        Raises:
+            KnobError: the provider cannot take knobs the model allows (e.g. `gpu_slots` above
+                the slots a runtime allocated); nothing is queued, the service answers
+                INVALID_ARGUMENT naming `KnobError.field`.
         """
 
     @abstractmethod
@@ -70,6 +75,11 @@ class ControlProvider(ABC):
         Takes effect before it returns: the next `snapshot()` counts from the reset (the service
         labels it with a new stats epoch).
         """
+
+    def max_gpu_slots(self) -> int:
+        """The largest `gpu_slots` this provider accepts (GetConfig's limit). Optional hook: a runtime
+        accepts at most the slots it allocated; the default is the model-independent bound."""
+        return MAX_GPU_SLOTS
 
     def requested_knobs(self) -> OffloadKnobs:
         """The knobs that will be in force after the next boundary: the queued ones, else `knobs()`.

@@ -149,7 +149,7 @@ class NosaControlService(pb_grpc.NosaControlServicer):
         requested = self._provider.requested_knobs()
         in_force = self._provider.knobs()
         reply = pb.GetConfigResponse(
-            config=convert.config_to_proto(in_force, self._provider.nosa_config()))
+            config=convert.config_to_proto(in_force, self._provider.nosa_config(), self._provider.max_gpu_slots()))
         if requested != in_force:
             reply.pending.CopyFrom(convert.knobs_to_proto(requested))
         return reply
@@ -170,11 +170,14 @@ class NosaControlService(pb_grpc.NosaControlServicer):
             try:
                 new = apply_mask(self._provider.requested_knobs(), request.knobs,
                                  list(request.update_mask.paths), self._provider.nosa_config())
+                # NOTE: the provider may reject what the model allows (gpu_slots above the slots
+                # a runtime allocated); it raises before queueing, so nothing changes either.
+                update = self._provider.request_knobs(new, timeout_s)
             except KnobError as err:
                 _invalid(context, err.field, str(err))
-            update = self._provider.request_knobs(new, timeout_s)
         reply = pb.UpdateConfigResponse(
-            config=convert.config_to_proto(update.in_force, self._provider.nosa_config()),
+            config=convert.config_to_proto(update.in_force, self._provider.nosa_config(),
+                                           self._provider.max_gpu_slots()),
             applied=update.pending is None,
         )
         if update.pending is not None:
