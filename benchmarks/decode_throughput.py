@@ -26,6 +26,7 @@ store is filled once with zeros and never rewritten, so admission costs no PCIe 
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import sys
 import time
@@ -181,6 +182,9 @@ def sync(args) -> None:
 
 
 def free_cache(args) -> None:
+    """Release the previous configuration's GPU memory: the runtime and its CUDA graphs form reference
+    cycles, which only the collector frees (without this, every later configuration ran out of HBM)."""
+    gc.collect()
     if args.device == "cuda":
         torch.cuda.empty_cache()
 
@@ -291,16 +295,17 @@ def bench_one(args, name, tokens, host_buffer, host_cap, gpu_cap, ceil, md) -> N
                         r = run_runtime(args, shape, cfg, tokens, B, "infllmv2" if conf == "b" else "nosa",
                                         conf == "c", args.gpu_slots, qm_run, host_buffer)
                 except torch.OutOfMemoryError as e:
-                    free_cache(args)
-                    rows.append([view, conf, qm, B, f"OOM: {str(e)[:60]}", "", "", "", "", "", ""])
-                    continue
+                    failed = f"OOM: {str(e)[:60]}"
                 except Exception as e:  # noqa: BLE001 - one broken configuration must not end the call
                     import traceback
 
                     traceback.print_exc()
+                    failed = f"error: {type(e).__name__}: {str(e)[:80]}"
+                else:
+                    failed = ""
+                if failed:  # NOTE: outside the except block, so the traceback's frames (and tensors) are gone
                     free_cache(args)
-                    err = f"error: {type(e).__name__}: {str(e)[:80]}"
-                    rows.append([view, conf, qm, B, err, "", "", "", "", "", ""])
+                    rows.append([view, conf, qm, B, failed, "", "", "", "", "", ""])
                     continue
                 rows.append([view, conf, qm, B, round(r["tok_s"], 1), round(r["step_ms"], 2),
                              round(r.get("hit", float("nan")), 4), round(r.get("h2d_gbs", 0.0), 2),
@@ -399,7 +404,15 @@ def main(argv: list[str] | None = None) -> int:
 
     host_gib = args.host_gib or 0.85 * psutil.virtual_memory().available / GiB
     t0 = time.perf_counter()
-    host_buffer = alloc_pinned((int(host_gib * GiB),), torch.uint8)
+    while True:  # the driver may refuse to pin that much (it did at 90 GiB of 125 on an H200 host)
+        try:
+            host_buffer = alloc_pinned((int(host_gib * GiB),), torch.uint8)
+            break
+        except Exception as err:  # noqa: BLE001 - CuPy raises CUDARuntimeError, torch RuntimeError
+            if host_gib < 2 or "memory" not in str(err).lower():
+                raise
+            print(f"pinning {host_gib:.1f} GiB failed ({type(err).__name__}); trying {0.8 * host_gib:.1f} GiB")
+            host_gib *= 0.8
     host_buffer.zero_()  # finite K/V for every block the synthetic requests fetch
     device_name = torch.cuda.get_device_name() if cuda else "cpu (smoke run)"
     md = [f"# decode throughput ({device_name}, torch {torch.__version__})", "",

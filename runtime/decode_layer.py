@@ -99,7 +99,8 @@ class LayerDecoder:
         x = self._inputs(p, q=q)
         nosa = rt.selection_policy == "nosa"
         prefetch = (not rt.gpu_only and nosa and rt._knobs.prefetch and rt._victims.uses_scores
-                    and rt.slots.active > rt.config.topk_blocks)
+                    and rt.slots.active > rt.config.topk_blocks
+                    and (not rt.transfer.cuda or rt.transfer.mode == "zero_copy"))  # see transfer.py
         # NOTE: under LRU a prefetch may only fill empty slots, which the warm start leaves none of, so
         # it is skipped (docs/runtime.md, "Victim policy")
         state: dict[str, object] = {}

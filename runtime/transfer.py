@@ -12,7 +12,9 @@ Streams and the orderings that matter (CUDA):
 No `synchronize()` on the hot path. Zero-copy (the default) passes the fixed-size, padded miss list
 straight from the GPU (`block_copy.SKIPS_NEGATIVE_IDS`). The copy engines cannot gather, so the
 copy-engine path reads the miss list back through a pinned buffer and waits for that event (timed as
-host wait); prefetch lists ride along with the next such read-back instead of adding their own.
+host wait), and does not prefetch: prefetches deferred to ride along with the next read-back gave wrong
+outputs on an H200 (copy_engine + eviction-score victims, the only combination that prefetches), and
+prefetch never raised the measured hit rate (docs/runtime.md).
 On CPU (named CPU mode) copies are synchronous `index_copy_`s and times are host clocks.
 """
 
@@ -45,7 +47,6 @@ class TransferEngine:
         self._h2d_done: list[object | None] = [None] * L  # last H2D end event per layer
         self._unwaited: list[list[tuple[object, object]]] = [[] for _ in range(L)]  # (start, end) not yet waited
         self._wb_done: list[object | None] = [None] * L
-        self._deferred: list[tuple[int, torch.Tensor]] = []  # (layer, packed [2, N]) awaiting a read-back
         self._readback = torch.empty(0, dtype=torch.long)
         self.mode = "cpu"
         self.set_mode(mode)
@@ -74,39 +75,38 @@ class TransferEngine:
             return
         if self.mode == "zero_copy" and ZERO_COPY_SKIPS_PADDING:
             self._issue(layer, packed[0], packed[1])
-        elif prefetch:
-            self._deferred.append((layer, packed))
         else:
-            self._read_back_and_issue([(layer, packed)] + self._deferred, layer)
-            self._deferred = []
+            self._read_back_and_issue(layer, packed)
 
-    def flush_deferred(self) -> None:
-        """Issue prefetches still waiting for a read-back (before rows change owner)."""
-        if self._deferred:
-            self._read_back_and_issue(self._deferred, self._deferred[0][0])
-            self._deferred = []
-
-    def _read_back_and_issue(self, items: list, wait_layer: int) -> None:
-        packed = torch.cat([p.flatten() for _, p in items]) if len(items) > 1 else items[0][1].flatten()
-        if self._readback.numel() < packed.numel():
-            self._readback = torch.empty(max(packed.numel(), 2 * self._readback.numel()), dtype=torch.long,
+    def _read_back_and_issue(self, layer: int, packed: torch.Tensor) -> None:
+        flat = packed.flatten()
+        if self._readback.numel() < flat.numel():
+            self._readback = torch.empty(max(flat.numel(), 2 * self._readback.numel()), dtype=torch.long,
                                          pin_memory=True)
-        buf = self._readback[: packed.numel()]
-        buf.copy_(packed, non_blocking=True)
+        buf = self._readback[: flat.numel()]
+        buf.copy_(flat, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
         t0 = time.perf_counter()
         ready.synchronize()  # NOTE: the copy engines need the ids on the host (see module docstring)
-        self.counters.add_host_wait(wait_layer, time.perf_counter() - t0)
+        self.counters.add_host_wait(layer, time.perf_counter() - t0)
         self.host_syncs += 1
-        off = 0
-        for layer, p in items:
-            n = p.shape[1]
-            arr = buf[off : off + 2 * n].view(2, n)
-            off += 2 * n
-            keep = arr[0] >= 0
-            if bool(keep.any()):
-                self._issue(layer, arr[0][keep], arr[1][keep])
+        arr = buf.view(2, -1)
+        keep = arr[0] >= 0
+        if bool(keep.any()):
+            src, dst = arr[0][keep], arr[1][keep]
+            self._check_ids(layer, src, dst)
+            self._issue(layer, src, dst)
+
+    def _check_ids(self, layer: int, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """The copy engines take raw host pointers: an id outside the store would make the driver read
+        unmapped host memory and kill the process, so ids already on the host are checked (microseconds)."""
+        runs, slots = self.host.layer_k(layer).shape[0], self.slots.k_runs(layer).shape[0]
+        for name, ids, n in (("host run", src, runs), ("slot", dst, slots)):
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= n:
+                raise RuntimeError(f"transfer: layer {layer} {name} ids span [{lo}, {hi}], outside [0, {n}): "
+                                   "the runtime's maps are inconsistent (a bug; please report it)")
 
     def _issue(self, layer: int, src: torch.Tensor, dst: torch.Tensor) -> None:
         host_k, host_v = self.host.layer_k(layer), self.host.layer_v(layer)
@@ -202,9 +202,8 @@ class TransferEngine:
             torch.cuda.current_stream().wait_event(self._wb_done[layer])
 
     def quiesce(self) -> None:
-        """Order all three streams before rows or host blocks change owner (admission, release): issue
-        deferred prefetches, then compute waits for both copy streams and they wait for compute."""
-        self.flush_deferred()
+        """Order all three streams before rows or host blocks change owner (admission, release): compute
+        waits for both copy streams and they wait for compute."""
         if not self.cuda:
             return
         compute = torch.cuda.current_stream()

@@ -15,11 +15,15 @@ import torch
 
 from nosa_sglang.config import NosaConfig
 from nosa_sglang.reference import nosa_decode_attention, select_blocks_decode
+from nosa_sglang.reference.selection import block_scores_for_positions
 from nosa_sglang.runtime import ModelShape, NosaRuntime, OffloadKnobs
 
 SMALL = NosaConfig(block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1, local_blocks=2,
                    query_blocks=5, topk_blocks=8)
 ATOL = RTOL = 1e-4
+#: relative score gap under which fp32 kernels may order two blocks differently from the fp64 reference
+#: (measured on an H200: a swap of adjacent blocks 22/23 after 362 steps); CPU runs allow no swap at all
+NEAR_TIE = 1e-5
 
 
 @pytest.fixture(autouse=True)
@@ -66,9 +70,40 @@ class ReferenceMirror:
         sel = select_blocks_decode(q.double(), kc, cc, seq, config)
         return sel, nosa_decode_attention(q.double(), kc, vc, cc, seq, config, blocks=sel)
 
+    def attention(self, layer: int, idx: list[int], q, config: NosaConfig, blocks):
+        """Reference attention over a given selection (the runtime's, after a near tie)."""
+        seq = torch.tensor([self.lens[i] + 1 for i in idx], device=q.device)
+        n = int(seq.max())
+        kc, vc, cc = (t[layer, idx, :n].double() for t in (self.k, self.v, self.c))
+        return nosa_decode_attention(q.double(), kc, vc, cc, seq, config, blocks=blocks)
+
+    def near_tie(self, layer: int, idx: list[int], q, config: NosaConfig, mine, sel, tol: float = NEAR_TIE) -> bool:
+        """Whether every block the runtime chose instead of the reference's is a near tie with one it
+        displaced: equal within `tol` (relative) in the query or the eviction block score (float64)."""
+        for b, i in enumerate(idx):
+            n = self.lens[i] + 1
+            pos = torch.tensor([n - 1], device=q.device)
+            S, E = block_scores_for_positions(q[b : b + 1].double(), self.k[layer, i, :n].double(),
+                                              self.c[layer, i, :n].double(), pos, config)
+            for h in range(mine.shape[1]):
+                extra = set(mine[b, h].tolist()) - set(sel[b, h].tolist())
+                gone = set(sel[b, h].tolist()) - set(mine[b, h].tolist())
+                if len(extra) != len(gone):
+                    return False
+                for x in extra:
+                    if not any(_close(S[0, h, x], S[0, h, y], tol) or _close(E[0, h, x], E[0, h, y], tol)
+                               for y in gone):
+                        return False
+        return True
+
     def step(self, idx: list[int]) -> None:
         for i in idx:
             self.lens[i] += 1
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    a, b = float(a), float(b)
+    return abs(a - b) <= tol * max(1.0, abs(a), abs(b))
 
 
 def random_prompt(shape: ModelShape, T: int, g: torch.Generator, device):
@@ -80,9 +115,14 @@ def random_prompt(shape: ModelShape, T: int, g: torch.Generator, device):
 
 
 def drive(rt: NosaRuntime, prompt_lens: list[int], steps: int, seed: int, check: bool = True,
-          order: list[int] | None = None, collect: bool = False) -> dict:
+          order: list[int] | None = None, collect: bool = False, allow_near_ties: bool = False,
+          on_attend=None) -> dict:
     """Run `steps` decode steps of random tokens/queries; compare every layer with the reference
-    (`collect`: also return every output, on the host)."""
+    (`collect`: also return every output, on the host).
+
+    `allow_near_ties` (fp32 GPU kernels against the fp64 reference): a selection that differs only by
+    near ties (`ReferenceMirror.near_tie`) counts in "near_ties", not "selection_mismatches", and the
+    output is then checked against the reference attention over the runtime's own selection."""
     shape, cfg, dev = rt.shape, rt.config, rt.device
     g = torch.Generator().manual_seed(seed)
     mirror = ReferenceMirror(len(prompt_lens), shape, max(prompt_lens) + steps + 1, dev)
@@ -94,7 +134,7 @@ def drive(rt: NosaRuntime, prompt_lens: list[int], steps: int, seed: int, check:
     idx = order or list(range(len(ids)))
     batch = [ids[i] for i in idx]
     H, Hq, d = shape.num_kv_heads, shape.num_q_heads, shape.head_dim
-    worst, mismatches, outputs = 0.0, 0, []
+    worst, mismatches, near_ties, outputs = 0.0, 0, 0, []
     for _ in range(steps):
         for layer in range(shape.num_layers):
             k = torch.randn(len(idx), H, d, generator=g).to(dev, shape.dtype)
@@ -105,15 +145,23 @@ def drive(rt: NosaRuntime, prompt_lens: list[int], steps: int, seed: int, check:
             o = rt.attend(layer, batch, q)
             if collect:
                 outputs.append(o.cpu())
+            if on_attend is not None:
+                on_attend(layer)
             if check:
                 mirror.append(layer, idx, k, v, c)
                 sel, ref = mirror.attend(layer, idx, q, cfg)
-                mismatches += int((rt.last_selection(layer).long() != sel).any())
+                mine = rt.last_selection(layer).long()
+                if bool((mine != sel).any()):
+                    if allow_near_ties and mirror.near_tie(layer, idx, q, cfg, mine, sel):
+                        near_ties += 1
+                        ref = mirror.attention(layer, idx, q, cfg, mine)
+                    else:
+                        mismatches += 1
                 worst = max(worst, float((o.double() - ref).abs().max()))
                 torch.testing.assert_close(o.double(), ref, atol=ATOL, rtol=RTOL)
         rt.step_boundary()
         mirror.step(idx)
-    return {"worst": worst, "selection_mismatches": mismatches, "snapshot": rt.snapshot(), "ids": ids,
+    return {"worst": worst, "selection_mismatches": mismatches, "near_ties": near_ties, "snapshot": rt.snapshot(), "ids": ids,
             "outputs": outputs}
 
 
@@ -151,6 +199,26 @@ def test_gpu_only_mode_equals_reference():
     rt = small_runtime(gpu_only=True, layers=1)
     out = drive(rt, [130, 50], steps=200, seed=seed)
     assert out["snapshot"].totals.misses == 0 and out["snapshot"].mode == "gpu_only"
+
+
+def assert_offload_equals_gpu_only(device: str, mode: str, steps: int, seed: int) -> None:
+    """The same kernels with the KV cache offloaded (8 slots per head, most blocks on the host) and
+    fully resident select the same blocks and produce the same outputs, bit for bit."""
+    runs = []
+    for gpu_only in (False, True):
+        rt = small_runtime(slots=8, device=device, mode=mode, gpu_only=gpu_only)
+        selections: list[torch.Tensor] = []
+        out = drive(rt, [150, 161, 40], steps=steps, seed=seed, check=False, collect=True,
+                    on_attend=lambda layer, rt=rt, acc=selections: acc.append(rt.last_selection(layer).cpu()))
+        runs.append((out["outputs"], selections, out["snapshot"].totals.misses))
+    (o_off, s_off, misses), (o_gpu, s_gpu, _) = runs
+    assert misses > 0, "the offloaded run must miss"
+    assert all(torch.equal(a, b) for a, b in zip(s_off, s_gpu)), "selections differ"
+    assert all(torch.equal(a, b) for a, b in zip(o_off, o_gpu)), "outputs differ"
+
+
+def test_offload_equals_gpu_only_bit_for_bit():
+    assert_offload_equals_gpu_only("cpu", "copy_engine", steps=300, seed=fresh_seed())
 
 
 def test_batch_order_differs_from_row_order():

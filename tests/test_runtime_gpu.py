@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from test_runtime_equivalence import SMALL, drive, small_runtime
+from test_runtime_equivalence import SMALL, assert_offload_equals_gpu_only, drive, small_runtime
 
 from nosa_sglang.config import NosaConfig
 from nosa_sglang.runtime import ModelShape, NosaRuntime, OffloadKnobs
@@ -35,8 +35,9 @@ def seed() -> int:
 def test_cuda_offload_equals_reference(mode, slots):
     rt = small_runtime(slots=slots, device="cuda", mode=mode)
     assert rt.host.mode in ("cupy", "torch") and rt.host.layer_k(0).is_pinned()
-    out = drive(rt, [150, 161, 40], steps=500, seed=seed())
+    out = drive(rt, [150, 161, 40], steps=500, seed=seed(), allow_near_ties=True)
     assert out["selection_mismatches"] == 0 and out["snapshot"].totals.misses > 0
+    assert out["near_ties"] <= 10, out["near_ties"]  # of 1,000 attends
 
 
 @pytest.mark.parametrize("mode", ["zero_copy", "copy_engine"])
@@ -47,7 +48,7 @@ def test_delayed_copies_give_identical_outputs(mode):
         rt = small_runtime(slots=10, device="cuda", mode=mode)
         rt.transfer.debug_delay_cycles = delay
         rt.transfer.debug_writeback_delay_cycles = delay
-        out = drive(rt, [150, 161, 40], steps=60, seed=s, collect=True)  # also compared with the reference
+        out = drive(rt, [150, 161, 40], steps=60, seed=s, collect=True, allow_near_ties=True)  # and the reference
         assert out["selection_mismatches"] == 0
         outs.append(out["outputs"])
     assert all(torch.equal(a, b) for a, b in zip(*outs))
@@ -61,7 +62,7 @@ def test_cuda_graphs_equal_reference_and_eager(mode, victim):
     outs = []
     for graphs in (False, True):
         rt = small_runtime(slots=10, victim=victim, device="cuda", mode=mode, cuda_graphs=graphs)
-        out = drive(rt, [150, 161, 40], steps=120, seed=s, collect=True)
+        out = drive(rt, [150, 161, 40], steps=120, seed=s, collect=True, allow_near_ties=True)
         assert out["selection_mismatches"] == 0
         outs.append(out["outputs"])
         if graphs:
@@ -94,14 +95,21 @@ def test_default_config_at_real_head_dim_equals_reference():
     shape = ModelShape(1, 8, 2, 128, torch.float32)
     rt = NosaRuntime(shape, NosaConfig(), OffloadKnobs(gpu_slots=80), device="cuda", host_capacity_bytes=1 << 28,
                      max_requests=2, max_seq_len=16384)
-    out = drive(rt, [64 * 100 + 7, 64 * 90], steps=200, seed=seed())
+    out = drive(rt, [64 * 100 + 7, 64 * 90], steps=200, seed=seed(), allow_near_ties=True)
     assert out["selection_mismatches"] == 0 and out["snapshot"].totals.misses > 0
+    assert out["near_ties"] <= 4, out["near_ties"]  # of 200 attends
 
 
 def test_gpu_only_on_cuda_equals_reference():
     rt = small_runtime(device="cuda", gpu_only=True)
-    out = drive(rt, [150, 60], steps=200, seed=seed())
+    out = drive(rt, [150, 60], steps=200, seed=seed(), allow_near_ties=True)
     assert out["selection_mismatches"] == 0
+
+
+@pytest.mark.parametrize("mode", ["zero_copy", "copy_engine"])
+def test_offload_equals_gpu_only_bit_for_bit(mode):
+    """The promise itself, free of fp32-vs-fp64 near ties (CPU twin in test_runtime_equivalence.py)."""
+    assert_offload_equals_gpu_only("cuda", mode, steps=400, seed=seed())
 
 
 def test_snapshot_never_waits_for_the_gpu():

@@ -118,6 +118,27 @@ def select_from_block_scores(
     return sel
 
 
+def block_scores_for_positions(
+    q: torch.Tensor, k: torch.Tensor, c: torch.Tensor, positions: torch.Tensor, config: NosaConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two block scores NOSA selects by, for query tokens at `positions` of one sequence.
+
+    Args: as `select_blocks_for_positions`.
+    Returns:
+        (S, E): [T, Hkv, n_blocks] query-aware and eviction block scores (-inf: no visible chunk).
+    """
+    dt = q.dtype
+    n_blocks = config.num_blocks(k.shape[0])
+    ck = compress_keys(k.to(dt), config)  # [n, Hkv, d]
+    ce = compress_eviction(c.to(dt), config)  # [n, Hkv]
+    n = ck.shape[0]
+    chunk_end = torch.arange(n, device=q.device) * config.kernel_stride + config.kernel_size  # exclusive
+    visible = chunk_end[None, :] <= positions[:, None] + 1  # [T, n]
+    s = chunk_query_scores(q, ck, visible)  # [T, Hkv, n]
+    e = ce.T[None].expand(len(positions), -1, -1).masked_fill(~visible[:, None, :], NEG_INF)
+    return block_max_pool(s, n_blocks, config), block_max_pool(e, n_blocks, config)
+
+
 def select_blocks_for_positions(
     q: torch.Tensor, k: torch.Tensor, c: torch.Tensor, positions: torch.Tensor, config: NosaConfig
 ) -> torch.Tensor:
@@ -129,17 +150,6 @@ def select_blocks_for_positions(
     Returns:
         [T, Hkv, topk_blocks] long, ascending block ids, -1 padded.
     """
-    dt = q.dtype
-    L = k.shape[0]
-    n_blocks = config.num_blocks(L)
-    ck = compress_keys(k.to(dt), config)  # [n, Hkv, d]
-    ce = compress_eviction(c.to(dt), config)  # [n, Hkv]
-    n = ck.shape[0]
-    chunk_end = torch.arange(n, device=q.device) * config.kernel_stride + config.kernel_size  # exclusive
-    visible = chunk_end[None, :] <= positions[:, None] + 1  # [T, n]
-    s = chunk_query_scores(q, ck, visible)  # [T, Hkv, n]
-    e = ce.T[None].expand(len(positions), -1, -1).masked_fill(~visible[:, None, :], NEG_INF)
-    S = block_max_pool(s, n_blocks, config)
-    E = block_max_pool(e, n_blocks, config)
+    S, E = block_scores_for_positions(q, k, c, positions, config)
     qb = (positions // config.block_size)[:, None].expand(-1, k.shape[1])
     return select_from_block_scores(S, E, qb, config)

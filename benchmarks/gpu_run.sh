@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Everything we run on the lent GPU, by name, in one device-tool call (carry [".whl"] after
+# `bash scripts/gpu_wheel.sh` here):  bash benchmarks/gpu_run.sh tests runtime-1b kernels ...
+# Logs and tables go to $OUT (the device tool brings them back); each step has its own time limit,
+# so one that hangs or crashes does not take the others with it.
+source benchmarks/gpu_env.sh
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee $OUT/card.txt
+step() {  # step NAME LIMIT_S COMMAND...
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "== $name rc=$? at ${SECONDS}s"; tail -n "${TAIL:-15}" "$OUT/$name.log"
+}
+for what in "$@"; do case $what in
+  kernel-tests) step kernel_tests 200 python3 -P -m pytest -q -p no:cacheprovider -m gpu tests/test_kernel_*.py -rfE ;;
+  runtime-tests)  # one process per test: a crash names its test and hides no other result
+    for t in $(python3 -P -m pytest -q -p no:cacheprovider -m gpu tests/test_runtime_gpu.py --collect-only 2>/dev/null | grep ::); do
+      timeout 120 python3 -P -m pytest -q -x -s -p no:cacheprovider "$t" --tb=short >> $OUT/runtime_tests.log 2>&1
+      echo "$t rc=$?" | tee -a $OUT/runtime_tests.log
+    done ;;
+  diag)  # where the CUDA offload path first differs from the reference, under variants that isolate causes
+    for v in "--mode zero_copy" "--mode zero_copy --sync" "--mode zero_copy --no-prefetch" "--mode copy_engine" \
+             "--mode zero_copy --victim lru" "--mode zero_copy --slots 16"; do
+      echo "### $v" >> $OUT/diag.log
+      timeout 60 python3 -P scripts/diag_cuda_equivalence.py $v --steps 500 >> $OUT/diag.log 2>&1
+      echo "diag $v rc=$? at ${SECONDS}s"
+    done ;;
+  runtime-1b) step runtime_1b ${LIMIT:-300} python3 -P benchmarks/decode_throughput.py --model 1b --contexts ${CONTEXTS:-64k,128k} --views ${VIEWS:-common,max} \
+      --cuda-graphs --steps 16 --warmup 4 --host-gib 64 --out $OUT/runtime_1b.md ;;
+  runtime-8b) step runtime_8b 330 python3 -P benchmarks/decode_throughput.py --model 8b --contexts 16k,64k,128k \
+      --cuda-graphs --steps 12 --warmup 3 --host-gib 64 --out $OUT/runtime_8b.md ;;
+  kernels) step kernels 330 python3 -P benchmarks/kernels.py --budget-s 280 --out $OUT/kernels.md ;;
+  grpc) step grpc_load ${GRPC_LIMIT:-200} python3 -P benchmarks/grpc_load.py --model 1b --prompt-tokens ${GRPC_PROMPT:-16384} \
+      --out $OUT/grpc_load.md ;;
+  runtime-gpu-tests) step runtime_gpu_tests ${TESTS_LIMIT:-240} python3 -P -m pytest -q -p no:cacheprovider -m gpu \
+      tests/test_runtime_gpu.py tests/test_kernel_block_copy.py --tb=short -rfE ${PYTEST_K:+-k "$PYTEST_K"} ;;
+  *) echo "unknown step $what"; exit 2 ;;
+esac; done
