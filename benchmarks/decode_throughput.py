@@ -41,7 +41,7 @@ from nosa_sglang.runtime.knobs import MAX_GPU_SLOTS
 GiB = 1 << 30
 MODELS = {"1b": (28, 16, 2, 128), "8b": (32, 32, 8, 128)}
 CONTEXTS = {"4k": 4096, "16k": 16384, "32k": 32768, "64k": 65536, "128k": 131072}
-BANK = 8  # distinct random k/v/c/noise tensors cycled through (generating fresh ones would cost launches)
+BANK = 8  # distinct random k/v/c tensors cycled through (q draws fresh noise every call)
 
 
 # -- memory model -----------------------------------------------------------------------------------------
@@ -69,7 +69,11 @@ def dense_bytes_per_request(shape: ModelShape, tokens: int) -> int:
 
 # -- workload ---------------------------------------------------------------------------------------------
 class Workload:
-    """Random decode inputs for B requests: k/v/c from a small bank, q from the query model."""
+    """Random decode inputs for B requests: k/v/c from a small bank, q from the query model.
+
+    NOTE: q draws fresh noise on every call. An earlier version took it from the bank too, and with 28
+    layers per step the bank index cycled through 2 values per layer, so "iid" alternated between two
+    queries and "drift" settled into a 2-cycle: hit rates far too high (found 2026-11-28)."""
 
     def __init__(self, shape: ModelShape, B: int, query_model: str, rho: float, device, seed: int = 0) -> None:
         g = torch.Generator(device=device).manual_seed(seed)
@@ -77,18 +81,19 @@ class Workload:
         self.k = torch.randn((BANK, B, H, d), generator=g, device=device).to(dt)
         self.v = torch.randn((BANK, B, H, d), generator=g, device=device).to(dt)
         self.c = torch.rand((BANK, B, H), generator=g, device=device)
-        self.noise = torch.randn((BANK, B, Hq, d), generator=g, device=device).to(dt)
         self.q = torch.randn((L, B, Hq, d), generator=g, device=device).to(dt)
-        self.model, self.rho, self.i = query_model, rho, 0
+        self.eps = torch.empty((B, Hq, d), device=device)
+        self.g, self.model, self.rho, self.i = g, query_model, rho, 0
 
     def next(self, layer: int):
         """(q, k, v, c) of `layer` for this step."""
         self.i += 1
         j = self.i % BANK
+        eps = torch.randn(self.eps.shape, generator=self.g, device=self.eps.device, out=self.eps)
         if self.model == "iid":
-            q = self.noise[(self.i * 7 + layer) % BANK]
+            q = eps.to(self.q.dtype)
         else:
-            q = self.q[layer].mul_(self.rho).add_(self.noise[j], alpha=math.sqrt(1 - self.rho ** 2))
+            q = self.q[layer].mul_(self.rho).add_(eps.to(self.q.dtype), alpha=math.sqrt(1 - self.rho ** 2))
         return q, self.k[j], self.v[j], self.c[j]
 
 

@@ -255,6 +255,14 @@ class NosaRuntime:
             self._row_owner.pop()
             del self._requests[request_id]
         self.slots.clear_row(last)
+        self._drop_graphs()
+
+    def _drop_graphs(self) -> None:
+        """Re-capture after rows move or slot knobs change. NOTE: on an H200, graph replays after a row
+        move plus gpu_slots changes produced out-of-range host ids (docs/runtime.md, "GPU status");
+        whether dropping the graphs here cures it is not yet verified on a GPU."""
+        if self._decoder.graphs is not None:
+            self._decoder.graphs.clear()
 
     def abort_request(self, request_id: str) -> None:
         """Like end_request, and also valid inside an open step (an exception interrupted a forward):
@@ -392,6 +400,8 @@ class NosaRuntime:
             self.transfer.set_mode(new.transfer_mode)
             self.host.set_limit_bytes(new.host_capacity_bytes)
         self._victims = make_victim_policy(new.victim_policy)
+        if (new.gpu_slots, new.victim_policy) != (self._knobs.gpu_slots, self._knobs.victim_policy):
+            self._drop_graphs()
         self._knobs = new
 
     def _publish(self) -> None:

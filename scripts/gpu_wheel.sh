@@ -4,4 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -f .whl/nosa_sglang-*.whl
 .venv/bin/pip wheel -q --no-deps --no-build-isolation -w .whl . 2>&1 | grep -v WARNING || true
-ls .whl/nosa_sglang-*.whl
+# NOTE: the GPU machine has grpcio/protobuf but not these (pure-Python) extras
+.venv/bin/pip download -q --no-deps -d .whl grpcio-health-checking==1.76.0 grpcio-reflection==1.76.0 \
+  pytest-timeout 2>&1 | grep -v WARNING || true
+ls .whl/*.whl

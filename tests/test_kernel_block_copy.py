@@ -32,13 +32,6 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run thro
 NAN = float("nan")
 
 
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"seed={seed}")
-    return torch.Generator().manual_seed(seed)
-
-
 def cpu_mode(mode: str) -> str:
     if mode == "zero_copy" and not HAS_CUDA and not triton_interpreting(_copy_runs_kernel):
         pytest.fail("kernels were imported before TRITON_INTERPRET=1 was set; set it in tests/conftest.py")

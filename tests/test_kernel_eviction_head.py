@@ -37,13 +37,6 @@ def device() -> str:
     return "cpu"
 
 
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"seed={seed}")
-    return torch.Generator().manual_seed(seed)
-
-
 def make_inputs(gen: torch.Generator, n: int, hkv: int, d: int, dtype: torch.dtype, bias: bool, device: str):
     v = torch.randn(n, hkv, d, generator=gen).to(dtype)
     A = torch.rand(hkv, generator=gen) + 0.5  # nonzero A: a zero A would hide a wrong softplus

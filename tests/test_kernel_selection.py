@@ -6,7 +6,6 @@ Selections are compared as sorted id lists: both sides break ties toward the low
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -26,13 +25,6 @@ SMALL = NosaConfig(block_size=16, kernel_stride=4, kernel_size=8, init_blocks=1,
                    query_blocks=5, topk_blocks=8)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IMPLS = ["triton", "torch"]
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"seed={seed}")
-    return torch.Generator().manual_seed(seed)
 
 
 def poison_like(t: torch.Tensor) -> None:

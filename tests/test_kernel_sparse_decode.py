@@ -8,7 +8,6 @@ CPU: the Triton kernel under TRITON_INTERPRET=1 (tests/conftest.py) and the torc
 from __future__ import annotations
 
 import contextlib
-import os
 
 import pytest
 import torch
@@ -23,13 +22,6 @@ SMALL = NosaConfig(block_size=16, kernel_stride=4, kernel_size=8, init_blocks=1,
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GARBAGE = 1e3  # slot contents outside the valid tokens: large, finite (masked, never NaN in math)
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"seed={seed}")
-    return torch.Generator().manual_seed(seed)
 
 
 @contextlib.contextmanager

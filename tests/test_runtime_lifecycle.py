@@ -12,12 +12,7 @@ from test_runtime_equivalence import ATOL, RTOL, ReferenceMirror, random_prompt,
 from nosa_sglang.runtime import GpuSlotsExhausted, HostMemoryExhausted, KnobError, RuntimeUsageError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Session:

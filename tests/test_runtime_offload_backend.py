@@ -18,12 +18,7 @@ SMALL = NosaConfig(block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1,
                    query_blocks=5, topk_blocks=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int) -> NosaLlamaForCausalLM:
