@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernel_checks import SMALL
+
 from nosa_sglang.config import NosaConfig
 from nosa_sglang.kernels._checks import KernelArgumentError
 from nosa_sglang.kernels.selection import (
@@ -21,8 +23,6 @@ from nosa_sglang.reference import (
     select_from_block_scores,
 )
 
-SMALL = NosaConfig(block_size=16, kernel_stride=4, kernel_size=8, init_blocks=1, local_blocks=2,
-                   query_blocks=5, topk_blocks=8)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IMPLS = ["triton", "torch"]
 

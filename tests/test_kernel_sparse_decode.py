@@ -7,41 +7,19 @@ CPU: the Triton kernel under TRITON_INTERPRET=1 (tests/conftest.py) and the torc
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
+
+from kernel_checks import SMALL, TOL, poisoned_allocations, rel_err
 
 from nosa_sglang.config import NosaConfig
 from nosa_sglang.kernels._checks import KernelArgumentError
 from nosa_sglang.kernels.sparse_decode import sparse_decode_attention
 from nosa_sglang.reference import nosa_decode_attention, select_blocks_decode
 
-SMALL = NosaConfig(block_size=16, kernel_stride=4, kernel_size=8, init_blocks=1, local_blocks=2,
-                   query_blocks=5, topk_blocks=8)
-TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GARBAGE = 1e3  # slot contents outside the valid tokens: large, finite (masked, never NaN in math)
-
-
-@contextlib.contextmanager
-def poisoned_allocations():
-    """torch.empty / empty_like return NaN (floats) or 2**30 (ints): an unwritten output fails."""
-    real_empty, real_like = torch.empty, torch.empty_like
-
-    def fill(t: torch.Tensor) -> torch.Tensor:
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(2**30) if t.dtype != torch.bool else t
-
-    torch.empty = lambda *a, **k: fill(real_empty(*a, **k))
-    torch.empty_like = lambda *a, **k: fill(real_like(*a, **k))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = real_empty, real_like
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def randn(gen, *shape, dtype=torch.float32, scale=1.0):

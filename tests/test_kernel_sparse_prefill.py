@@ -5,10 +5,11 @@ CPU: Triton kernels under TRITON_INTERPRET=1 (tests/conftest.py) and the torch p
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
+
+from kernel_checks import SMALL, TOL, poisoned_allocations, rel_err
 
 from nosa_sglang.config import NosaConfig
 from nosa_sglang.kernels._checks import KernelArgumentError
@@ -16,27 +17,8 @@ from nosa_sglang.kernels.sparse_prefill import select_blocks_prefill, sparse_pre
 from nosa_sglang.reference import nosa_prefill_attention
 from nosa_sglang.reference import select_blocks_prefill as reference_select
 
-SMALL = NosaConfig(block_size=16, kernel_stride=4, kernel_size=8, init_blocks=1, local_blocks=2,
-                   query_blocks=5, topk_blocks=8)
-TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IMPLS = ["triton", "torch"]
-
-
-@contextlib.contextmanager
-def poisoned_allocations():
-    """torch.empty / empty_like return NaN (floats) or 2**30 (ints): an unwritten output fails."""
-    real_empty, real_like = torch.empty, torch.empty_like
-
-    def fill(t: torch.Tensor) -> torch.Tensor:
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(2**30) if t.dtype != torch.bool else t
-
-    torch.empty = lambda *a, **k: fill(real_empty(*a, **k))
-    torch.empty_like = lambda *a, **k: fill(real_like(*a, **k))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = real_empty, real_like
 
 
 def overlap(sel: torch.Tensor, ref: torch.Tensor) -> float:
@@ -44,10 +26,6 @@ def overlap(sel: torch.Tensor, ref: torch.Tensor) -> float:
     chosen = ref >= 0
     shared = (sel.long()[..., :, None] == ref[..., None, :]).any(-2) & chosen
     return (shared.sum() / chosen.sum()).item()
-
-
-def rel_err(out, ref) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def inputs(gen, T, hq, hkv, d, dtype):

@@ -13,13 +13,13 @@ import os
 import pytest
 import torch
 
+from kernel_checks import SMALL
+
 from nosa_sglang.config import NosaConfig
 from nosa_sglang.reference import nosa_decode_attention, select_blocks_decode
 from nosa_sglang.reference.selection import block_scores_for_positions
 from nosa_sglang.runtime import ModelShape, NosaRuntime, OffloadKnobs
 
-SMALL = NosaConfig(block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1, local_blocks=2,
-                   query_blocks=5, topk_blocks=8)
 ATOL = RTOL = 1e-4
 #: relative score gap under which fp32 kernels may order two blocks differently from the fp64 reference
 #: (measured on an H200: a swap of adjacent blocks 22/23 after 362 steps); CPU runs allow no swap at all

@@ -7,15 +7,13 @@ import os
 import pytest
 import torch
 
-from nosa_sglang.config import NosaConfig
+from kernel_checks import SMALL
+
 from nosa_sglang.reference.backend import ReferenceAttentionBackend
 from nosa_sglang.reference.llama_config import LlamaShape
 from nosa_sglang.reference.model import NosaLlamaForCausalLM, init_random_
 from nosa_sglang.reference.offload_backend import OffloadAttentionBackend, runtime_for_model
 from nosa_sglang.runtime import OffloadKnobs
-
-SMALL = NosaConfig(block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1, local_blocks=2,
-                   query_blocks=5, topk_blocks=8)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
