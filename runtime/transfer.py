@@ -118,19 +118,10 @@ class TransferEngine:
         h2d = self.h2d_stream
         # NOTE: the diff chose these victims on the compute stream; copy only after it (and after the
         # attention that last read them), and after this layer's write-backs reached the host.
-        diff_done = torch.cuda.Event()
-        diff_done.record()
-        h2d.wait_event(diff_done)
         if self._wb_done[layer] is not None:
             h2d.wait_event(self._wb_done[layer])
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.stream(h2d):
-            start.record(h2d)
-            if self.debug_delay_cycles:
-                torch.cuda._sleep(self.debug_delay_cycles)
-            block_copy.gather_runs(host_k, host_v, src, gpu_k, gpu_v, dst, mode=self.mode, stream=h2d,
-                                   validate_ids=False)
-            end.record(h2d)
+        start, end = self._timed_after_compute(h2d, self.debug_delay_cycles, lambda: block_copy.gather_runs(
+            host_k, host_v, src, gpu_k, gpu_v, dst, mode=self.mode, stream=h2d, validate_ids=False))
         for t in (src, dst):
             if t.is_cuda:
                 t.record_stream(h2d)  # NOTE: allocated on the compute stream, read on h2d
@@ -172,22 +163,30 @@ class TransferEngine:
             return
         src, dst_runs = self._ids(src), self._ids(dst_runs)
         wb = self.writeback_stream
-        produced = torch.cuda.Event()
-        produced.record()  # NOTE: the last token of the block was written on the compute stream
-        wb.wait_event(produced)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.stream(wb):
-            start.record(wb)
-            if self.debug_writeback_delay_cycles:
-                torch.cuda._sleep(self.debug_writeback_delay_cycles)
-            block_copy.scatter_runs(gpu_k, gpu_v, src, host_k, host_v, dst_runs, mode=self.mode, stream=wb,
-                                    validate_ids=False)
-            end.record(wb)
+        # NOTE: the last token of the block was written on the compute stream
+        start, end = self._timed_after_compute(wb, self.debug_writeback_delay_cycles, lambda: block_copy.scatter_runs(
+            gpu_k, gpu_v, src, host_k, host_v, dst_runs, mode=self.mode, stream=wb, validate_ids=False))
         if staged:
             for t in (gpu_k, gpu_v):
                 t.record_stream(wb)  # NOTE: a staged prompt is freed on the compute stream
         self._wb_done[layer] = end
         self.counters.add_timing(layer, start, end)
+
+    @staticmethod
+    def _timed_after_compute(stream: torch.cuda.Stream, delay_cycles: int, copy) -> tuple[object, object]:
+        """Issue `copy()` on `stream` after everything queued on the compute stream so far, between two
+        timing events (after a sleep of `delay_cycles` when a test asks for a late copy)."""
+        queued = torch.cuda.Event()
+        queued.record()
+        stream.wait_event(queued)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(stream):
+            start.record(stream)
+            if delay_cycles:
+                torch.cuda._sleep(delay_cycles)
+            copy()
+            end.record(stream)
+        return start, end
 
     def _ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Host id lists for the zero-copy kernel are copied to the GPU: pin them so that the copy is
