@@ -34,6 +34,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from report import table, write_markdown
 from nosa_sglang.config import NosaConfig
 from nosa_sglang.runtime import ModelShape, NosaRuntime, OffloadKnobs
 from nosa_sglang.runtime.knobs import MAX_GPU_SLOTS
@@ -234,14 +235,6 @@ def measure_ceilings(host_buffer: torch.Tensor) -> dict:
 
 
 # -- driver -----------------------------------------------------------------------------------------------
-def table(title: str, cols: list[str], rows: list[list[object]], md: list[str]) -> None:
-    fmt = lambda x: f"{x:.3g}" if isinstance(x, float) else str(x)  # noqa: E731
-    lines = [f"### {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(x) for x in r) + " |" for r in rows]
-    print("\n".join(lines) + "\n", flush=True)
-    md += lines + [""]
-
-
 def plan_batches(args, shape, cfg, tokens, host_cap, gpu_cap) -> dict:
     t = tokens + args.steps + args.warmup + 2
     ckb = shape.dtype_bytes if args.ck_bf16 else 4
@@ -359,8 +352,7 @@ def simulate(args) -> None:
     table("hit rate by victim policy", ["queries", "selection", "victims", "slots", "prefetch", "hit rate",
                                         "misses / (request, head, step)"], rows, md)
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write("\n".join(md) + "\n")
+        write_markdown(args.out, md)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -438,8 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         for ctx in args.contexts.split(","):
             bench_one(args, name, CONTEXTS[ctx], host_buffer, host_cap, gpu_cap, ceil, md)
             if args.out:
-                with open(args.out, "w", encoding="utf-8") as f:
-                    f.write("\n".join(md) + "\n")
+                write_markdown(args.out, md)
     return 0
 
 

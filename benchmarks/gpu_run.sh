@@ -24,12 +24,12 @@ for what in "$@"; do case $what in
       timeout 60 python3 -P scripts/diag_cuda_equivalence.py $v --steps 500 >> $OUT/diag.log 2>&1
       echo "diag $v rc=$? at ${SECONDS}s"
     done ;;
-  runtime-1b) step runtime_1b ${LIMIT:-300} python3 -P benchmarks/decode_throughput.py --model 1b --contexts ${CONTEXTS:-64k,128k} --views ${VIEWS:-common,max} \
+  runtime-1b) step runtime_1b ${LIMIT:-300} python3 benchmarks/decode_throughput.py --model 1b --contexts ${CONTEXTS:-64k,128k} --views ${VIEWS:-common,max} \
       --cuda-graphs --steps 16 --warmup 4 --host-gib 64 --out $OUT/runtime_1b.md ;;
-  runtime-8b) step runtime_8b 330 python3 -P benchmarks/decode_throughput.py --model 8b --contexts 16k,64k,128k \
+  runtime-8b) step runtime_8b 330 python3 benchmarks/decode_throughput.py --model 8b --contexts 16k,64k,128k \
       --cuda-graphs --steps 12 --warmup 3 --host-gib 64 --out $OUT/runtime_8b.md ;;
-  kernels) step kernels 330 python3 -P benchmarks/kernels.py --budget-s 280 --out $OUT/kernels.md ;;
-  grpc) step grpc_load ${GRPC_LIMIT:-200} python3 -P benchmarks/grpc_load.py --model 1b --prompt-tokens ${GRPC_PROMPT:-16384} \
+  kernels) step kernels 330 python3 benchmarks/kernels.py --budget-s 280 --out $OUT/kernels.md ;;
+  grpc) step grpc_load ${GRPC_LIMIT:-200} python3 benchmarks/grpc_load.py --model 1b --prompt-tokens ${GRPC_PROMPT:-16384} \
       --out $OUT/grpc_load.md ;;
   runtime-gpu-tests) step runtime_gpu_tests ${TESTS_LIMIT:-240} python3 -P -m pytest -q -p no:cacheprovider -m gpu \
       tests/test_runtime_gpu.py tests/test_kernel_block_copy.py --tb=short -rfE ${PYTEST_K:+-k "$PYTEST_K"} ;;

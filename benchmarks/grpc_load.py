@@ -62,7 +62,6 @@ def synthetic_target(args: argparse.Namespace) -> BenchTarget:
 def runtime_target(args: argparse.Namespace) -> BenchTarget:
     """NosaRuntime decoding a random NOSA-Llama (CUDA if there is one), served by RuntimeProvider: the
     control server and the decode loop share this process, as in SGLang's scheduler."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # NOTE: `python -P` leaves it out
     from runtime_decode import build_runtime_decode  # torch: only here, not in the load process
 
     from nosa_sglang.control.runtime_provider import RuntimeProvider

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from report import table, write_markdown
 from nosa_sglang.config import NosaConfig
 from nosa_sglang.kernels import sparse_decode as decode_module
 from nosa_sglang.kernels import sparse_prefill as prefill_module
@@ -51,14 +52,6 @@ DEADLINE = [float("inf")]  # time.time() after which remaining configs are skipp
 
 def out_of_time() -> bool:
     return time.time() > DEADLINE[0]
-
-
-def table(title: str, cols: list[str], rows: list[list[object]], md: list[str]) -> None:
-    fmt = lambda x: f"{x:.3g}" if isinstance(x, float) else str(x)  # noqa: E731
-    lines = [f"### {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(x) for x in r) + " |" for r in rows]
-    print("\n".join(lines) + "\n", flush=True)
-    md += lines + [""]
 
 
 def bench(fn, rep: int = 200) -> float:
@@ -333,8 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     md.append(f"total wall time {time.time() - t0:.0f} s")
     print(md[-1])
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write("\n".join(md) + "\n")
+        write_markdown(args.out, md)
     return 0
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import triton
 from triton.runtime.errors import OutOfResources
 
+from report import table, write_markdown
 from nosa_sglang.kernels.block_copy import gather_runs, launch_zero_copy, scatter_runs
 from nosa_sglang.kernels.copy_engine import batch_memcpy_available, coalesce_runs
 from nosa_sglang.kernels.eviction_head import (
@@ -38,14 +39,6 @@ from nosa_sglang.kernels.pinned import alloc_pinned, pinned_mode
 
 GiB = 1 << 30
 ROTATE = 4  # id sets / inputs rotated between timed calls
-
-
-def table(title: str, cols: list[str], rows: list[list[object]], md: list[str]) -> None:
-    fmt = lambda x: f"{x:.3g}" if isinstance(x, float) else str(x)  # noqa: E731
-    lines = [f"### {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(x) for x in r) + " |" for r in rows]
-    print("\n".join(lines) + "\n", flush=True)
-    md += lines + [""]
 
 
 def time_calls(fn: Callable[[int], object], stream: torch.cuda.Stream, reps: int, warmup: int = 2):
@@ -348,8 +341,7 @@ def main() -> int:
     if "d" in sections:
         eviction_table(ceil["d2d"] if ceil else device_copy_gbs(), md)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(md) + "\n")
+        write_markdown(args.out, md)
         print(f"wrote {args.out}")
     return 0
 
