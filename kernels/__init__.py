@@ -11,7 +11,7 @@ Exports resolve lazily (PEP 562) so importing one kernel does not compile or imp
 
 from __future__ import annotations
 
-import importlib
+from nosa_sglang._lazy import lazy_exports
 
 _EXPORTS = {
     "KernelArgumentError": "_checks",
@@ -37,15 +37,4 @@ _EXPORTS = {
     "select_topk": "topk",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'nosa_sglang.kernels' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"nosa_sglang.kernels.{module}"), name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

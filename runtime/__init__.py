@@ -10,7 +10,7 @@ so the control client (`nosa-ctl`) starts fast.
 
 from __future__ import annotations
 
-import importlib
+from nosa_sglang._lazy import lazy_exports
 
 _EXPORTS = {
     "Admission": "types",
@@ -41,15 +41,4 @@ _EXPORTS = {
     "make_victim_policy": "victim",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'nosa_sglang.runtime' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"nosa_sglang.runtime.{module}"), name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
