@@ -252,10 +252,10 @@ class NosaRuntime:
                     self._host_table[req.row] = self._host_table[last]
                 mover.row = req.row
                 self._row_owner[req.row] = mover.request_id
+                self._drop_graphs()
             self._row_owner.pop()
             del self._requests[request_id]
         self.slots.clear_row(last)
-        self._drop_graphs()
 
     def _drop_graphs(self) -> None:
         """Re-capture after rows move or slot knobs change. NOTE: on an H200, graph replays after a row
