@@ -3,9 +3,9 @@
 Stage 1 reads each request's compressed keys once: kernel 1 (split over chunk ranges so batch 1 fills
 the GPU) writes the base-2 logits q.K~ of every query head of a KV group to a small fp32 workspace
 (G x n_chunks floats, 1/32 of K~ for G = 4 at d = 128) with per-split running max/sum; kernel 2 merges
-the splits into each head's log-sum-exp, turns logits into probabilities, sums them over the group and
-max-pools them straight into blocks (window [r*b - 1, r*b + r)), marking forced blocks +inf and absent
-ones -inf. K~ is never read twice. The two top-k steps live in `topk.py`, incremental compression in
+the splits into each head's log-sum-exp and writes each chunk's probability summed over the group
+(once per chunk: pooled ties must stay ties); kernel 3 max-pools chunks into blocks (window
+[r*b - 1, r*b + r)), marking forced blocks +inf and absent ones -inf. K~ is never read twice. The two top-k steps live in `topk.py`, incremental compression in
 `compress.py`; both are re-exported here so callers import selection from one place.
 """
 
@@ -33,7 +33,8 @@ __all__ = [
 
 LOG2E = 1.4426950408889634
 CHUNK_TILE = 64  # compressed keys per dot in kernel 1
-BLOCK_TILE = 32  # blocks per program in kernel 2
+BLOCK_TILE = 32  # blocks per program in kernel 3
+PROB_TILE = 256  # chunks per program in kernel 2
 
 
 def max_blocks_for_chunks(cmax: int, config: NosaConfig) -> int:
@@ -142,9 +143,8 @@ def eviction_block_scores(
     out = torch.empty((B, hkv, nb), dtype=torch.float32, device=ce.device)
     r = config.chunks_per_block
     _pool_kernel[(B * hkv, triton.cdiv(nb, BLOCK_TILE))](
-        ce, ce, ce, ce, n_chunks, seq_lens, out, hkv, nb, 1, 1,
-        ce.stride(0), ce.stride(1), ce.stride(2),
-        R=r, R_PAD=next_pow2(r), BLOCK_NB=BLOCK_TILE, BLOCK_G=1, G=1, BLOCK_SPLITS=1, STAGE1=False,
+        ce, n_chunks, seq_lens, out, hkv, nb, ce.stride(0), ce.stride(1), ce.stride(2),
+        R=r, R_PAD=next_pow2(r), BLOCK_NB=BLOCK_TILE, FORCED=False,
         BLOCK_SIZE=config.block_size, INIT=config.init_blocks, LOCAL=config.local_blocks,
     )
     return out
@@ -167,12 +167,16 @@ def _decode_block_scores_triton(q, ck, n_chunks, seq_lens, config: NosaConfig, n
         G=G, BLOCK_G=block_g, HEAD_DIM=d, BLOCK_C=CHUNK_TILE, IEEE=fp32_dot(q.dtype) or ck.dtype == torch.float32,
         num_warps=4,
     )
+    probs = torch.empty((B, hkv, max(cmax, 1)), dtype=torch.float32, device=q.device)
+    _group_probs_kernel[(B * hkv, triton.cdiv(max(cmax, 1), PROB_TILE))](
+        logits, run_max, run_sum, n_chunks, probs, hkv, max(cmax, 1), splits,
+        BLOCK_C=PROB_TILE, BLOCK_G=next_pow2(G), G=G, BLOCK_SPLITS=next_pow2(splits),
+    )
     out = torch.empty((B, hkv, nb), dtype=torch.float32, device=q.device)
     r = config.chunks_per_block
     _pool_kernel[(B * hkv, triton.cdiv(nb, BLOCK_TILE))](
-        logits, run_max, run_sum, logits, n_chunks, seq_lens, out, hkv, nb, max(cmax, 1), splits, 0, 0, 0,
-        R=r, R_PAD=next_pow2(r), BLOCK_NB=BLOCK_TILE, BLOCK_G=next_pow2(G), G=G,
-        BLOCK_SPLITS=next_pow2(splits), STAGE1=True,
+        probs, n_chunks, seq_lens, out, hkv, nb, probs.stride(0), probs.stride(2), probs.stride(1),
+        R=r, R_PAD=next_pow2(r), BLOCK_NB=BLOCK_TILE, FORCED=True,
         BLOCK_SIZE=config.block_size, INIT=config.init_blocks, LOCAL=config.local_blocks,
     )
     return out
@@ -222,13 +226,44 @@ def _chunk_logits_kernel(
 
 
 @triton.jit
+def _group_probs_kernel(
+    W, M, L, NCH, P, n_kv_heads, cmax, n_splits,
+    BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, G: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+):
+    """P[b, h, c] = sum over the group's heads of softmax_c(logits): each chunk's score computed once,
+    so that two blocks whose windows share the chunk pool the very same fp32 value (a tie in the
+    reference stays a tie; computing it in both blocks' lanes rounded differently on an H200)."""
+    pid = tl.program_id(0).to(tl.int64)
+    c0 = tl.program_id(1) * BLOCK_C
+    b = pid // n_kv_heads
+    n = tl.load(NCH + b)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_s = tl.arange(0, BLOCK_SPLITS)
+    g_ok = offs_g < G
+    part = (pid * G + offs_g)[:, None] * n_splits + offs_s[None, :]
+    part_ok = g_ok[:, None] & (offs_s[None, :] < n_splits)
+    ms = tl.load(M + part, mask=part_ok, other=float("-inf"))
+    ls = tl.load(L + part, mask=part_ok, other=0.0)
+    m = tl.max(ms, 1)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.sum(ls * tl.exp2(ms - m_use[:, None]), 1)
+    lse = m_use + tl.log2(tl.where(total > 0.0, total, 1.0))
+    cc = c0 + tl.arange(0, BLOCK_C)
+    ok = cc < n
+    x = tl.load(W + (pid * G + offs_g)[:, None] * cmax + cc[None, :], mask=g_ok[:, None] & ok[None, :],
+                other=float("-inf"))
+    p = tl.sum(tl.exp2(x - lse[:, None]), 0)
+    tl.store(P + pid * cmax + cc, p, mask=cc < cmax)
+
+
+@triton.jit
 def _pool_kernel(
-    W, M, L, CE, NCH, SEQ, OUT, n_kv_heads, nb, cmax, n_splits, s_eb, s_ec, s_eh,
-    R: tl.constexpr, R_PAD: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_G: tl.constexpr, G: tl.constexpr,
-    BLOCK_SPLITS: tl.constexpr, STAGE1: tl.constexpr,
+    X, NCH, SEQ, OUT, n_kv_heads, nb, s_xb, s_xc, s_xh,
+    R: tl.constexpr, R_PAD: tl.constexpr, BLOCK_NB: tl.constexpr, FORCED: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
 ):
-    """Blocks [b0, b0 + BLOCK_NB) of one (request, KV head): max over chunks [R*b - 1, R*b + R)."""
+    """Blocks [b0, b0 + BLOCK_NB) of one (request, KV head): max of the chunk scores X over chunks
+    [R*b - 1, R*b + R); FORCED marks the sink and local blocks +inf (S, not E)."""
     pid = tl.program_id(0).to(tl.int64)
     b0 = tl.program_id(1) * BLOCK_NB
     b = pid // n_kv_heads
@@ -242,38 +277,13 @@ def _pool_kernel(
     blk = b0 + tl.arange(0, BLOCK_NB)
     ch_left = blk * R - 1
     ok_left = (ch_left >= 0) & (ch_left < n)
-    if STAGE1:
-        offs_g = tl.arange(0, BLOCK_G)
-        offs_s = tl.arange(0, BLOCK_SPLITS)
-        g_ok = offs_g < G
-        part = (pid * G + offs_g)[:, None] * n_splits + offs_s[None, :]
-        ms = tl.load(M + part, mask=g_ok[:, None] & (offs_s[None, :] < n_splits), other=float("-inf"))
-        ls = tl.load(L + part, mask=g_ok[:, None] & (offs_s[None, :] < n_splits), other=0.0)
-        m = tl.max(ms, 1)
-        m_use = tl.where(m == float("-inf"), 0.0, m)
-        total = tl.sum(ls * tl.exp2(ms - m_use[:, None]), 1)
-        lse = m_use + tl.log2(tl.where(total > 0.0, total, 1.0))
-        w_row = W + (pid * G) * cmax
-        # sum the group in a fixed order, row by row, so that a chunk shared by two blocks' windows
-        # gets bit-identical scores in both (pooled ties must stay ties, as in the reference)
-        s_main = tl.zeros([BLOCK_NB * R_PAD], tl.float32)
-        s_left = tl.zeros([BLOCK_NB], tl.float32)
-        for gi in tl.static_range(G):
-            lse_g = tl.max(tl.where(offs_g == gi, lse, float("-inf")), 0)
-            x = tl.load(w_row + gi * cmax + ch_main, mask=ok_main, other=float("-inf"))
-            s_main += tl.exp2(x - lse_g)
-            x = tl.load(w_row + gi * cmax + ch_left, mask=ok_left, other=float("-inf"))
-            s_left += tl.exp2(x - lse_g)
-    else:
-        e_row = CE + b * s_eb + h * s_eh
-        s_main = tl.load(e_row + ch_main * s_ec, mask=ok_main, other=0.0)
-        s_left = tl.load(e_row + ch_left * s_ec, mask=ok_left, other=0.0)
-    s_main = tl.where(ok_main, s_main, float("-inf"))
-    s_left = tl.where(ok_left, s_left, float("-inf"))
+    x_row = X + b * s_xb + h * s_xh
+    s_main = tl.load(x_row + ch_main * s_xc, mask=ok_main, other=float("-inf"))
+    s_left = tl.load(x_row + ch_left * s_xc, mask=ok_left, other=float("-inf"))
     pooled = tl.max(tl.reshape(s_main, [BLOCK_NB, R_PAD]), 1)
     pooled = tl.maximum(pooled, s_left)
     exists = blk <= qb
-    if STAGE1:
+    if FORCED:
         forced = exists & ((blk < INIT) | (blk >= qb - LOCAL))
         pooled = tl.where(forced, float("inf"), pooled)
     pooled = tl.where(exists, pooled, float("-inf"))

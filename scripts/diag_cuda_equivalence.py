@@ -13,7 +13,22 @@ import torch
 sys.path.insert(0, "tests")
 from test_runtime_equivalence import ATOL, RTOL, ReferenceMirror, random_prompt, small_runtime  # noqa: E402
 
+from nosa_sglang.kernels.topk import select_topk_torch  # noqa: E402
+from nosa_sglang.reference.selection import block_scores_for_positions  # noqa: E402
 from nosa_sglang.runtime import NosaRuntime  # noqa: E402
+from nosa_sglang.runtime import decode_layer  # noqa: E402
+
+LAST: dict = {}  # the block scores of the runtime's latest selection (fp32, from its kernels)
+
+
+def _recording(select_topk):
+    def wrapped(S, E, seq_lens, config, policy="nosa", impl="auto"):
+        LAST.update(S=S.clone(), E=None if E is None else E.clone(), seq_lens=seq_lens.clone(), policy=policy)
+        return select_topk(S, E, seq_lens, config, policy, impl=impl)
+    return wrapped
+
+
+decode_layer.select_topk = _recording(decode_layer.select_topk)
 
 
 def main() -> int:
@@ -64,6 +79,19 @@ def main() -> int:
                 torch.cuda.synchronize()
             print(f"FIRST MISMATCH step {step} layer {layer}; selection equal: {bool((mine == sel).all())}; "
                   f"selection mismatches so far {sel_mismatch}")
+            if LAST:
+                again = select_topk_torch(LAST["S"], LAST["E"], LAST["seq_lens"], cfg, LAST["policy"])
+                print(f"  runtime's fp32 scores through the torch top-k: equal to its selection "
+                      f"{bool((again.long() == mine).all())}")
+            for b, h in (mine != sel).any(-1).nonzero().tolist():
+                n = mirror.lens[b] + 1
+                S64, E64 = block_scores_for_positions(q[b : b + 1].double(), mirror.k[layer, b, :n].double(),
+                                                      mirror.c[layer, b, :n].double(), torch.tensor([n - 1], device=dev), cfg)
+                diff = sorted(set(mine[b, h].tolist()) ^ set(sel[b, h].tolist()))
+                for blk in diff:
+                    print(f"  row {b} kv-head {h} block {blk}: S fp64 {float(S64[0, h, blk]):.9g} fp32 "
+                          f"{float(LAST['S'][b, h, blk]):.9g} | E fp64 {float(E64[0, h, blk]):.9g} fp32 "
+                          f"{float(LAST['E'][b, h, blk]):.9g}")
             for b, hq in bad.nonzero().tolist():
                 h = hq // G
                 req = rt._requests[ids[b]]

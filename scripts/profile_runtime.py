@@ -1,0 +1,90 @@
+"""Diagnostic (GPU): where a decode step of the runtime spends its time, (a*) / (a) against (c).
+
+Builds the 1B-like stack of benchmarks/decode_throughput.py at one context and batch, times a few
+steps, then profiles two steps with torch.profiler and prints the top GPU kernels and host ops, so
+the runtime's overhead over NOSA fully on the GPU can be attributed (kernels vs Python between them).
+
+    python scripts/profile_runtime.py --tokens 16384 --batch 64 --configs 'a*,c,a'
+"""
+import argparse
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, "benchmarks")
+from decode_throughput import MODELS, Workload, host_bytes_per_request  # noqa: E402
+
+from nosa_sglang.config import NosaConfig  # noqa: E402
+from nosa_sglang.kernels.pinned import alloc_pinned  # noqa: E402
+from nosa_sglang.runtime import ModelShape, NosaRuntime, OffloadKnobs  # noqa: E402
+
+
+def build(conf: str, shape, cfg, tokens: int, B: int, graphs: bool, slots: int):
+    n = tokens + 64
+    gpu_only = conf == "c"
+    if conf == "a*":
+        slots = cfg.num_blocks(n) + 1
+    host = None if gpu_only else alloc_pinned((B * host_bytes_per_request(shape, cfg, n),), torch.uint8)
+    if host is not None:
+        host.zero_()
+    rt = NosaRuntime(shape, cfg, OffloadKnobs(gpu_slots=slots, victim_policy="lru"), device="cuda",
+                     host_capacity_bytes=0 if gpu_only else host.numel(), max_requests=B, max_seq_len=n,
+                     gpu_only=gpu_only, host_buffer=host, cuda_graphs=graphs)
+    ids = [f"r{i}" for i in range(B)]
+    for i, rid in enumerate(ids):
+        rt.begin_request_synthetic(rid, tokens, seed=i)
+    return rt, ids
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--configs", default="a*,c,a")
+    p.add_argument("--slots", type=int, default=80)
+    p.add_argument("--no-graphs", action="store_true")
+    p.add_argument("--rows", type=int, default=18)
+    a = p.parse_args()
+    shape = ModelShape(*MODELS["1b"], torch.bfloat16)
+    cfg = NosaConfig()
+    for conf in a.configs.split(","):
+        rt, ids = build(conf, shape, cfg, a.tokens, a.batch, not a.no_graphs, a.slots)
+        work = Workload(shape, a.batch, "drift", 0.9, "cuda")
+
+        def step():
+            for layer in range(shape.num_layers):
+                q, k, v, c = work.next(layer)
+                rt.append(layer, ids, k, v, c)
+                rt.attend(layer, ids, q)
+            rt.step_boundary()
+
+        for _ in range(4):
+            step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            step()
+        host_s = time.perf_counter() - t0  # time to enqueue (the host side) ...
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0  # ... and until the GPU finished
+        print(f"\n===== {conf}: B={a.batch} tokens={a.tokens} graphs={not a.no_graphs}: step {1e3 * wall / 5:.2f} ms "
+              f"(host enqueue {1e3 * host_s / 5:.2f} ms)", flush=True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                step()
+            torch.cuda.synchronize()
+        ka = prof.key_averages()
+        print(ka.table(sort_by="self_cuda_time_total", row_limit=a.rows, max_name_column_width=60))
+        print(ka.table(sort_by="self_cpu_time_total", row_limit=a.rows, max_name_column_width=60))
+        rt = None
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
