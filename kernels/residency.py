@@ -27,8 +27,8 @@ import triton.language as tl
 from nosa_sglang.kernels._checks import KernelArgumentError, check_tensor
 from nosa_sglang.kernels._dispatch import next_pow2
 
-NEVER = 3  # tier of slots that are never victims (as runtime.slot_cache.NEVER)
-_PAST_END = 4  # tier of the padding lanes past the regular slots: sorted last, never taken
+NEVER = tl.constexpr(3)  # tier of slots that are never victims (as runtime.slot_cache.NEVER)
+_PAST_END = tl.constexpr(4)  # tier of the padding lanes past the regular slots: sorted last, never taken
 
 
 class Diff(NamedTuple):
@@ -89,7 +89,7 @@ def resolve_slots(
         sel.stride(0), sel.stride(1), block_slot.stride(0), block_slot.stride(1), slot_block.stride(0),
         slot_block.stride(1), last_step.stride(0), last_step.stride(1), stored_e.stride(0), stored_e.stride(1),
         Et.stride(0), Et.stride(1),
-        K_PAD=max(16, next_pow2(K)), S_PAD=s_pad, LRU=lru, STORE_E=store_e, num_warps=4,
+        K_PAD=max(16, next_pow2(K)), S_PAD=s_pad, LRU=lru, STORE_E=store_e, num_warps=4 if s_pad <= 512 else 8,
     )
     return Diff(slot_ids, miss, dst, counts.sum(1))
 

@@ -89,9 +89,9 @@ def test_eviction_score_victims_need_scores():
 
     with pytest.raises(KernelArgumentError, match="E:"):
         resolve_slots(sel, view.block_slot, view.slot_block, view.last_step, view.stored_e, None, cache._inactive,
-                      torch.tensor(0, dtype=torch.int32), cache.slot_base(torch.arange(R)), S, cache.trash_slot,
+                      torch.tensor(0, dtype=torch.int32, device=DEVICE), cache.slot_base(torch.arange(R, device=DEVICE)), S, cache.trash_slot,
                       lru=False, store_e=False)
     with pytest.raises(KernelArgumentError, match="block_slot"):
         resolve_slots(sel, view.block_slot.long(), view.slot_block, view.last_step, view.stored_e, None,
-                      cache._inactive, torch.tensor(0, dtype=torch.int32), cache.slot_base(torch.arange(R)), S,
+                      cache._inactive, torch.tensor(0, dtype=torch.int32, device=DEVICE), cache.slot_base(torch.arange(R, device=DEVICE)), S,
                       cache.trash_slot, lru=True, store_e=False)
