@@ -1,11 +1,12 @@
 """Does serving the control API slow the decode loop? Step time with and without gRPC load, one run.
 
-The stepping loop runs on this process's main thread, the control server on its own threads in this
-process (as in SGLang's scheduler process); the load comes from a separate process (as remote
-clients would): 32 clients at 10 calls/s each (GetStats / ListRequests / GetConfig in turn) plus
-8 WatchStats streams at 10 Hz. Phases alternate idle, loaded, idle, loaded (the server is up in
-all of them) so drift hits both conditions alike. Target: loaded mean step time (the throughput)
-<= 5 % slower.
+The stepping loop runs on this process's main thread. The control server runs either on its own
+threads in this process (`thread`, `start_control_server`) or in a child process fed by one bridge
+thread here (`process`, `start_control_process`); `--servers thread,process` measures both in one
+run. The load comes from a separate process (as remote clients would): 32 clients at 10 calls/s each
+(GetStats / ListRequests / GetConfig in turn) plus 8 WatchStats streams at 10 Hz. Phases alternate
+idle, loaded (each server in turn), idle, loaded (every server is up in all of them) so drift hits
+all conditions alike. Target: loaded mean step time (the throughput) <= 5 % slower.
 
     python benchmarks/grpc_load.py                      # the runtime decoding (auto = runtime)
     python benchmarks/grpc_load.py --model 1b --prompt-tokens 32768   # on a GPU: the real figure
@@ -39,7 +40,10 @@ if importlib.util.find_spec("nosa_sglang") is None:  # run from a checkout witho
 import grpc  # noqa: E402
 
 from nosa_sglang.control.provider import ControlProvider  # noqa: E402
+from nosa_sglang.control.process_server import start_control_process  # noqa: E402
 from nosa_sglang.control.server import start_control_server  # noqa: E402
+
+SERVERS = {"thread": start_control_server, "process": start_control_process}
 
 
 class BenchTarget(NamedTuple):
@@ -181,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--watch-hz", type=float, default=10.0)
     p.add_argument("--step-work-ms", type=float, default=5.0, help="synthetic provider only")
     p.add_argument("--token", default="bench-token", help="exercise the auth path too ('' = off)")
+    p.add_argument("--servers", default="thread,process",
+                   help="comma list of thread (in this process) | process (a child process)")
     p.add_argument("--out", default="", help="also write the table to this file")
     args = p.parse_args(argv)
 
@@ -193,37 +199,42 @@ def main(argv: list[str] | None = None) -> int:
         return original_snapshot()
 
     target.provider.snapshot = counted_snapshot  # type: ignore[method-assign]
-    server = start_control_server(target.provider, port=0, token=args.token or None)
+    modes = args.servers.split(",")
+    if not modes or any(m not in SERVERS for m in modes):
+        raise SystemExit(f"--servers={args.servers}: a comma list of {sorted(SERVERS)}")
+    servers = {}
     ctx = mp.get_context("spawn")
     idle: list[float] = []
-    loaded: list[float] = []
-    load_stats: list[dict] = []
+    loaded: dict[str, list[float]] = {m: [] for m in modes}
+    load_stats: dict[str, list[dict]] = {m: [] for m in modes}
     try:
+        for m in modes:
+            servers[m] = SERVERS[m](target.provider, port=0, token=args.token or None)
         run_phase(target.step, min(2.0, args.phase_seconds))  # warm-up
-        for phase in ("idle", "loaded", "idle", "loaded"):
+        for phase in ["idle", *modes] * 2:
             if phase == "idle":
                 idle += run_phase(target.step, args.phase_seconds)
                 continue
             ready, stop, results = ctx.Event(), ctx.Event(), ctx.Queue()
-            proc = ctx.Process(target=_load_main, args=(server.address, args.clients, args.rate,
+            proc = ctx.Process(target=_load_main, args=(servers[phase].address, args.clients, args.rate,
                                args.watchers, args.watch_hz, args.token or None, ready, stop, results))
             proc.start()
             if not ready.wait(60):
                 raise RuntimeError("load process did not start within 60 s")
             before = snapshots[0]
-            loaded += run_phase(target.step, args.phase_seconds)
+            loaded[phase] += run_phase(target.step, args.phase_seconds)
             built = snapshots[0] - before
             stop.set()
             stats = results.get(timeout=60)
             proc.join(timeout=30)
-            load_stats.append({**stats, "snapshots": built})
+            load_stats[phase].append({**stats, "snapshots": built})
         final = original_snapshot()
     finally:
-        server.stop(grace_s=1.0)
+        for server in servers.values():
+            server.stop(grace_s=1.0)
         target.close()
 
-    a, b = summarize(idle), summarize(loaded)
-    secs = sum(s["seconds"] for s in load_stats)
+    a = summarize(idle)
     lines = [
         f"# gRPC control load vs step time — {time.strftime('%Y-%m-%d %H:%M')}",
         "",
@@ -232,26 +243,33 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} CPUs",
         f"load: {args.clients} clients x {args.rate:g} calls/s + {args.watchers} watchers x "
         f"{args.watch_hz:g} Hz (separate process), token {'on' if args.token else 'off'}; "
-        f"2 x {args.phase_seconds:g} s per condition",
-        f"achieved: {sum(s['calls'] for s in load_stats) / secs:.0f} calls/s, "
-        f"{sum(s['watch_messages'] for s in load_stats) / secs:.0f} stream messages/s, "
-        f"{sum(s['errors'] for s in load_stats)} errors, "
-        f"{sum(s['snapshots'] for s in load_stats) / (2 * args.phase_seconds):.1f} provider snapshots/s",
+        f"2 x {args.phase_seconds:g} s per condition; servers: {', '.join(modes)}",
+    ]
+    for m in modes:
+        st, secs = load_stats[m], sum(x["seconds"] for x in load_stats[m])
+        lines.append(f"achieved ({m}): {sum(x['calls'] for x in st) / secs:.0f} calls/s, "
+                     f"{sum(x['watch_messages'] for x in st) / secs:.0f} stream messages/s, "
+                     f"{sum(x['errors'] for x in st)} errors, "
+                     f"{sum(x['snapshots'] for x in st) / (2 * args.phase_seconds):.1f} provider snapshots/s")
+    lines += [
         f"provider counters at the end: {final.steps} steps, {final.running_requests} running, hit rate "
         f"{final.totals.hit_rate:.3f} ({final.totals.hits + final.totals.misses} lookups), "
         f"{final.totals.bytes_h2d / 2**20:.1f} MiB H2D",
         "",
-        "| condition | steps | mean ms | median ms | p90 ms | p99 ms |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| condition | steps | mean ms | median ms | p90 ms | p99 ms | mean slowdown | median slowdown |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| no clients | {a['steps']} | {a['mean'] * 1e3:.3f} | {a['median'] * 1e3:.3f} | {a['p90'] * 1e3:.3f} | "
+        f"{a['p99'] * 1e3:.3f} | | |",
     ]
-    for name, s in (("no clients", a), ("under load", b)):
-        lines.append(f"| {name} | {s['steps']} | {s['mean'] * 1e3:.3f} | {s['median'] * 1e3:.3f} | "
-                     f"{s['p90'] * 1e3:.3f} | {s['p99'] * 1e3:.3f} |")
-    slow = {k: (b[k] / a[k] - 1) * 100 for k in ("mean", "median", "p90", "p99")}
-    lines.append(f"| slowdown | | {slow['mean']:+.1f} % | {slow['median']:+.1f} % | "
-                 f"{slow['p90']:+.1f} % | {slow['p99']:+.1f} % |")
-    lines += ["", f"mean step-time slowdown {slow['mean']:+.1f} % (= throughput loss; target <= 5 %): "
-              f"{'OK' if slow['mean'] <= 5 else 'OVER TARGET'}; median {slow['median']:+.1f} %"]
+    verdicts = []
+    for m in modes:
+        b = summarize(loaded[m])
+        slow = {k: (b[k] / a[k] - 1) * 100 for k in ("mean", "median")}
+        lines.append(f"| under load, {m} server | {b['steps']} | {b['mean'] * 1e3:.3f} | {b['median'] * 1e3:.3f} | "
+                     f"{b['p90'] * 1e3:.3f} | {b['p99'] * 1e3:.3f} | {slow['mean']:+.1f} % | {slow['median']:+.1f} % |")
+        verdicts.append(f"{m} server: mean step-time slowdown {slow['mean']:+.1f} % (= throughput loss; target "
+                        f"<= 5 %): {'OK' if slow['mean'] <= 5 else 'OVER TARGET'}")
+    lines += [""] + verdicts
     text = "\n".join(lines)
     print(text)
     if args.out:

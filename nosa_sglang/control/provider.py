@@ -24,6 +24,10 @@ from nosa_sglang.runtime.stats import StatsSnapshot
 KnobUpdate = KnobRequest
 
 
+class ProviderUnavailable(RuntimeError):
+    """The runtime side cannot answer now (e.g. its process stopped); the service answers UNAVAILABLE."""
+
+
 class ControlProvider(ABC):
     """The runtime side of the control service.
 

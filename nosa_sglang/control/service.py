@@ -20,7 +20,7 @@ from nosa_sglang.control import convert
 from nosa_sglang.control.knob_mask import apply_mask
 from nosa_sglang.control.pb import control_pb2 as pb
 from nosa_sglang.control.pb import control_pb2_grpc as pb_grpc
-from nosa_sglang.control.provider import ControlProvider
+from nosa_sglang.control.provider import ControlProvider, ProviderUnavailable
 from nosa_sglang.control.reply_memo import ReplyMemo
 from nosa_sglang.control.snapshot_cache import CachedSnapshot, SnapshotCache
 from nosa_sglang.runtime.knobs import KnobError
@@ -102,7 +102,10 @@ class NosaControlService(pb_grpc.NosaControlServicer):
         return self._memo.requests(self._cache.get())
 
     def ResetStats(self, request: pb.ResetStatsRequest, context: Ctx) -> pb.ResetStatsResponse:
-        return pb.ResetStatsResponse(stats_epoch=self._cache.reset(self._provider.reset_stats))
+        try:
+            return pb.ResetStatsResponse(stats_epoch=self._cache.reset(self._provider.reset_stats))
+        except ProviderUnavailable as err:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
 
     def WatchStats(
         self, request: pb.WatchStatsRequest, context: Ctx
@@ -175,6 +178,8 @@ class NosaControlService(pb_grpc.NosaControlServicer):
                 update = self._provider.request_knobs(new, timeout_s)
             except KnobError as err:
                 _invalid(context, err.field, str(err))
+            except ProviderUnavailable as err:
+                context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
         reply = pb.UpdateConfigResponse(
             config=convert.config_to_proto(update.in_force, self._provider.nosa_config(),
                                            self._provider.max_gpu_slots()),
