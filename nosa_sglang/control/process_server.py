@@ -53,11 +53,12 @@ class ControlProcess:
         self._stopped = threading.Event()
         # NOTE: a fresh interpreter (`python -m`), not multiprocessing: fork is unsafe next to CUDA and
         # spawn re-imports the owner's __main__ (SGLang's launcher, a user's script without a main
-        # guard). The pipe is an authenticated Unix socket; the key goes over stdin, not argv.
+        # guard). -P: the child sees the owner's sys.path (PYTHONPATH), not the current directory. The
+        # pipe is an authenticated Unix socket; the key goes over stdin, not argv.
         authkey = secrets.token_bytes(32)
         with Listener(family="AF_UNIX", authkey=authkey) as listener:
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-            self._proc = subprocess.Popen([sys.executable, "-m", "nosa_sglang.control.remote_provider",
+            self._proc = subprocess.Popen([sys.executable, "-P", "-m", "nosa_sglang.control.remote_provider",
                                            listener.address], stdin=subprocess.PIPE, env=env)
             self._proc.stdin.write(authkey.hex().encode() + b"\n")
             self._proc.stdin.close()
