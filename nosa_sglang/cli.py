@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grpc-token", default=os.environ.get("NOSA_CTL_TOKEN"),
                    help="bearer token every control call must carry (default $NOSA_CTL_TOKEN; prefer it: "
                         "a command line is visible to other users)")
+    g.add_argument("--grpc-in-process", action="store_true",
+                   help="run the server on threads of the decoding process instead of a child process "
+                        "(the child keeps the handlers off the decode loop's GIL)")
     return p
 
 
@@ -71,6 +74,8 @@ def _demo_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> DemoO
     serving = args.grpc_port is not None
     if not serving and args.grpc_host is not None:
         p.error("--grpc-host: needs --grpc-port")
+    if not serving and args.grpc_in_process:
+        p.error("--grpc-in-process: needs --grpc-port")
     if serving and args.offload is False:
         p.error("--no-offload: the control API (--grpc-port) serves the offload runtime")
     return DemoOptions(
@@ -83,6 +88,7 @@ def _demo_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> DemoO
         grpc_port=args.grpc_port,
         grpc_host=args.grpc_host or DEFAULT_GRPC_HOST,
         grpc_token=(args.grpc_token or None) if serving else None,
+        grpc_in_process=args.grpc_in_process,
     )
 
 

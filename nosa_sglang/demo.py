@@ -18,6 +18,7 @@ import torch
 
 from nosa_sglang.control.runtime_provider import RuntimeProvider
 from nosa_sglang.control.server import DEFAULT_HOST as DEFAULT_GRPC_HOST
+from nosa_sglang.control.process_server import start_control_process
 from nosa_sglang.control.server import start_control_server
 from nosa_sglang.locality import LocalityTracker
 from nosa_sglang.reference.backend import AttentionBackend, ReferenceAttentionBackend
@@ -54,6 +55,8 @@ class DemoOptions:
         grpc_port: serve the control API on this port (0: a free one) and decode rounds until
             stopped; needs `offload`.
         grpc_host, grpc_token: address to bind and the bearer token of the control API.
+        grpc_in_process: serve from threads of this process (default: a child process,
+            `start_control_process`, so that handlers never hold the decode loop's GIL).
     """
 
     checkpoint: Path = DEFAULT_CHECKPOINT
@@ -65,6 +68,7 @@ class DemoOptions:
     grpc_port: int | None = None
     grpc_host: str = DEFAULT_GRPC_HOST
     grpc_token: str | None = None
+    grpc_in_process: bool = False
 
     def __post_init__(self) -> None:
         if self.grpc_port is None:
@@ -141,9 +145,11 @@ def run_demo(opts: DemoOptions, print_fn=print, stop: threading.Event | None = N
 
 
 def _serve(opts: DemoOptions, session: _Session, print_fn, stop: threading.Event) -> list[int]:
-    """Serve the control API (on the server's own threads) while this thread decodes rounds."""
+    """Serve the control API (from a child process, or this process's threads) while this thread
+    decodes rounds."""
     provider = RuntimeProvider(session.runtime)
-    server = start_control_server(provider, opts.grpc_host, opts.grpc_port, token=opts.grpc_token)
+    start = start_control_server if opts.grpc_in_process else start_control_process
+    server = start(provider, opts.grpc_host, opts.grpc_port, token=opts.grpc_token)
     print_fn(f"[demo] control API on {server.address}{' with a token' if opts.grpc_token else ''} "
              f"(try: nosa-ctl --target {server.address} stats); decoding rounds of {opts.steps} tokens "
              "until interrupted (Ctrl-C)")

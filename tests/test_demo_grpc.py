@@ -34,12 +34,14 @@ def _address(lines: list[str]) -> str | None:
     return found[0] if found else None
 
 
-def test_demo_serves_the_runtime_while_decoding_rounds_and_stops_cleanly(tmp_path, capsys):
+@pytest.mark.parametrize("in_process", [False, True], ids=["child-process", "in-process"])
+def test_demo_serves_the_runtime_while_decoding_rounds_and_stops_cleanly(tmp_path, capsys, in_process):
     lines: list[str] = []
     stop = threading.Event()
     result: list[list[int]] = []
     opts = DemoOptions(checkpoint=tmp_path / "ckpt", prompt_tokens=PROMPT_TOKENS, steps=ROUND_STEPS,
-                       report_every=10, offload=True, grpc_port=0, grpc_token=TOKEN)
+                       report_every=10, offload=True, grpc_port=0, grpc_token=TOKEN,
+                       grpc_in_process=in_process)
     md = [("authorization", f"Bearer {TOKEN}")]
     demo = threading.Thread(target=lambda: result.append(run_demo(opts, print_fn=lines.append, stop=stop)))
     demo.start()
@@ -107,6 +109,7 @@ def test_sigterm_stops_the_serving_demo_with_exit_0(tmp_path, capsys):
     (["--grpc-port", "-1"], "--grpc-port=-1: allowed range is [0, 65535]"),
     (["--grpc-port", "x"], "--grpc-port='x': must be an integer in [0, 65535]"),
     (["--grpc-host", "0.0.0.0"], "--grpc-host: needs --grpc-port"),
+    (["--grpc-in-process"], "--grpc-in-process: needs --grpc-port"),
     (["--grpc-port", "0", "--no-offload"], "--no-offload: the control API (--grpc-port) serves the offload runtime"),
 ])
 def test_cli_rejects_bad_grpc_flags_naming_the_flag(argv, message, capsys):

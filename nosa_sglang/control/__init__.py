@@ -2,7 +2,10 @@
 
 Public entry points (imported lazily, so `nosa_sglang.control.pb` imports without the server's
 dependencies — benchmarks/check_grpc_env.py relies on that):
+    start_control_process(provider, host, port, token=None, options=ServerOptions()) -> ControlProcess
+        (the server in a child process, fed by one bridge thread of the owner: the default)
     start_control_server(provider, host, port, token=None, options=ServerOptions()) -> ControlServer
+        (the server on threads of the owner's process)
     ControlProvider, KnobUpdate: the interface the runtime implements (provider.py)
     (the step-boundary knob queue a provider uses is nosa_sglang.runtime.knob_queue.KnobQueue)
     SyntheticProvider: a test double, not the runtime (synthetic.py)
@@ -10,23 +13,19 @@ dependencies — benchmarks/check_grpc_env.py relies on that):
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from nosa_sglang._lazy import lazy_exports
 
 _EXPORTS = {
-    "start_control_server": "nosa_sglang.control.server",
-    "ControlServer": "nosa_sglang.control.server",
-    "ControlServerError": "nosa_sglang.control.server",
-    "ServerOptions": "nosa_sglang.control.server",
-    "ControlProvider": "nosa_sglang.control.provider",
-    "KnobUpdate": "nosa_sglang.control.provider",
-    "SyntheticProvider": "nosa_sglang.control.synthetic",
+    "start_control_process": "process_server",
+    "ControlProcess": "process_server",
+    "start_control_server": "server",
+    "ControlServer": "server",
+    "ControlServerError": "server",
+    "ServerOptions": "server",
+    "ControlProvider": "provider",
+    "KnobUpdate": "provider",
+    "ProviderUnavailable": "provider",
+    "SyntheticProvider": "synthetic",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'nosa_sglang.control' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
