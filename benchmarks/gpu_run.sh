@@ -31,6 +31,9 @@ for what in "$@"; do case $what in
   kernels) step kernels 330 python3 benchmarks/kernels.py --budget-s 280 --out $OUT/kernels.md ;;
   grpc) step grpc_load ${GRPC_LIMIT:-200} python3 benchmarks/grpc_load.py --model 1b --prompt-tokens ${GRPC_PROMPT:-16384} --phase-seconds ${GRPC_PHASE:-8} \
       --out $OUT/grpc_load.md ;;
+  grpc-batched) step grpc_batched ${GRPC_LIMIT:-200} python3 benchmarks/grpc_load.py --provider batched --model 1b \
+      --prompt-tokens ${GRPC_PROMPT:-16384} --batch ${GRPC_BATCH:-64} --restart-every 4096 --phase-seconds ${GRPC_PHASE:-8} \
+      --out $OUT/grpc_batched.md ;;
   runtime-gpu-tests) step runtime_gpu_tests ${TESTS_LIMIT:-240} python3 -P -m pytest -q -p no:cacheprovider -m gpu \
       tests/test_runtime_gpu.py tests/test_kernel_block_copy.py --tb=short -rfE ${PYTEST_K:+-k "$PYTEST_K"} ;;
   *) echo "unknown step $what"; exit 2 ;;

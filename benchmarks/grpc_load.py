@@ -10,6 +10,7 @@ all conditions alike. Target: loaded mean step time (the throughput) <= 5 % slow
 
     python benchmarks/grpc_load.py                      # the runtime decoding (auto = runtime)
     python benchmarks/grpc_load.py --model 1b --prompt-tokens 32768   # on a GPU: the real figure
+    python benchmarks/grpc_load.py --provider batched --model 1b --prompt-tokens 16384 --batch 64  # graphed
     python benchmarks/grpc_load.py --provider synthetic --step-work-ms 5
     python benchmarks/grpc_load.py --provider my_module:make_target   # fn(args) -> BenchTarget
 
@@ -74,9 +75,61 @@ def runtime_target(args: argparse.Namespace) -> BenchTarget:
     return BenchTarget(RuntimeProvider(decode.runtime), decode.step, decode.close, decode.label)
 
 
+def batched_target(args: argparse.Namespace) -> BenchTarget:
+    """The attention stack of benchmarks/decode_throughput.py: `--batch` synthetic requests of
+    `--prompt-tokens` decoding through NosaRuntime with CUDA graphs (on a GPU), q/k/v/c random. A
+    GPU-bound step at a serving batch, where the eager batch-1 model is a Python-bound one."""
+    import torch
+    from decode_throughput import MODELS, Workload, host_bytes_per_request
+
+    from nosa_sglang.config import NosaConfig
+    from nosa_sglang.control.runtime_provider import RuntimeProvider
+    from nosa_sglang.kernels.pinned import alloc_pinned
+    from nosa_sglang.runtime import ModelShape, NosaRuntime, OffloadKnobs
+
+    dev = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    cuda = dev.type == "cuda"
+    shape = ModelShape(*MODELS["1b" if args.model == "1b" else "8b"] if args.model != "tiny" else (2, 4, 2, 64),
+                       torch.bfloat16 if cuda else torch.float32)
+    cfg, n = NosaConfig(), args.prompt_tokens + args.restart_every
+    host = alloc_pinned((args.batch * host_bytes_per_request(shape, cfg, n),), torch.uint8) if cuda else None
+    if host is not None:
+        host.zero_()
+    rt = NosaRuntime(shape, cfg, OffloadKnobs(gpu_slots=80, victim_policy="lru"), device=dev,
+                     host_capacity_bytes=args.batch * host_bytes_per_request(shape, cfg, n), max_requests=args.batch,
+                     max_seq_len=n, host_buffer=host, cuda_graphs=cuda)
+    ids = [f"r{i}" for i in range(args.batch)]
+    for i, rid in enumerate(ids):
+        rt.begin_request_synthetic(rid, args.prompt_tokens, seed=i)
+    work = Workload(shape, args.batch, "drift", 0.9, dev)
+    done = [0]
+
+    def step() -> None:
+        if done[0] == args.restart_every - 1:  # keep below max_seq_len: the same requests, admitted again
+            for i, rid in enumerate(ids):
+                rt.end_request(rid)
+                rt.begin_request_synthetic(rid, args.prompt_tokens, seed=i)
+            done[0] = 0
+        for layer in range(shape.num_layers):
+            q, k, v, c = work.next(layer)
+            rt.append(layer, ids, k, v, c)
+            rt.attend(layer, ids, q)
+        rt.step_boundary()
+        done[0] += 1
+        if cuda:
+            torch.cuda.synchronize()
+
+    label = (f"NosaRuntime attention stack ({args.model}: {shape.num_layers} layers, Hq {shape.num_q_heads}, "
+             f"Hkv {shape.num_kv_heads}, d {shape.head_dim}) on {dev}, batch {args.batch}, "
+             f"{'CUDA graphs' if cuda else 'eager'}; {args.prompt_tokens} tokens per request, 80 slots, drift queries")
+    return BenchTarget(RuntimeProvider(rt), step, lambda: [rt.end_request(r) for r in ids], label)
+
+
 def make_target(args: argparse.Namespace) -> BenchTarget:
     if args.provider == "synthetic":
         return synthetic_target(args)
+    if args.provider == "batched":
+        return batched_target(args)
     if args.provider in ("runtime", "auto"):
         return runtime_target(args)
     module, _, fn = args.provider.partition(":")
@@ -171,7 +224,9 @@ def summarize(times: list[float]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--provider", default="auto", help="auto (= runtime) | synthetic | runtime | module:function")
+    p.add_argument("--provider", default="auto",
+                   help="auto (= runtime) | synthetic | runtime | batched | module:function")
+    p.add_argument("--batch", type=int, default=64, help="batched only: requests decoding together")
     p.add_argument("--model", default="tiny", choices=("tiny", "1b"), help="runtime only: random NOSA-Llama shape")
     p.add_argument("--device", default="auto", help="runtime only: auto (CUDA if available) | cuda[:N] | cpu")
     p.add_argument("--prompt-tokens", type=int, default=8192,

@@ -31,6 +31,16 @@ def test_grpc_load_benchmark_runs_with_the_runtime_decoding_by_default():
     assert "1 running" in run.stdout, run.stdout
 
 
+def test_grpc_load_benchmark_runs_with_a_batched_runtime():
+    argv = [sys.executable, str(ROOT / "benchmarks" / "grpc_load.py"), "--provider", "batched", "--model", "tiny",
+            "--device", "cpu", "--batch", "3", "--prompt-tokens", "1000", "--restart-every", "4",
+            "--phase-seconds", "0.3", "--clients", "2", "--watchers", "1"]
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "target: NosaRuntime attention stack (tiny" in run.stdout and "batch 3" in run.stdout, run.stdout
+    assert run.stdout.count(" 0 errors") == 2 and "3 running" in run.stdout, run.stdout
+
+
 def test_runtime_decode_restarts_its_request_before_max_seq_len():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
