@@ -172,3 +172,44 @@ def test_the_child_does_not_outlive_its_owner():
             return f.read().split()[2] == "Z"
 
     assert wait_until(gone, timeout_s=20)
+
+
+class FlakyProvider(SyntheticProvider):
+    """An owner whose snapshot and reset fail on demand (a provider bug, not a wire problem)."""
+
+    fail = False
+
+    def snapshot(self):
+        if self.fail:
+            raise RuntimeError("counters unavailable")
+        return super().snapshot()
+
+    def reset_stats(self):
+        if self.fail:
+            raise RuntimeError("reset refused")
+        super().reset_stats()
+
+
+def test_a_failing_provider_keeps_the_last_state_and_answers_unavailable():
+    gen = _serve(FlakyProvider(), stepping=False)
+    provider, server, stub, _ = next(gen)
+    try:
+        steps = stub.GetStats(pb.GetStatsRequest(), timeout=10).stats.steps
+        provider.fail = True
+        assert wait_until(lambda: server.publish_errors > 2)
+        assert stub.GetStats(pb.GetStatsRequest(), timeout=10).stats.steps == steps  # the last good state
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ResetStats(pb.ResetStatsRequest(), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "reset refused" in err.value.details()
+        provider.fail = False
+        provider.step()
+        assert wait_until(lambda: stub.GetStats(pb.GetStatsRequest(), timeout=10).stats.steps == steps + 1)
+        assert "counters unavailable" in server.last_publish_error
+    finally:
+        gen.close()
+
+
+@pytest.mark.parametrize("kw, field", [({"port": 70000}, "port"), ({"publish_interval_s": 0.0}, "publish_interval_s")])
+def test_bad_arguments_name_the_field(kw, field):
+    with pytest.raises(ValueError, match=f"{field}=.*allowed range"):
+        start_control_process(SyntheticProvider(), **kw)

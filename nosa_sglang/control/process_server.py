@@ -51,6 +51,8 @@ class ControlProcess:
         self._interval = publish_interval_s
         self._send_lock = threading.Lock()
         self._stopped = threading.Event()
+        self.publish_errors = 0  # snapshots the provider failed to build (the child kept the last one)
+        self.last_publish_error = ""
         # NOTE: a fresh interpreter (`python -m`), not multiprocessing: fork is unsafe next to CUDA and
         # spawn re-imports the owner's __main__ (SGLang's launcher, a user's script without a main
         # guard). -P: the child sees the owner's sys.path (PYTHONPATH), not the current directory. The
@@ -108,18 +110,31 @@ class ControlProcess:
             while not self._stopped.is_set():
                 now = time.monotonic()
                 if now >= next_publish:
-                    self._send(("state", owner_state(self.provider)))
+                    self._publish()
                     next_publish = now + self._interval
                 if self._conn.poll(max(0.0, next_publish - time.monotonic())):
                     self._handle(self._conn.recv())
         except (EOFError, OSError, BrokenPipeError):
             pass  # the child is gone (stopped, or crashed: then `wait()` reports it)
 
+    def _publish(self) -> None:
+        try:
+            state = owner_state(self.provider)
+        except Exception as err:  # noqa: BLE001 - a provider bug must not end the bridge
+            self.publish_errors += 1
+            self.last_publish_error = f"{type(err).__name__}: {err}"
+            return  # the child keeps serving the last state
+        self._send(("state", state))
+
     def _handle(self, msg: tuple) -> None:
         kind, req_id = msg[0], msg[1]
         if kind == "reset":
-            self.provider.reset_stats()
-            self._send(("state", owner_state(self.provider)))
+            try:
+                self.provider.reset_stats()
+            except Exception as err:  # noqa: BLE001 - answered as UNAVAILABLE, the bridge goes on
+                self._send(("error", req_id, f"reset_stats failed: {type(err).__name__}: {err}"))
+                return
+            self._publish()
             self._send(("reply", req_id, None))
         elif kind == "knobs":
             threading.Thread(target=self._request_knobs, args=msg[1:], daemon=True).start()
@@ -130,8 +145,10 @@ class ControlProcess:
             reply = ("reply", req_id, update)
         except KnobError as err:
             reply = ("knob_error", req_id, (err.field, str(err)))
-        self._send(("state", owner_state(self.provider)))
+        except Exception as err:  # noqa: BLE001 - answered as UNAVAILABLE
+            reply = ("error", req_id, f"request_knobs failed: {type(err).__name__}: {err}")
         try:
+            self._publish()
             self._send(reply)
         except (OSError, BrokenPipeError):
             pass

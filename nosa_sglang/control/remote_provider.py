@@ -71,6 +71,8 @@ class RemoteProvider(ControlProvider):
                 self._conn.send((msg[0], req_id, *msg[1:]))
             if not done.wait(timeout_s + REPLY_MARGIN_S) or not box:
                 raise OwnerGone("the runtime's process did not answer (stopped or busy)")
+            if box[0][0] == "error":
+                raise ProviderUnavailable(box[0][1])
             return box[0]
         except (OSError, BrokenPipeError) as err:
             raise OwnerGone("the runtime's process is gone") from err
@@ -86,7 +88,7 @@ class RemoteProvider(ControlProvider):
                 msg = self._conn.recv()
                 if msg[0] == "state":
                     self._state = msg[1]
-                elif msg[0] in ("reply", "knob_error"):
+                elif msg[0] in ("reply", "knob_error", "error"):
                     with self._lock:
                         waiter = self._waiting.get(msg[1])
                     if waiter is not None:
