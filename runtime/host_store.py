@@ -80,6 +80,7 @@ class HostKVStore:
                 raise ValueError(f"buffer: expected a contiguous host tensor of >= {need} bytes, got {have} "
                                  f"bytes on {buffer.device}")
             self._kv = buffer.view(torch.uint8)[:need].view(dtype).view(shape)
+        self._layer_kv = [(self._kv[0, layer], self._kv[1, layer]) for layer in range(num_layers)]  # views, made once
         self.mode = pinned_mode()  # "cupy" | "torch" | "cpu" (named CPU mode: plain memory)
         self._lock = threading.Lock()
         self._refcount = [0] * self.num_blocks
@@ -89,10 +90,10 @@ class HostKVStore:
     # -- memory ------------------------------------------------------------------------------------
     def layer_k(self, layer: int) -> torch.Tensor:
         """[num_blocks * Hkv, block_size * head_dim] host K runs of `layer` (run id = block * Hkv + h)."""
-        return self._kv[0, layer]
+        return self._layer_kv[layer][0]
 
     def layer_v(self, layer: int) -> torch.Tensor:
-        return self._kv[1, layer]
+        return self._layer_kv[layer][1]
 
     def run_ids(self, block_ids: torch.Tensor) -> torch.Tensor:
         """Host run ids [..., Hkv] of blocks [...]: block * Hkv + kv_head."""

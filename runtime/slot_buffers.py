@@ -43,6 +43,13 @@ class SlotBuffers:
         # NOTE: zero-filled so that a never-written slot can never leak NaN/Inf through a masked load.
         self.kv = torch.zeros((2, num_layers, self.num_slots + 1, run), dtype=dtype, device=device)
         self.c = torch.zeros((num_layers, self.num_slots + 1, block_size), dtype=torch.float32, device=device)
+        # NOTE: per-layer views made once: indexing the buffers per call costs ~3 us a select on the
+        # hot path (the transfer engine and the kernels ask for them for every layer of every step)
+        self._k_runs = [self.kv[0, layer] for layer in range(num_layers)]
+        self._v_runs = [self.kv[1, layer] for layer in range(num_layers)]
+        self._k_slots = [t.view(-1, block_size, head_dim) for t in self._k_runs]
+        self._v_slots = [t.view(-1, block_size, head_dim) for t in self._v_runs]
+        self._c_slots = [self.c[layer] for layer in range(num_layers)]
         self.heads = torch.arange(num_kv_heads, device=device)
 
     @property
@@ -52,21 +59,21 @@ class SlotBuffers:
     # -- views ---------------------------------------------------------------------------------------
     def k_runs(self, layer: int) -> torch.Tensor:
         """[num_slots + 1, block_size * head_dim] (block_copy's layout)."""
-        return self.kv[0, layer]
+        return self._k_runs[layer]
 
     def v_runs(self, layer: int) -> torch.Tensor:
-        return self.kv[1, layer]
+        return self._v_runs[layer]
 
     def k_slots(self, layer: int) -> torch.Tensor:
         """[num_slots + 1, block_size, head_dim] (the decode kernel's layout)."""
-        return self.kv[0, layer].view(-1, self.block_size, self.head_dim)
+        return self._k_slots[layer]
 
     def v_slots(self, layer: int) -> torch.Tensor:
-        return self.kv[1, layer].view(-1, self.block_size, self.head_dim)
+        return self._v_slots[layer]
 
     def c_slots(self, layer: int) -> torch.Tensor:
         """[num_slots + 1, block_size] float32."""
-        return self.c[layer]
+        return self._c_slots[layer]
 
     def slot_id(self, row: int, head: int, local: int) -> int:
         """Global slot of (row, KV head, local slot index): host arithmetic, no device access."""
