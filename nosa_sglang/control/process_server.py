@@ -2,11 +2,12 @@
 from the process that decodes.
 
 Why: in the owner's process, 32 clients at 10 calls/s and 8 watchers cost a Python-bound decode loop
-+30 % step time (benchmarks/results/grpc_load.md): protobuf building, auth and gRPC's Python threads
-all hold the owner's GIL. Here the owner keeps one *bridge* thread that wakes `publish_interval_s` (50
-ms) apart to send a snapshot of the counters and knobs down a pipe, and answers the rare knob and
-reset requests; the gRPC server (`start_control_server`, unchanged: auth, health, reflection, limits)
-runs in a spawned child over a `RemoteProvider` that serves the latest published state.
++44 % step time on an H200, against +16 % from a child (benchmarks/results/grpc_load.md): protobuf
+building, auth and gRPC's Python threads all hold the owner's GIL. Here the owner keeps one *bridge*
+thread that wakes `publish_interval_s` (50 ms) apart to send a snapshot of the counters and knobs down a
+pipe, and answers the rare knob and reset requests; the gRPC server (`start_control_server`, unchanged:
+auth, health, reflection, limits) runs in a child interpreter over a `RemoteProvider` that serves the
+latest published state.
 
 Semantics are the in-process server's: knobs are validated on arrival in the child and applied by the
 owner's provider at its step boundary (the bridge calls `request_knobs` on a short-lived thread, so
@@ -74,7 +75,9 @@ class ControlProcess:
         box: list = []
         t = threading.Thread(target=lambda: box.append(listener.accept()), daemon=True)
         t.start()
-        t.join(START_TIMEOUT_S)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not box and self._proc.poll() is None and time.monotonic() < deadline:
+            t.join(0.05)  # NOTE: a child that dies before connecting fails the start at once
         if not box:
             self._proc.kill()
             raise ControlServerError(f"the control server process did not connect within {START_TIMEOUT_S:.0f} s "
