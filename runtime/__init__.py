@@ -17,6 +17,7 @@ _EXPORTS = {
     "Admitted": "types",
     "GpuSlotsExhausted": "types",
     "ModelShape": "types",
+    "RequestTooLarge": "types",
     "RuntimeUsageError": "types",
     "Counters": "counters",
     "FullResidency": "full_residency",

@@ -28,7 +28,9 @@ from nosa_sglang.runtime.slot_cache import GpuSlotCache
 from nosa_sglang.runtime.stats import StatsSnapshot
 from nosa_sglang.runtime.step_plan import StepPlan, build_step_plan
 from nosa_sglang.runtime.transfer import TransferEngine
-from nosa_sglang.runtime.types import Admission, Admitted, GpuSlotsExhausted, ModelShape, RuntimeUsageError
+from nosa_sglang.runtime.types import (
+    Admission, Admitted, GpuSlotsExhausted, ModelShape, RequestTooLarge, RuntimeUsageError,
+)
 from nosa_sglang.runtime.victim import make_victim_policy
 
 SELECTION_POLICIES = ("nosa", "infllmv2")
@@ -161,21 +163,24 @@ class NosaRuntime:
         need = 0 if self.gpu_only else self.config.num_blocks(prompt_tokens) - shared_prefix_blocks
         free = 0 if self.gpu_only else self.host.free_blocks
         rows = self.max_requests - len(self._row_owner)
-        reason = ""
+        reason, never = "", False
         if prompt_tokens + 1 > self.max_seq_len:
-            reason = f"prompt of {prompt_tokens} tokens exceeds max_seq_len={self.max_seq_len}"
+            reason, never = f"prompt of {prompt_tokens} tokens exceeds max_seq_len={self.max_seq_len}", True
+        elif not self.gpu_only and need > self.host.num_blocks:
+            reason, never = str(RequestTooLarge(prompt_tokens, need, self.host.num_blocks)), True
         elif rows < 1:
             reason = f"no GPU slots: all {self.max_requests} request rows in use"
         elif need > free:
             reason = f"host KV store: {need} block(s) needed, {free} free"
-        return Admission(not reason, need, free, rows, reason)
+        return Admission(not reason, need, free, rows, reason, never)
 
     def begin_request(self, request_id: str, prompt_k, prompt_v, prompt_c,
                       shared_prefix_blocks: list[int] | None = None) -> Admitted:
         """Admit a request with its prompt's KV (per layer [T, Hkv, d], bias [T, Hkv]; a list per layer or a
         stacked [L, T, ...] tensor). The first len(shared_prefix_blocks) full blocks are already in the host
         store (shared, not rewritten). Raises HostMemoryExhausted / GpuSlotsExhausted and then changes
-        nothing. The prompt's own attention is the caller's (prefill)."""
+        nothing; RequestTooLarge (changing nothing either) when the prompt needs more host blocks than
+        the store holds at all. The prompt's own attention is the caller's (prefill)."""
         self._require_no_open_step("begin_request")
         if request_id in self._requests:
             raise RuntimeUsageError(f"request_id={request_id!r}: already running")
@@ -187,6 +192,8 @@ class NosaRuntime:
             raise ValueError(f"shared_prefix_blocks: {len(shared)} blocks; allowed range is "
                              f"[0, {T // self.config.block_size}]"
                              " full prompt blocks (and none in gpu_only mode)")
+        if not self.gpu_only and self.config.num_blocks(T) - len(shared) > self.host.num_blocks:
+            raise RequestTooLarge(T, self.config.num_blocks(T) - len(shared), self.host.num_blocks)
         if len(self._row_owner) >= self.max_requests:
             raise GpuSlotsExhausted(self.max_requests)
         host_blocks: list[int] = []
@@ -217,6 +224,8 @@ class NosaRuntime:
             raise RuntimeUsageError(f"request_id={request_id!r}: already running")
         if not 1 <= num_tokens < self.max_seq_len:
             raise ValueError(f"num_tokens={num_tokens}: allowed range is [1, {self.max_seq_len - 1}]")
+        if not self.gpu_only and self.config.num_blocks(num_tokens) > self.host.num_blocks:
+            raise RequestTooLarge(num_tokens, self.config.num_blocks(num_tokens), self.host.num_blocks)
         if len(self._row_owner) >= self.max_requests:
             raise GpuSlotsExhausted(self.max_requests)
         host_blocks = [] if self.gpu_only else self.host.allocate(self.config.num_blocks(num_tokens),

@@ -2,7 +2,9 @@
 
 Expected "no room" conditions (host blocks, GPU rows) are back-pressure: `NosaRuntime.can_admit`
 reports them as a value, `begin_request` raises `HostMemoryExhausted` / `GpuSlotsExhausted` and
-changes nothing. Broken caller invariants (unknown request, wrong batch) raise `RuntimeUsageError`.
+changes nothing. A request that needs more host blocks than the store holds at all can never be
+admitted, so waiting must not be the answer: `RequestTooLarge` (a ValueError) and `Admission.never`.
+Broken caller invariants (unknown request, wrong batch) raise `RuntimeUsageError`.
 """
 
 from __future__ import annotations
@@ -48,6 +50,15 @@ class GpuSlotsExhausted(RuntimeError):
         self.max_requests = max_requests
 
 
+class RequestTooLarge(ValueError):
+    """A request needs more host blocks than the host store holds in all: reject it, do not wait."""
+
+    def __init__(self, tokens: int, needed: int, total: int) -> None:
+        super().__init__(f"prompt of {tokens} tokens needs {needed} host block(s); the host store holds "
+                         f"{total} in all (host_capacity_bytes): this request can never be admitted")
+        self.tokens, self.needed, self.total = tokens, needed, total
+
+
 class RuntimeUsageError(RuntimeError):
     """The caller broke the runtime's protocol (unknown request, batch changed mid-step, ...)."""
 
@@ -60,6 +71,7 @@ class Admission(NamedTuple):
     host_blocks_free: int
     gpu_rows_free: int
     reason: str = ""
+    never: bool = False  #: no amount of waiting helps (too long for max_seq_len or for the whole store)
 
 
 class Admitted(NamedTuple):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_runtime_equivalence import ATOL, RTOL, ReferenceMirror, random_prompt, small_runtime
 
-from nosa_sglang.runtime import GpuSlotsExhausted, HostMemoryExhausted, KnobError, RuntimeUsageError
+from nosa_sglang.runtime import GpuSlotsExhausted, HostMemoryExhausted, KnobError, RequestTooLarge, RuntimeUsageError
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,6 +77,23 @@ def test_host_store_too_small_raises_and_changes_nothing():
     assert pool_state(rt) == before
     assert (after.host_blocks_used, after.running_requests, after.totals) == (snap.host_blocks_used, 1, snap.totals)
     assert not rt.can_admit(400).ok and rt.can_admit(300).ok
+    assert not rt.can_admit(400).never  # it fits once r0 ends: back-pressure, not a rejection
+
+
+def test_a_request_larger_than_the_whole_host_store_is_rejected_not_queued():
+    rt = small_runtime(host_capacity_bytes=40 * 2 * 2 * 2 * 16 * 16 * 4)  # 40 blocks in all
+    s = Session(rt)
+    before, snap = pool_state(rt), rt.snapshot()
+    with pytest.raises(RequestTooLarge, match="needs 41 host block.*holds 40 in all.*never be admitted") as err:
+        s.begin(0, 41 * 16)
+    assert not isinstance(err.value, HostMemoryExhausted)  # a scheduler must not wait for it
+    with pytest.raises(RequestTooLarge):
+        rt.begin_request_synthetic("big", 41 * 16)
+    assert pool_state(rt) == before and rt.snapshot().totals == snap.totals
+    verdict = rt.can_admit(41 * 16)
+    assert not verdict.ok and verdict.never and "never be admitted" in verdict.reason
+    assert rt.can_admit(40 * 16).ok and not rt.can_admit(40 * 16).never
+    s.begin(0, 40 * 16 - 1)  # the largest that fits still does
 
 
 def test_decode_step_opening_a_block_backpressures_without_change():
