@@ -48,6 +48,7 @@ class TransferEngine:
         self._unwaited: list[list[tuple[object, object]]] = [[] for _ in range(L)]  # (start, end) not yet waited
         self._wb_done: list[object | None] = [None] * L
         self._readback = torch.empty(0, dtype=torch.long)
+        self._gathers: list[block_copy.PreparedGather | None] = [None] * L  # zero-copy launchers, made on first use
         self.mode = "cpu"
         self.set_mode(mode)
         self.debug_delay_cycles = 0  # tests: a sleep kernel on the h2d stream before every copy
@@ -120,8 +121,15 @@ class TransferEngine:
         # attention that last read them), and after this layer's write-backs reached the host.
         if self._wb_done[layer] is not None:
             h2d.wait_event(self._wb_done[layer])
-        start, end = self._timed_after_compute(h2d, self.debug_delay_cycles, lambda: block_copy.gather_runs(
-            host_k, host_v, src, gpu_k, gpu_v, dst, mode=self.mode, stream=h2d, validate_ids=False))
+        if self.mode == "zero_copy" and src.is_cuda and dst.is_cuda:  # the hot path: a bare launch
+            gather = self._gathers[layer]
+            if gather is None:
+                gather = self._gathers[layer] = block_copy.PreparedGather(host_k, host_v, gpu_k, gpu_v)
+            copy = lambda: gather.launch(src, dst)  # noqa: E731
+        else:
+            copy = lambda: block_copy.gather_runs(host_k, host_v, src, gpu_k, gpu_v, dst, mode=self.mode,  # noqa: E731
+                                                  stream=h2d, validate_ids=False)
+        start, end = self._timed_after_compute(h2d, self.debug_delay_cycles, copy)
         for t in (src, dst):
             if t.is_cuda:
                 t.record_stream(h2d)  # NOTE: allocated on the compute stream, read on h2d

@@ -321,3 +321,35 @@ def test_gpu_alloc_pinned_is_pinned_and_outlives_its_views(gen):
     gc.collect()
     filler = [alloc_pinned((1024, 4096), torch.bfloat16).fill_(1.0) for _ in range(4)]  # reuse would clobber
     assert view.is_pinned() and torch.equal(view, data[100:200]) and len(filler) == 4
+
+
+def test_prepared_gather_equals_gather_runs(gen):
+    """The runtime's hot-path launcher moves exactly what gather_runs moves, padding included, for
+    several list lengths (its launch configurations are cached per length)."""
+    from nosa_sglang.kernels.block_copy import PreparedGather
+
+    cpu_mode("zero_copy")
+    hk, hv = store(gen, 40, 64 * 16, torch.bfloat16), store(gen, 40, 64 * 16, torch.bfloat16)
+    gk, gv = poisoned(17, 64 * 16, torch.bfloat16), poisoned(17, 64 * 16, torch.bfloat16)
+    want_k, want_v = gk.clone(), gv.clone()
+    prepared = PreparedGather(hk, hv, gk, gv)
+    for n in (5, 9, 5):
+        src, dst = random_ids(gen, n, 40, 16)
+        src[::3] = -1  # padding entries aim at the trash slot
+        dst[::3] = 16
+        prepared.launch(src, dst)
+        gather_runs(hk, hv, src, want_k, want_v, dst, mode="zero_copy")
+        assert torch.equal(gk.nan_to_num(7.0), want_k.nan_to_num(7.0))
+        assert torch.equal(gv.nan_to_num(7.0), want_v.nan_to_num(7.0))
+    assert gk[16].isnan().all() and gv[16].isnan().all()  # padding wrote nothing, not even to the trash slot
+    assert len(prepared._configs) == 2
+
+
+def test_prepared_gather_checks_its_tensors_once(gen):
+    from nosa_sglang.kernels.block_copy import PreparedGather
+
+    hk, hv = store(gen, 8, 512, torch.float32), store(gen, 8, 512, torch.float32)
+    with pytest.raises(KernelArgumentError, match="gpu_v: dtype"):
+        PreparedGather(hk, hv, poisoned(4, 512, torch.float32), poisoned(4, 512, torch.bfloat16))
+    with pytest.raises(KernelArgumentError, match="gpu_k: run_elems"):
+        PreparedGather(hk, hv, poisoned(4, 256, torch.float32), poisoned(4, 256, torch.float32))
