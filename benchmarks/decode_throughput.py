@@ -115,8 +115,11 @@ def run_runtime(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_mode
     def step() -> None:
         for layer in range(shape.num_layers):
             q, k, v, c = work.next(layer)
-            rt.append(layer, ids, k, v, c)
-            rt.attend(layer, ids, q)
+            if args.split_append:
+                rt.append(layer, ids, k, v, c)
+                rt.attend(layer, ids, q)
+            else:
+                rt.decode(layer, ids, q, k, v, c)
         rt.step_boundary()
 
     for _ in range(args.warmup):
@@ -371,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
                    help="capture each layer's runtime work in CUDA graphs (configs a, b, c, a*)")
+    p.add_argument("--split-append", action="store_true",
+                   help="append() then attend() per layer (results before 2026-11-28 evening) instead of decode()")
     p.add_argument("--ck-bf16", action=argparse.BooleanOptionalAction, default=True,
                    help="store K~ in bf16 (half the memory and selection reads)")
     p.add_argument("--max-batch", type=int, default=256)

@@ -112,8 +112,7 @@ def batched_target(args: argparse.Namespace) -> BenchTarget:
             done[0] = 0
         for layer in range(shape.num_layers):
             q, k, v, c = work.next(layer)
-            rt.append(layer, ids, k, v, c)
-            rt.attend(layer, ids, q)
+            rt.decode(layer, ids, q, k, v, c)
         rt.step_boundary()
         done[0] += 1
         if cuda:

@@ -5,6 +5,7 @@ append:  [host: wait for H2D / write-back] -> segment "append" (open blocks, wri
 attend:  segment "select" (selection kernels, residency diff, bias gather, counters, packed miss
          list) -> [host: fetch, compute waits for the copies] -> segment "attend" (sparse attention,
          prefetch plan) -> [host: queue the prefetch]
+decode:  append + attend with "append" and "select" captured as one segment ("decode").
 Segments are fixed-shape tensor code that reads the step plan, the inputs and the persistent state at
 fixed addresses; with `cuda_graphs=True` they are captured and replayed (SegmentGraphs), otherwise run
 eagerly. The eager path is the same code, so the CPU tests check what the graphs replay.
@@ -74,41 +75,71 @@ class LayerDecoder:
 
     # -- append ---------------------------------------------------------------------------------------
     def append(self, layer: int, p: StepPlan, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor) -> None:
-        rt = self.rt
         x = self._inputs(p, k=k, v=v, c=c)
+        self._wait_before_opening(layer, p)
+        self._run(p, ("append", layer, p.any_open, p.any_complete, self.rt._victims.name),
+                  lambda: self._append_segment(layer, p, x))
+        self._write_back(layer, p)
+
+    def _wait_before_opening(self, layer: int, p: StepPlan) -> None:
+        if p.any_open and not self.rt.gpu_only:
+            self.rt.transfer.wait_h2d(layer)  # NOTE: the victim slot may be a prefetch target in flight
+            self.rt.transfer.wait_writeback(layer)  # NOTE: wait before the tail slot is reused
+
+    def _append_segment(self, layer: int, p: StepPlan, x: dict[str, torch.Tensor]) -> None:
+        rt = self.rt
         if p.any_open and not rt.gpu_only:
-            rt.transfer.wait_h2d(layer)  # NOTE: the victim slot may be a prefetch target in flight
-            rt.transfer.wait_writeback(layer)  # NOTE: wait before the tail slot is reused
+            view = rt.slots.rows_view(layer, p.rows, p.row_range)
+            rt.slots.start_tail_block(layer, view, p.tail_blocks, p.opens, rt._victims, rt._step_t, p.slot_base)
+            rt.slots.commit(layer, view)
+        rt.slots.write_token(layer, p.token_slots, p.offsets, x["k"], x["v"], x["c"])
+        rt.selection.append(layer, p.rows, p.pos, x["k"], x["c"], p.completes if p.any_complete else None,
+                            p.chunk_ids)
 
-        def segment() -> None:
-            if p.any_open and not rt.gpu_only:
-                view = rt.slots.rows_view(layer, p.rows, p.row_range)
-                rt.slots.start_tail_block(layer, view, p.tail_blocks, p.opens, rt._victims, rt._step_t, p.slot_base)
-                rt.slots.commit(layer, view)
-            rt.slots.write_token(layer, p.token_slots, p.offsets, x["k"], x["v"], x["c"])
-            rt.selection.append(layer, p.rows, p.pos, x["k"], x["c"], p.completes if p.any_complete else None,
-                                p.chunk_ids)
-
-        self._run(p, ("append", layer, p.any_open, p.any_complete, rt._victims.name), segment)
+    def _write_back(self, layer: int, p: StepPlan) -> None:
         if p.wb_src is not None:
-            rt.transfer.write_back(layer, p.wb_src, p.wb_dst)
+            self.rt.transfer.write_back(layer, p.wb_src, p.wb_dst)
 
     # -- attend ---------------------------------------------------------------------------------------
     def attend(self, layer: int, p: StepPlan, q: torch.Tensor) -> torch.Tensor:
-        rt = self.rt
         x = self._inputs(p, q=q)
-        nosa = rt.selection_policy == "nosa"
+        nosa, state = self.rt.selection_policy == "nosa", {}
+        key = ("select", layer, p.num_blocks, self.rt._victims.name)
+        selected = self._run(p, key, lambda: self._select(layer, p, x["q"], nosa, state))
+        return self._fetch_and_attend(layer, p, x, key, selected, nosa, state)
+
+    # -- append + attend --------------------------------------------------------------------------------
+    def decode(self, layer: int, p: StepPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               c: torch.Tensor) -> torch.Tensor:
+        """append then attend with the append and select segments as one: a graph launch and a host
+        point fewer per layer. The write-back of a tail that filled moves after the select segment:
+        selection reads no slot data, and the write-back stream still waits for the token's write."""
+        x = self._inputs(p, q=q, k=k, v=v, c=c)
+        self._wait_before_opening(layer, p)
+        nosa, state = self.rt.selection_policy == "nosa", {}
+
+        def segment():
+            self._append_segment(layer, p, x)
+            return self._select(layer, p, x["q"], nosa, state)
+
+        key = ("decode", layer, p.any_open, p.any_complete, p.num_blocks, self.rt._victims.name)
+        selected = self._run(p, key, segment)
+        self._write_back(layer, p)
+        return self._fetch_and_attend(layer, p, x, key, selected, nosa, state)
+
+    def _fetch_and_attend(self, layer: int, p: StepPlan, x: dict[str, torch.Tensor], select_key: tuple,
+                          selected: tuple, nosa: bool, state: dict) -> torch.Tensor:
+        """Fetch the misses, then the "attend" segment. Its key contains the key of the segment that
+        produced `selected`: a captured attend reads that segment's output buffers, so each select
+        variant needs its own attend graph (a decode segment keyed by any_open would otherwise feed
+        an attend captured against another variant's buffers)."""
+        rt = self.rt
+        sel, slot_ids, packed, E = selected
         prefetch = (not rt.gpu_only and nosa and rt._knobs.prefetch and rt._victims.uses_scores
                     and rt.slots.active > rt.config.topk_blocks
                     and (not rt.transfer.cuda or rt.transfer.mode == "zero_copy"))  # see transfer.py
         # NOTE: under LRU a prefetch may only fill empty slots, which the warm start leaves none of, so
         # it is skipped (docs/runtime.md, "Victim policy")
-        state: dict[str, object] = {}
-
-        def select():
-            return self._select(layer, p, x["q"], nosa, state)
-
-        sel, slot_ids, packed, E = self._run(p, ("select", layer, p.num_blocks, rt._victims.name), select)
         if not rt.gpu_only:
             rt.transfer.fetch(layer, packed)
             rt.transfer.wait_for_layer(layer)
@@ -124,7 +155,7 @@ class LayerDecoder:
                 rt.slots.commit(layer, view)
             return o, pf
 
-        o, pf = self._run(p, ("attend", layer, p.num_blocks, rt._victims.name, prefetch), attend)
+        o, pf = self._run(p, ("attend", select_key, prefetch), attend)
         if pf is not None:
             rt.transfer.fetch(layer, pf, prefetch=True)
         rt._last_selection[layer] = sel if p.inv is None else sel[p.inv]

@@ -305,6 +305,17 @@ class NosaRuntime:
         p.attended.add(layer)
         return o
 
+    def decode(self, layer: int, request_ids, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               c: torch.Tensor) -> torch.Tensor:
+        """`append(layer, ids, k, v, c)` then `attend(layer, ids, q)` in one call, the shape of an attention
+        backend's decode (q, k, v come out of one projection): the same results, and with cuda_graphs
+        one captured segment fewer per layer. Raises as append does, and then changes nothing."""
+        p = self._plan_for(tuple(request_ids), layer)
+        o = self._decoder.decode(layer, p, q, k, v, c)
+        p.appended.add(layer)
+        p.attended.add(layer)
+        return o
+
     def last_selection(self, layer: int) -> torch.Tensor | None:
         """[B, Hkv, topk_blocks] int32 blocks the last attend of `layer` selected (caller order)."""
         return self._last_selection.get(layer)

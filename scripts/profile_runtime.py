@@ -45,6 +45,7 @@ def main() -> int:
     p.add_argument("--slots", type=int, default=80)
     p.add_argument("--no-graphs", action="store_true")
     p.add_argument("--rows", type=int, default=18)
+    p.add_argument("--split-append", action="store_true", help="append() + attend() instead of decode()")
     a = p.parse_args()
     shape = ModelShape(*MODELS["1b"], torch.bfloat16)
     cfg = NosaConfig()
@@ -55,8 +56,11 @@ def main() -> int:
         def step():
             for layer in range(shape.num_layers):
                 q, k, v, c = work.next(layer)
-                rt.append(layer, ids, k, v, c)
-                rt.attend(layer, ids, q)
+                if a.split_append:
+                    rt.append(layer, ids, k, v, c)
+                    rt.attend(layer, ids, q)
+                else:
+                    rt.decode(layer, ids, q, k, v, c)
             rt.step_boundary()
 
         for _ in range(4):
@@ -68,7 +72,7 @@ def main() -> int:
         host_s = time.perf_counter() - t0  # time to enqueue (the host side) ...
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0  # ... and until the GPU finished
-        print(f"\n===== {conf}: B={a.batch} tokens={a.tokens} graphs={not a.no_graphs}: step {1e3 * wall / 5:.2f} ms "
+        print(f"\n===== {conf}: B={a.batch} tokens={a.tokens} graphs={not a.no_graphs} split={a.split_append}: step {1e3 * wall / 5:.2f} ms "
               f"(host enqueue {1e3 * host_s / 5:.2f} ms)", flush=True)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:

@@ -107,13 +107,14 @@ def random_prompt(shape: ModelShape, T: int, g: torch.Generator, device):
 
 def drive(rt: NosaRuntime, prompt_lens: list[int], steps: int, seed: int, check: bool = True,
           order: list[int] | None = None, collect: bool = False, allow_near_ties: bool = False,
-          on_attend=None) -> dict:
+          on_attend=None, fused: bool = False) -> dict:
     """Run `steps` decode steps of random tokens/queries; compare every layer with the reference
     (`collect`: also return every output, on the host).
 
     `allow_near_ties` (fp32 GPU kernels against the fp64 reference): a selection that differs only by
     near ties (`ReferenceMirror.near_tie`) counts in "near_ties", not "selection_mismatches", and the
-    output is then checked against the reference attention over the runtime's own selection."""
+    output is then checked against the reference attention over the runtime's own selection.
+    `fused`: each layer through `decode(q, k, v, c)` instead of `append` then `attend`."""
     shape, cfg, dev = rt.shape, rt.config, rt.device
     g = torch.Generator().manual_seed(seed)
     mirror = ReferenceMirror(len(prompt_lens), shape, max(prompt_lens) + steps + 1, dev)
@@ -132,8 +133,11 @@ def drive(rt: NosaRuntime, prompt_lens: list[int], steps: int, seed: int, check:
             v = torch.randn(len(idx), H, d, generator=g).to(dev, shape.dtype)
             c = (0.1 + 2 * torch.rand(len(idx), H, generator=g)).to(dev)
             q = torch.randn(len(idx), Hq, d, generator=g).to(dev, shape.dtype)
-            rt.append(layer, batch, k, v, c)
-            o = rt.attend(layer, batch, q)
+            if fused:
+                o = rt.decode(layer, batch, q, k, v, c)
+            else:
+                rt.append(layer, batch, k, v, c)
+                o = rt.attend(layer, batch, q)
             if collect:
                 outputs.append(o.cpu())
             if on_attend is not None:
@@ -263,6 +267,20 @@ def test_zero_copy_kernels_under_interpreter():
     assert out["selection_mismatches"] == 0 and out["snapshot"].totals.misses > 0
 
 
+@pytest.mark.parametrize("victim", ["lru", "eviction_score"])
+def test_decode_equals_append_then_attend_bit_for_bit(victim):
+    """One call per layer (the backend's shape) changes nothing: same outputs, same counters, and the
+    reference's selection at every step (blocks fill and are written back in between)."""
+    seed = fresh_seed()
+    runs = [drive(small_runtime(slots=10, victim=victim), [150, 161, 40], steps=120, seed=seed, collect=True,
+                  fused=fused) for fused in (False, True)]
+    assert all(r["selection_mismatches"] == 0 for r in runs)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0]["outputs"], runs[1]["outputs"]))
+    counts = [tuple(getattr(r["snapshot"].totals, f) for f in ("hits", "misses", "prefetched", "bytes_h2d", "bytes_d2h"))
+              for r in runs]
+    assert counts[0] == counts[1] and runs[1]["snapshot"].totals.misses > 0
+
+
 class ReplayClosures:
     """CUDA-graph semantics on CPU: a segment seen twice is 'captured' (its closure and first outputs
     kept) and every later call re-runs *that* closure and writes into *those* outputs, so a segment that
@@ -300,10 +318,11 @@ def _flat(x):
     return []
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["append-attend", "decode"])
 @pytest.mark.parametrize("victim", ["lru", "eviction_score"])
-def test_graph_mode_segments_read_only_static_buffers(victim):
+def test_graph_mode_segments_read_only_static_buffers(victim, fused):
     seed = fresh_seed()
     rt = small_runtime(slots=10, victim=victim, layers=2)
     rt._decoder.graphs = ReplayClosures()  # what cuda_graphs=True does, minus the GPU
-    out = drive(rt, [150, 161, 40], steps=150, seed=seed, order=[1, 2, 0])
+    out = drive(rt, [150, 161, 40], steps=150, seed=seed, order=[1, 2, 0], fused=fused)
     assert out["selection_mismatches"] == 0 and rt._decoder.graphs.replays > 500

@@ -71,6 +71,19 @@ def test_cuda_graphs_equal_reference_and_eager(mode, victim):
     assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 
+@pytest.mark.parametrize("mode", ["zero_copy", "copy_engine"])
+def test_decode_with_cuda_graphs_equals_append_then_attend(mode):
+    """decode() (append + select captured as one segment) against the eager two-call path, bit for bit."""
+    s = seed()
+    outs = []
+    for fused, graphs in ((False, False), (True, True)):
+        rt = small_runtime(slots=10, victim="lru", device="cuda", mode=mode, cuda_graphs=graphs)
+        out = drive(rt, [150, 161, 40], steps=120, seed=s, collect=True, allow_near_ties=True, fused=fused)
+        assert out["selection_mismatches"] == 0
+        outs.append(out["outputs"])
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
 @pytest.mark.parametrize("graphs", [False, True])
 def test_row_moves_block_openings_and_knob_changes_on_cuda(graphs):
     """End a middle request (rows move, the batch shape changes), grow and shrink slots: still exact."""

@@ -2,7 +2,8 @@
 
 `generate(..., backend=OffloadAttentionBackend(runtime))` prefills each prompt with the sparse prefill
 kernel (its own attention) and hands the prompt's KV to `NosaRuntime.begin_request` once its last layer
-is done; decode steps go through `append` + `attend`, with `step_boundary()` after the last layer.
+is done; decode steps go through `decode` (append + attend in one call), with `step_boundary()` after the
+last layer.
 It must produce the same tokens as ReferenceAttentionBackend: offloading changes nothing.
 """
 
@@ -45,8 +46,7 @@ class OffloadAttentionBackend(AttentionBackend):
 
     def decode(self, layer, q, k, v, c):
         rt = self.runtime
-        rt.append(layer, self._ids, k, v, c)
-        o = rt.attend(layer, self._ids, q)
+        o = rt.decode(layer, self._ids, q, k, v, c)
         if layer == rt.shape.num_layers - 1:
             rt.step_boundary()
         return o
