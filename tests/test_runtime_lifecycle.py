@@ -96,7 +96,8 @@ def test_a_request_larger_than_the_whole_host_store_is_rejected_not_queued():
     s.begin(0, 40 * 16 - 1)  # the largest that fits still does
 
 
-def test_decode_step_opening_a_block_backpressures_without_change():
+@pytest.mark.parametrize("call", ["append", "decode"])
+def test_decode_step_opening_a_block_backpressures_without_change(call):
     rt = small_runtime(host_capacity_bytes=21 * 2 * 2 * 2 * 16 * 16 * 4)
     s = Session(rt)
     s.begin(0, 16 * 20)  # 20 full blocks: the next token opens block 20
@@ -104,7 +105,10 @@ def test_decode_step_opening_a_block_backpressures_without_change():
     before = pool_state(rt)
     k = torch.zeros(1, 2, 16)
     with pytest.raises(HostMemoryExhausted):
-        rt.append(0, ["r0"], k, k, torch.ones(1, 2))
+        if call == "append":
+            rt.append(0, ["r0"], k, k, torch.ones(1, 2))
+        else:
+            rt.decode(0, ["r0"], torch.zeros(1, 4, 16), k, k, torch.ones(1, 2))
     assert pool_state(rt) == before and rt.seq_len("r0") == 320
     rt.end_request("r1")
     s.step([0])  # now it fits, and the output still equals the reference
@@ -258,3 +262,8 @@ def test_protocol_errors_name_the_problem():
         rt.append(1, ["r1", "r0"], z, z, torch.ones(2, 2))
     with pytest.raises(RuntimeUsageError, match="open"):
         rt.end_request("r0")
+    q = torch.zeros(2, 4, 16)
+    with pytest.raises(RuntimeUsageError, match="already appended"):
+        rt.decode(0, ["r0", "r1"], q, z, z, torch.ones(2, 2))  # layer 0 has its token
+    with pytest.raises(RuntimeUsageError, match="differs"):
+        rt.decode(1, ["r1", "r0"], q, z, z, torch.ones(2, 2))
