@@ -49,6 +49,7 @@ class TransferEngine:
         self._wb_done: list[object | None] = [None] * L
         self._readback = torch.empty(0, dtype=torch.long)
         self._gathers: list[block_copy.PreparedGather | None] = [None] * L  # zero-copy launchers, made on first use
+        self._queued = None  # the compute-stream event copies wait on (see _timed_after_compute)
         self.mode = "cpu"
         self.set_mode(mode)
         self.debug_delay_cycles = 0  # tests: a sleep kernel on the h2d stream before every copy
@@ -180,13 +181,16 @@ class TransferEngine:
         self._wb_done[layer] = end
         self.counters.add_timing(layer, start, end)
 
-    @staticmethod
-    def _timed_after_compute(stream: torch.cuda.Stream, delay_cycles: int, copy) -> tuple[object, object]:
+    def _timed_after_compute(self, stream: torch.cuda.Stream, delay_cycles: int, copy) -> tuple[object, object]:
         """Issue `copy()` on `stream` after everything queued on the compute stream so far, between two
-        timing events (after a sleep of `delay_cycles` when a test asks for a late copy)."""
-        queued = torch.cuda.Event()
-        queued.record()
-        stream.wait_event(queued)
+        timing events (after a sleep of `delay_cycles` when a test asks for a late copy).
+
+        The ordering event is one reused object: a stream waits for the event's latest record at the
+        time of `wait_event`, so recording it again later cannot release or delay an earlier wait."""
+        if self._queued is None:
+            self._queued = torch.cuda.Event()
+        self._queued.record()
+        stream.wait_event(self._queued)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(stream):
             start.record(stream)
