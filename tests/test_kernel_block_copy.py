@@ -353,3 +353,23 @@ def test_prepared_gather_checks_its_tensors_once(gen):
         PreparedGather(hk, hv, poisoned(4, 512, torch.float32), poisoned(4, 512, torch.bfloat16))
     with pytest.raises(KernelArgumentError, match="gpu_k: run_elems"):
         PreparedGather(hk, hv, poisoned(4, 256, torch.float32), poisoned(4, 256, torch.float32))
+
+
+@gpu
+@needs_cuda
+def test_gpu_prepared_gather_moves_the_live_runs_on_the_current_stream(gen, real_store):
+    """The runtime's hot-path launcher on real pinned memory: padded CUDA id lists, a side stream."""
+    from nosa_sglang.kernels.block_copy import PreparedGather
+
+    hk, hv, gk, gv = real_store(128)
+    src, dst = random_ids(gen, 300, 2048, 511)
+    src[::4], dst[::4] = -1, 511  # padding, aimed at a slot nothing else writes
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        PreparedGather(hk, hv, gk, gv).launch(src.cuda(), dst.cuda())
+    stream.synchronize()
+    live = src >= 0
+    assert_copied(gk, dst[live], hk, src[live])
+    assert_copied(gv, dst[live], hv, src[live])
+    with pytest.raises(KernelArgumentError, match=r"^host_k: must be pinned"):
+        PreparedGather(hk.clone(), hv.clone(), gk, gv)  # a pageable copy of the store
