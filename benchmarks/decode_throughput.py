@@ -106,7 +106,7 @@ def run_runtime(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_mode
     rt = NosaRuntime(shape, cfg, knobs, device=args.device, host_capacity_bytes=host_cap, max_requests=B,
                      max_seq_len=tokens + args.steps + args.warmup + 2, selection_policy=policy, gpu_only=gpu_only,
                      host_buffer=host_buffer, ck_dtype=shape.dtype if args.ck_bf16 else torch.float32,
-                     cuda_graphs=args.cuda_graphs)
+                     cuda_graphs=args.cuda_graphs, inline_gather=args.inline_gather and not args.split_append)
     ids = [f"r{i}" for i in range(B)]
     for i, rid in enumerate(ids):
         rt.begin_request_synthetic(rid, tokens, seed=i)
@@ -374,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
                    help="capture each layer's runtime work in CUDA graphs (configs a, b, c, a*)")
+    p.add_argument("--inline-gather", action="store_true",
+                   help="decode() gathers misses on the compute stream inside the layer's one graph (no timings)")
     p.add_argument("--split-append", action="store_true",
                    help="append() then attend() per layer (results before 2026-11-28 evening) instead of decode()")
     p.add_argument("--ck-bf16", action=argparse.BooleanOptionalAction, default=True,

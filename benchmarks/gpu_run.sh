@@ -29,7 +29,9 @@ for what in "$@"; do case $what in
   runtime-8b) step runtime_8b ${LIMIT8:-330} python3 benchmarks/decode_throughput.py --model 8b --contexts ${CONTEXTS8:-16k,32k} \
       --cuda-graphs --steps 12 --warmup 3 --host-gib 64 --out $OUT/runtime_8b.md ;;
   profile) step profile 240 python3 scripts/profile_runtime.py --tokens ${PROFILE_TOKENS:-16384} --batch ${PROFILE_BATCH:-64} \
-      --configs 'a*,c,a' ;;
+      --configs 'a*,c,a' ;
+    step profile_inline 200 python3 scripts/profile_runtime.py --tokens ${PROFILE_TOKENS:-16384} \
+      --batch ${PROFILE_BATCH:-64} --configs 'a*,a' --inline-gather ;;
   kernels) step kernels 330 python3 benchmarks/kernels.py --budget-s 280 --out $OUT/kernels.md ;;
   grpc) step grpc_load ${GRPC_LIMIT:-200} python3 benchmarks/grpc_load.py --model 1b --prompt-tokens ${GRPC_PROMPT:-16384} --phase-seconds ${GRPC_PHASE:-8} \
       --out $OUT/grpc_load.md ;;

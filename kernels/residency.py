@@ -57,12 +57,13 @@ def resolve_slots(
     check_tensor("sel", sel, 3, (torch.int64,))
     B, H, K = sel.shape
     S = capacity
-    for name, t, dt, last in (("block_slot", block_slot, torch.int32, None), ("slot_block", slot_block, torch.int32, S + 2),
-                              ("last_step", last_step, torch.int32, S + 2), ("stored_e", stored_e, torch.float32, S + 2)):
+    tables = (("block_slot", block_slot, torch.int32, None), ("slot_block", slot_block, torch.int32, S + 2),
+              ("last_step", last_step, torch.int32, S + 2), ("stored_e", stored_e, torch.float32, S + 2))
+    for name, t, dt, last in tables:
         check_tensor(name, t, 3, (dt,))
         if t.shape[:2] != (B, H) or (last is not None and t.shape[2] != last) or t.stride(2) != 1:
-            raise KernelArgumentError(f"{name}: expected [{B}, {H}, {last or 'MB + 1'}] with a contiguous last dim, "
-                                      f"got {list(t.shape)} strides {t.stride()}")
+            raise KernelArgumentError(f"{name}: expected [{B}, {H}, {last or 'MB + 1'}] with a contiguous last "
+                                      f"dim, got {list(t.shape)} strides {t.stride()}")
     if not lru and E is None:
         raise KernelArgumentError("E: eviction-score victims need the eviction block scores, got None")
     if store_e and E is None:

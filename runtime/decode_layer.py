@@ -117,6 +117,8 @@ class LayerDecoder:
         x = self._inputs(p, q=q, k=k, v=v, c=c)
         self._wait_before_opening(layer, p)
         nosa, state = self.rt.selection_policy == "nosa", {}
+        if self._inline(nosa):
+            return self._decode_inline(layer, p, x, nosa, state)
 
         def segment():
             self._append_segment(layer, p, x)
@@ -127,6 +129,40 @@ class LayerDecoder:
         self._write_back(layer, p)
         return self._fetch_and_attend(layer, p, x, key, selected, nosa, state)
 
+    def _inline(self, nosa: bool) -> bool:
+        """Whether decode() gathers inside its segment: asked for, offloading in zero-copy (or CPU) mode,
+        and no prefetch to overlap (it needs the copy stream)."""
+        rt = self.rt
+        return (rt.inline_gather and not rt.gpu_only and rt.transfer.mode in ("zero_copy", "cpu")
+                and not self._prefetching(nosa))
+
+    def _prefetching(self, nosa: bool) -> bool:
+        rt = self.rt
+        return (not rt.gpu_only and nosa and rt._knobs.prefetch and rt._victims.uses_scores
+                and rt.slots.active > rt.config.topk_blocks
+                and (not rt.transfer.cuda or rt.transfer.mode == "zero_copy"))  # see transfer.py
+
+    def _decode_inline(self, layer: int, p: StepPlan, x: dict[str, torch.Tensor], nosa: bool,
+                       state: dict) -> torch.Tensor:
+        """The whole layer as one segment: append, select, the gather on this stream, attention."""
+        rt = self.rt
+        rt.transfer.wait_writeback(layer)  # NOTE: a miss may re-fetch a block whose write-back is in flight
+
+        def segment():
+            self._append_segment(layer, p, x)
+            sel, slot_ids, packed, _ = self._select(layer, p, x["q"], nosa, state)
+            rt.transfer.gather_inline(layer, packed)
+            o = sparse_decode_attention(x["q"], rt.slots.k_slots(layer), rt.slots.v_slots(layer),
+                                        rt.slots.c_slots(layer), slot_ids, sel, p.seq_lens, impl=rt.impl)
+            rt.slots.commit(layer, state.get("view") or rt.slots.rows_view(layer, p.rows, p.row_range))
+            return sel, o
+
+        sel, o = self._run(p, ("decode-inline", layer, p.any_open, p.any_complete, p.num_blocks,
+                               rt._victims.name), segment)
+        self._write_back(layer, p)
+        rt._last_selection[layer] = sel if p.inv is None else sel[p.inv]
+        return o if p.inv is None else o[p.inv]
+
     def _fetch_and_attend(self, layer: int, p: StepPlan, x: dict[str, torch.Tensor], select_key: tuple,
                           selected: tuple, nosa: bool, state: dict) -> torch.Tensor:
         """Fetch the misses, then the "attend" segment. Its key contains the key of the segment that
@@ -135,9 +171,7 @@ class LayerDecoder:
         an attend captured against another variant's buffers)."""
         rt = self.rt
         sel, slot_ids, packed, E = selected
-        prefetch = (not rt.gpu_only and nosa and rt._knobs.prefetch and rt._victims.uses_scores
-                    and rt.slots.active > rt.config.topk_blocks
-                    and (not rt.transfer.cuda or rt.transfer.mode == "zero_copy"))  # see transfer.py
+        prefetch = self._prefetching(nosa)
         # NOTE: under LRU a prefetch may only fill empty slots, which the warm start leaves none of, so
         # it is skipped (docs/runtime.md, "Victim policy")
         if not rt.gpu_only:

@@ -65,6 +65,10 @@ class NosaRuntime:
             dtype halves their memory and selection reads, at the price of rare near-tie flips).
         cuda_graphs: capture each layer's tensor work in CUDA graphs (CUDA only; selection then runs
             over max_seq_len's blocks so that shapes stay fixed). See graph_cache.py.
+        inline_gather: in `decode()`, gather the misses on the compute stream inside the layer's one
+            segment (zero-copy mode, no prefetch): one graph launch and no host point per layer — what
+            SGLang's whole-forward graphs need — at the price of the transfer/stall timings (not
+            measured for inline copies; hits, misses and bytes still are). See docs/runtime.md.
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class NosaRuntime:
         kernel_impl: str | None = None,
         ck_dtype: torch.dtype = torch.float32,
         cuda_graphs: bool = False,
+        inline_gather: bool = False,
     ) -> None:
         self.shape, self.config = shape, config
         self.device = torch.device(device)
@@ -123,6 +128,7 @@ class NosaRuntime:
         self._plan: StepPlan | None = None
         self._step = 0
         self._step_t = torch.zeros((), dtype=torch.int32, device=self.device)  # the step, for graphs
+        self.inline_gather = inline_gather
         self._decoder = LayerDecoder(self, cuda_graphs and self.device.type == "cuda")
         self._last_selection: dict[int, torch.Tensor] = {}
         self._heads = torch.arange(H, device=self.device)

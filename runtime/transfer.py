@@ -137,6 +137,22 @@ class TransferEngine:
         self._h2d_done[layer] = end
         self._unwaited[layer].append((start, end))
 
+    def gather_inline(self, layer: int, packed: torch.Tensor) -> None:
+        """The misses of `packed` (as `fetch`) on the *current* stream: no events, no side stream, so
+        the call can sit inside a captured segment. The caller made the current stream wait for this
+        layer's write-backs (`wait_writeback`): a re-fetched block must have reached the host store."""
+        if not self.cuda:
+            keep = packed[0] >= 0
+            self._issue(layer, packed[0][keep], packed[1][keep])
+            return
+        if self.mode != "zero_copy":
+            raise RuntimeError(f"gather_inline: transfer mode {self.mode!r}; inline copies are zero-copy only")
+        gather = self._gathers[layer]
+        if gather is None:
+            gather = self._gathers[layer] = block_copy.PreparedGather(
+                self.host.layer_k(layer), self.host.layer_v(layer), self.slots.k_runs(layer), self.slots.v_runs(layer))
+        gather.launch(packed[0], packed[1])
+
     def wait_for_layer(self, layer: int) -> None:
         """Compute stream waits for every H2D copy into this layer's slots (timed as stall)."""
         pending = self._unwaited[layer]

@@ -20,7 +20,7 @@ from nosa_sglang.kernels.pinned import alloc_pinned  # noqa: E402
 from nosa_sglang.runtime import ModelShape, NosaRuntime, OffloadKnobs  # noqa: E402
 
 
-def build(conf: str, shape, cfg, tokens: int, B: int, graphs: bool, slots: int):
+def build(conf: str, shape, cfg, tokens: int, B: int, graphs: bool, slots: int, inline: bool = False):
     n = tokens + 64
     gpu_only = conf == "c"
     if conf == "a*":
@@ -30,7 +30,7 @@ def build(conf: str, shape, cfg, tokens: int, B: int, graphs: bool, slots: int):
         host.zero_()
     rt = NosaRuntime(shape, cfg, OffloadKnobs(gpu_slots=slots, victim_policy="lru"), device="cuda",
                      host_capacity_bytes=0 if gpu_only else host.numel(), max_requests=B, max_seq_len=n,
-                     gpu_only=gpu_only, host_buffer=host, cuda_graphs=graphs)
+                     gpu_only=gpu_only, host_buffer=host, cuda_graphs=graphs, inline_gather=inline)
     ids = [f"r{i}" for i in range(B)]
     for i, rid in enumerate(ids):
         rt.begin_request_synthetic(rid, tokens, seed=i)
@@ -46,11 +46,12 @@ def main() -> int:
     p.add_argument("--no-graphs", action="store_true")
     p.add_argument("--rows", type=int, default=18)
     p.add_argument("--split-append", action="store_true", help="append() + attend() instead of decode()")
+    p.add_argument("--inline-gather", action="store_true", help="decode() with the gather inside its segment")
     a = p.parse_args()
     shape = ModelShape(*MODELS["1b"], torch.bfloat16)
     cfg = NosaConfig()
     for conf in a.configs.split(","):
-        rt, ids = build(conf, shape, cfg, a.tokens, a.batch, not a.no_graphs, a.slots)
+        rt, ids = build(conf, shape, cfg, a.tokens, a.batch, not a.no_graphs, a.slots, a.inline_gather)
         work = Workload(shape, a.batch, "drift", 0.9, "cuda")
 
         def step():
@@ -72,7 +73,8 @@ def main() -> int:
         host_s = time.perf_counter() - t0  # time to enqueue (the host side) ...
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0  # ... and until the GPU finished
-        print(f"\n===== {conf}: B={a.batch} tokens={a.tokens} graphs={not a.no_graphs} split={a.split_append}: step {1e3 * wall / 5:.2f} ms "
+        print(f"\n===== {conf}: B={a.batch} tokens={a.tokens} graphs={not a.no_graphs} split={a.split_append} "
+              f"inline={a.inline_gather}: step {1e3 * wall / 5:.2f} ms "
               f"(host enqueue {1e3 * host_s / 5:.2f} ms)", flush=True)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:

@@ -85,13 +85,13 @@ def test_eviction_score_victims_need_scores():
     cache = fresh_cache(S)
     view = cache.rows_view(0, None, (0, R))
     sel = torch.zeros(R, H, K, dtype=torch.long, device=DEVICE)
+    step = torch.tensor(0, dtype=torch.int32, device=DEVICE)
+    base = cache.slot_base(torch.arange(R, device=DEVICE))
     from nosa_sglang.kernels.residency import resolve_slots
 
     with pytest.raises(KernelArgumentError, match="E:"):
         resolve_slots(sel, view.block_slot, view.slot_block, view.last_step, view.stored_e, None, cache._inactive,
-                      torch.tensor(0, dtype=torch.int32, device=DEVICE), cache.slot_base(torch.arange(R, device=DEVICE)), S, cache.trash_slot,
-                      lru=False, store_e=False)
+                      step, base, S, cache.trash_slot, lru=False, store_e=False)
     with pytest.raises(KernelArgumentError, match="block_slot"):
         resolve_slots(sel, view.block_slot.long(), view.slot_block, view.last_step, view.stored_e, None,
-                      cache._inactive, torch.tensor(0, dtype=torch.int32, device=DEVICE), cache.slot_base(torch.arange(R, device=DEVICE)), S,
-                      cache.trash_slot, lru=True, store_e=False)
+                      cache._inactive, step, base, S, cache.trash_slot, lru=True, store_e=False)

@@ -156,8 +156,16 @@ def drive(rt: NosaRuntime, prompt_lens: list[int], steps: int, seed: int, check:
                 torch.testing.assert_close(o.double(), ref, atol=ATOL, rtol=RTOL)
         rt.step_boundary()
         mirror.step(idx)
-    return {"worst": worst, "selection_mismatches": mismatches, "near_ties": near_ties, "snapshot": rt.snapshot(), "ids": ids,
-            "outputs": outputs}
+    return {"worst": worst, "selection_mismatches": mismatches, "near_ties": near_ties, "snapshot": rt.snapshot(),
+            "ids": ids, "outputs": outputs}
+
+
+COUNTS = ("hits", "misses", "prefetched", "bytes_h2d", "bytes_d2h")
+
+
+def counts(run: dict) -> tuple:
+    """The exact counters of a drive() (times are clocks, and differ run to run)."""
+    return tuple(getattr(run["snapshot"].totals, f) for f in COUNTS)
 
 
 def small_runtime(slots: int = 8, victim: str = "eviction_score", prefetch: bool = True, layers: int = 2,
@@ -276,9 +284,28 @@ def test_decode_equals_append_then_attend_bit_for_bit(victim):
                   fused=fused) for fused in (False, True)]
     assert all(r["selection_mismatches"] == 0 for r in runs)
     assert all(torch.equal(a, b) for a, b in zip(runs[0]["outputs"], runs[1]["outputs"]))
-    counts = [tuple(getattr(r["snapshot"].totals, f) for f in ("hits", "misses", "prefetched", "bytes_h2d", "bytes_d2h"))
-              for r in runs]
-    assert counts[0] == counts[1] and runs[1]["snapshot"].totals.misses > 0
+    assert counts(runs[0]) == counts(runs[1]) and runs[1]["snapshot"].totals.misses > 0
+
+
+@pytest.mark.parametrize("slots", [8, 16])
+def test_inline_gather_equals_the_copy_stream_path(slots):
+    """decode() with the gather inside the layer's one segment: the reference's selections, the same
+    outputs bit for bit and the same hit/miss/byte counts as the side-stream path."""
+    seed = fresh_seed()
+    runs = [drive(small_runtime(slots=slots, victim="lru", inline_gather=inline), [150, 161, 40], steps=120,
+                  seed=seed, collect=True, fused=True) for inline in (False, True)]
+    assert all(r["selection_mismatches"] == 0 for r in runs)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0]["outputs"], runs[1]["outputs"]))
+    assert counts(runs[0]) == counts(runs[1]) and runs[1]["snapshot"].totals.misses > 0
+
+
+def test_inline_gather_segments_read_only_static_buffers():
+    seed = fresh_seed()
+    rt = small_runtime(slots=10, victim="lru", layers=2, inline_gather=True)
+    rt._decoder.graphs = ReplayClosures()
+    out = drive(rt, [150, 161, 40], steps=150, seed=seed, order=[1, 2, 0], fused=True)
+    assert out["selection_mismatches"] == 0 and rt._decoder.graphs.replays > 250
+    assert out["snapshot"].totals.misses > 0
 
 
 class ReplayClosures:

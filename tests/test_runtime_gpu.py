@@ -85,6 +85,22 @@ def test_decode_with_cuda_graphs_equals_append_then_attend(mode):
 
 
 @pytest.mark.parametrize("graphs", [False, True])
+def test_inline_gather_equals_the_copy_stream_path_on_cuda(graphs):
+    """decode() with the zero-copy gather inside the layer's segment (one graph per layer) against the
+    side-stream path, bit for bit; a delayed write-back must not change it either."""
+    s = seed()
+    outs = []
+    for inline in (False, True):
+        rt = small_runtime(slots=10, victim="lru", device="cuda", mode="zero_copy", cuda_graphs=graphs and inline,
+                           inline_gather=inline)
+        rt.transfer.debug_writeback_delay_cycles = SLEEP_CYCLES if inline else 0
+        out = drive(rt, [150, 161, 40], steps=120, seed=s, collect=True, allow_near_ties=True, fused=True)
+        assert out["selection_mismatches"] == 0 and out["snapshot"].totals.misses > 0
+        outs.append(out["outputs"])
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+@pytest.mark.parametrize("graphs", [False, True])
 def test_row_moves_block_openings_and_knob_changes_on_cuda(graphs):
     """End a middle request (rows move, the batch shape changes), grow and shrink slots: still exact."""
     from test_runtime_lifecycle import Session
