@@ -10,7 +10,9 @@ they feed. Here one program per (row, head) does all of it with the same result,
 2. victim order: every regular slot gets (tier, key, slot) — tier 0 empty, 1 occupied, 3 selected or
    inactive — and one sort of that packed int64 ranks them, exactly as the torch path's stable sort;
 3. the r-th miss (in selection order) takes the r-th slot of that order; evicted blocks are unmapped,
-   misses mapped, and every selected block's slot stamped with the step (and its E for score victims).
+   misses mapped, and every selected block's slot stamped with the step (and its E for score victims);
+4. (optional) each miss's block of per-token biases copied into its victim slot — the torch path's
+   bias gather, which read and wrote the biases of every selected block (hits into a trash slot).
 
 Scratch memory (one row of S_PAD int64 per program) turns the two register-to-register gathers (hit
 slots -> slot mask, rank -> victim) into a store, a barrier and a load.
@@ -42,6 +44,7 @@ def resolve_slots(
     sel: torch.Tensor, block_slot: torch.Tensor, slot_block: torch.Tensor, last_step: torch.Tensor,
     stored_e: torch.Tensor, E: torch.Tensor | None, inactive: torch.Tensor, step: torch.Tensor,
     base: torch.Tensor, capacity: int, trash: int, lru: bool, store_e: bool,
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> Diff:
     """The residency diff; updates block_slot / slot_block / last_step / stored_e in place.
 
@@ -53,6 +56,9 @@ def resolve_slots(
         inactive: [S] bool, slots beyond the gpu_slots knob. step: 0-dim int32 tensor.
         base: [B, Hkv, 1] long global slot of local slot 0. lru: key on last_step, else on E.
         store_e: stamp stored_e of the selected slots with their E (needs E).
+        bias: (c [R, Hkv, max_tokens] float32 per-token biases of every request row, rows [B] long the
+            batch's rows, c_slots [num_slots + 1, block_size] float32): also copy each miss's block of
+            biases into its victim slot (hits have theirs already), the torch path's `gather_c`.
     """
     check_tensor("sel", sel, 3, (torch.int64,))
     B, H, K = sel.shape
@@ -83,14 +89,24 @@ def resolve_slots(
     scratch = torch.empty((B * H, s_pad), dtype=torch.int64, device=dev)
     Et = E if E is not None else stored_e  # a valid pointer that the kernel never reads
     base = base.expand(B, H, 1).contiguous()
+    if bias is not None:
+        c_src, c_rows, c_slots = bias
+        check_tensor("c", c_src, 3, (torch.float32,))
+        check_tensor("c_slots", c_slots, 2, (torch.float32,))
+        if c_src.stride(2) != 1 or not c_slots.is_contiguous() or c_rows.shape != (B,):
+            raise KernelArgumentError("bias: c needs a contiguous last dim, c_slots to be contiguous and rows [B]")
+        block_size = c_slots.shape[1]
+    else:
+        c_src, c_rows, c_slots, block_size = stored_e, base, stored_e, 1  # valid pointers, never read
     _resolve_kernel[(B * H,)](
         sel, block_slot, slot_block, last_step, stored_e, Et, inactive, step, base,
         slot_ids, miss, dst, counts, scratch,
         H, K, S, block_slot.shape[2] - 1, Et.shape[2], trash,
         sel.stride(0), sel.stride(1), block_slot.stride(0), block_slot.stride(1), slot_block.stride(0),
         slot_block.stride(1), last_step.stride(0), last_step.stride(1), stored_e.stride(0), stored_e.stride(1),
-        Et.stride(0), Et.stride(1),
-        K_PAD=max(16, next_pow2(K)), S_PAD=s_pad, LRU=lru, STORE_E=store_e, num_warps=4 if s_pad <= 512 else 8,
+        Et.stride(0), Et.stride(1), c_src, c_rows, c_slots, c_src.stride(0), c_src.stride(1),
+        K_PAD=max(16, next_pow2(K)), S_PAD=s_pad, LRU=lru, STORE_E=store_e, COPY_C=bias is not None,
+        BLOCK=block_size, BLOCK_PAD=max(16, next_pow2(block_size)), num_warps=4 if s_pad <= 512 else 8,
     )
     return Diff(slot_ids, miss, dst, counts.sum(1))
 
@@ -100,7 +116,9 @@ def _resolve_kernel(
     SEL, BS, SB, LS, SE, E, INACT, STEP, BASE, SLOT_IDS, MISS, DST, COUNTS, SCR,
     n_heads, K, S, MB, NB, trash,
     s_sel_b, s_sel_h, s_bs_b, s_bs_h, s_sb_b, s_sb_h, s_ls_b, s_ls_h, s_se_b, s_se_h, s_e_b, s_e_h,
-    K_PAD: tl.constexpr, S_PAD: tl.constexpr, LRU: tl.constexpr, STORE_E: tl.constexpr,
+    C, C_ROWS, C_SLOTS, s_c_r, s_c_h,
+    K_PAD: tl.constexpr, S_PAD: tl.constexpr, LRU: tl.constexpr, STORE_E: tl.constexpr, COPY_C: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_PAD: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_heads
@@ -163,6 +181,13 @@ def _resolve_kernel(
     if STORE_E:
         ev_sel = tl.load(e_row + tl.minimum(tl.maximum(sel, 0), NB - 1), mask=valid, other=0.0)
         tl.store(se_row + final, ev_sel, mask=valid)
+    if COPY_C:  # the biases of each missed block into its victim slot
+        row = tl.load(C_ROWS + b)
+        offs_t = tl.arange(0, BLOCK_PAD)
+        t_ok = miss[:, None] & (offs_t[None, :] < BLOCK)
+        src = C + row * s_c_r + h * s_c_h + tl.maximum(sel, 0)[:, None] * BLOCK + offs_t[None, :]
+        dst = C_SLOTS + (base + victim)[:, None] * BLOCK + offs_t[None, :]
+        tl.store(dst, tl.load(src, mask=t_ok, other=0.0), mask=t_ok)
     out = pid * K + offs_k
     tl.store(SLOT_IDS + out, tl.where(valid, base + final, -1), mask=k_ok)
     tl.store(MISS + out, miss, mask=k_ok)

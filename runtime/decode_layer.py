@@ -211,8 +211,8 @@ class LayerDecoder:
         view = rt.slots.rows_view(layer, p.rows, p.row_range)
         if view.rows is not None:
             state["view"] = view  # gathered copies (eager only): committed after attention
-        diff = rt.slots.resolve(layer, view, sel_l, E, rt._victims, rt._step_t, p.slot_base)
-        rt.selection.gather_c(layer, p.rows, p.row_range, sel_l, diff.dst_slots, rt.slots.c_slots(layer))
+        diff = rt.slots.resolve(layer, view, sel_l, E, rt._victims, rt._step_t, p.slot_base,
+                                bias=(rt.selection.c_layer(layer), p.rows))
         rt.counters.add_diff(layer, p.rows, p.row_range, diff.counts)
         src = torch.where(diff.miss, rt.host_runs(p, sel_l), -1)
         return sel, diff.slot_ids, torch.stack((src.flatten(), diff.dst_slots.flatten())), E

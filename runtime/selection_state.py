@@ -103,6 +103,10 @@ class SelectionState:
             return self.ck[layer, lo:hi], self.ce[layer, lo:hi]
         return self.ck[layer][rows], self.ce[layer][rows]
 
+    def c_layer(self, layer: int) -> torch.Tensor:
+        """[R, Hkv, max_tokens] float32 per-token biases of `layer` (a view)."""
+        return self.c[layer]
+
     def gather_c(self, layer: int, rows: torch.Tensor, row_range: tuple[int, int] | None, blocks: torch.Tensor,
                  dst_slots: torch.Tensor, c_slots: torch.Tensor) -> None:
         """c_slots[dst_slots] = the biases of (row, head, block) for every entry ([B, Hkv, K]; entries

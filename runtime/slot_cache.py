@@ -217,7 +217,7 @@ class GpuSlotCache(SlotBuffers):
     # -- the residency diff --------------------------------------------------------------------------
     def resolve(
         self, layer: int, view: RowView, sel: torch.Tensor, E: torch.Tensor | None, policy: VictimPolicy,
-        step: torch.Tensor, base: torch.Tensor,
+        step: torch.Tensor, base: torch.Tensor, bias: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> ResidencyDiff:
         """Hits, misses and a victim slot for every miss; updates the maps as if the misses landed.
 
@@ -225,11 +225,14 @@ class GpuSlotCache(SlotBuffers):
             view: rows_view of the batch (committed by the caller after the step's map updates).
             sel: [B, Hkv, K] long selected blocks (-1 padding); E: [B, Hkv, NB] eviction block scores.
             step: 0-dim int32 device tensor; base: [B, Hkv, 1] global slot of local slot 0 of each (row, head).
+            bias: (c [R, Hkv, max_tokens] float32 per-token biases of every row, rows [B] long): also copy
+                each miss's block of biases into its victim slot of c_slots (hits have theirs already).
         """
         if self.fused_diff:
             d = resolve_slots(sel, view.block_slot, view.slot_block, view.last_step, view.stored_e,
                               E if policy.uses_scores else None, self._inactive, step, base, self.capacity,
-                              self.trash_slot, lru=not policy.uses_scores, store_e=policy.uses_scores and E is not None)
+                              self.trash_slot, lru=not policy.uses_scores, store_e=policy.uses_scores and E is not None,
+                              bias=None if bias is None else (*bias, self.c[layer]))
             return ResidencyDiff(*d)
         S = self.capacity
         valid = sel >= 0
@@ -251,6 +254,12 @@ class GpuSlotCache(SlotBuffers):
         slot_ids = torch.where(valid, base + final, -1)
         dst = torch.where(miss, base + victim, self.trash_slot)
         counts = torch.stack((valid.sum(dim=(1, 2)), miss.sum(dim=(1, 2))), dim=-1)
+        if bias is not None:  # hits aim at the trash slot: harmless writes, no data-dependent shapes
+            c, rows = bias
+            bs = self.block_size
+            tok = sel.clamp(min=0)[..., None] * bs + torch.arange(bs, device=self.device)
+            vals = c[rows.view(-1, 1, 1, 1), self.heads.view(1, -1, 1, 1), tok]
+            self.c[layer].index_copy_(0, dst.flatten(), vals.flatten(0, 2))
         return ResidencyDiff(slot_ids, miss, dst, counts)
 
     def plan_prefetch(

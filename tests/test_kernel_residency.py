@@ -34,18 +34,22 @@ def random_sel(gen, B: int, n_blocks: int) -> torch.Tensor:
     return sel.to(DEVICE)
 
 
-def run(cache: GpuSlotCache, sel, E, policy, step: int, rows):
+def run(cache: GpuSlotCache, sel, E, policy, step: int, rows, c):
     view = cache.rows_view(0, rows, (0, R) if rows is None else None)
-    base = cache.slot_base(torch.arange(R, device=DEVICE) if rows is None else rows)
-    d = cache.resolve(0, view, sel, E, policy, torch.tensor(step, dtype=torch.int32, device=DEVICE), base)
+    all_rows = torch.arange(R, device=DEVICE) if rows is None else rows
+    base = cache.slot_base(all_rows)
+    d = cache.resolve(0, view, sel, E, policy, torch.tensor(step, dtype=torch.int32, device=DEVICE), base,
+                      bias=(c, all_rows))
     cache.commit(0, view)
     return d
 
 
 def state(cache: GpuSlotCache):
-    """Everything the diff maintains, minus the spill columns (scratch that nothing reads)."""
+    """Everything the diff maintains, minus the spill columns (scratch that nothing reads) and the
+    trash slot (the torch path aims the biases of hits there)."""
     return (cache.block_slot[..., :MB].clone(), cache.slot_block[..., : S + 1].clone(),
-            cache.last_step[..., : S + 1].clone(), cache.stored_e[..., : S + 1].clone())
+            cache.last_step[..., : S + 1].clone(), cache.stored_e[..., : S + 1].clone(),
+            cache.c[0, : cache.trash_slot].clone())
 
 
 @pytest.mark.parametrize("victim", ["lru", "eviction_score"])
@@ -58,26 +62,26 @@ def test_fused_diff_equals_torch_path(gen, victim, active, gathered_rows):
     rows = torch.tensor([2, 0, 1], device=DEVICE) if gathered_rows else None
     checked_misses = 0
     for step in range(12):
+        c = torch.rand(R, H, MB * 4, generator=gen).to(DEVICE)  # per-token biases (block size 4), fresh each step
         sel = random_sel(gen, R, n_blocks if step > 2 else 10)  # first steps fill slots, then churn
         E = torch.rand(R, H, MB, generator=gen).to(DEVICE)
         E[..., :4] = 0.5  # ties in the eviction key
         if step >= 6:  # compare one step on clones, then keep driving the torch path
             twin = fresh_cache(active)
-            for a, b in zip(state(twin), state(cache)):
-                a.copy_(b)
             for t, u in ((twin.block_slot, cache.block_slot), (twin.slot_block, cache.slot_block),
-                         (twin.last_step, cache.last_step), (twin.stored_e, cache.stored_e)):
+                         (twin.last_step, cache.last_step), (twin.stored_e, cache.stored_e), (twin.c, cache.c)):
                 t.copy_(u)
             twin.fused_diff = True
-            got = run(twin, sel, E, policy, step, rows)
-            want = run(cache, sel, E, policy, step, rows)
+            got = run(twin, sel, E, policy, step, rows, c)
+            want = run(cache, sel, E, policy, step, rows, c)
             for name, g, w in zip(("slot_ids", "miss", "dst_slots", "counts"), got, want):
                 assert torch.equal(g, w), f"{name} differs at step {step}"
-            for name, g, w in zip(("block_slot", "slot_block", "last_step", "stored_e"), state(twin), state(cache)):
+            for name, g, w in zip(("block_slot", "slot_block", "last_step", "stored_e", "c_slots"), state(twin),
+                                  state(cache)):
                 assert torch.equal(g, w), f"{name} differs at step {step}"
             checked_misses += int(want.miss.sum())
         else:
-            run(cache, sel, E, policy, step, rows)
+            run(cache, sel, E, policy, step, rows, c)
     assert checked_misses > 10  # evictions really happened in the compared steps
 
 

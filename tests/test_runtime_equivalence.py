@@ -287,7 +287,7 @@ def test_decode_equals_append_then_attend_bit_for_bit(victim):
     assert counts(runs[0]) == counts(runs[1]) and runs[1]["snapshot"].totals.misses > 0
 
 
-@pytest.mark.parametrize("slots", [8, 16])
+@pytest.mark.parametrize("slots", [8, 10])  # few enough that blocks miss whatever the seed
 def test_inline_gather_equals_the_copy_stream_path(slots):
     """decode() with the gather inside the layer's one segment: the reference's selections, the same
     outputs bit for bit and the same hit/miss/byte counts as the side-stream path."""
