@@ -21,7 +21,7 @@ for what in "$@"; do case $what in
     for v in "--mode zero_copy" "--mode zero_copy --sync" "--mode zero_copy --no-prefetch" "--mode copy_engine" \
              "--mode zero_copy --victim lru" "--mode zero_copy --slots 16"; do
       echo "### $v" >> $OUT/diag.log
-      timeout 60 python3 -P scripts/diag_cuda_equivalence.py $v --steps 500 >> $OUT/diag.log 2>&1
+      timeout 60 python3 -P scripts/diag_cuda_equivalence.py $v --steps 500 ${DIAG_ARGS:-} >> $OUT/diag.log 2>&1
       echo "diag $v rc=$? at ${SECONDS}s"
     done ;;
   runtime-1b) step runtime_1b ${LIMIT:-300} python3 benchmarks/decode_throughput.py --model 1b --contexts ${CONTEXTS:-64k,128k} --views ${VIEWS:-common,max} \

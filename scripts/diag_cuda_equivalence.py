@@ -3,7 +3,7 @@
 Runs the equivalence drive of tests/test_runtime_equivalence.py step by step; at the first output
 mismatch it checks every selected block's slot contents (K, V, c) against the reference mirror and the
 host store, and prints what differs. Variants: --sync (synchronize after every runtime call),
---no-prefetch, --slots N, --mode zero_copy|copy_engine.
+--no-prefetch, --slots N, --mode zero_copy|copy_engine, --api split|decode|inline, --graphs.
 """
 import argparse
 import sys
@@ -41,12 +41,16 @@ def main() -> int:
     p.add_argument("--no-prefetch", action="store_true")
     p.add_argument("--victim", default="eviction_score")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--api", default="split", choices=("split", "decode", "inline"),
+                   help="append()+attend(), decode(), or decode() with inline_gather")
+    p.add_argument("--graphs", action="store_true", help="cuda_graphs=True")
     a = p.parse_args()
     if a.sync:
-        for name in ("append", "attend", "step_boundary"):
+        for name in ("append", "attend", "decode", "step_boundary"):
             f = getattr(NosaRuntime, name)
             setattr(NosaRuntime, name, lambda self, *x, _f=f, **k: (_r := _f(self, *x, **k), torch.cuda.synchronize())[0])
-    rt = small_runtime(slots=a.slots, device=a.device, mode=a.mode, prefetch=not a.no_prefetch, victim=a.victim)
+    rt = small_runtime(slots=a.slots, device=a.device, mode=a.mode, prefetch=not a.no_prefetch, victim=a.victim,
+                       inline_gather=a.api == "inline", cuda_graphs=a.graphs)
     shape, cfg, dev = rt.shape, rt.config, rt.device
     g = torch.Generator().manual_seed(a.seed)
     lens = [150, 161, 40]
@@ -66,8 +70,11 @@ def main() -> int:
             v = torch.randn(len(idx), H, d, generator=g).to(dev, shape.dtype)
             c = (0.1 + 2 * torch.rand(len(idx), H, generator=g)).to(dev)
             q = torch.randn(len(idx), Hq, d, generator=g).to(dev, shape.dtype)
-            rt.append(layer, ids, k, v, c)
-            o = rt.attend(layer, ids, q)
+            if a.api == "split":
+                rt.append(layer, ids, k, v, c)
+                o = rt.attend(layer, ids, q)
+            else:
+                o = rt.decode(layer, ids, q, k, v, c)
             mirror.append(layer, idx, k, v, c)
             sel, ref = mirror.attend(layer, idx, q, cfg)
             mine = rt.last_selection(layer).long()
