@@ -9,6 +9,7 @@ sparse after a few hundred tokens; slot counts topk / topk * 1.25 / 2 * topk mir
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -297,6 +298,18 @@ def test_inline_gather_equals_the_copy_stream_path(slots):
     assert all(r["selection_mismatches"] == 0 for r in runs)
     assert all(torch.equal(a, b) for a, b in zip(runs[0]["outputs"], runs[1]["outputs"]))
     assert counts(runs[0]) == counts(runs[1]) and runs[1]["snapshot"].totals.misses > 0
+
+
+def test_inline_gather_steps_aside_for_prefetch():
+    """Prefetch needs the copy stream: with eviction-score victims and prefetch on, decode() keeps the
+    side-stream path, and takes the inline one once the prefetch knob is off; both equal the reference."""
+    seed = fresh_seed()
+    rt = small_runtime(slots=12, victim="eviction_score", prefetch=True, inline_gather=True)
+    assert not rt._decoder._inline(nosa=True)
+    assert drive(rt, [150, 161, 40], steps=40, seed=seed, fused=True)["selection_mismatches"] == 0
+    rt.request_knobs(replace(rt.knobs(), prefetch=False))
+    rt.step_boundary()
+    assert rt._decoder._inline(nosa=True)
 
 
 def test_inline_gather_segments_read_only_static_buffers():
