@@ -237,6 +237,51 @@ def run_selection(shape, hq, hkv, d, B, ctx, attn_ms, bw):
             100 * total / attn_ms, 100 * floor / attn_ms]
 
 
+def residency_ms(hkv: int, B: int, slots: int, n_blocks: int, fused: bool) -> float:
+    """Median ms of one layer's residency diff (GpuSlotCache.resolve with the misses' bias copy) for B
+    requests, `slots` regular slots per head and NOSA-sized selections over `n_blocks` blocks, the slot
+    maps warmed up by the same random selections it is timed on (misses every call)."""
+    from nosa_sglang.runtime.slot_cache import GpuSlotCache
+    from nosa_sglang.runtime.victim import make_victim_policy
+
+    K, bs = CFG.topk_blocks, CFG.block_size
+    cache = GpuSlotCache(1, B, hkv, slots, bs, 8, DTYPE, n_blocks, torch.device(DEVICE))
+    cache.fused_diff = fused
+    rows = torch.arange(B, device=DEVICE)
+    base = cache.slot_base(rows)
+    c = torch.rand(B, hkv, n_blocks * bs, device=DEVICE)
+    policy = make_victim_policy("lru")
+    sels = [torch.rand(B, hkv, n_blocks, device=DEVICE).topk(K, dim=-1).indices.sort(dim=-1).values
+            for _ in range(8)]
+    step = torch.zeros((), dtype=torch.int32, device=DEVICE)
+
+    def one(sel):
+        view = cache.rows_view(0, rows, (0, B))
+        cache.resolve(0, view, sel, None, policy, step.add_(1), base, bias=(c, rows))
+
+    for sel in sels:  # fill the slots
+        one(sel)
+    return bench(rotating([lambda x=x: one(x) for x in sels]))
+
+
+def run_residency(md, batches, configs=((80, 16384), (257, 16384), (80, 131072))):
+    """The slot cache's residency diff: the fused kernel against the torch statement it replaced.
+    configs: (slots per head, context) pairs."""
+    rows = []
+    for shape, (_, hkv, _) in SHAPES.items():
+        for B in batches:
+            for slots, ctx in configs:
+                if out_of_time():
+                    rows.append([shape, B, slots, ctx // 1024, "skipped (time budget)"])
+                    continue
+                nb = CFG.num_blocks(ctx)
+                t_torch, t_fused = (residency_ms(hkv, B, slots, nb, fused) for fused in (False, True))
+                rows.append([shape, B, slots, ctx // 1024, t_torch * 1e3, t_fused * 1e3, t_torch / t_fused])
+                empty_cache()
+    table("Residency diff per layer (hits, misses, victims, map updates, the misses' biases; LRU)",
+          ["shape", "batch", "slots/head", "ctx K", "torch ops us", "fused kernel us", "speedup"], rows, md)
+
+
 def dense_prefill_ms(q, k, v, G) -> tuple[str, float | str]:
     try:
         if flash_attn_func is not None:
@@ -321,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         batches, contexts, lengths = [1, 16], [256, 512], [200]
     run_decode(md, bw, batches, contexts)
+    if args.dry_run:
+        run_residency(md, [2], ((12, 256),))
+    else:
+        run_residency(md, [16, 64])
     if not args.skip_prefill:
         run_prefill(md, lengths)
     md.append(f"total wall time {time.time() - t0:.0f} s")
