@@ -140,11 +140,20 @@ def eviction_block_scores(
         e = ce.transpose(1, 2).masked_fill(~visible, float("-inf"))
         exists, _ = forced_and_existing(seq_lens, nb, config)
         return pool_chunks_torch(e, nb, config).masked_fill(~exists, float("-inf"))
-    out = torch.empty((B, hkv, nb), dtype=torch.float32, device=ce.device)
+    return _pool_chunks(ce, (ce.stride(0), ce.stride(1), ce.stride(2)), hkv, n_chunks, seq_lens, config, nb,
+                        forced=False)
+
+
+def _pool_chunks(x: torch.Tensor, strides: tuple[int, int, int], hkv: int, n_chunks, seq_lens, config: NosaConfig,
+                 nb: int, forced: bool) -> torch.Tensor:
+    """[B, Hkv, NB] block max-pool of chunk scores x (strides: request, chunk, KV head) by `_pool_kernel`;
+    `forced`: the sink and local blocks +inf (S, not E)."""
+    B = n_chunks.shape[0]
+    out = torch.empty((B, hkv, nb), dtype=torch.float32, device=x.device)
     r = config.chunks_per_block
     _pool_kernel[(B * hkv, triton.cdiv(nb, BLOCK_TILE))](
-        ce, n_chunks, seq_lens, out, hkv, nb, ce.stride(0), ce.stride(1), ce.stride(2),
-        R=r, R_PAD=next_pow2(r), BLOCK_NB=BLOCK_TILE, FORCED=False,
+        x, n_chunks, seq_lens, out, hkv, nb, *strides,
+        R=r, R_PAD=next_pow2(r), BLOCK_NB=BLOCK_TILE, FORCED=forced,
         BLOCK_SIZE=config.block_size, INIT=config.init_blocks, LOCAL=config.local_blocks,
     )
     return out
@@ -172,14 +181,8 @@ def _decode_block_scores_triton(q, ck, n_chunks, seq_lens, config: NosaConfig, n
         logits, run_max, run_sum, n_chunks, probs, hkv, max(cmax, 1), splits,
         BLOCK_C=PROB_TILE, BLOCK_G=next_pow2(G), G=G, BLOCK_SPLITS=next_pow2(splits),
     )
-    out = torch.empty((B, hkv, nb), dtype=torch.float32, device=q.device)
-    r = config.chunks_per_block
-    _pool_kernel[(B * hkv, triton.cdiv(nb, BLOCK_TILE))](
-        probs, n_chunks, seq_lens, out, hkv, nb, probs.stride(0), probs.stride(2), probs.stride(1),
-        R=r, R_PAD=next_pow2(r), BLOCK_NB=BLOCK_TILE, FORCED=True,
-        BLOCK_SIZE=config.block_size, INIT=config.init_blocks, LOCAL=config.local_blocks,
-    )
-    return out
+    return _pool_chunks(probs, (probs.stride(0), probs.stride(2), probs.stride(1)), hkv, n_chunks, seq_lens, config,
+                        nb, forced=True)
 
 
 @triton.jit
