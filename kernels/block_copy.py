@@ -185,15 +185,23 @@ def launch_zero_copy(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.Tens
                      src_ids: torch.Tensor, dst_ids: torch.Tensor) -> object:
     """Launch the copy kernel on the current stream (no checks; use gather_runs/scatter_runs).
     Returns Triton's compiled-kernel handle (its .asm shows the PTX, e.g. for ld.global.v4)."""
-    n = src_ids.numel()
     run_bytes = src_k.shape[1] * src_k.element_size()
-    word, chunk, num_warps = zero_copy_launch_config(n, run_bytes)
+    word, chunk, num_warps = zero_copy_launch_config(src_ids.numel(), run_bytes)
+    return _launch_words(_as_words((src_k, src_v, dst_k, dst_v), word), src_ids, dst_ids, run_bytes // word, chunk,
+                         num_warps)
+
+
+def _as_words(tensors: tuple[torch.Tensor, ...], word: int) -> list[torch.Tensor]:
+    """The run tensors viewed as `word`-byte words (4: int32, else bytes), the copy kernel's unit."""
     wdt = torch.int32 if word == 4 else torch.uint8
-    views = [t.view(wdt) for t in (src_k, src_v, dst_k, dst_v)]
-    run_words = run_bytes // word
+    return [t.view(wdt) for t in tensors]
+
+
+def _launch_words(views: list[torch.Tensor], src_ids: torch.Tensor, dst_ids: torch.Tensor, run_words: int,
+                  chunk: int, num_warps: int) -> object:
     chunks = run_words // chunk
-    return _copy_runs_kernel[(n * chunks,)](*views, src_ids, dst_ids, RUN=run_words, CHUNK=chunk,
-                                           CHUNKS=chunks, num_warps=num_warps)
+    return _copy_runs_kernel[(src_ids.numel() * chunks,)](*views, src_ids, dst_ids, RUN=run_words, CHUNK=chunk,
+                                                          CHUNKS=chunks, num_warps=num_warps)
 
 
 class PreparedGather:
@@ -211,10 +219,9 @@ class PreparedGather:
         _check_run_tensors(src_k, src_v, dst_k, dst_v)
         _check_devices("zero_copy", (src_k, src_v), (dst_k, dst_v))
         self.run_bytes = host_k.shape[1] * host_k.element_size()
-        self._word = 4 if self.run_bytes % 4 == 0 else 1
-        wdt = torch.int32 if self._word == 4 else torch.uint8
-        self._views = [t.view(wdt) for t in (host_k, host_v, gpu_k, gpu_v)]
-        self._configs: dict[int, tuple[int, int, int]] = {}  # n -> (chunk words, chunks, warps)
+        self._configs: dict[int, tuple[int, int, int]] = {}  # n -> zero_copy_launch_config(n, run_bytes)
+        word = zero_copy_launch_config(1, self.run_bytes)[0]  # the word size depends on run_bytes alone
+        self._views = _as_words((host_k, host_v, gpu_k, gpu_v), word)
         self._device = gpu_k.device
 
     def launch(self, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
@@ -224,13 +231,11 @@ class PreparedGather:
             return
         config = self._configs.get(n)
         if config is None:
-            word, chunk, warps = zero_copy_launch_config(n, self.run_bytes)
-            config = self._configs[n] = (chunk, self.run_bytes // word // chunk, warps)
-        chunk, chunks, warps = config
+            config = self._configs[n] = zero_copy_launch_config(n, self.run_bytes)
+        word, chunk, warps = config
         on_other_device = self._device.type == "cuda" and self._device.index != torch.cuda.current_device()
         with torch.cuda.device(self._device) if on_other_device else contextlib.nullcontext():
-            _copy_runs_kernel[(n * chunks,)](*self._views, src_ids, dst_ids, RUN=self.run_bytes // self._word,
-                                             CHUNK=chunk, CHUNKS=chunks, num_warps=warps)
+            _launch_words(self._views, src_ids, dst_ids, self.run_bytes // word, chunk, warps)
 
 
 def _check_run_tensors(src_k: Named, src_v: Named, dst_k: Named, dst_v: Named) -> None:

@@ -123,9 +123,7 @@ class TransferEngine:
         if self._wb_done[layer] is not None:
             h2d.wait_event(self._wb_done[layer])
         if self.mode == "zero_copy" and src.is_cuda and dst.is_cuda:  # the hot path: a bare launch
-            gather = self._gathers[layer]
-            if gather is None:
-                gather = self._gathers[layer] = block_copy.PreparedGather(host_k, host_v, gpu_k, gpu_v)
+            gather = self._prepared(layer)
             copy = lambda: gather.launch(src, dst)  # noqa: E731
         else:
             copy = lambda: block_copy.gather_runs(host_k, host_v, src, gpu_k, gpu_v, dst, mode=self.mode,  # noqa: E731
@@ -147,11 +145,15 @@ class TransferEngine:
             return
         if self.mode != "zero_copy":
             raise RuntimeError(f"gather_inline: transfer mode {self.mode!r}; inline copies are zero-copy only")
+        self._prepared(layer).launch(packed[0], packed[1])
+
+    def _prepared(self, layer: int) -> block_copy.PreparedGather:
+        """The layer's zero-copy launcher (tensors checked once, on first use)."""
         gather = self._gathers[layer]
         if gather is None:
             gather = self._gathers[layer] = block_copy.PreparedGather(
                 self.host.layer_k(layer), self.host.layer_v(layer), self.slots.k_runs(layer), self.slots.v_runs(layer))
-        gather.launch(packed[0], packed[1])
+        return gather
 
     def wait_for_layer(self, layer: int) -> None:
         """Compute stream waits for every H2D copy into this layer's slots (timed as stall)."""
