@@ -58,7 +58,7 @@ def resolve_slots(
         store_e: stamp stored_e of the selected slots with their E (needs E).
         bias: (c [R, Hkv, max_tokens] float32 per-token biases of every request row, rows [B] long the
             batch's rows, c_slots [num_slots + 1, block_size] float32): also copy each miss's block of
-            biases into its victim slot (hits have theirs already), the torch path's `gather_c`.
+            biases into its victim slot (hits have theirs already), as `SlotBuffers.copy_block_biases`.
     """
     check_tensor("sel", sel, 3, (torch.int64,))
     B, H, K = sel.shape

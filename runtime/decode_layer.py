@@ -228,7 +228,7 @@ class LayerDecoder:
         cand = E.masked_fill(forced | ~exists | (b >= tail), float("-inf"))
         n_cand = cfg.eviction_blocks + cfg.free_query_blocks
         plan = rt.slots.plan_prefetch(layer, view, cand, n_cand, E, rt._victims, rt._step_t, p.slot_base)
-        rt.selection.gather_c(layer, p.rows, p.row_range, plan.blocks, plan.dst_slots, rt.slots.c_slots(layer))
+        rt.slots.copy_block_biases(layer, rt.selection.c_layer(layer), p.rows, plan.blocks, plan.dst_slots)
         rt.counters.add_prefetch(layer, plan.ok)
         src = torch.where(plan.ok, rt.host_runs(p, plan.blocks), -1)
         return torch.stack((src.flatten(), plan.dst_slots.flatten()))

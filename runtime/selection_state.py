@@ -107,17 +107,6 @@ class SelectionState:
         """[R, Hkv, max_tokens] float32 per-token biases of `layer` (a view)."""
         return self.c[layer]
 
-    def gather_c(self, layer: int, rows: torch.Tensor, row_range: tuple[int, int] | None, blocks: torch.Tensor,
-                 dst_slots: torch.Tensor, c_slots: torch.Tensor) -> None:
-        """c_slots[dst_slots] = the biases of (row, head, block) for every entry ([B, Hkv, K]; entries
-        aimed at the trash slot write harmless data there)."""
-        bs = self.config.block_size
-        c = self.c[layer, row_range[0] : row_range[1]] if row_range is not None else self.c[layer][rows]
-        B, H, _ = c.shape
-        idx = blocks.clamp(min=0)[..., None].expand(-1, -1, -1, bs)
-        vals = c.view(B, H, -1, bs).gather(2, idx)
-        c_slots.index_copy_(0, dst_slots.flatten(), vals.flatten(0, 2))
-
     # -- rows -----------------------------------------------------------------------------------------
     def move_row(self, src_row: int, dst_row: int) -> None:
         for t in (self.ck, self.ce, self.c, self.ring):

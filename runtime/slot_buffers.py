@@ -75,6 +75,17 @@ class SlotBuffers:
         """[num_slots + 1, block_size] float32."""
         return self._c_slots[layer]
 
+    def copy_block_biases(self, layer: int, c: torch.Tensor, rows: torch.Tensor, blocks: torch.Tensor,
+                          dst_slots: torch.Tensor) -> None:
+        """c_slots[dst_slots] = the per-token biases of (row, head, block) for every entry.
+
+        c: [R, Hkv, max_tokens] float32 of the layer; rows: [B] long; blocks, dst_slots: [B, Hkv, K] long
+        (-1 blocks read block 0, so aim those entries at the trash slot). No data-dependent shapes."""
+        bs = self.block_size
+        tok = blocks.clamp(min=0)[..., None] * bs + torch.arange(bs, device=self.device)
+        vals = c[rows.view(-1, 1, 1, 1), self.heads.view(1, -1, 1, 1), tok]
+        self.c[layer].index_copy_(0, dst_slots.flatten(), vals.flatten(0, 2))
+
     def slot_id(self, row: int, head: int, local: int) -> int:
         """Global slot of (row, KV head, local slot index): host arithmetic, no device access."""
         return (row * self.num_kv_heads + head) * self.slots_per_head + local

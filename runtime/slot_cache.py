@@ -255,11 +255,7 @@ class GpuSlotCache(SlotBuffers):
         dst = torch.where(miss, base + victim, self.trash_slot)
         counts = torch.stack((valid.sum(dim=(1, 2)), miss.sum(dim=(1, 2))), dim=-1)
         if bias is not None:  # hits aim at the trash slot: harmless writes, no data-dependent shapes
-            c, rows = bias
-            bs = self.block_size
-            tok = sel.clamp(min=0)[..., None] * bs + torch.arange(bs, device=self.device)
-            vals = c[rows.view(-1, 1, 1, 1), self.heads.view(1, -1, 1, 1), tok]
-            self.c[layer].index_copy_(0, dst.flatten(), vals.flatten(0, 2))
+            self.copy_block_biases(layer, *bias, sel, dst)
         return ResidencyDiff(slot_ids, miss, dst, counts)
 
     def plan_prefetch(
