@@ -98,6 +98,19 @@ class Workload:
         return q, self.k[j], self.v[j], self.c[j]
 
 
+def decode_step(rt: NosaRuntime, ids: list[str], work: Workload, split_append: bool = False) -> None:
+    """One decode step of the attention stack: every layer's next q/k/v/c through `decode()` (or
+    `append()` then `attend()`), then the step boundary."""
+    for layer in range(rt.shape.num_layers):
+        q, k, v, c = work.next(layer)
+        if split_append:
+            rt.append(layer, ids, k, v, c)
+            rt.attend(layer, ids, q)
+        else:
+            rt.decode(layer, ids, q, k, v, c)
+    rt.step_boundary()
+
+
 def run_runtime(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_model, host_buffer) -> dict:
     victim = "lru" if policy == "infllmv2" else args.victim_policy
     knobs = OffloadKnobs(gpu_slots=slots, transfer_mode=args.transfer_mode, prefetch=args.prefetch,
@@ -113,14 +126,7 @@ def run_runtime(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_mode
     work = Workload(shape, B, query_model, args.drift_rho, args.device)
 
     def step() -> None:
-        for layer in range(shape.num_layers):
-            q, k, v, c = work.next(layer)
-            if args.split_append:
-                rt.append(layer, ids, k, v, c)
-                rt.attend(layer, ids, q)
-            else:
-                rt.decode(layer, ids, q, k, v, c)
-        rt.step_boundary()
+        decode_step(rt, ids, work, args.split_append)
 
     for _ in range(args.warmup):
         step()

@@ -80,7 +80,7 @@ def batched_target(args: argparse.Namespace) -> BenchTarget:
     `--prompt-tokens` decoding through NosaRuntime with CUDA graphs (on a GPU), q/k/v/c random. A
     GPU-bound step at a serving batch, where the eager batch-1 model is a Python-bound one."""
     import torch
-    from decode_throughput import MODELS, Workload, host_bytes_per_request
+    from decode_throughput import MODELS, Workload, decode_step, host_bytes_per_request
 
     from nosa_sglang.config import NosaConfig
     from nosa_sglang.control.runtime_provider import RuntimeProvider
@@ -110,10 +110,7 @@ def batched_target(args: argparse.Namespace) -> BenchTarget:
                 rt.end_request(rid)
                 rt.begin_request_synthetic(rid, args.prompt_tokens, seed=i)
             done[0] = 0
-        for layer in range(shape.num_layers):
-            q, k, v, c = work.next(layer)
-            rt.decode(layer, ids, q, k, v, c)
-        rt.step_boundary()
+        decode_step(rt, ids, work)
         done[0] += 1
         if cuda:
             torch.cuda.synchronize()

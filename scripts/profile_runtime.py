@@ -13,7 +13,7 @@ import time
 import torch
 
 sys.path.insert(0, "benchmarks")
-from decode_throughput import MODELS, Workload, host_bytes_per_request  # noqa: E402
+from decode_throughput import MODELS, Workload, decode_step, host_bytes_per_request  # noqa: E402
 
 from nosa_sglang.config import NosaConfig  # noqa: E402
 from nosa_sglang.kernels.pinned import alloc_pinned  # noqa: E402
@@ -55,14 +55,7 @@ def main() -> int:
         work = Workload(shape, a.batch, "drift", 0.9, "cuda")
 
         def step():
-            for layer in range(shape.num_layers):
-                q, k, v, c = work.next(layer)
-                if a.split_append:
-                    rt.append(layer, ids, k, v, c)
-                    rt.attend(layer, ids, q)
-                else:
-                    rt.decode(layer, ids, q, k, v, c)
-            rt.step_boundary()
+            decode_step(rt, ids, work, a.split_append)
 
         for _ in range(4):
             step()
