@@ -23,7 +23,7 @@ STEP_PERIOD_S = 0.002
 @dataclass
 class Served:
     provider: SyntheticProvider
-    server: ControlServer
+    server: ControlServer  # or a ControlProcess: the same surface
     channel: grpc.Channel
     stub: pb_grpc.NosaControlStub
     metadata: list[tuple[str, str]]
@@ -32,14 +32,16 @@ class Served:
         return getattr(self.stub, name)(request, metadata=self.metadata, timeout=10, **kw)
 
 
-def serve(token: str | None = None, stepping: bool = True,
-          options: ServerOptions = ServerOptions()) -> Iterator[Served]:
-    provider = SyntheticProvider()
+def serve(token: str | None = None, stepping: bool = True, options: ServerOptions = ServerOptions(),
+          provider: SyntheticProvider | None = None, start=start_control_server, **start_kw) -> Iterator[Served]:
+    """A server (`start`: start_control_server, or start_control_process) over `provider` (a fresh
+    SyntheticProvider by default), stepping every STEP_PERIOD_S unless told not to, and a client."""
+    provider = provider or SyntheticProvider()
     provider.step()  # counters start nonzero
     loop = StepLoop(provider.step, STEP_PERIOD_S)
     if stepping:
         loop.start()
-    server = start_control_server(provider, port=0, token=token, options=options)
+    server = start(provider, port=0, token=token, options=options, **start_kw)
     channel = grpc.insecure_channel(server.address)
     md = [("authorization", f"Bearer {token}")] if token else []
     try:

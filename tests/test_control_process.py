@@ -16,12 +16,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nosa_sglang.control.pb import control_pb2 as pb
-from nosa_sglang.control.pb import control_pb2_grpc as pb_grpc
 from nosa_sglang.control.process_server import start_control_process
 from nosa_sglang.control.server import ControlServerError
-from nosa_sglang.control.synthetic import StepLoop, SyntheticProvider
+from nosa_sglang.control.synthetic import SyntheticProvider
 from nosa_sglang.runtime.knobs import KnobError
-from test_control_helpers import STEP_PERIOD_S, TOKEN, update_request, wait_until
+from test_control_helpers import TOKEN, Served, serve, update_request, wait_until
 
 PUBLISH_S = 0.02
 
@@ -35,34 +34,22 @@ class CappedProvider(SyntheticProvider):
         return super().request_knobs(knobs, timeout_s)
 
 
-def _serve(provider, stepping: bool, token: str | None = None) -> Iterator[tuple]:
-    provider.step()
-    loop = StepLoop(provider.step, STEP_PERIOD_S)
-    if stepping:
-        loop.start()
-    server = start_control_process(provider, token=token, publish_interval_s=PUBLISH_S)
-    channel = grpc.insecure_channel(server.address)
-    try:
-        yield provider, server, pb_grpc.NosaControlStub(channel), channel
-    finally:
-        channel.close()
-        server.stop(grace_s=1.0)
-        if stepping:
-            loop.stop()
+def _serve(provider, stepping: bool, token: str | None = None) -> Iterator[Served]:
+    return serve(token, stepping, provider=provider, start=start_control_process, publish_interval_s=PUBLISH_S)
 
 
 @pytest.fixture
-def child() -> Iterator[tuple]:
+def child() -> Iterator[Served]:
     yield from _serve(SyntheticProvider(), stepping=True)
 
 
 @pytest.fixture
-def child_idle() -> Iterator[tuple]:
+def child_idle() -> Iterator[Served]:
     yield from _serve(CappedProvider(), stepping=False)
 
 
 def test_stats_watch_and_requests_come_from_the_owner(child):
-    provider, _, stub, _ = child
+    provider, stub = child.provider, child.stub
     first = stub.GetStats(pb.GetStatsRequest(), timeout=10).stats
     assert first.steps > 0 and len(first.layers) == provider.setup.num_layers
     assert wait_until(lambda: stub.GetStats(pb.GetStatsRequest(), timeout=10).stats.steps > first.steps)
@@ -75,7 +62,7 @@ def test_stats_watch_and_requests_come_from_the_owner(child):
 
 
 def test_knobs_are_applied_by_the_owner_at_its_step_boundary(child_idle):
-    provider, _, stub, _ = child_idle
+    provider, stub = child_idle.provider, child_idle.stub
     before = provider.knobs().gpu_slots
     reply = stub.UpdateConfig(update_request(["gpu_slots"], gpu_slots=before + 8), timeout=10)
     assert not reply.applied and reply.pending.gpu_slots == before + 8
@@ -87,7 +74,7 @@ def test_knobs_are_applied_by_the_owner_at_its_step_boundary(child_idle):
 
 @pytest.mark.parametrize("value,where", [(0, "the child's validation"), (200, "the owner's KnobError")])
 def test_rejected_knobs_name_the_field_and_change_nothing(child_idle, value, where):
-    provider, _, stub, _ = child_idle
+    provider, stub = child_idle.provider, child_idle.stub
     before = stub.GetConfig(pb.GetConfigRequest(), timeout=10).config
     with pytest.raises(grpc.RpcError) as err:
         stub.UpdateConfig(update_request(["gpu_slots"], gpu_slots=value), timeout=10)
@@ -99,7 +86,7 @@ def test_rejected_knobs_name_the_field_and_change_nothing(child_idle, value, whe
 
 
 def test_reset_stats_counts_from_zero_in_the_owner(child_idle):
-    provider, _, stub, _ = child_idle
+    provider, stub = child_idle.provider, child_idle.stub
     for _ in range(5):
         provider.step()
     assert wait_until(lambda: stub.GetStats(pb.GetStatsRequest(), timeout=10).stats.steps >= 6)
@@ -111,7 +98,8 @@ def test_reset_stats_counts_from_zero_in_the_owner(child_idle):
 
 def test_token_is_checked_in_the_child_and_health_stays_open():
     gen = _serve(SyntheticProvider(), stepping=False, token=TOKEN)
-    _, _, stub, channel = next(gen)
+    served = next(gen)
+    stub, channel = served.stub, served.channel
     try:
         with pytest.raises(grpc.RpcError) as err:
             stub.GetStats(pb.GetStatsRequest(), timeout=10)
@@ -133,7 +121,7 @@ def test_a_taken_port_is_an_error_naming_the_address():
 
 
 def test_stop_releases_the_port_and_is_idempotent(child_idle):
-    _, server, _, _ = child_idle
+    server = child_idle.server
     server.stop()
     server.stop()
     assert server.wait(0)
@@ -192,7 +180,8 @@ class FlakyProvider(SyntheticProvider):
 
 def test_a_failing_provider_keeps_the_last_state_and_answers_unavailable():
     gen = _serve(FlakyProvider(), stepping=False)
-    provider, server, stub, _ = next(gen)
+    served = next(gen)
+    provider, server, stub = served.provider, served.server, served.stub
     try:
         steps = stub.GetStats(pb.GetStatsRequest(), timeout=10).stats.steps
         provider.fail = True
