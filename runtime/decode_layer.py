@@ -152,16 +152,14 @@ class LayerDecoder:
             self._append_segment(layer, p, x)
             sel, slot_ids, packed, _ = self._select(layer, p, x["q"], nosa, state)
             rt.transfer.gather_inline(layer, packed)
-            o = sparse_decode_attention(x["q"], rt.slots.k_slots(layer), rt.slots.v_slots(layer),
-                                        rt.slots.c_slots(layer), slot_ids, sel, p.seq_lens, impl=rt.impl)
+            o = self._attention(layer, p, x, sel, slot_ids)
             rt.slots.commit(layer, state.get("view") or rt.slots.rows_view(layer, p.rows, p.row_range))
             return sel, o
 
         sel, o = self._run(p, ("decode-inline", layer, p.any_open, p.any_complete, p.num_blocks,
                                rt._victims.name), segment)
         self._write_back(layer, p)
-        rt._last_selection[layer] = sel if p.inv is None else sel[p.inv]
-        return o if p.inv is None else o[p.inv]
+        return self._in_caller_order(layer, p, sel, o)
 
     def _fetch_and_attend(self, layer: int, p: StepPlan, x: dict[str, torch.Tensor], select_key: tuple,
                           selected: tuple, nosa: bool, state: dict) -> torch.Tensor:
@@ -179,8 +177,7 @@ class LayerDecoder:
             rt.transfer.wait_for_layer(layer)
 
         def attend():
-            o = sparse_decode_attention(x["q"], rt.slots.k_slots(layer), rt.slots.v_slots(layer),
-                                        rt.slots.c_slots(layer), slot_ids, sel, p.seq_lens, impl=rt.impl)
+            o = self._attention(layer, p, x, sel, slot_ids)
             pf = None
             if not rt.gpu_only:
                 view = state.get("view") or rt.slots.rows_view(layer, p.rows, p.row_range)
@@ -192,7 +189,17 @@ class LayerDecoder:
         o, pf = self._run(p, ("attend", select_key, prefetch), attend)
         if pf is not None:
             rt.transfer.fetch(layer, pf, prefetch=True)
-        rt._last_selection[layer] = sel if p.inv is None else sel[p.inv]
+        return self._in_caller_order(layer, p, sel, o)
+
+    def _attention(self, layer: int, p: StepPlan, x: dict[str, torch.Tensor], sel: torch.Tensor,
+                   slot_ids: torch.Tensor) -> torch.Tensor:
+        rt = self.rt
+        return sparse_decode_attention(x["q"], rt.slots.k_slots(layer), rt.slots.v_slots(layer),
+                                       rt.slots.c_slots(layer), slot_ids, sel, p.seq_lens, impl=rt.impl)
+
+    def _in_caller_order(self, layer: int, p: StepPlan, sel: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """Record the layer's selection and return the output, both in the caller's batch order."""
+        self.rt._last_selection[layer] = sel if p.inv is None else sel[p.inv]
         return o if p.inv is None else o[p.inv]
 
     def _select(self, layer: int, p: StepPlan, q: torch.Tensor, nosa: bool, state: dict):
