@@ -198,8 +198,7 @@ class NosaRuntime:
             raise ValueError(f"shared_prefix_blocks: {len(shared)} blocks; allowed range is "
                              f"[0, {T // self.config.block_size}]"
                              " full prompt blocks (and none in gpu_only mode)")
-        if not self.gpu_only and self.config.num_blocks(T) - len(shared) > self.host.num_blocks:
-            raise RequestTooLarge(T, self.config.num_blocks(T) - len(shared), self.host.num_blocks)
+        self._check_fits(T, self.config.num_blocks(T) - len(shared))
         if len(self._row_owner) >= self.max_requests:
             raise GpuSlotsExhausted(self.max_requests)
         host_blocks: list[int] = []
@@ -230,8 +229,7 @@ class NosaRuntime:
             raise RuntimeUsageError(f"request_id={request_id!r}: already running")
         if not 1 <= num_tokens < self.max_seq_len:
             raise ValueError(f"num_tokens={num_tokens}: allowed range is [1, {self.max_seq_len - 1}]")
-        if not self.gpu_only and self.config.num_blocks(num_tokens) > self.host.num_blocks:
-            raise RequestTooLarge(num_tokens, self.config.num_blocks(num_tokens), self.host.num_blocks)
+        self._check_fits(num_tokens, self.config.num_blocks(num_tokens))
         if len(self._row_owner) >= self.max_requests:
             raise GpuSlotsExhausted(self.max_requests)
         host_blocks = [] if self.gpu_only else self.host.allocate(self.config.num_blocks(num_tokens),
@@ -350,6 +348,11 @@ class NosaRuntime:
         if req is None:
             raise RuntimeUsageError(f"request_id={request_id!r}: not running")
         return req
+
+    def _check_fits(self, tokens: int, new_blocks: int) -> None:
+        """RequestTooLarge when `new_blocks` exceed the whole host store: no wait could make room."""
+        if not self.gpu_only and new_blocks > self.host.num_blocks:
+            raise RequestTooLarge(tokens, new_blocks, self.host.num_blocks)
 
     def _require_no_open_step(self, what: str) -> None:
         if self._plan is not None:
