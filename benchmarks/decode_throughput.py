@@ -111,18 +111,35 @@ def decode_step(rt: NosaRuntime, ids: list[str], work: Workload, split_append: b
     rt.step_boundary()
 
 
+def synthetic_runtime(shape: ModelShape, cfg: NosaConfig, knobs: OffloadKnobs, tokens: int, B: int, max_seq_len: int,
+                      device, host_tokens: int | None = None, host_buffer: torch.Tensor | None = None,
+                      gpu_only: bool = False, **kw) -> tuple[NosaRuntime, list[str]]:
+    """A NosaRuntime holding B synthetic requests of `tokens` (ids r0..), its host store sized for
+    `host_tokens` (default max_seq_len) per request: carved from `host_buffer`, else (on CUDA) a zeroed
+    pinned buffer of its own."""
+    host_cap = 0 if gpu_only else B * host_bytes_per_request(shape, cfg, host_tokens or max_seq_len)
+    if host_buffer is None and not gpu_only and torch.device(device).type == "cuda":
+        from nosa_sglang.kernels.pinned import alloc_pinned
+
+        host_buffer = alloc_pinned((host_cap,), torch.uint8)
+        host_buffer.zero_()  # finite K/V for every block the synthetic requests fetch
+    rt = NosaRuntime(shape, cfg, knobs, device=device, host_capacity_bytes=host_cap, max_requests=B,
+                     max_seq_len=max_seq_len, gpu_only=gpu_only, host_buffer=host_buffer, **kw)
+    ids = [f"r{i}" for i in range(B)]
+    for i, rid in enumerate(ids):
+        rt.begin_request_synthetic(rid, tokens, seed=i)
+    return rt, ids
+
+
 def run_runtime(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_model, host_buffer) -> dict:
     victim = "lru" if policy == "infllmv2" else args.victim_policy
     knobs = OffloadKnobs(gpu_slots=slots, transfer_mode=args.transfer_mode, prefetch=args.prefetch,
                          victim_policy=victim)
-    host_cap = 0 if gpu_only else B * host_bytes_per_request(shape, cfg, tokens + args.steps + args.warmup + 1)
-    rt = NosaRuntime(shape, cfg, knobs, device=args.device, host_capacity_bytes=host_cap, max_requests=B,
-                     max_seq_len=tokens + args.steps + args.warmup + 2, selection_policy=policy, gpu_only=gpu_only,
-                     host_buffer=host_buffer, ck_dtype=shape.dtype if args.ck_bf16 else torch.float32,
-                     cuda_graphs=args.cuda_graphs, inline_gather=args.inline_gather and not args.split_append)
-    ids = [f"r{i}" for i in range(B)]
-    for i, rid in enumerate(ids):
-        rt.begin_request_synthetic(rid, tokens, seed=i)
+    rt, ids = synthetic_runtime(shape, cfg, knobs, tokens, B, tokens + args.steps + args.warmup + 2, args.device,
+                                host_tokens=tokens + args.steps + args.warmup + 1, host_buffer=host_buffer,
+                                gpu_only=gpu_only, selection_policy=policy,
+                                ck_dtype=shape.dtype if args.ck_bf16 else torch.float32, cuda_graphs=args.cuda_graphs,
+                                inline_gather=args.inline_gather and not args.split_append)
     work = Workload(shape, B, query_model, args.drift_rho, args.device)
 
     def step() -> None:

@@ -80,27 +80,18 @@ def batched_target(args: argparse.Namespace) -> BenchTarget:
     `--prompt-tokens` decoding through NosaRuntime with CUDA graphs (on a GPU), q/k/v/c random. A
     GPU-bound step at a serving batch, where the eager batch-1 model is a Python-bound one."""
     import torch
-    from decode_throughput import MODELS, Workload, decode_step, host_bytes_per_request
+    from decode_throughput import MODELS, Workload, decode_step, synthetic_runtime
 
     from nosa_sglang.config import NosaConfig
     from nosa_sglang.control.runtime_provider import RuntimeProvider
-    from nosa_sglang.kernels.pinned import alloc_pinned
-    from nosa_sglang.runtime import ModelShape, NosaRuntime, OffloadKnobs
+    from nosa_sglang.runtime import ModelShape, OffloadKnobs
 
     dev = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     cuda = dev.type == "cuda"
-    shape = ModelShape(*MODELS["1b" if args.model == "1b" else "8b"] if args.model != "tiny" else (2, 4, 2, 64),
-                       torch.bfloat16 if cuda else torch.float32)
-    cfg, n = NosaConfig(), args.prompt_tokens + args.restart_every
-    host = alloc_pinned((args.batch * host_bytes_per_request(shape, cfg, n),), torch.uint8) if cuda else None
-    if host is not None:
-        host.zero_()
-    rt = NosaRuntime(shape, cfg, OffloadKnobs(gpu_slots=80, victim_policy="lru"), device=dev,
-                     host_capacity_bytes=args.batch * host_bytes_per_request(shape, cfg, n), max_requests=args.batch,
-                     max_seq_len=n, host_buffer=host, cuda_graphs=cuda)
-    ids = [f"r{i}" for i in range(args.batch)]
-    for i, rid in enumerate(ids):
-        rt.begin_request_synthetic(rid, args.prompt_tokens, seed=i)
+    dims = MODELS["1b"] if args.model == "1b" else (2, 4, 2, 64)  # tiny: the CPU smoke test's
+    shape = ModelShape(*dims, torch.bfloat16 if cuda else torch.float32)
+    rt, ids = synthetic_runtime(shape, NosaConfig(), OffloadKnobs(gpu_slots=80, victim_policy="lru"), args.prompt_tokens,
+                                args.batch, args.prompt_tokens + args.restart_every, dev, cuda_graphs=cuda)
     work = Workload(shape, args.batch, "drift", 0.9, dev)
     done = [0]
 

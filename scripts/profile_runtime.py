@@ -13,28 +13,18 @@ import time
 import torch
 
 sys.path.insert(0, "benchmarks")
-from decode_throughput import MODELS, Workload, decode_step, host_bytes_per_request  # noqa: E402
+from decode_throughput import MODELS, Workload, decode_step, synthetic_runtime  # noqa: E402
 
 from nosa_sglang.config import NosaConfig  # noqa: E402
-from nosa_sglang.kernels.pinned import alloc_pinned  # noqa: E402
-from nosa_sglang.runtime import ModelShape, NosaRuntime, OffloadKnobs  # noqa: E402
+from nosa_sglang.runtime import ModelShape, OffloadKnobs  # noqa: E402
 
 
 def build(conf: str, shape, cfg, tokens: int, B: int, graphs: bool, slots: int, inline: bool = False):
     n = tokens + 64
-    gpu_only = conf == "c"
     if conf == "a*":
         slots = cfg.num_blocks(n) + 1
-    host = None if gpu_only else alloc_pinned((B * host_bytes_per_request(shape, cfg, n),), torch.uint8)
-    if host is not None:
-        host.zero_()
-    rt = NosaRuntime(shape, cfg, OffloadKnobs(gpu_slots=slots, victim_policy="lru"), device="cuda",
-                     host_capacity_bytes=0 if gpu_only else host.numel(), max_requests=B, max_seq_len=n,
-                     gpu_only=gpu_only, host_buffer=host, cuda_graphs=graphs, inline_gather=inline)
-    ids = [f"r{i}" for i in range(B)]
-    for i, rid in enumerate(ids):
-        rt.begin_request_synthetic(rid, tokens, seed=i)
-    return rt, ids
+    return synthetic_runtime(shape, cfg, OffloadKnobs(gpu_slots=slots, victim_policy="lru"), tokens, B, n, "cuda",
+                             gpu_only=conf == "c", cuda_graphs=graphs, inline_gather=inline)
 
 
 def main() -> int:
