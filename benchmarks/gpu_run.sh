@@ -26,6 +26,8 @@ for what in "$@"; do case $what in
     done ;;
   runtime-1b) step runtime_1b ${LIMIT:-300} python3 benchmarks/decode_throughput.py --model 1b --contexts ${CONTEXTS:-64k,128k} --views ${VIEWS:-common,max} \
       --cuda-graphs --steps 16 --warmup 4 --host-gib 64 --out $OUT/runtime_1b.md ;;
+  runtime-args) step runtime_args ${LIMIT:-300} python3 benchmarks/decode_throughput.py $RUNTIME_ARGS --out $OUT/runtime_args.md ;;
+  runtime-args2) step runtime_args2 ${LIMIT2:-300} python3 benchmarks/decode_throughput.py $RUNTIME_ARGS2 --out $OUT/runtime_args2.md ;;
   runtime-8b) step runtime_8b ${LIMIT8:-330} python3 benchmarks/decode_throughput.py --model 8b --contexts ${CONTEXTS8:-16k,32k} \
       --cuda-graphs --steps 12 --warmup 3 --host-gib 64 --out $OUT/runtime_8b.md ;;
   profile) step profile 240 python3 scripts/profile_runtime.py --tokens ${PROFILE_TOKENS:-16384} --batch ${PROFILE_BATCH:-64} \
