@@ -26,6 +26,7 @@ store is filled once with zeros and never rewritten, so admission costs no PCIe 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import math
 import sys
@@ -98,17 +99,43 @@ class Workload:
         return q, self.k[j], self.v[j], self.c[j]
 
 
-def decode_step(rt: NosaRuntime, ids: list[str], work: Workload, split_append: bool = False) -> None:
+def decode_step(rt: NosaRuntime, ids: list[str], work: Workload, split_append: bool = False,
+                micro_batches: int = 1) -> None:
     """One decode step of the attention stack: every layer's next q/k/v/c through `decode()` (or
-    `append()` then `attend()`), then the step boundary."""
+    `append()` then `attend()`), then the step boundary. With micro_batches > 1 the batch is cut into
+    that many contiguous parts, each on its own CUDA stream, interleaved layer by layer: one part's
+    copies then overlap another's compute (NosaRuntime.decode, "Micro-batches")."""
+    parts = _micro_batches(rt, ids, micro_batches)
+    main = torch.cuda.current_stream() if rt.device.type == "cuda" else None
     for layer in range(rt.shape.num_layers):
         q, k, v, c = work.next(layer)
-        if split_append:
-            rt.append(layer, ids, k, v, c)
-            rt.attend(layer, ids, q)
-        else:
-            rt.decode(layer, ids, q, k, v, c)
-    rt.step_boundary()
+        for part, stream, sl in parts:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                if stream is not None:
+                    stream.wait_stream(main)  # NOTE: the layer's inputs are made on the main stream
+                    for t in (q, k, v, c):
+                        t.record_stream(stream)  # NOTE: made on the main stream, read on this one
+                if split_append:
+                    rt.append(layer, part, k[sl], v[sl], c[sl])
+                    rt.attend(layer, part, q[sl])
+                else:
+                    rt.decode(layer, part, q[sl], k[sl], v[sl], c[sl])
+    rt.step_boundary()  # NOTE: joins every part's stream into this one
+
+
+_STREAMS: dict[int, list] = {}
+
+
+def _micro_batches(rt: NosaRuntime, ids: list[str], n: int) -> list[tuple[list[str], object, slice]]:
+    """[(request ids, stream or None, batch slice)]: one part on the current stream when n == 1."""
+    if n <= 1:
+        return [(ids, None, slice(None))]
+    cuda = rt.device.type == "cuda"
+    if cuda and n not in _STREAMS:
+        _STREAMS[n] = [torch.cuda.Stream(rt.device) for _ in range(n)]
+    bounds = [round(i * len(ids) / n) for i in range(n + 1)]
+    return [(ids[lo:hi], _STREAMS[n][i] if cuda else None, slice(lo, hi))
+            for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])) if hi > lo]
 
 
 def synthetic_runtime(shape: ModelShape, cfg: NosaConfig, knobs: OffloadKnobs, tokens: int, B: int, max_seq_len: int,
@@ -143,7 +170,7 @@ def run_runtime(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_mode
     work = Workload(shape, B, query_model, args.drift_rho, args.device)
 
     def step() -> None:
-        decode_step(rt, ids, work, args.split_append)
+        decode_step(rt, ids, work, args.split_append, args.micro_batches)
 
     for _ in range(args.warmup):
         step()
@@ -399,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="capture each layer's runtime work in CUDA graphs (configs a, b, c, a*)")
     p.add_argument("--inline-gather", action="store_true",
                    help="decode() gathers misses on the compute stream inside the layer's one graph (no timings)")
+    p.add_argument("--micro-batches", type=int, default=1,
+                   help="cut each batch into N parts on N CUDA streams, interleaved per layer (configs a, b, c, a*)")
     p.add_argument("--split-append", action="store_true",
                    help="append() then attend() per layer (results before 2026-11-28 evening) instead of decode()")
     p.add_argument("--ck-bf16", action=argparse.BooleanOptionalAction, default=True,
@@ -446,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
           f"pinned host store {host_gib:.1f} GiB (allocated + zeroed in {time.perf_counter() - t0:.1f} s); "
           f"steps {args.steps} after {args.warmup} warm-up; gpu_slots {args.gpu_slots}; transfer {args.transfer_mode}; "
           f"prefetch {args.prefetch}; victims {args.victim_policy}; K~ {'bf16' if args.ck_bf16 else 'fp32'}; "
-          f"CUDA graphs {args.cuda_graphs}; "
+          f"CUDA graphs {args.cuda_graphs}; inline gather {args.inline_gather}; micro-batches {args.micro_batches}; "
           f"drift rho {args.drift_rho}", ""]
     ceil = measure_ceilings(host_buffer) if cuda else {"h2d_copy_gbs": 1.0, "gather_zero_copy_gbs": 0.0,
                                                        "gather_copy_engine_gbs": 0.0}

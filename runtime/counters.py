@@ -59,6 +59,9 @@ class Counters:
     def __init__(self, num_layers: int, max_rows: int, run_bytes: int, device: torch.device) -> None:
         self.num_layers, self.max_rows, self.run_bytes, self.device = num_layers, max_rows, run_bytes, device
         self.layer_counts = torch.zeros((num_layers, N_LAYER), dtype=torch.long, device=device)
+        # NOTE: flat indices of layer_counts, for index_add_ (atomic on CUDA): two micro-batches on two
+        # streams may add to one layer's counts at the same time, where `+=` would lose an update
+        self._layer_idx = torch.arange(num_layers * N_LAYER, device=device).view(num_layers, N_LAYER)
         self.row_counts = torch.zeros((max_rows, N_ROW), dtype=torch.long, device=device)
         self._lock = threading.Lock()
         self._d2h_bytes = [0] * num_layers
@@ -83,10 +86,10 @@ class Counters:
             self.row_counts[row_range[0] : row_range[1]] += counts
         else:
             self.row_counts.index_add_(0, rows, counts)
-        self.layer_counts[layer, :N_ROW] += counts.sum(dim=0)
+        self.layer_counts.view(-1).index_add_(0, self._layer_idx[layer, :N_ROW], counts.sum(dim=0))
 
     def add_prefetch(self, layer: int, ok: torch.Tensor) -> None:
-        self.layer_counts[layer, 2] += ok.sum()
+        self.layer_counts.view(-1).index_add_(0, self._layer_idx[layer, 2:], ok.sum().view(1).long())
 
     def add_d2h_bytes(self, layer: int, nbytes: int) -> None:
         self._d2h_bytes[layer] += nbytes

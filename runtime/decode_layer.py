@@ -45,15 +45,17 @@ class LayerDecoder:
     def __init__(self, rt: "NosaRuntime", cuda_graphs: bool) -> None:
         self.rt = rt
         self.graphs = SegmentGraphs() if cuda_graphs else None
-        self._static: dict[int, _Static] = {}
+        self._static: dict[tuple[int, int], _Static] = {}  # by (batch, first row): one per micro-batch
 
-    def static_plan_buffer(self, B: int) -> torch.Tensor | None:
-        """Where the step plan of a batch of B is uploaded (graph mode), else None."""
+    def static_plan_buffer(self, rows: list[int]) -> torch.Tensor | None:
+        """Where the step plan of the batch on `rows` is uploaded (graph mode), else None. Two
+        micro-batches of one size get separate buffers: both are in flight at once."""
         if self.graphs is None:
             return None
-        if B not in self._static:
-            self._static[B] = _Static(self.rt, B)
-        return self._static[B].plan
+        key = (len(rows), min(rows))
+        if key not in self._static:
+            self._static[key] = _Static(self.rt, len(rows))
+        return self._static[key].plan
 
     def _run(self, p: StepPlan, key: tuple, fn):
         if self.graphs is None or p.row_range is None:
@@ -67,7 +69,7 @@ class LayerDecoder:
             if p.perm is not None:
                 t = t[p.perm]
             if self.graphs is not None and p.row_range is not None:
-                buf = getattr(self._static[len(p.rows)], name)
+                buf = getattr(self._static[(len(p.rows), p.row_range[0])], name)
                 buf.copy_(t)
                 t = buf
             out[name] = t

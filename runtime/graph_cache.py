@@ -9,9 +9,11 @@ captured once and replayed.
 
 Protocol per key (segment name, layer, batch shape, flags): the first call runs eagerly (it is that
 step's real work, and it compiles/initialises every kernel), the second call captures and then replays,
-later calls replay. Capture does not execute, so nothing runs twice. All graphs share one memory pool:
-they replay one at a time on the compute stream, and tensors a segment returns stay referenced (so
-their memory is never handed to another capture) and are rewritten by every replay.
+later calls replay. Capture does not execute, so nothing runs twice. The graphs of one batch shape
+(one micro-batch: its rows) share a memory pool: they replay one at a time on that micro-batch's stream,
+and tensors a segment returns stay referenced (so their memory is never handed to another capture) and
+are rewritten by every replay. Two micro-batches replay at the same time on two streams, so their
+graphs must not share temporaries: one pool per shape.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class SegmentGraphs:
         self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, object]] = {}
         self._seen: set[Hashable] = set()
         self._shapes: set[Hashable] = set()
-        self._pool = None
+        self._pools: dict[Hashable, object] = {}
         self.captures = 0
         self.replays = 0
 
@@ -52,13 +54,14 @@ class SegmentGraphs:
         if key not in self._seen:
             self._seen.add(key)
             return fn()
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
+        pool = self._pools.get(shape)
+        if pool is None:
+            pool = self._pools[shape] = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         # NOTE: capture on a side stream ordered after everything queued so far (torch.cuda.graph does
         # the stream switch); the outputs are placeholders that every replay rewrites. thread_local:
         # control threads (snapshot -> event queries) keep running during a capture.
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             out = fn()
         self._graphs[key] = (graph, out)
         self.captures += 1
@@ -71,3 +74,4 @@ class SegmentGraphs:
         self._graphs.clear()
         self._seen.clear()
         self._shapes.clear()
+        self._pools.clear()

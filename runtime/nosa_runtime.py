@@ -3,6 +3,8 @@
 Lifecycle of a request: `begin_request` (prompt KV -> host store + warm GPU slots + compressed keys),
 then per decode step and layer `append` (the new token's k/v/c) and `attend` (select -> residency diff
 -> fetch -> sparse attention), `step_boundary()` between steps, and `end_request` / `abort_request`.
+A step's batch may be split into disjoint *micro-batches*, each decoded through every layer on its own
+CUDA stream, so that one micro-batch's copies overlap another's compute (see `decode`).
 Control threads (gRPC) call `snapshot`, `knobs`, `request_knobs`, `reset_stats`, `nosa_config`: they
 never touch the device and knob changes wait for the next `step_boundary()`.
 
@@ -125,7 +127,8 @@ class NosaRuntime:
         self._victims = make_victim_policy(knobs.victim_policy)
         self._requests: dict[str, _Request] = {}
         self._row_owner: list[str] = []  # running requests occupy rows 0..n-1 (kept compact)
-        self._plan: StepPlan | None = None
+        self._plans: dict[tuple[str, ...], StepPlan] = {}  # this step's micro-batches (usually one)
+        self._ordered = torch.cuda.Event() if self.device.type == "cuda" else None  # see _order_after_host_changes
         self._step = 0
         self._step_t = torch.zeros((), dtype=torch.int32, device=self.device)  # the step, for graphs
         self.inline_gather = inline_gather
@@ -218,6 +221,7 @@ class NosaRuntime:
         with self._lock:
             self._requests[request_id] = _Request(request_id, row, T, host_blocks)
             self._row_owner.append(request_id)
+        self._order_after_host_changes()
         return Admitted(request_id, tuple(host_blocks), T)
 
     def begin_request_synthetic(self, request_id: str, num_tokens: int, seed: int = 0) -> Admitted:
@@ -241,6 +245,7 @@ class NosaRuntime:
         with self._lock:
             self._requests[request_id] = _Request(request_id, row, num_tokens, host_blocks)
             self._row_owner.append(request_id)
+        self._order_after_host_changes()
         return Admitted(request_id, tuple(host_blocks), num_tokens)
 
     def host_blocks(self, request_id: str) -> tuple[int, ...]:
@@ -269,6 +274,7 @@ class NosaRuntime:
             self._row_owner.pop()
             del self._requests[request_id]
         self.slots.clear_row(last)
+        self._order_after_host_changes()
 
     def _drop_graphs(self) -> None:
         """Re-capture after rows move or slot knobs change. NOTE: on an H200, graph replays after a row
@@ -279,9 +285,9 @@ class NosaRuntime:
 
     def abort_request(self, request_id: str) -> None:
         """Like end_request, and also valid inside an open step (an exception interrupted a forward):
-        that step is then discarded for the whole batch, whose appends must be repeated."""
-        if self._plan is not None and len(self._plan.appended) != self.shape.num_layers:
-            self._plan = None  # NOTE: a repeated step rewrites the same positions (start_tail_block is idempotent)
+        that step is then discarded for every micro-batch, whose appends must be repeated."""
+        if self._plans and not self._step_complete():
+            self._plans = {}  # NOTE: a repeated step rewrites the same positions (start_tail_block is idempotent)
         self.end_request(request_id)
 
     @property
@@ -302,8 +308,8 @@ class NosaRuntime:
     def attend(self, layer: int, request_ids, q: torch.Tensor) -> torch.Tensor:
         """NOSA decode attention of the tokens appended in `layer` this step: q [B, Hq, d] -> [B, Hq, d].
         With cuda_graphs the result may live in a graph's buffer: consume it before the next step."""
-        p = self._plan
-        if p is None or tuple(request_ids) != p.request_ids or layer not in p.appended:
+        p = self._plans.get(tuple(request_ids))
+        if p is None or layer not in p.appended:
             raise RuntimeUsageError(f"attend(layer={layer}): append this batch's tokens in layer {layer} first")
         o = self._decoder.attend(layer, p, q)
         p.attended.add(layer)
@@ -313,7 +319,14 @@ class NosaRuntime:
                c: torch.Tensor) -> torch.Tensor:
         """`append(layer, ids, k, v, c)` then `attend(layer, ids, q)` in one call, the shape of an attention
         backend's decode (q, k, v come out of one projection): the same results, and with cuda_graphs
-        one captured segment fewer per layer. Raises as append does, and then changes nothing."""
+        one captured segment fewer per layer. Raises as append does, and then changes nothing.
+
+        Micro-batches: a step may decode disjoint sets of running requests separately, each through
+        every layer, e.g. two halves of the batch, each under its own `torch.cuda.stream`, interleaved
+        layer by layer. The streams then overlap one micro-batch's copies with the other's compute;
+        the results are those of one batch. Each micro-batch's first call orders its stream after the
+        last admission, release or step boundary, and `step_boundary()` orders the calling stream
+        after every micro-batch's stream."""
         p = self._plan_for(tuple(request_ids), layer)
         o = self._decoder.decode(layer, p, q, k, v, c)
         p.appended.add(layer)
@@ -326,14 +339,18 @@ class NosaRuntime:
 
     def step_boundary(self) -> None:
         """Close the step (every layer appended), apply queued knobs, roll and publish the counters."""
-        p = self._plan
-        if p is not None:
-            if len(p.appended) != self.shape.num_layers:
-                raise RuntimeUsageError(f"step_boundary: only layers {sorted(p.appended)} of "
-                                        f"{self.shape.num_layers} appended this step")
-            for rid in p.request_ids:
-                self._requests[rid].seq_len += 1
-            self._plan = None
+        if self._plans:
+            for p in self._plans.values():
+                if len(p.appended) != self.shape.num_layers:
+                    raise RuntimeUsageError(f"step_boundary: only layers {sorted(p.appended)} of "
+                                            f"{self.shape.num_layers} appended this step for batch {p.request_ids}")
+            here = torch.cuda.current_stream() if self._ordered is not None else None
+            for p in self._plans.values():
+                for rid in p.request_ids:
+                    self._requests[rid].seq_len += 1
+                if here is not None and p.stream != here:
+                    here.wait_stream(p.stream)  # NOTE: counters, step counter and the next plans follow it
+            self._plans = {}
             self._step += 1
             self._step_t.fill_(self._step)
         new = self._knob_queue.take()
@@ -341,6 +358,7 @@ class NosaRuntime:
             self._apply_knobs(new)
         self.counters.resolve_events()
         self._publish()
+        self._order_after_host_changes()
 
     # -- internals -------------------------------------------------------------------------------------
     def _req(self, request_id: str) -> _Request:
@@ -354,34 +372,46 @@ class NosaRuntime:
         if not self.gpu_only and new_blocks > self.host.num_blocks:
             raise RequestTooLarge(tokens, new_blocks, self.host.num_blocks)
 
+    def _step_complete(self) -> bool:
+        return all(len(p.appended) == self.shape.num_layers for p in self._plans.values())
+
     def _require_no_open_step(self, what: str) -> None:
-        if self._plan is not None:
-            if len(self._plan.appended) == self.shape.num_layers:
+        if self._plans:
+            if self._step_complete():
                 self.step_boundary()
             else:
                 raise RuntimeUsageError(f"{what}: a decode step is open (call step_boundary() after the last layer)")
 
+    def _order_after_host_changes(self) -> None:
+        """Mark the calling stream's position after an admission, a release or a step boundary: the
+        next micro-batch's stream starts after it (its plan reads rows, maps and the step counter)."""
+        if self._ordered is not None:
+            self._ordered.record()
+
     def _plan_for(self, request_ids: tuple[str, ...], layer: int) -> StepPlan:
-        p = self._plan
-        if p is not None and layer in p.appended and len(p.appended) == self.shape.num_layers:
+        p = self._plans.get(request_ids)
+        if p is not None and layer in p.appended and self._step_complete():
             self.step_boundary()  # a new step began without an explicit boundary
             p = None
         if p is not None:
-            if request_ids != p.request_ids:
-                raise RuntimeUsageError(f"append(layer={layer}): batch {request_ids} differs from this step's "
-                                        f"{p.request_ids}")
             if layer in p.appended:
                 raise RuntimeUsageError(f"append(layer={layer}): already appended this step")
             return p
         reqs = [self._req(r) for r in request_ids]
         if len(set(request_ids)) != len(request_ids) or not reqs:
             raise RuntimeUsageError(f"request_ids={request_ids}: expected distinct running requests")
+        for other in self._plans.values():
+            if set(request_ids) & set(other.request_ids):
+                raise RuntimeUsageError(f"append(layer={layer}): batch {request_ids} overlaps this step's "
+                                        f"micro-batch {other.request_ids} (micro-batches must be disjoint)")
         for r in reqs:
             if r.seq_len + 1 > self.max_seq_len:
                 raise ValueError(f"request {r.request_id!r}: {r.seq_len + 1} tokens exceed "
                                  f"max_seq_len={self.max_seq_len}")
-        self._plan = self._build_plan(request_ids, reqs)
-        return self._plan
+        if self._ordered is not None:
+            torch.cuda.current_stream().wait_event(self._ordered)
+        p = self._plans[request_ids] = self._build_plan(request_ids, reqs)
+        return p
 
     def _build_plan(self, request_ids, reqs) -> StepPlan:
         bs, H = self.config.block_size, self.shape.num_kv_heads
@@ -403,7 +433,8 @@ class NosaRuntime:
         p = build_step_plan(request_ids, [r.row for r in reqs], [r.seq_len for r in reqs], tails, token_slot,
                             tail_slot, base, H, self.config, self.device,
                             num_blocks=self.max_blocks if graphs else None,
-                            static=self._decoder.static_plan_buffer(len(reqs)))
+                            static=self._decoder.static_plan_buffer([r.row for r in reqs]))
+        p.stream = torch.cuda.current_stream() if self._ordered is not None else None
         if updates:
             t = torch.tensor(updates, dtype=torch.long).T.contiguous()
             if self.device.type == "cuda":

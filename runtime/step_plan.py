@@ -49,6 +49,7 @@ class StepPlan:
     table_update: list[tuple[int, int, int]] = field(default_factory=list)  # (row, block, host block)
     appended: set[int] = field(default_factory=set)
     attended: set[int] = field(default_factory=set)
+    stream: object | None = None  # CUDA: the stream this micro-batch runs on (joined at the step boundary)
 
 
 def packed_len(batch: int, num_kv_heads: int) -> int:

@@ -8,6 +8,8 @@ sparse after a few hundred tokens; slot counts topk / topk * 1.25 / 2 * topk mir
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 from dataclasses import replace
 
@@ -108,14 +110,16 @@ def random_prompt(shape: ModelShape, T: int, g: torch.Generator, device):
 
 def drive(rt: NosaRuntime, prompt_lens: list[int], steps: int, seed: int, check: bool = True,
           order: list[int] | None = None, collect: bool = False, allow_near_ties: bool = False,
-          on_attend=None, fused: bool = False) -> dict:
+          on_attend=None, fused: bool = False, micro_batches: int = 1, streams: bool = False) -> dict:
     """Run `steps` decode steps of random tokens/queries; compare every layer with the reference
     (`collect`: also return every output, on the host).
 
     `allow_near_ties` (fp32 GPU kernels against the fp64 reference): a selection that differs only by
     near ties (`ReferenceMirror.near_tie`) counts in "near_ties", not "selection_mismatches", and the
     output is then checked against the reference attention over the runtime's own selection.
-    `fused`: each layer through `decode(q, k, v, c)` instead of `append` then `attend`."""
+    `fused`: each layer through `decode(q, k, v, c)` instead of `append` then `attend`.
+    `micro_batches`: the batch cut into that many contiguous parts, each decoded separately per layer
+    (`streams`, CUDA: each part on its own stream)."""
     shape, cfg, dev = rt.shape, rt.config, rt.device
     g = torch.Generator().manual_seed(seed)
     mirror = ReferenceMirror(len(prompt_lens), shape, max(prompt_lens) + steps + 1, dev)
@@ -128,17 +132,14 @@ def drive(rt: NosaRuntime, prompt_lens: list[int], steps: int, seed: int, check:
     batch = [ids[i] for i in idx]
     H, Hq, d = shape.num_kv_heads, shape.num_q_heads, shape.head_dim
     worst, mismatches, near_ties, outputs = 0.0, 0, 0, []
+    part_streams = [torch.cuda.Stream(dev) for _ in range(micro_batches)] if streams else None
     for _ in range(steps):
         for layer in range(shape.num_layers):
             k = torch.randn(len(idx), H, d, generator=g).to(dev, shape.dtype)
             v = torch.randn(len(idx), H, d, generator=g).to(dev, shape.dtype)
             c = (0.1 + 2 * torch.rand(len(idx), H, generator=g)).to(dev)
             q = torch.randn(len(idx), Hq, d, generator=g).to(dev, shape.dtype)
-            if fused:
-                o = rt.decode(layer, batch, q, k, v, c)
-            else:
-                rt.append(layer, batch, k, v, c)
-                o = rt.attend(layer, batch, q)
+            o, mine = decode_parts(rt, layer, batch, q, k, v, c, fused, micro_batches, part_streams)
             if collect:
                 outputs.append(o.cpu())
             if on_attend is not None:
@@ -146,7 +147,6 @@ def drive(rt: NosaRuntime, prompt_lens: list[int], steps: int, seed: int, check:
             if check:
                 mirror.append(layer, idx, k, v, c)
                 sel, ref = mirror.attend(layer, idx, q, cfg)
-                mine = rt.last_selection(layer).long()
                 if bool((mine != sel).any()):
                     if allow_near_ties and mirror.near_tie(layer, idx, q, cfg, mine, sel):
                         near_ties += 1
@@ -159,6 +159,35 @@ def drive(rt: NosaRuntime, prompt_lens: list[int], steps: int, seed: int, check:
         mirror.step(idx)
     return {"worst": worst, "selection_mismatches": mismatches, "near_ties": near_ties, "snapshot": rt.snapshot(),
             "ids": ids, "outputs": outputs}
+
+
+def decode_parts(rt: NosaRuntime, layer: int, batch: list[str], q, k, v, c, fused: bool, parts: int,
+                 streams: list | None = None):
+    """One layer of a step in `parts` contiguous micro-batches, part i on streams[i] if given:
+    (output, selection), whole batch, ready on the current stream."""
+    bounds = [round(i * len(batch) / parts) for i in range(parts + 1)]
+    outs, sels = [], []
+    main = torch.cuda.current_stream() if streams else None
+    for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        sl = slice(lo, hi)
+        with torch.cuda.stream(streams[i]) if streams else contextlib.nullcontext():
+            if streams:
+                streams[i].wait_stream(main)  # NOTE: the inputs were made on the main stream
+                for t in (q, k, v, c):
+                    t.record_stream(streams[i])
+            if fused:
+                o = rt.decode(layer, batch[sl], q[sl], k[sl], v[sl], c[sl])
+            else:
+                rt.append(layer, batch[sl], k[sl], v[sl], c[sl])
+                o = rt.attend(layer, batch[sl], q[sl])
+            sel = rt.last_selection(layer)
+        if streams:
+            main.wait_stream(streams[i])
+            for t in (o, sel):
+                t.record_stream(main)
+        outs.append(o)
+        sels.append(sel.long())
+    return torch.cat(outs), torch.cat(sels)
 
 
 COUNTS = ("hits", "misses", "prefetched", "bytes_h2d", "bytes_d2h")
@@ -366,3 +395,27 @@ def test_graph_mode_segments_read_only_static_buffers(victim, fused):
     rt._decoder.graphs = ReplayClosures()  # what cuda_graphs=True does, minus the GPU
     out = drive(rt, [150, 161, 40], steps=150, seed=seed, order=[1, 2, 0], fused=fused)
     assert out["selection_mismatches"] == 0 and rt._decoder.graphs.replays > 500
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+@pytest.mark.parametrize("fused", [False, True], ids=["append-attend", "decode"])
+def test_micro_batches_equal_one_batch_bit_for_bit(fused, parts):
+    """A step cut into micro-batches (decoded one after another, layer by layer) gives the reference's
+    selections and the one-batch outputs and counters bit for bit (also with rows out of batch order)."""
+    seed = fresh_seed()
+    runs = [drive(small_runtime(slots=10, victim="lru"), [150, 161, 40, 99], steps=100, seed=seed, collect=True,
+                  fused=fused, micro_batches=n, order=[1, 0, 2, 3]) for n in (1, parts)]
+    assert all(r["selection_mismatches"] == 0 for r in runs)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0]["outputs"], runs[1]["outputs"]))
+    assert counts(runs[0]) == counts(runs[1]) and runs[1]["snapshot"].totals.misses > 0
+
+
+@pytest.mark.parametrize("inline", [False, True])
+def test_micro_batch_segments_have_their_own_static_buffers(inline):
+    """Two micro-batches of one size are in flight at once (two streams): under captured-closure
+    replay, a plan or input buffer shared between them would feed one the other's rows."""
+    seed = fresh_seed()
+    rt = small_runtime(slots=10, victim="lru", layers=2, inline_gather=inline)
+    rt._decoder.graphs = ReplayClosures()
+    out = drive(rt, [150, 161, 40, 120], steps=100, seed=seed, fused=True, micro_batches=2)
+    assert out["selection_mismatches"] == 0 and rt._decoder.graphs.replays > 300

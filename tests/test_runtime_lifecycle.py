@@ -258,12 +258,35 @@ def test_protocol_errors_name_the_problem():
         rt.begin_request("bad", [torch.zeros(3, 2, 8)] * 2, [torch.zeros(3, 2, 16)] * 2, [torch.zeros(3, 2)] * 2)
     z = torch.zeros(2, 2, 16)
     rt.append(0, ["r0", "r1"], z, z, torch.ones(2, 2))
-    with pytest.raises(RuntimeUsageError, match="differs"):
+    with pytest.raises(RuntimeUsageError, match="overlaps"):
         rt.append(1, ["r1", "r0"], z, z, torch.ones(2, 2))
     with pytest.raises(RuntimeUsageError, match="open"):
         rt.end_request("r0")
     q = torch.zeros(2, 4, 16)
     with pytest.raises(RuntimeUsageError, match="already appended"):
         rt.decode(0, ["r0", "r1"], q, z, z, torch.ones(2, 2))  # layer 0 has its token
-    with pytest.raises(RuntimeUsageError, match="differs"):
+    with pytest.raises(RuntimeUsageError, match="overlaps"):
         rt.decode(1, ["r1", "r0"], q, z, z, torch.ones(2, 2))
+
+
+def test_micro_batches_must_be_disjoint_and_all_finish_the_step():
+    """A step may decode disjoint micro-batches; an overlapping one, or a boundary before every
+    micro-batch went through every layer, is refused and changes nothing; abort discards them all."""
+    rt = small_runtime(slots=10)
+    s = Session(rt)
+    for i, T in enumerate([150, 175, 90]):
+        s.begin(i, T)
+    z1, z2 = torch.zeros(1, 2, 16), torch.zeros(2, 2, 16)
+    q1 = torch.zeros(1, 4, 16)
+    rt.decode(0, ["r0"], q1, z1, z1, torch.ones(1, 2))
+    with pytest.raises(RuntimeUsageError, match="overlaps"):
+        rt.decode(0, ["r1", "r0"], torch.zeros(2, 4, 16), z2, z2, torch.ones(2, 2))
+    rt.decode(0, ["r1", "r2"], torch.zeros(2, 4, 16), z2, z2, torch.ones(2, 2))
+    rt.decode(1, ["r0"], q1, z1, z1, torch.ones(1, 2))
+    lens = [rt.seq_len(f"r{i}") for i in range(3)]
+    with pytest.raises(RuntimeUsageError, match=r"only layers \[0\] .*'r1', 'r2'"):
+        rt.step_boundary()
+    assert [rt.seq_len(f"r{i}") for i in range(3)] == lens
+    rt.abort_request("r2")  # the open step is discarded for both micro-batches
+    for _ in range(20):
+        s.step([0, 1])
