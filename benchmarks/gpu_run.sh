@@ -26,14 +26,17 @@ for what in "$@"; do case $what in
     done ;;
   runtime-1b) step runtime_1b ${LIMIT:-300} python3 benchmarks/decode_throughput.py --model 1b --contexts ${CONTEXTS:-64k,128k} --views ${VIEWS:-common,max} \
       --cuda-graphs --steps 16 --warmup 4 --host-gib 64 --out $OUT/runtime_1b.md ;;
-  runtime-args) step runtime_args ${LIMIT:-300} python3 benchmarks/decode_throughput.py $RUNTIME_ARGS --out $OUT/runtime_args.md ;;
-  runtime-args2) step runtime_args2 ${LIMIT2:-300} python3 benchmarks/decode_throughput.py $RUNTIME_ARGS2 --out $OUT/runtime_args2.md ;;
+  runtime-args*)  # runtime-argsN: decode_throughput.py with the arguments in $RUNTIME_ARGSN
+    n=${what#runtime-args}; v=RUNTIME_ARGS$n
+    step runtime_args$n ${LIMIT:-300} python3 benchmarks/decode_throughput.py ${!v} --out $OUT/runtime_args$n.md ;;
   runtime-8b) step runtime_8b ${LIMIT8:-330} python3 benchmarks/decode_throughput.py --model 8b --contexts ${CONTEXTS8:-16k,32k} \
       --cuda-graphs --steps 12 --warmup 3 --host-gib 64 --out $OUT/runtime_8b.md ;;
   profile) step profile 240 python3 scripts/profile_runtime.py --tokens ${PROFILE_TOKENS:-16384} --batch ${PROFILE_BATCH:-64} \
       --configs 'a*,c,a' ;
     step profile_inline 200 python3 scripts/profile_runtime.py --tokens ${PROFILE_TOKENS:-16384} \
       --batch ${PROFILE_BATCH:-64} --configs 'a*,a' --inline-gather ;;
+  transfer) step kernels_transfer ${TLIMIT:-300} python3 benchmarks/kernels_transfer.py --only ${TRANSFER_ONLY:-a,b,c,e} \
+      --host-gib 8 --out $OUT/kernels_transfer.md ;;
   kernels) step kernels 330 python3 benchmarks/kernels.py --budget-s 280 --out $OUT/kernels.md ;;
   grpc) step grpc_load ${GRPC_LIMIT:-200} python3 benchmarks/grpc_load.py --model 1b --prompt-tokens ${GRPC_PROMPT:-16384} --phase-seconds ${GRPC_PHASE:-8} \
       --out $OUT/grpc_load.md ;;

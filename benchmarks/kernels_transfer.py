@@ -8,7 +8,8 @@ Tables: (a) pinned H2D / D2H copy ceilings (1 GiB torch copies) and device-to-de
 as % of the H2D (D2H) ceiling, with the host time each call costs; (c) how much a bf16 8192^3 GEMM on
 another stream slows down while transfers run, and how fast the transfers go meanwhile; (d) eviction
 head time vs its byte roofline (N = 1..32768 tokens) and torch, (d'') other dtypes and the fp32 paths,
-(d') a tile sweep of the bf16 tensor-core path.
+(d') a tile sweep of the bf16 tensor-core path; (e) the zero-copy grid bound (block_copy.MAX_PROGRAMS):
+gather speed alone and the GEMM slowdown beside it, per number of programs.
 Timing: CUDA events (or triton.testing.do_bench, median), warm-up first, id sets rotated; the host store
 (--host-gib of pinned memory, random data) is far larger than L2.
 """
@@ -29,7 +30,7 @@ import triton
 from triton.runtime.errors import OutOfResources
 
 from report import table, write_markdown
-from nosa_sglang.kernels.block_copy import gather_runs, launch_zero_copy, scatter_runs
+from nosa_sglang.kernels.block_copy import MAX_PROGRAMS, gather_runs, launch_zero_copy, scatter_runs
 from nosa_sglang.kernels.copy_engine import batch_memcpy_available, coalesce_runs
 from nosa_sglang.kernels.eviction_head import (
     EvictionLaunchConfig, eviction_bias, eviction_launch_config, launch_eviction_bias,
@@ -130,33 +131,31 @@ def gather_table(host_k8: torch.Tensor, host_v8: torch.Tensor, ceil: dict[str, f
     return per_call
 
 
-def gemm_contention(host_k8: torch.Tensor, host_v8: torch.Tensor, per_call: dict, stream: torch.cuda.Stream,
-                    md: list[str]) -> None:
-    n, run_elems = 4096, 8192
-    hk, hv = host_k8.view(torch.bfloat16).view(-1, run_elems), host_v8.view(torch.bfloat16).view(-1, run_elems)
-    gk = torch.empty(n, run_elems, dtype=torch.bfloat16, device="cuda")
-    gv = torch.empty_like(gk)
-    sets = [(torch.randperm(hk.shape[0], device="cuda")[:n], torch.randperm(n, device="cuda")) for _ in range(ROTATE)]
-    sets_cpu = [(s.cpu(), d.cpu()) for s, d in sets]
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b, c = torch.randn_like(a), torch.empty_like(a)
-    gemm_stream, n_gemm = torch.cuda.Stream(), 30
-    with torch.cuda.stream(gemm_stream):
-        alone, _ = time_calls(lambda i: [torch.mm(a, b, out=c) for _ in range(n_gemm)], gemm_stream, 3, warmup=1)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    torch.cuda._sleep(100_000_000)
-    end.record()
-    end.synchronize()
-    cycles_per_ms = 100_000_000 / start.elapsed_time(end)
-    rows = [["none", "-", alone, 1.0, "-", "-", "-"]]
-    methods = [("zero_copy", "-"), ("copy_engine", "batch" if batch_memcpy_available() else "cupy")]
-    for mode, backend in methods:
-        x_alone = per_call[("H2D", 16, n, mode, backend)]
-        x_host = per_call[("host", "H2D", 16, n, mode, backend)]
-        calls = max(2, math.ceil(1.3 * alone / x_alone))
-        ids = sets if mode == "zero_copy" else sets_cpu
-        cb = "auto" if backend == "-" else backend
+class Contention:
+    """A batch of bf16 8192^3 GEMMs on one stream, with transfers issued on another meanwhile."""
+
+    def __init__(self, stream: torch.cuda.Stream, n_gemm: int = 30) -> None:
+        self.stream, self.n_gemm = stream, n_gemm
+        self.a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        self.b, self.c = torch.randn_like(self.a), torch.empty_like(self.a)
+        self.gemm_stream = torch.cuda.Stream()
+        with torch.cuda.stream(self.gemm_stream):
+            self.alone, _ = time_calls(lambda i: self._gemms(), self.gemm_stream, 3, warmup=1)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(100_000_000)
+        end.record()
+        end.synchronize()
+        self.cycles_per_ms = 100_000_000 / start.elapsed_time(end)
+
+    def _gemms(self) -> None:
+        for _ in range(self.n_gemm):
+            torch.mm(self.a, self.b, out=self.c)
+
+    def run(self, transfer: Callable[[int], object], x_alone_ms: float, x_host_ms: float, bytes_per_call: int):
+        """(GEMM ms, GEMM slowdown x, transfer GB/s meanwhile, transfers covered the GEMMs, host issue ms):
+        medians of 3, both streams held by a gate until the host has issued everything."""
+        calls = max(2, math.ceil(1.3 * self.alone / x_alone_ms))
         results = []
         for _ in range(3):
             torch.cuda.synchronize()
@@ -164,28 +163,73 @@ def gemm_contention(host_k8: torch.Tensor, host_v8: torch.Tensor, per_call: dict
             gate = torch.cuda.Event(enable_timing=True)
             g_end, x_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             with torch.cuda.stream(gate_stream):  # hold both streams while the host issues everything
-                torch.cuda._sleep(int(cycles_per_ms * (5 + 2 * calls * x_host)))
+                torch.cuda._sleep(int(self.cycles_per_ms * (5 + 2 * calls * x_host_ms)))
                 gate.record(gate_stream)
-            stream.wait_event(gate)
-            gemm_stream.wait_event(gate)
+            self.stream.wait_event(gate)
+            self.gemm_stream.wait_event(gate)
             t0 = time.perf_counter()
-            with torch.cuda.stream(gemm_stream):  # GEMMs first: a full copy queue can't delay them
-                for _ in range(n_gemm):
-                    torch.mm(a, b, out=c)
-            g_end.record(gemm_stream)
-            for i in range(calls):
-                s, d = ids[i % ROTATE]
-                gather_runs(hk, hv, s, gk, gv, d, mode, stream, validate_ids=False, copy_backend=cb)
-            x_end.record(stream)
+            with torch.cuda.stream(self.gemm_stream):  # GEMMs first: a full copy queue can't delay them
+                self._gemms()
+            g_end.record(self.gemm_stream)
+            with torch.cuda.stream(self.stream):
+                for i in range(calls):
+                    transfer(i)
+            x_end.record(self.stream)
             issue_ms = (time.perf_counter() - t0) * 1e3
             torch.cuda.synchronize()
             results.append((gate.elapsed_time(g_end), gate.elapsed_time(x_end), issue_ms))
         g_ms, x_ms, issue_ms = (statistics.median(r[i] for r in results) for i in range(3))
-        gbs = calls * 2 * n * 16384 / x_ms / 1e6
-        rows.append([mode, backend, g_ms, g_ms / alone, gbs, x_ms >= g_ms, f"{issue_ms:.1f}"])
-    table(f"(c) {n_gemm} bf16 8192^3 GEMMs on one stream, 16 KiB-run gathers of {n} runs on another",
+        return g_ms, g_ms / self.alone, calls * bytes_per_call / x_ms / 1e6, x_ms >= g_ms, f"{issue_ms:.1f}"
+
+
+def contention_inputs(host_k8: torch.Tensor, host_v8: torch.Tensor, n: int = 4096, run_elems: int = 8192):
+    hk, hv = host_k8.view(torch.bfloat16).view(-1, run_elems), host_v8.view(torch.bfloat16).view(-1, run_elems)
+    gk = torch.empty(n, run_elems, dtype=torch.bfloat16, device="cuda")
+    sets = [(torch.randperm(hk.shape[0], device="cuda")[:n], torch.randperm(n, device="cuda")) for _ in range(ROTATE)]
+    return hk, hv, gk, torch.empty_like(gk), sets
+
+
+def gemm_contention(host_k8: torch.Tensor, host_v8: torch.Tensor, per_call: dict, stream: torch.cuda.Stream,
+                    md: list[str]) -> None:
+    n = 4096
+    hk, hv, gk, gv, sets = contention_inputs(host_k8, host_v8, n)
+    sets_cpu = [(s.cpu(), d.cpu()) for s, d in sets]
+    bench = Contention(stream)
+    rows = [["none", "-", bench.alone, 1.0, "-", "-", "-"]]
+    methods = [("zero_copy", "-"), ("copy_engine", "batch" if batch_memcpy_available() else "cupy")]
+    for mode, backend in methods:
+        ids = sets if mode == "zero_copy" else sets_cpu
+        cb = "auto" if backend == "-" else backend
+        fn = lambda i: gather_runs(hk, hv, ids[i % ROTATE][0], gk, gv, ids[i % ROTATE][1], mode,  # noqa: E731
+                                   stream, validate_ids=False, copy_backend=cb)
+        rows.append([mode, backend, *bench.run(fn, per_call[("H2D", 16, n, mode, backend)],
+                                               per_call[("host", "H2D", 16, n, mode, backend)], 2 * n * 16384)])
+    table(f"(c) {bench.n_gemm} bf16 8192^3 GEMMs on one stream, 16 KiB-run gathers of {n} runs on another "
+          f"(zero-copy grid: at most {MAX_PROGRAMS} programs)",
           ["transfers", "backend", "GEMM ms", "GEMM slowdown x", "transfer GB/s meanwhile",
            "transfers covered the GEMMs", "host issue ms"], rows, md)
+
+
+def program_sweep(host_k8: torch.Tensor, host_v8: torch.Tensor, ceil: dict[str, float], stream: torch.cuda.Stream,
+                  md: list[str]) -> None:
+    """The zero-copy grid bound (MAX_PROGRAMS): gather speed alone and the slowdown of concurrent GEMMs."""
+    n = 4096
+    hk, hv, gk, gv, sets = contention_inputs(host_k8, host_v8, n)
+    bench = Contention(stream)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for programs in (8, 16, 32, 64, 128, sms, 2 * sms, 0):
+        fn = lambda i: launch_zero_copy(hk, hv, gk, gv, *sets[i % ROTATE], programs=programs)  # noqa: E731
+        with torch.cuda.stream(stream):
+            x_ms, x_host = time_calls(fn, stream, 5)
+        gbs = 2 * n * 16384 / x_ms / 1e6
+        rows.append([programs or "one per item", gbs, 100 * gbs / ceil["h2d"],
+                     *bench.run(fn, x_ms, x_host, 2 * n * 16384)[:4]])
+        print(rows[-1], flush=True)
+    table(f"(e) zero-copy grid bound: {n} random 16 KiB runs (K+V), alone and beside {bench.n_gemm} bf16 8192^3 "
+          f"GEMMs (alone {bench.alone:.1f} ms); runtime default MAX_PROGRAMS = {MAX_PROGRAMS}",
+          ["programs", "gather GB/s alone", "% H2D ceiling", "GEMM ms", "GEMM slowdown x", "gather GB/s meanwhile",
+           "gathers covered the GEMMs"], rows, md)
 
 
 def device_copy_gbs() -> float:
@@ -297,7 +341,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None, help="write the markdown tables here")
     parser.add_argument("--host-gib", type=float, default=8.0, help="pinned host store, K+V together")
-    parser.add_argument("--skip", default="", help="comma list of sections to skip: a,b,c,d (b needs a, c needs a and b)")
+    parser.add_argument("--skip", default="", help="comma list of sections to skip: a,b,c,d,e (b needs a, c needs a and b, e needs a)")
     parser.add_argument("--only", default="", help="comma list of sections to run instead, e.g. d (the eviction "
                         "head alone, ~3-5 min: no pinned host store, its roofline from a device copy timed here)")
     args = parser.parse_args()
@@ -310,9 +354,9 @@ def main() -> int:
           f"triton {triton.__version__}, pinned mode {pinned_mode()}, cudaMemcpyBatchAsync "
           f"{'yes' if batch_memcpy_available() else 'no'}", ""]
     print(md[0], flush=True)
-    sections = set(args.only.split(",")) if args.only else {"a", "b", "c", "d"} - set(args.skip.split(","))
+    sections = set(args.only.split(",")) if args.only else {"a", "b", "c", "d", "e"} - set(args.skip.split(","))
     ceil = per_call = None
-    if sections & {"a", "b", "c"}:
+    if sections & {"a", "b", "c", "e"}:
         half = int(args.host_gib * GiB / 2) // GiB * GiB
         t0 = time.perf_counter()
         host_k8, host_v8 = alloc_pinned((half,), torch.uint8), alloc_pinned((half,), torch.uint8)
@@ -338,6 +382,8 @@ def main() -> int:
             per_call = gather_table(host_k8, host_v8, ceil, [256, 4096, 32768], stream, md)
         if "c" in sections and per_call is not None:
             gemm_contention(host_k8, host_v8, per_call, stream, md)
+        if "e" in sections and ceil is not None:
+            program_sweep(host_k8, host_v8, ceil, stream, md)
     if "d" in sections:
         eviction_table(ceil["d2d"] if ceil else device_copy_gbs(), md)
     if args.out:

@@ -39,7 +39,12 @@ TransferMode = Literal["zero_copy", "copy_engine", "cpu"]
 TRANSFER_MODES: tuple[str, ...] = ("zero_copy", "copy_engine", "cpu")
 MAX_CHUNK_BYTES = 16 * 1024  # bytes of K (and again of V) one program moves: 32 KiB of loads in flight
 MIN_CHUNK_BYTES = 2 * 1024  # below this a program is mostly index math
-TARGET_PROGRAMS = 1024  # split runs into chunks until this many programs (>= 4 per SM on an H100)
+TARGET_PROGRAMS = 1024  # split runs into chunks until this many items (>= 4 per SM on an H100)
+#: programs of a zero-copy launch at most (they stride over the items). Why a bound: a program waiting
+#: on PCIe holds its SM's slots, and a grid of one program per item filled every SM, so compute on other
+#: streams stalled (a concurrent GEMM ran 2.15x slower); a few dozen programs already keep enough bytes
+#: in flight to fill PCIe. Measured per card in benchmarks/kernels_transfer.py, table (e).
+MAX_PROGRAMS = 32
 #: zero_copy skips entries whose src id is negative (their dst id is ignored): the runtime passes
 #: fixed-size, padded id lists that stay on the GPU, so it never reads a miss list back to the host
 SKIPS_NEGATIVE_IDS = True
@@ -54,22 +59,23 @@ class TransferResult(NamedTuple):
 
 
 @triton.jit
-def _copy_runs_kernel(src_k, src_v, dst_k, dst_v, src_ids, dst_ids,
+def _copy_runs_kernel(src_k, src_v, dst_k, dst_v, src_ids, dst_ids, n_items,
                       RUN: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr):
-    # One program copies chunk `pid % CHUNKS` of run `pid // CHUNKS`, of K and of V: both loads are
-    # issued before either store, so 2 x CHUNK words per program are in flight over PCIe. A negative
-    # src id is padding: the uniform mask keeps the 16-byte vector accesses and moves nothing.
-    pid = tl.program_id(0)
-    run = pid // CHUNKS
-    offs = (pid % CHUNKS) * CHUNK + tl.arange(0, CHUNK)
-    src = tl.load(src_ids + run).to(tl.int64)
-    live = src >= 0  # scalar, broadcast over the chunk
-    s = src * RUN  # int64: host stores exceed 2^31 words
-    d = tl.load(dst_ids + run).to(tl.int64) * RUN
-    k = tl.load(src_k + s + offs, mask=live)
-    v = tl.load(src_v + s + offs, mask=live)
-    tl.store(dst_k + d + offs, k, mask=live)
-    tl.store(dst_v + d + offs, v, mask=live)
+    # Item t is chunk `t % CHUNKS` of run `t // CHUNKS`, of K and of V; programs stride over the items
+    # (a bounded grid: MAX_PROGRAMS). Both loads are issued before either store, so 2 x CHUNK words per
+    # program are in flight over PCIe. A negative src id is padding: the uniform mask keeps the 16-byte
+    # vector accesses and moves nothing.
+    for t in range(tl.program_id(0), n_items, tl.num_programs(0)):
+        run = t // CHUNKS
+        offs = (t % CHUNKS) * CHUNK + tl.arange(0, CHUNK)
+        src = tl.load(src_ids + run).to(tl.int64)
+        live = src >= 0  # scalar, broadcast over the chunk
+        s = src * RUN  # int64: host stores exceed 2^31 words
+        d = tl.load(dst_ids + run).to(tl.int64) * RUN
+        k = tl.load(src_k + s + offs, mask=live)
+        v = tl.load(src_v + s + offs, mask=live)
+        tl.store(dst_k + d + offs, k, mask=live)
+        tl.store(dst_v + d + offs, v, mask=live)
 
 
 def gather_runs(
@@ -182,13 +188,14 @@ def zero_copy_launch_config(n_runs: int, run_bytes: int) -> tuple[int, int, int]
 
 
 def launch_zero_copy(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.Tensor, dst_v: torch.Tensor,
-                     src_ids: torch.Tensor, dst_ids: torch.Tensor) -> object:
-    """Launch the copy kernel on the current stream (no checks; use gather_runs/scatter_runs).
+                     src_ids: torch.Tensor, dst_ids: torch.Tensor, programs: int | None = None) -> object:
+    """Launch the copy kernel on the current stream (no checks; use gather_runs/scatter_runs) with at
+    most `programs` programs (default MAX_PROGRAMS; 0: one per item, the unbounded grid).
     Returns Triton's compiled-kernel handle (its .asm shows the PTX, e.g. for ld.global.v4)."""
     run_bytes = src_k.shape[1] * src_k.element_size()
     word, chunk, num_warps = zero_copy_launch_config(src_ids.numel(), run_bytes)
     return _launch_words(_as_words((src_k, src_v, dst_k, dst_v), word), src_ids, dst_ids, run_bytes // word, chunk,
-                         num_warps)
+                         num_warps, programs)
 
 
 def _as_words(tensors: tuple[torch.Tensor, ...], word: int) -> list[torch.Tensor]:
@@ -198,10 +205,13 @@ def _as_words(tensors: tuple[torch.Tensor, ...], word: int) -> list[torch.Tensor
 
 
 def _launch_words(views: list[torch.Tensor], src_ids: torch.Tensor, dst_ids: torch.Tensor, run_words: int,
-                  chunk: int, num_warps: int) -> object:
+                  chunk: int, num_warps: int, programs: int | None = None) -> object:
     chunks = run_words // chunk
-    return _copy_runs_kernel[(src_ids.numel() * chunks,)](*views, src_ids, dst_ids, RUN=run_words, CHUNK=chunk,
-                                                          CHUNKS=chunks, num_warps=num_warps)
+    items = src_ids.numel() * chunks
+    bound = MAX_PROGRAMS if programs is None else programs
+    grid = (min(items, bound) if bound > 0 else items,)
+    return _copy_runs_kernel[grid](*views, src_ids, dst_ids, items, RUN=run_words, CHUNK=chunk, CHUNKS=chunks,
+                                   num_warps=num_warps)
 
 
 class PreparedGather:

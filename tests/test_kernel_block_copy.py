@@ -133,6 +133,27 @@ def test_small_runs_split_into_chunks_cover_every_word(gen):
     assert_copied(gv, dst, hv, src)
 
 
+@pytest.mark.parametrize("programs", [1, 3, 7, 0, None], ids=["1", "3", "7", "unbounded", "default"])
+def test_bounded_grid_programs_stride_over_every_item(gen, programs):
+    """Fewer programs than items (each loops over items t, t + P, ...): every chunk of every live run
+    lands, padding moves nothing, and nothing outside the dst runs is written."""
+    from nosa_sglang.kernels._dispatch import interpret_mode
+
+    if not interpret_mode():
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest on machines without CUDA)")
+    hk, hv = store(gen, 12, 8192, torch.bfloat16), store(gen, 12, 8192, torch.bfloat16)
+    gk, gv = poisoned(8, 8192, torch.bfloat16), poisoned(8, 8192, torch.bfloat16)
+    src, dst = torch.tensor([4, -1, 11, 0, -1, 7]), torch.tensor([6, 7, 1, 3, 7, 0])
+    assert zero_copy_launch_config(src.numel(), 16384)[1] * 4 < 16384  # several chunks per run
+    launch_zero_copy(hk, hv, gk, gv, src, dst, programs=programs)
+    live = src >= 0
+    assert_copied(gk, dst[live], hk, src[live])
+    assert_copied(gv, dst[live], hv, src[live])
+    untouched = torch.ones(8, dtype=torch.bool)
+    untouched[dst[live]] = False
+    assert torch.isnan(gk[untouched].float()).all() and torch.isnan(gv[untouched].float()).all()
+
+
 @pytest.mark.parametrize("n_runs", [1, 16, 256, 32768])
 @pytest.mark.parametrize("run_bytes", [8192, 16384, 6 * 1024, 8190])
 def test_launch_config_tiles_each_run(n_runs, run_bytes):
