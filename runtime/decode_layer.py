@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     from nosa_sglang.runtime.nosa_runtime import NosaRuntime
 
 
+#: static buffer sets kept (graph mode); each belongs to one (batch size, first row)
+MAX_STATIC = 8
+
+
 class _Static:
     """Fixed-address inputs of one batch shape (graph mode)."""
 
@@ -46,6 +50,7 @@ class LayerDecoder:
         self.rt = rt
         self.graphs = SegmentGraphs() if cuda_graphs else None
         self._static: dict[tuple[int, int], _Static] = {}  # by (batch, first row): one per micro-batch
+        self._static_step: dict[tuple[int, int], int] = {}  # the last step that used each
 
     def static_plan_buffer(self, rows: list[int]) -> torch.Tensor | None:
         """Where the step plan of the batch on `rows` is uploaded (graph mode), else None. Two
@@ -54,8 +59,21 @@ class LayerDecoder:
             return None
         key = (len(rows), min(rows))
         if key not in self._static:
+            self._evict_static()
             self._static[key] = _Static(self.rt, len(rows))
+        self._static_step[key] = self.rt._step
         return self._static[key].plan
+
+    def _evict_static(self) -> None:
+        """Keep at most MAX_STATIC buffer sets: a server whose batches keep changing would otherwise
+        hold one per (size, first row) ever seen. A set goes with the graphs captured against it
+        (they would read freed memory), and never while this step uses it."""
+        old = sorted((k for k, step in self._static_step.items() if step < self.rt._step),
+                     key=self._static_step.__getitem__)
+        for key in old[: max(0, len(self._static) + 1 - MAX_STATIC)]:
+            B, lo = key
+            self.graphs.drop_shape((B, (lo, lo + B)))
+            del self._static[key], self._static_step[key]
 
     def _run(self, p: StepPlan, key: tuple, fn):
         if self.graphs is None or p.row_range is None:

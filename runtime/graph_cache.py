@@ -69,6 +69,14 @@ class SegmentGraphs:
         self.replays += 1
         return out
 
+    def drop_shape(self, shape: Hashable) -> None:
+        """Drop the graphs of one batch shape (before the buffers they were captured against go)."""
+        for key in [k for k in self._graphs if k[0] == shape]:
+            del self._graphs[key]
+        self._seen = {k for k in self._seen if k[0] != shape}
+        self._shapes.discard(shape)
+        self._pools.pop(shape, None)
+
     def clear(self) -> None:
         """Drop every graph (after a change that the keys do not capture, e.g. reallocated buffers)."""
         self._graphs.clear()

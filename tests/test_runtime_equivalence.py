@@ -203,8 +203,8 @@ def small_runtime(slots: int = 8, victim: str = "eviction_score", prefetch: bool
     shape = ModelShape(layers, 4, 2, 16, torch.float32)
     knobs = OffloadKnobs(gpu_slots=slots, victim_policy=victim, prefetch=prefetch, transfer_mode=mode)
     kw.setdefault("host_capacity_bytes", 1 << 22)
-    return NosaRuntime(shape, SMALL, knobs, device=device, max_requests=4, max_seq_len=1024, gpu_only=gpu_only,
-                       **kw)
+    kw.setdefault("max_requests", 4)
+    return NosaRuntime(shape, SMALL, knobs, device=device, max_seq_len=1024, gpu_only=gpu_only, **kw)
 
 
 def test_near_tie_admits_only_swaps_within_the_tolerance(gen):
@@ -377,6 +377,9 @@ class ReplayClosures:
         out = fn()
         g._graphs[key] = (fn, out)
         return out
+
+    def drop_shape(self, shape):
+        self._base.drop_shape(shape)
 
 
 def _flat(x):

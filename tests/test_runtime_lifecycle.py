@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-from test_runtime_equivalence import ATOL, RTOL, ReferenceMirror, random_prompt, small_runtime
+from test_runtime_equivalence import ATOL, RTOL, ReferenceMirror, ReplayClosures, random_prompt, small_runtime
 
 from nosa_sglang.runtime import GpuSlotsExhausted, HostMemoryExhausted, KnobError, RequestTooLarge, RuntimeUsageError
 
@@ -290,3 +290,25 @@ def test_micro_batches_must_be_disjoint_and_all_finish_the_step():
     rt.abort_request("r2")  # the open step is discarded for both micro-batches
     for _ in range(20):
         s.step([0, 1])
+
+
+def test_static_buffers_stay_bounded_when_batches_keep_changing():
+    """Graph mode keeps input/plan buffers per (batch size, first row). A server whose batch changes
+    every step must not keep one set per shape ever seen: old sets go (with the segments captured
+    against them), and every step still equals the reference."""
+    from nosa_sglang.runtime.decode_layer import MAX_STATIC
+
+    rt = small_runtime(slots=10, victim="lru", layers=2, max_requests=6)
+    rt._decoder.graphs = ReplayClosures()
+    s = Session(rt, n=6)
+    for i in range(6):
+        s.begin(i, 100 + 9 * i)
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for step in range(60):
+        lo = int(torch.randint(0, 5, (1,), generator=g))
+        hi = int(torch.randint(lo + 1, 7, (1,), generator=g))
+        seen.add((hi - lo, lo))
+        s.step(list(range(lo, hi)))
+        assert len(rt._decoder._static) <= MAX_STATIC
+    assert len(seen) > MAX_STATIC and rt._decoder.graphs.replays > 0
