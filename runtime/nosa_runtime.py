@@ -287,6 +287,7 @@ class NosaRuntime:
         """Like end_request, and also valid inside an open step (an exception interrupted a forward):
         that step is then discarded for every micro-batch, whose appends must be repeated."""
         if self._plans and not self._step_complete():
+            self._join_micro_batch_streams()  # NOTE: their kernels may still touch the rows that move
             self._plans = {}  # NOTE: a repeated step rewrites the same positions (start_tail_block is idempotent)
         self.end_request(request_id)
 
@@ -344,12 +345,10 @@ class NosaRuntime:
                 if len(p.appended) != self.shape.num_layers:
                     raise RuntimeUsageError(f"step_boundary: only layers {sorted(p.appended)} of "
                                             f"{self.shape.num_layers} appended this step for batch {p.request_ids}")
-            here = torch.cuda.current_stream() if self._ordered is not None else None
             for p in self._plans.values():
                 for rid in p.request_ids:
                     self._requests[rid].seq_len += 1
-                if here is not None and p.stream != here:
-                    here.wait_stream(p.stream)  # NOTE: counters, step counter and the next plans follow it
+            self._join_micro_batch_streams()  # NOTE: counters, step counter and the next plans follow them
             self._plans = {}
             self._step += 1
             self._step_t.fill_(self._step)
@@ -381,6 +380,15 @@ class NosaRuntime:
                 self.step_boundary()
             else:
                 raise RuntimeUsageError(f"{what}: a decode step is open (call step_boundary() after the last layer)")
+
+    def _join_micro_batch_streams(self) -> None:
+        """The calling stream waits for the work of every micro-batch stream of this step."""
+        if self._ordered is None:
+            return
+        here = torch.cuda.current_stream()
+        for s in {p.stream for p in self._plans.values()}:
+            if s != here:
+                here.wait_stream(s)
 
     def _order_after_host_changes(self) -> None:
         """Mark the calling stream's position after an admission, a release or a step boundary: the
