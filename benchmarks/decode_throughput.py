@@ -158,7 +158,8 @@ def synthetic_runtime(shape: ModelShape, cfg: NosaConfig, knobs: OffloadKnobs, t
     return rt, ids
 
 
-def run_runtime(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_model, host_buffer) -> dict:
+def run_runtime(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_model, host_buffer,
+                micro_batches: int = 1) -> dict:
     victim = "lru" if policy == "infllmv2" else args.victim_policy
     knobs = OffloadKnobs(gpu_slots=slots, transfer_mode=args.transfer_mode, prefetch=args.prefetch,
                          victim_policy=victim)
@@ -170,7 +171,7 @@ def run_runtime(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_mode
     work = Workload(shape, B, query_model, args.drift_rho, args.device)
 
     def step() -> None:
-        decode_step(rt, ids, work, args.split_append, args.micro_batches)
+        decode_step(rt, ids, work, args.split_append, micro_batches)
 
     for _ in range(args.warmup):
         step()
@@ -344,7 +345,8 @@ def bench_one(args, name, tokens, host_buffer, host_cap, gpu_cap, ceil, md) -> N
                     else:
                         qm_run = qm if qm != "-" else "drift"
                         r = run_runtime(args, shape, cfg, tokens, B, "infllmv2" if conf == "b" else "nosa",
-                                        conf == "c", args.gpu_slots, qm_run, host_buffer)
+                                        conf == "c", args.gpu_slots, qm_run, host_buffer,
+                                        1 if conf == "c" else args.micro_batches)
                 except torch.OutOfMemoryError as e:
                     failed = f"OOM: {str(e)[:60]}"
                 except Exception as e:  # noqa: BLE001 - one broken configuration must not end the call
@@ -427,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inline-gather", action="store_true",
                    help="decode() gathers misses on the compute stream inside the layer's one graph (no timings)")
     p.add_argument("--micro-batches", type=int, default=1,
-                   help="cut each batch into N parts on N CUDA streams, interleaved per layer (configs a, b, c, a*)")
+                   help="cut each batch into N parts on N CUDA streams, interleaved per layer, so that one part's "
+                        "copies overlap another's compute (configs a, b: the offloading ones that miss)")
     p.add_argument("--split-append", action="store_true",
                    help="append() then attend() per layer (results before 2026-11-28 evening) instead of decode()")
     p.add_argument("--ck-bf16", action=argparse.BooleanOptionalAction, default=True,
