@@ -40,11 +40,13 @@ TRANSFER_MODES: tuple[str, ...] = ("zero_copy", "copy_engine", "cpu")
 MAX_CHUNK_BYTES = 16 * 1024  # bytes of K (and again of V) one program moves: 32 KiB of loads in flight
 MIN_CHUNK_BYTES = 2 * 1024  # below this a program is mostly index math
 TARGET_PROGRAMS = 1024  # split runs into chunks until this many items (>= 4 per SM on an H100)
-#: programs of a zero-copy launch at most (they stride over the items). Why a bound: a program waiting
+#: programs of a zero-copy launch at most (each owns a range of the items). Why a bound: a program waiting
 #: on PCIe holds its SM's slots, and a grid of one program per item filled every SM, so compute on other
 #: streams stalled (a concurrent GEMM ran 2.15x slower); a few dozen programs already keep enough bytes
 #: in flight to fill PCIe. Measured per card in benchmarks/kernels_transfer.py, table (e).
 MAX_PROGRAMS = 32
+#: src ids a copy program reads at once, to skip a tile of padding with one load
+ID_TILE = 64
 #: zero_copy skips entries whose src id is negative (their dst id is ignored): the runtime passes
 #: fixed-size, padded id lists that stay on the GPU, so it never reads a miss list back to the host
 SKIPS_NEGATIVE_IDS = True
@@ -59,23 +61,31 @@ class TransferResult(NamedTuple):
 
 
 @triton.jit
-def _copy_runs_kernel(src_k, src_v, dst_k, dst_v, src_ids, dst_ids, n_items,
-                      RUN: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr):
-    # Item t is chunk `t % CHUNKS` of run `t // CHUNKS`, of K and of V; programs stride over the items
-    # (a bounded grid: MAX_PROGRAMS). Both loads are issued before either store, so 2 x CHUNK words per
-    # program are in flight over PCIe. A negative src id is padding: the uniform mask keeps the 16-byte
-    # vector accesses and moves nothing.
-    for t in range(tl.program_id(0), n_items, tl.num_programs(0)):
-        run = t // CHUNKS
-        offs = (t % CHUNKS) * CHUNK + tl.arange(0, CHUNK)
-        src = tl.load(src_ids + run).to(tl.int64)
-        live = src >= 0  # scalar, broadcast over the chunk
-        s = src * RUN  # int64: host stores exceed 2^31 words
-        d = tl.load(dst_ids + run).to(tl.int64) * RUN
-        k = tl.load(src_k + s + offs, mask=live)
-        v = tl.load(src_v + s + offs, mask=live)
-        tl.store(dst_k + d + offs, k, mask=live)
-        tl.store(dst_v + d + offs, v, mask=live)
+def _copy_runs_kernel(src_k, src_v, dst_k, dst_v, src_ids, dst_ids, n_items, per_program,
+                      RUN: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr, TILE: tl.constexpr):
+    # Item t is chunk `t % CHUNKS` of run `t // CHUNKS`, of K and of V; each program of the bounded grid
+    # (MAX_PROGRAMS) owns `per_program` consecutive items. It reads their src ids a tile at a time and
+    # skips a tile that is all padding (negative ids): the runtime's fixed-size miss lists are mostly
+    # padding, and an id read per item would cost a memory latency each. In a live tile, both loads of
+    # an item are issued before either store, so 2 x CHUNK words per program are in flight over PCIe;
+    # the uniform mask keeps the 16-byte vector accesses for live items and moves nothing for padding.
+    lo = tl.program_id(0) * per_program
+    hi = tl.minimum(lo + per_program, n_items)
+    for tile in range(lo, hi, TILE):
+        items = tile + tl.arange(0, TILE)
+        ids = tl.load(src_ids + items // CHUNKS, mask=items < hi, other=-1)
+        if tl.max(ids, axis=0) >= 0:
+            for t in range(tile, tl.minimum(tile + TILE, hi)):
+                run = t // CHUNKS
+                offs = (t % CHUNKS) * CHUNK + tl.arange(0, CHUNK)
+                src = tl.load(src_ids + run).to(tl.int64)
+                live = src >= 0  # scalar, broadcast over the chunk
+                s = src * RUN  # int64: host stores exceed 2^31 words
+                d = tl.load(dst_ids + run).to(tl.int64) * RUN
+                k = tl.load(src_k + s + offs, mask=live)
+                v = tl.load(src_v + s + offs, mask=live)
+                tl.store(dst_k + d + offs, k, mask=live)
+                tl.store(dst_v + d + offs, v, mask=live)
 
 
 def gather_runs(
@@ -209,9 +219,10 @@ def _launch_words(views: list[torch.Tensor], src_ids: torch.Tensor, dst_ids: tor
     chunks = run_words // chunk
     items = src_ids.numel() * chunks
     bound = MAX_PROGRAMS if programs is None else programs
-    grid = (min(items, bound) if bound > 0 else items,)
-    return _copy_runs_kernel[grid](*views, src_ids, dst_ids, items, RUN=run_words, CHUNK=chunk, CHUNKS=chunks,
-                                   num_warps=num_warps)
+    grid = min(items, bound) if bound > 0 else items
+    per_program = -(-items // grid)
+    return _copy_runs_kernel[(grid,)](*views, src_ids, dst_ids, items, per_program, RUN=run_words, CHUNK=chunk,
+                                      CHUNKS=chunks, TILE=ID_TILE, num_warps=num_warps)
 
 
 class PreparedGather:

@@ -154,6 +154,30 @@ def test_bounded_grid_programs_stride_over_every_item(gen, programs):
     assert torch.isnan(gk[untouched].float()).all() and torch.isnan(gv[untouched].float()).all()
 
 
+@pytest.mark.parametrize("programs", [1, 2, None], ids=["1", "2", "default"])
+def test_tiles_of_padding_are_skipped_and_live_entries_after_them_copied(gen, programs):
+    """A long, mostly padded list (the runtime's miss list): whole tiles of padding before, between and
+    after live entries; a program owns several tiles."""
+    from nosa_sglang.kernels._dispatch import interpret_mode
+    from nosa_sglang.kernels.block_copy import ID_TILE
+
+    if not interpret_mode():
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest on machines without CUDA)")
+    n = 5 * ID_TILE
+    hk, hv = store(gen, 40, 512, torch.float32), store(gen, 40, 512, torch.float32)
+    gk, gv = poisoned(n, 512, torch.float32), poisoned(n, 512, torch.float32)
+    src = torch.full((n,), -1, dtype=torch.int64)
+    live = torch.tensor([5, 2 * ID_TILE + 1, 2 * ID_TILE + 2, n - 1])
+    src[live] = torch.randint(0, 40, (len(live),), generator=gen)
+    dst = torch.randperm(n, generator=gen)
+    launch_zero_copy(hk, hv, gk, gv, src, dst, programs=programs)
+    assert_copied(gk, dst[live], hk, src[live])
+    assert_copied(gv, dst[live], hv, src[live])
+    untouched = torch.ones(n, dtype=torch.bool)
+    untouched[dst[live]] = False
+    assert torch.isnan(gk[untouched]).all() and torch.isnan(gv[untouched]).all()
+
+
 @pytest.mark.parametrize("n_runs", [1, 16, 256, 32768])
 @pytest.mark.parametrize("run_bytes", [8192, 16384, 6 * 1024, 8190])
 def test_launch_config_tiles_each_run(n_runs, run_bytes):
