@@ -400,13 +400,14 @@ def test_graph_mode_segments_read_only_static_buffers(victim, fused):
     assert out["selection_mismatches"] == 0 and rt._decoder.graphs.replays > 500
 
 
-@pytest.mark.parametrize("parts", [2, 3])
+@pytest.mark.parametrize("parts, victim", [(2, "lru"), (3, "lru"), (2, "eviction_score")])
 @pytest.mark.parametrize("fused", [False, True], ids=["append-attend", "decode"])
-def test_micro_batches_equal_one_batch_bit_for_bit(fused, parts):
+def test_micro_batches_equal_one_batch_bit_for_bit(fused, parts, victim):
     """A step cut into micro-batches (decoded one after another, layer by layer) gives the reference's
-    selections and the one-batch outputs and counters bit for bit (also with rows out of batch order)."""
+    selections and the one-batch outputs and counters bit for bit (also with rows out of batch order;
+    eviction-score victims: with prefetch, planned per micro-batch)."""
     seed = fresh_seed()
-    runs = [drive(small_runtime(slots=10, victim="lru"), [150, 161, 40, 99], steps=100, seed=seed, collect=True,
+    runs = [drive(small_runtime(slots=10, victim=victim), [150, 161, 40, 99], steps=100, seed=seed, collect=True,
                   fused=fused, micro_batches=n, order=[1, 0, 2, 3]) for n in (1, parts)]
     assert all(r["selection_mismatches"] == 0 for r in runs)
     assert all(torch.equal(a, b) for a, b in zip(runs[0]["outputs"], runs[1]["outputs"]))
