@@ -37,6 +37,7 @@ def main() -> int:
     p.add_argument("--rows", type=int, default=18)
     p.add_argument("--split-append", action="store_true", help="append() + attend() instead of decode()")
     p.add_argument("--inline-gather", action="store_true", help="decode() with the gather inside its segment")
+    p.add_argument("--micro-batches", type=int, default=1, help="configs a, a*: N parts on N streams")
     a = p.parse_args()
     shape = ModelShape(*MODELS["1b"], torch.bfloat16)
     cfg = NosaConfig()
@@ -45,7 +46,7 @@ def main() -> int:
         work = Workload(shape, a.batch, "drift", 0.9, "cuda")
 
         def step():
-            decode_step(rt, ids, work, a.split_append)
+            decode_step(rt, ids, work, a.split_append, 1 if conf == "c" else a.micro_batches)
 
         for _ in range(4):
             step()
@@ -57,7 +58,7 @@ def main() -> int:
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0  # ... and until the GPU finished
         print(f"\n===== {conf}: B={a.batch} tokens={a.tokens} graphs={not a.no_graphs} split={a.split_append} "
-              f"inline={a.inline_gather}: step {1e3 * wall / 5:.2f} ms "
+              f"inline={a.inline_gather} micro-batches={1 if conf == 'c' else a.micro_batches}: step {1e3 * wall / 5:.2f} ms "
               f"(host enqueue {1e3 * host_s / 5:.2f} ms)", flush=True)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:
