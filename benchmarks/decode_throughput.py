@@ -26,7 +26,6 @@ store is filled once with zeros and never rewritten, so admission costs no PCIe 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import math
 import sys
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 
 from report import table, write_markdown
 from nosa_sglang.config import NosaConfig
-from nosa_sglang.runtime import ModelShape, NosaRuntime, OffloadKnobs
+from nosa_sglang.runtime import MicroBatches, ModelShape, NosaRuntime, OffloadKnobs
 from nosa_sglang.runtime.knobs import MAX_GPU_SLOTS
 
 GiB = 1 << 30
@@ -99,43 +98,13 @@ class Workload:
         return q, self.k[j], self.v[j], self.c[j]
 
 
-def decode_step(rt: NosaRuntime, ids: list[str], work: Workload, split_append: bool = False,
-                micro_batches: int = 1) -> None:
+def decode_step(rt: NosaRuntime, parts: MicroBatches, work: Workload, split_append: bool = False) -> None:
     """One decode step of the attention stack: every layer's next q/k/v/c through `decode()` (or
-    `append()` then `attend()`), then the step boundary. With micro_batches > 1 the batch is cut into
-    that many contiguous parts, each on its own CUDA stream, interleaved layer by layer: one part's
-    copies then overlap another's compute (NosaRuntime.decode, "Micro-batches")."""
-    parts = _micro_batches(rt, ids, micro_batches)
-    main = torch.cuda.current_stream() if rt.device.type == "cuda" else None
+    `append()` then `attend()`) of every micro-batch (one part: the whole batch on the current stream),
+    then the step boundary (it joins the parts' streams)."""
     for layer in range(rt.shape.num_layers):
-        q, k, v, c = work.next(layer)
-        for part, stream, sl in parts:
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                if stream is not None:
-                    stream.wait_stream(main)  # NOTE: the layer's inputs are made on the main stream
-                    for t in (q, k, v, c):
-                        t.record_stream(stream)  # NOTE: made on the main stream, read on this one
-                if split_append:
-                    rt.append(layer, part, k[sl], v[sl], c[sl])
-                    rt.attend(layer, part, q[sl])
-                else:
-                    rt.decode(layer, part, q[sl], k[sl], v[sl], c[sl])
-    rt.step_boundary()  # NOTE: joins every part's stream into this one
-
-
-_STREAMS: dict[int, list] = {}
-
-
-def _micro_batches(rt: NosaRuntime, ids: list[str], n: int) -> list[tuple[list[str], object, slice]]:
-    """[(request ids, stream or None, batch slice)]: one part on the current stream when n == 1."""
-    if n <= 1:
-        return [(ids, None, slice(None))]
-    cuda = rt.device.type == "cuda"
-    if cuda and n not in _STREAMS:
-        _STREAMS[n] = [torch.cuda.Stream(rt.device) for _ in range(n)]
-    bounds = [round(i * len(ids) / n) for i in range(n + 1)]
-    return [(ids[lo:hi], _STREAMS[n][i] if cuda else None, slice(lo, hi))
-            for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])) if hi > lo]
+        parts.decode(layer, *work.next(layer), split_append=split_append)
+    rt.step_boundary()
 
 
 def synthetic_runtime(shape: ModelShape, cfg: NosaConfig, knobs: OffloadKnobs, tokens: int, B: int, max_seq_len: int,
@@ -169,9 +138,10 @@ def run_runtime(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_mode
                                 ck_dtype=shape.dtype if args.ck_bf16 else torch.float32, cuda_graphs=args.cuda_graphs,
                                 inline_gather=args.inline_gather and not args.split_append)
     work = Workload(shape, B, query_model, args.drift_rho, args.device)
+    parts = MicroBatches(rt, ids, micro_batches)
 
     def step() -> None:
-        decode_step(rt, ids, work, args.split_append, micro_batches)
+        decode_step(rt, parts, work, args.split_append)
 
     for _ in range(args.warmup):
         step()

@@ -84,7 +84,7 @@ def batched_target(args: argparse.Namespace) -> BenchTarget:
 
     from nosa_sglang.config import NosaConfig
     from nosa_sglang.control.runtime_provider import RuntimeProvider
-    from nosa_sglang.runtime import ModelShape, OffloadKnobs
+    from nosa_sglang.runtime import MicroBatches, ModelShape, OffloadKnobs
 
     dev = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     cuda = dev.type == "cuda"
@@ -93,6 +93,7 @@ def batched_target(args: argparse.Namespace) -> BenchTarget:
     rt, ids = synthetic_runtime(shape, NosaConfig(), OffloadKnobs(gpu_slots=80, victim_policy="lru"), args.prompt_tokens,
                                 args.batch, args.prompt_tokens + args.restart_every, dev, cuda_graphs=cuda)
     work = Workload(shape, args.batch, "drift", 0.9, dev)
+    whole = MicroBatches(rt, ids)
     done = [0]
 
     def step() -> None:
@@ -101,7 +102,7 @@ def batched_target(args: argparse.Namespace) -> BenchTarget:
                 rt.end_request(rid)
                 rt.begin_request_synthetic(rid, args.prompt_tokens, seed=i)
             done[0] = 0
-        decode_step(rt, ids, work)
+        decode_step(rt, whole, work)
         done[0] += 1
         if cuda:
             torch.cuda.synchronize()

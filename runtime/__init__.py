@@ -31,6 +31,7 @@ _EXPORTS = {
     "KnobError": "knobs",
     "OffloadKnobs": "knobs",
     "NosaRuntime": "nosa_runtime",
+    "MicroBatches": "micro_batches",
     "SELECTION_POLICIES": "nosa_runtime",
     "LayerStats": "stats",
     "RequestStats": "stats",

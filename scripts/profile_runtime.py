@@ -16,7 +16,7 @@ sys.path.insert(0, "benchmarks")
 from decode_throughput import MODELS, Workload, decode_step, synthetic_runtime  # noqa: E402
 
 from nosa_sglang.config import NosaConfig  # noqa: E402
-from nosa_sglang.runtime import ModelShape, OffloadKnobs  # noqa: E402
+from nosa_sglang.runtime import MicroBatches, ModelShape, OffloadKnobs  # noqa: E402
 
 
 def build(conf: str, shape, cfg, tokens: int, B: int, graphs: bool, slots: int, inline: bool = False):
@@ -44,9 +44,10 @@ def main() -> int:
     for conf in a.configs.split(","):
         rt, ids = build(conf, shape, cfg, a.tokens, a.batch, not a.no_graphs, a.slots, a.inline_gather)
         work = Workload(shape, a.batch, "drift", 0.9, "cuda")
+        parts = MicroBatches(rt, ids, 1 if conf == "c" else a.micro_batches)
 
         def step():
-            decode_step(rt, ids, work, a.split_append, 1 if conf == "c" else a.micro_batches)
+            decode_step(rt, parts, work, a.split_append)
 
         for _ in range(4):
             step()
@@ -58,7 +59,7 @@ def main() -> int:
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0  # ... and until the GPU finished
         print(f"\n===== {conf}: B={a.batch} tokens={a.tokens} graphs={not a.no_graphs} split={a.split_append} "
-              f"inline={a.inline_gather} micro-batches={1 if conf == 'c' else a.micro_batches}: step {1e3 * wall / 5:.2f} ms "
+              f"inline={a.inline_gather} micro-batches={len(parts.parts)}: step {1e3 * wall / 5:.2f} ms "
               f"(host enqueue {1e3 * host_s / 5:.2f} ms)", flush=True)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:

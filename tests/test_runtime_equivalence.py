@@ -8,7 +8,6 @@ sparse after a few hundred tokens; slot counts topk / topk * 1.25 / 2 * topk mir
 
 from __future__ import annotations
 
-import contextlib
 
 import os
 from dataclasses import replace
@@ -21,7 +20,7 @@ from kernel_checks import SMALL
 from nosa_sglang.config import NosaConfig
 from nosa_sglang.reference import nosa_decode_attention, select_blocks_decode
 from nosa_sglang.reference.selection import block_scores_for_positions, select_from_block_scores
-from nosa_sglang.runtime import ModelShape, NosaRuntime, OffloadKnobs
+from nosa_sglang.runtime import MicroBatches, ModelShape, NosaRuntime, OffloadKnobs
 
 ATOL = RTOL = 1e-4
 #: relative score gap under which fp32 kernels may order two blocks differently from the fp64 reference
@@ -110,7 +109,7 @@ def random_prompt(shape: ModelShape, T: int, g: torch.Generator, device):
 
 def drive(rt: NosaRuntime, prompt_lens: list[int], steps: int, seed: int, check: bool = True,
           order: list[int] | None = None, collect: bool = False, allow_near_ties: bool = False,
-          on_attend=None, fused: bool = False, micro_batches: int = 1, streams: bool = False) -> dict:
+          on_attend=None, fused: bool = False, micro_batches: int = 1) -> dict:
     """Run `steps` decode steps of random tokens/queries; compare every layer with the reference
     (`collect`: also return every output, on the host).
 
@@ -118,8 +117,8 @@ def drive(rt: NosaRuntime, prompt_lens: list[int], steps: int, seed: int, check:
     near ties (`ReferenceMirror.near_tie`) counts in "near_ties", not "selection_mismatches", and the
     output is then checked against the reference attention over the runtime's own selection.
     `fused`: each layer through `decode(q, k, v, c)` instead of `append` then `attend`.
-    `micro_batches`: the batch cut into that many contiguous parts, each decoded separately per layer
-    (`streams`, CUDA: each part on its own stream)."""
+    `micro_batches`: the batch cut into that many contiguous parts (`MicroBatches`: on CUDA each on its
+    own stream), each decoded separately per layer."""
     shape, cfg, dev = rt.shape, rt.config, rt.device
     g = torch.Generator().manual_seed(seed)
     mirror = ReferenceMirror(len(prompt_lens), shape, max(prompt_lens) + steps + 1, dev)
@@ -132,14 +131,14 @@ def drive(rt: NosaRuntime, prompt_lens: list[int], steps: int, seed: int, check:
     batch = [ids[i] for i in idx]
     H, Hq, d = shape.num_kv_heads, shape.num_q_heads, shape.head_dim
     worst, mismatches, near_ties, outputs = 0.0, 0, 0, []
-    part_streams = [torch.cuda.Stream(dev) for _ in range(micro_batches)] if streams else None
+    parts = MicroBatches(rt, batch, micro_batches)
     for _ in range(steps):
         for layer in range(shape.num_layers):
             k = torch.randn(len(idx), H, d, generator=g).to(dev, shape.dtype)
             v = torch.randn(len(idx), H, d, generator=g).to(dev, shape.dtype)
             c = (0.1 + 2 * torch.rand(len(idx), H, generator=g)).to(dev)
             q = torch.randn(len(idx), Hq, d, generator=g).to(dev, shape.dtype)
-            o, mine = decode_parts(rt, layer, batch, q, k, v, c, fused, micro_batches, part_streams)
+            o, mine = decode_parts(parts, layer, q, k, v, c, fused)
             if collect:
                 outputs.append(o.cpu())
             if on_attend is not None:
@@ -161,28 +160,13 @@ def drive(rt: NosaRuntime, prompt_lens: list[int], steps: int, seed: int, check:
             "ids": ids, "outputs": outputs}
 
 
-def decode_parts(rt: NosaRuntime, layer: int, batch: list[str], q, k, v, c, fused: bool, parts: int,
-                 streams: list | None = None):
-    """One layer of a step in `parts` contiguous micro-batches, part i on streams[i] if given:
-    (output, selection), whole batch, ready on the current stream."""
-    bounds = [round(i * len(batch) / parts) for i in range(parts + 1)]
+def decode_parts(parts: MicroBatches, layer: int, q, k, v, c, fused: bool):
+    """One layer of every micro-batch: (output, selection) of the whole batch, on the current stream."""
+    main = torch.cuda.current_stream() if parts.parts[0].stream is not None else None
     outs, sels = [], []
-    main = torch.cuda.current_stream() if streams else None
-    for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
-        sl = slice(lo, hi)
-        with torch.cuda.stream(streams[i]) if streams else contextlib.nullcontext():
-            if streams:
-                streams[i].wait_stream(main)  # NOTE: the inputs were made on the main stream
-                for t in (q, k, v, c):
-                    t.record_stream(streams[i])
-            if fused:
-                o = rt.decode(layer, batch[sl], q[sl], k[sl], v[sl], c[sl])
-            else:
-                rt.append(layer, batch[sl], k[sl], v[sl], c[sl])
-                o = rt.attend(layer, batch[sl], q[sl])
-            sel = rt.last_selection(layer)
-        if streams:
-            main.wait_stream(streams[i])
+    for part, (o, sel) in zip(parts.parts, parts.decode(layer, q, k, v, c, split_append=not fused)):
+        if main is not None:
+            main.wait_stream(part.stream)
             for t in (o, sel):
                 t.record_stream(main)
         outs.append(o)

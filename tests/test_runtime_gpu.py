@@ -113,7 +113,7 @@ def test_micro_batches_on_two_streams_equal_one_batch(graphs, inline):
                            inline_gather=inline)
         rt.transfer.debug_writeback_delay_cycles = SLEEP_CYCLES if parts == 2 else 0
         runs.append(drive(rt, [150, 161, 40, 99], steps=120, seed=s, collect=True, allow_near_ties=True,
-                          fused=True, micro_batches=parts, streams=parts > 1))
+                          fused=True, micro_batches=parts))
         assert runs[-1]["selection_mismatches"] == 0 and runs[-1]["snapshot"].totals.misses > 0
         torch.cuda.synchronize()
         layer_counts.append(rt.counters.layer_counts.cpu())  # both streams add to them: no lost update
