@@ -182,19 +182,24 @@ class Contention:
         return g_ms, g_ms / self.alone, calls * bytes_per_call / x_ms / 1e6, x_ms >= g_ms, f"{issue_ms:.1f}"
 
 
-def contention_inputs(host_k8: torch.Tensor, host_v8: torch.Tensor, n: int = 4096, run_elems: int = 8192):
-    hk, hv = host_k8.view(torch.bfloat16).view(-1, run_elems), host_v8.view(torch.bfloat16).view(-1, run_elems)
-    gk = torch.empty(n, run_elems, dtype=torch.bfloat16, device="cuda")
-    sets = [(torch.randperm(hk.shape[0], device="cuda")[:n], torch.randperm(n, device="cuda")) for _ in range(ROTATE)]
-    return hk, hv, gk, torch.empty_like(gk), sets
+class ContentionGathers:
+    """The gathers beside the GEMMs (tables c and e): n random 16 KiB runs of K and of V per call."""
+
+    def __init__(self, host_k8: torch.Tensor, host_v8: torch.Tensor, n: int = 4096, run_elems: int = 8192) -> None:
+        self.n = n
+        self.hk = host_k8.view(torch.bfloat16).view(-1, run_elems)
+        self.hv = host_v8.view(torch.bfloat16).view(-1, run_elems)
+        self.gk = torch.empty(n, run_elems, dtype=torch.bfloat16, device="cuda")
+        self.gv = torch.empty_like(self.gk)
+        self.sets = [(torch.randperm(self.hk.shape[0], device="cuda")[:n], torch.randperm(n, device="cuda"))
+                     for _ in range(ROTATE)]
+        self.bytes_per_call = 2 * n * run_elems * 2
 
 
-def gemm_contention(host_k8: torch.Tensor, host_v8: torch.Tensor, per_call: dict, stream: torch.cuda.Stream,
+def gemm_contention(x: ContentionGathers, bench: Contention, per_call: dict, stream: torch.cuda.Stream,
                     md: list[str]) -> None:
-    n = 4096
-    hk, hv, gk, gv, sets = contention_inputs(host_k8, host_v8, n)
+    n, hk, hv, gk, gv, sets = x.n, x.hk, x.hv, x.gk, x.gv, x.sets
     sets_cpu = [(s.cpu(), d.cpu()) for s, d in sets]
-    bench = Contention(stream)
     rows = [["none", "-", bench.alone, 1.0, "-", "-", "-"]]
     methods = [("zero_copy", "-"), ("copy_engine", "batch" if batch_memcpy_available() else "cupy")]
     for mode, backend in methods:
@@ -203,28 +208,26 @@ def gemm_contention(host_k8: torch.Tensor, host_v8: torch.Tensor, per_call: dict
         fn = lambda i: gather_runs(hk, hv, ids[i % ROTATE][0], gk, gv, ids[i % ROTATE][1], mode,  # noqa: E731
                                    stream, validate_ids=False, copy_backend=cb)
         rows.append([mode, backend, *bench.run(fn, per_call[("H2D", 16, n, mode, backend)],
-                                               per_call[("host", "H2D", 16, n, mode, backend)], 2 * n * 16384)])
+                                               per_call[("host", "H2D", 16, n, mode, backend)], x.bytes_per_call)])
     table(f"(c) {bench.n_gemm} bf16 8192^3 GEMMs on one stream, 16 KiB-run gathers of {n} runs on another "
           f"(zero-copy grid: at most {MAX_PROGRAMS} programs)",
           ["transfers", "backend", "GEMM ms", "GEMM slowdown x", "transfer GB/s meanwhile",
            "transfers covered the GEMMs", "host issue ms"], rows, md)
 
 
-def program_sweep(host_k8: torch.Tensor, host_v8: torch.Tensor, ceil: dict[str, float], stream: torch.cuda.Stream,
+def program_sweep(x: ContentionGathers, bench: Contention, ceil: dict[str, float], stream: torch.cuda.Stream,
                   md: list[str]) -> None:
     """The zero-copy grid bound (MAX_PROGRAMS): gather speed alone and the slowdown of concurrent GEMMs."""
-    n = 4096
-    hk, hv, gk, gv, sets = contention_inputs(host_k8, host_v8, n)
-    bench = Contention(stream)
+    n, hk, hv, gk, gv, sets = x.n, x.hk, x.hv, x.gk, x.gv, x.sets
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for programs in (8, 16, 32, 64, 128, sms, 2 * sms, 0):
         fn = lambda i: launch_zero_copy(hk, hv, gk, gv, *sets[i % ROTATE], programs=programs)  # noqa: E731
         with torch.cuda.stream(stream):
             x_ms, x_host = time_calls(fn, stream, 5)
-        gbs = 2 * n * 16384 / x_ms / 1e6
+        gbs = x.bytes_per_call / x_ms / 1e6
         rows.append([programs or "one per item", gbs, 100 * gbs / ceil["h2d"],
-                     *bench.run(fn, x_ms, x_host, 2 * n * 16384)[:4]])
+                     *bench.run(fn, x_ms, x_host, x.bytes_per_call)[:4]])
         print(rows[-1], flush=True)
     table(f"(e) zero-copy grid bound: {n} random 16 KiB runs (K+V), alone and beside {bench.n_gemm} bf16 8192^3 "
           f"GEMMs (alone {bench.alone:.1f} ms); runtime default MAX_PROGRAMS = {MAX_PROGRAMS}",
@@ -380,10 +383,13 @@ def main() -> int:
         ceil = ceilings(host_k8, stream, md) if "a" in sections else None
         if "b" in sections:
             per_call = gather_table(host_k8, host_v8, ceil, [256, 4096, 32768], stream, md)
-        if "c" in sections and per_call is not None:
-            gemm_contention(host_k8, host_v8, per_call, stream, md)
-        if "e" in sections and ceil is not None:
-            program_sweep(host_k8, host_v8, ceil, stream, md)
+        run_c, run_e = "c" in sections and per_call is not None, "e" in sections and ceil is not None
+        if run_c or run_e:  # one set of GEMMs and gathers, one GEMM-alone baseline for both tables
+            gathers, bench = ContentionGathers(host_k8, host_v8), Contention(stream)
+            if run_c:
+                gemm_contention(gathers, bench, per_call, stream, md)
+            if run_e:
+                program_sweep(gathers, bench, ceil, stream, md)
     if "d" in sections:
         eviction_table(ceil["d2d"] if ceil else device_copy_gbs(), md)
     if args.out:
