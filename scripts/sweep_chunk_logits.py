@@ -1,0 +1,96 @@
+"""Diagnostic (GPU): launch parameters of the stage-1 selection kernel (`_chunk_logits_kernel`) against
+the time to read K~ once, to find why it runs far below HBM bandwidth.
+
+    python scripts/sweep_chunk_logits.py [--quick]
+
+For each shape it times the kernel alone (triton.testing.do_bench, L2 flushed) under BLOCK_C, warps,
+stages and the number of chunk splits, checks every variant writes the same logits and row max/sum as
+the default launch, and prints the time beside the K~ byte floor at the copy bandwidth measured here.
+"""
+import argparse
+import itertools
+import math
+
+import torch
+import triton
+
+from nosa_sglang.kernels import selection as sel
+from nosa_sglang.kernels._dispatch import num_sms
+
+SHAPES = {"1b": (16, 2), "8b": (32, 8)}
+
+
+def launch(q, ck, n_chunks, block_c, warps, stages, split_factor):
+    B, hq, d = q.shape
+    cmax, hkv = ck.shape[1], ck.shape[2]
+    G = hq // hkv
+    tiles = triton.cdiv(cmax, block_c)
+    splits = max(1, min(tiles, triton.cdiv(split_factor * num_sms(q.device), B * hkv)))
+    per_split = triton.cdiv(tiles, splits) * block_c
+    splits = triton.cdiv(cmax, per_split)
+    w = torch.empty((B, hkv, G, cmax), dtype=torch.float32, device=q.device)
+    m = torch.empty((B, hkv, G, splits), dtype=torch.float32, device=q.device)
+    s = torch.empty_like(m)
+
+    def run():
+        sel._chunk_logits_kernel[(B * hkv, splits)](
+            q, ck, n_chunks, w, m, s, sel.LOG2E / math.sqrt(d), hkv, cmax, per_split,
+            q.stride(0), q.stride(1), ck.stride(0), ck.stride(1), ck.stride(2),
+            G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), HEAD_DIM=d, BLOCK_C=block_c, IEEE=False,
+            num_warps=warps, num_stages=stages,
+        )
+    return run, w, m, s
+
+
+def lse(m, s):
+    mu = torch.where(m.isinf(), 0.0, m)
+    mm = mu.amax(-1, keepdim=True)
+    return mm.squeeze(-1) + torch.log2((s * torch.exp2(mu - mm)).sum(-1))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args()
+    dev = torch.device("cuda")
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    t = triton.testing.do_bench(lambda: x[: 1 << 29].copy_(x[1 << 29:]), warmup=10, rep=50)
+    hbm = 2 * (1 << 29) / (t * 1e-3) / 1e9
+    print(f"device copy (read+write) {hbm:.0f} GB/s; SMs {num_sms(dev)}")
+    cases = [("1b", 16384, 16), ("1b", 131072, 1), ("1b", 131072, 16), ("1b", 131072, 64), ("8b", 131072, 16),
+             ("8b", 131072, 64), ("8b", 16384, 64)]
+    grid = list(itertools.product((64, 128), (4, 8), (2, 3, 4), (2, 4, 8)))
+    if a.quick:
+        cases, grid = cases[:2], grid[:4]
+    print("| shape | ctx | B | K~ MB | floor us | default us | best us | best (BLOCK_C, warps, stages, split x) | "
+          "best GB/s | variants ok |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, ctx, B in cases:
+        hq, hkv = SHAPES[name]
+        cmax = (ctx - 32) // 16 + 1
+        torch.manual_seed(0)
+        q = torch.randn(B, hq, 128, device=dev, dtype=torch.bfloat16)
+        ck = torch.randn(B, cmax, hkv, 128, device=dev, dtype=torch.bfloat16)
+        n_chunks = torch.full((B,), cmax, dtype=torch.int32, device=dev)
+        mb = ck.numel() * 2 / 1e6
+        floor = ck.numel() * 2 / (hbm / 2 * 1e9) * 1e6
+        run, w0, m0, s0 = launch(q, ck, n_chunks, sel.CHUNK_TILE, 4, 3, 2)
+        run()
+        ref_lse = lse(m0, s0)
+        default = triton.testing.do_bench(run, warmup=5, rep=30) * 1e3
+        best, ok = (default, "default"), True
+        for bc, warps, stages, f in grid:
+            r, w, m, s = launch(q, ck, n_chunks, bc, warps, stages, f)
+            r()
+            ok &= torch.allclose(w, w0, rtol=1e-4, atol=1e-4) and torch.allclose(lse(m, s), ref_lse, rtol=1e-4, atol=1e-4)
+            us = triton.testing.do_bench(r, warmup=5, rep=30) * 1e3
+            best = min(best, (us, (bc, warps, stages, f)))
+            if (name, ctx, B) == ("1b", 131072, 16):
+                print(f"    variant {(bc, warps, stages, f)}: {us:.1f} us", flush=True)
+        print(f"| {name} | {ctx} | {B} | {mb:.1f} | {floor:.1f} | {default:.1f} | {best[0]:.1f} | {best[1]} | "
+              f"{mb * 1e3 / best[0]:.0f} | {ok} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
