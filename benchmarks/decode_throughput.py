@@ -72,11 +72,19 @@ def dense_bytes_per_request(shape: ModelShape, tokens: int) -> int:
 class Workload:
     """Random decode inputs for B requests: k/v/c from a small bank, q from the query model.
 
-    NOTE: q draws fresh noise on every call. An earlier version took it from the bank too, and with 28
-    layers per step the bank index cycled through 2 values per layer, so "iid" alternated between two
-    queries and "drift" settled into a 2-cycle: hit rates far too high (found 2026-11-28)."""
+    `steps` given: every query of that many steps is drawn up front (q [steps, L, B, Hq, d]), so that a
+    step enqueues nothing but the runtime's own work. Drawing them per call cost four launches per layer
+    (~0.1 ms of host time a layer, 3-4 ms a step at 28 layers, in every configuration alike), which a
+    real model's projections, captured in its CUDA graph, do not; it shrank every ratio. Past `steps`
+    the stream starts over (for drift, one iid-like jump). Without `steps` (the gRPC load test, which
+    runs for minutes) q draws fresh noise on every call.
 
-    def __init__(self, shape: ModelShape, B: int, query_model: str, rho: float, device, seed: int = 0) -> None:
+    NOTE: q must change every call. An earlier version took it from the bank too, and with 28 layers per
+    step the bank index cycled through 2 values per layer, so "iid" alternated between two queries and
+    "drift" settled into a 2-cycle: hit rates far too high (found 2026-11-28)."""
+
+    def __init__(self, shape: ModelShape, B: int, query_model: str, rho: float, device, seed: int = 0,
+                 steps: int | None = None) -> None:
         g = torch.Generator(device=device).manual_seed(seed)
         L, Hq, H, d, dt = shape.num_layers, shape.num_q_heads, shape.num_kv_heads, shape.head_dim, shape.dtype
         self.k = torch.randn((BANK, B, H, d), generator=g, device=device).to(dt)
@@ -85,16 +93,27 @@ class Workload:
         self.q = torch.randn((L, B, Hq, d), generator=g, device=device).to(dt)
         self.eps = torch.empty((B, Hq, d), device=device)
         self.g, self.model, self.rho, self.i = g, query_model, rho, 0
+        self.steps_drawn = None
+        if steps is not None:
+            self.steps_drawn = torch.stack([torch.stack([self._draw(layer).clone() for layer in range(L)])
+                                            for _ in range(steps)])
+            self.calls = [0] * L
+
+    def _draw(self, layer: int) -> torch.Tensor:
+        eps = torch.randn(self.eps.shape, generator=self.g, device=self.eps.device, out=self.eps)
+        if self.model == "iid":
+            return eps.to(self.q.dtype)
+        return self.q[layer].mul_(self.rho).add_(eps.to(self.q.dtype), alpha=math.sqrt(1 - self.rho ** 2))
 
     def next(self, layer: int):
         """(q, k, v, c) of `layer` for this step."""
         self.i += 1
         j = self.i % BANK
-        eps = torch.randn(self.eps.shape, generator=self.g, device=self.eps.device, out=self.eps)
-        if self.model == "iid":
-            q = eps.to(self.q.dtype)
+        if self.steps_drawn is None:
+            q = self._draw(layer)
         else:
-            q = self.q[layer].mul_(self.rho).add_(eps.to(self.q.dtype), alpha=math.sqrt(1 - self.rho ** 2))
+            q = self.steps_drawn[self.calls[layer] % len(self.steps_drawn), layer]
+            self.calls[layer] += 1
         return q, self.k[j], self.v[j], self.c[j]
 
 
@@ -137,7 +156,7 @@ def run_runtime(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_mode
                                 gpu_only=gpu_only, selection_policy=policy,
                                 ck_dtype=shape.dtype if args.ck_bf16 else torch.float32, cuda_graphs=args.cuda_graphs,
                                 inline_gather=args.inline_gather and not args.split_append)
-    work = Workload(shape, B, query_model, args.drift_rho, args.device)
+    work = Workload(shape, B, query_model, args.drift_rho, args.device, steps=args.warmup + args.steps)
     parts = MicroBatches(rt, ids, micro_batches)
 
     def step() -> None:
@@ -177,7 +196,7 @@ def run_dense(args, shape, tokens, B) -> dict:
     n_max = tokens + args.steps + args.warmup + 1
     kc = torch.zeros((L, B, H, n_max, d), dtype=shape.dtype, device=args.device)
     vc = torch.zeros_like(kc)
-    work = Workload(shape, B, "iid", args.drift_rho, args.device)
+    work = Workload(shape, B, "iid", args.drift_rho, args.device, steps=args.warmup + args.steps)
     pos = tokens
 
     def step() -> None:

@@ -1,0 +1,41 @@
+"""benchmarks/decode_throughput.py's query stream: drawn up front, it must be the very stream that
+drawing per call gives (same seed), so that results before and after the change share a query model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from decode_throughput import Workload  # noqa: E402
+
+from nosa_sglang.runtime import ModelShape  # noqa: E402
+
+SHAPE = ModelShape(3, 4, 2, 16, torch.bfloat16)
+
+
+@pytest.mark.parametrize("model", ["iid", "drift"])
+def test_queries_drawn_up_front_equal_the_per_call_stream(model):
+    steps = 5
+    lazy = Workload(SHAPE, 2, model, 0.9, "cpu", seed=3)
+    drawn = Workload(SHAPE, 2, model, 0.9, "cpu", seed=3, steps=steps)
+    seen = []
+    for _ in range(steps):
+        for layer in range(SHAPE.num_layers):
+            a, b = lazy.next(layer), drawn.next(layer)
+            for x, y in zip(a, b):
+                assert torch.equal(x, y)
+            seen.append(b[0].clone())
+    assert all(not torch.equal(seen[i], seen[i + SHAPE.num_layers]) for i in range(len(seen) - SHAPE.num_layers))
+    # past `steps` the stream starts over
+    assert torch.equal(drawn.next(0)[0], seen[0])
+
+
+def test_drift_queries_correlate_with_the_step_before():
+    w = Workload(ModelShape(1, 8, 2, 64, torch.float32), 4, "drift", 0.9, "cpu", seed=0, steps=40)
+    qs = [w.next(0)[0].flatten() for _ in range(40)]
+    corr = torch.stack([torch.corrcoef(torch.stack((qs[t], qs[t + 1])))[0, 1] for t in range(39)]).mean()
+    assert 0.8 < corr < 0.97
