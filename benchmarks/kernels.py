@@ -71,6 +71,8 @@ def bench(fn, rep: int = 200) -> float:
     if TIMING[0] == "graph":
         try:
             return bench_graph(fn)
+        except torch.OutOfMemoryError:
+            raise  # the callers report it as the configuration's result
         except RuntimeError as e:  # not capturable (a host sync inside): time it eagerly, say so
             FELL_BACK.append(f"{getattr(fn, '__name__', 'call')}: {str(e).splitlines()[0][:120]}")
             torch.cuda.synchronize()
