@@ -3,14 +3,17 @@ drawing per call gives (same seed), so that results before and after the change 
 
 from __future__ import annotations
 
+import math
 import sys
+import time
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from decode_throughput import Workload  # noqa: E402
+from decode_throughput import Workload, warm_up  # noqa: E402
 
 from nosa_sglang.runtime import ModelShape  # noqa: E402
 
@@ -39,3 +42,17 @@ def test_drift_queries_correlate_with_the_step_before():
     qs = [w.next(0)[0].flatten() for _ in range(40)]
     corr = torch.stack([torch.corrcoef(torch.stack((qs[t], qs[t + 1])))[0, 1] for t in range(39)]).mean()
     assert 0.8 < corr < 0.97
+
+
+def test_warm_up_times_one_step_after_the_capturing_ones():
+    calls = []
+
+    def step():  # the first two calls (eager, capture) are slow and must not count
+        calls.append(1)
+        time.sleep(0.05 if len(calls) <= 2 else 0.01)
+
+    args = SimpleNamespace(warmup=4, device="cpu")
+    host_ms = warm_up(args, step)
+    assert len(calls) == 4
+    assert 9 <= host_ms < 40
+    assert math.isnan(warm_up(SimpleNamespace(warmup=2, device="cpu"), step))
