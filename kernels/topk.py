@@ -3,8 +3,9 @@
 Ties go to the lower block id, exactly as in the reference (a stable descending sort): max-pooling
 makes ties common (two neighbouring blocks share their boundary chunk), so a tie-agnostic top-k would
 change the selected *set*. The torch path is that stable sort; the Triton path finds each cut by a
-binary search over the order-preserving integer image of the fp32 scores, takes the lowest-id blocks
-among those tied at the cut, and writes the ids already ascending — one launch for the whole rule.
+search over the order-preserving integer image of the fp32 scores (`SEARCH_BITS` per pass; 1 = binary),
+takes the lowest-id blocks among those tied at the cut, and writes the ids already ascending — one
+launch for the whole rule.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ NEG_INF = float("-inf")
 POS_INF = float("inf")
 ROW_ELEMS = 2048  # scores per Triton program: short rows (prefill, short contexts) share a program
 MAX_ROWS = 16  # beyond this the per-row vectors of the search spill registers (sm_90 report)
+# bits of the k-th-value search resolved per pass (1 = binary search, the GPU-measured default; 4 = 8
+# passes of 16 thresholds each, fewer dependent reductions, not yet timed on a GPU: benchmarks/kernels.py)
+SEARCH_BITS = 1
 
 
 def select_topk(
@@ -108,6 +112,7 @@ def _select_topk_triton(S, E, seq_lens, config, policy):
         ROWS=rows, BLOCK_NB=block_nb, BLOCK_SIZE=config.block_size, INIT=config.init_blocks, LOCAL=config.local_blocks,
         QUERY_K=config.query_blocks, TOP_K=config.topk_blocks,
         PAD_K=next_pow2(config.topk_blocks), NOSA=policy == "nosa",
+        SEARCH_BITS=SEARCH_BITS, PASSES=-(-32 // SEARCH_BITS),
         num_warps=max(4, min(16, rows * block_nb // 256)),
     )
     return out
@@ -121,19 +126,23 @@ def _sortable(x):
 
 
 @triton.jit
-def _top_mask(key, ok, k):
+def _top_mask(key, ok, k, SEARCH_BITS: tl.constexpr, PASSES: tl.constexpr):
     """Per row of key [ROWS, N] (int32 sortable): mask of its k largest `ok` entries, ties to the lowest
-    column. Binary search for the k-th largest value, then a prefix count among the ties."""
+    column. Search for the k-th largest value: each pass splits [lo, hi] at 2**SEARCH_BITS thresholds and
+    counts them all in one reduction (1 bit: a binary search, 32 dependent reductions; 4 bits: 8 wider
+    ones), then a prefix count among the ties."""
     key = key.to(tl.int64)  # int64 so that hi - lo cannot overflow
     lo = tl.min(tl.where(ok, key, 2147483647), 1)  # invariant: count(key >= lo) >= k (or all of ok)
     hi = tl.max(tl.where(ok, key, -2147483648), 1)
     n_ok = tl.sum(ok.to(tl.int32), 1)
-    for _ in range(32):
-        mid = lo + ((hi - lo + 1) >> 1)
-        cnt = tl.sum((ok & (key >= mid[:, None])).to(tl.int32), 1)
-        take = cnt >= k
-        lo = tl.where(take, mid, lo)
-        hi = tl.where(take, hi, mid - 1)
+    ways = tl.arange(0, 1 << SEARCH_BITS).to(tl.int64)
+    for _ in range(PASSES):  # each pass leaves ceil(width / 2**SEARCH_BITS) of [lo, hi]
+        step = (hi - lo + (1 << SEARCH_BITS)) // (1 << SEARCH_BITS)
+        t = lo[:, None] + ways[None, :] * step[:, None]
+        cnt = tl.sum((ok[:, None, :] & (key[:, None, :] >= t[:, :, None])).to(tl.int32), 2)
+        best = tl.max(tl.where((cnt >= k) & (t <= hi[:, None]), ways[None, :], 0), 1)
+        lo = lo + best * step
+        hi = tl.minimum(hi, lo + step - 1)
     above = ok & (key > lo[:, None])
     need = k - tl.sum(above.to(tl.int32), 1)
     tie = ok & (key == lo[:, None])
@@ -147,6 +156,7 @@ def _topk_kernel(
     S, E, SEQ, OUT, n_rows, n_kv_heads, nb,
     ROWS: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_SIZE: tl.constexpr, INIT: tl.constexpr,
     LOCAL: tl.constexpr, QUERY_K: tl.constexpr, TOP_K: tl.constexpr, PAD_K: tl.constexpr, NOSA: tl.constexpr,
+    SEARCH_BITS: tl.constexpr, PASSES: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = row < n_rows
@@ -160,11 +170,11 @@ def _topk_kernel(
     s = tl.where(forced, float("inf"), tl.where(exists, s, float("-inf")))
     # absent blocks (id > qb) never win: only existing blocks are candidates
     if NOSA:
-        in_q = _top_mask(_sortable(s), exists, QUERY_K)
+        in_q = _top_mask(_sortable(s), exists, QUERY_K, SEARCH_BITS, PASSES)
         e = tl.load(E + ptr, mask=inb, other=float("-inf"))
-        sel = _top_mask(_sortable(tl.where(in_q, float("inf"), e)), exists, TOP_K)
+        sel = _top_mask(_sortable(tl.where(in_q, float("inf"), e)), exists, TOP_K, SEARCH_BITS, PASSES)
     else:
-        sel = _top_mask(_sortable(s), exists, TOP_K)
+        sel = _top_mask(_sortable(s), exists, TOP_K, SEARCH_BITS, PASSES)
     # ascending compaction: each selected block's rank among the selected
     rank = tl.cumsum(sel.to(tl.int32), 1) - 1
     tl.store(OUT + row[:, None] * TOP_K + rank, tl.broadcast_to(offs[None, :], [ROWS, BLOCK_NB]), mask=sel)

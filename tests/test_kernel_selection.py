@@ -13,6 +13,7 @@ import torch
 from kernel_checks import SMALL
 
 from nosa_sglang.config import NosaConfig
+from nosa_sglang.kernels import topk as topk_module
 from nosa_sglang.kernels._checks import KernelArgumentError
 from nosa_sglang.kernels.selection import (
     append_new_chunks, chunk_completes, compress_new_chunks, decode_block_scores, eviction_block_scores,
@@ -139,6 +140,26 @@ def test_topk_rule_with_ties_equals_reference(gen, impl, policy):
     assert torch.equal(got.long(), want)
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_topk_search_width_changes_nothing(gen, bits, monkeypatch):
+    """Every k-way search (SEARCH_BITS per pass) cuts where the reference does: ties, -inf, +inf,
+    all-equal rows, rows shorter than k, and the full fp32 range (signs, huge and tiny magnitudes)."""
+    monkeypatch.setattr(topk_module, "SEARCH_BITS", bits)
+    B, hkv, nb = 4, 2, 300
+    S = torch.randint(0, 4, (B, hkv, nb), generator=gen).float()
+    E = torch.randn(B, hkv, nb, generator=gen) * torch.logspace(-30, 30, nb)[torch.randperm(nb, generator=gen)]
+    S[1] = torch.randn(hkv, nb, generator=gen) * 1e30
+    S[2, 0] = 1.5  # one value everywhere
+    E[2, 1, ::7] = float("inf")
+    E[3, 0, ::3] = float("-inf")
+    S, E = S.to(DEVICE), E.to(DEVICE)
+    cfg = NosaConfig()
+    sl = torch.tensor([300 * 64, 5000, 19000, 65], dtype=torch.int32, device=DEVICE)
+    qb = ((sl.long() - 1) // cfg.block_size)[:, None].expand(B, hkv)
+    want = select_from_block_scores(S, E, qb, cfg)
+    assert torch.equal(select_topk(S, E, sl, cfg, impl="triton").long(), want)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_topk_long_rows(gen, impl):
     """NB beyond one Triton tile of rows (2K blocks: a 128K context at block 64)."""
@@ -230,3 +251,19 @@ def test_gpu_decode_selection_real_sizes(gen, batch):
     assert torch.equal(select_topk(S, E, sl, cfg).long(), select_blocks_decode(q, k, c, sl, cfg))
     S16 = decode_block_scores(q, ck.to(torch.bfloat16), n, sl, cfg)
     assert_scores_close(S16, want_S, 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU (CPU twin: test_topk_search_width_changes_nothing)")
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_gpu_topk_search_width_at_128k(gen, bits, monkeypatch):
+    """The k-way searches compiled for sm_90 at a 128K context's 2048 blocks: ties and wide ranges."""
+    monkeypatch.setattr(topk_module, "SEARCH_BITS", bits)
+    cfg = NosaConfig()
+    B, hkv, nb = 16, 8, 2048
+    S = torch.randint(0, 50, (B, hkv, nb), generator=gen).float().to(DEVICE) / 7
+    E = randn(gen, B, hkv, nb) * 10.0 ** torch.randint(-20, 20, (B, hkv, nb), generator=gen).float().to(DEVICE)
+    sl = torch.randint(64, 131072, (B,), generator=gen).to(torch.int32).to(DEVICE)
+    qb = ((sl.long() - 1) // cfg.block_size)[:, None].expand(B, hkv)
+    assert torch.equal(select_topk(S, E, sl, cfg).long(), select_from_block_scores(S, E, qb, cfg))
