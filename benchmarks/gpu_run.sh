@@ -38,6 +38,10 @@ for what in "$@"; do case $what in
   transfer) step kernels_transfer ${TLIMIT:-300} python3 benchmarks/kernels_transfer.py --only ${TRANSFER_ONLY:-a,b,c,e} \
       --host-gib 8 --out $OUT/kernels_transfer.md ;;
   kernels) step kernels 330 python3 benchmarks/kernels.py --budget-s 280 --out $OUT/kernels.md ;;
+  sweep-stage1) step sweep_stage1 ${SWEEP_LIMIT:-200} python3 scripts/sweep_chunk_logits.py ;;
+  profile-host)  # each configuration twice, in two processes: the host's speed varied ~2x between processes
+    for run in 1 2; do step profile_host$run ${PROFILE_LIMIT:-150} python3 scripts/profile_runtime.py \
+      --tokens ${PROFILE_TOKENS:-131072} --batch ${PROFILE_BATCH:-16} --configs 'c,a,c,a' --no-tables; done ;;
   grpc) step grpc_load ${GRPC_LIMIT:-200} python3 benchmarks/grpc_load.py --model 1b --prompt-tokens ${GRPC_PROMPT:-16384} --phase-seconds ${GRPC_PHASE:-8} \
       --out $OUT/grpc_load.md ;;
   grpc-batched) step grpc_batched ${GRPC_LIMIT:-200} python3 benchmarks/grpc_load.py --provider batched --model 1b \
