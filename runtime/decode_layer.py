@@ -41,6 +41,7 @@ class _Static:
         self.k = torch.zeros((B, s.num_kv_heads, s.head_dim), dtype=s.dtype, device=dev)
         self.v = torch.zeros_like(self.k)
         self.c = torch.zeros((B, s.num_kv_heads), dtype=torch.float32, device=dev)
+        self.last_step = rt._step  # the last step that used the set (eviction order)
 
 
 class LayerDecoder:
@@ -50,7 +51,6 @@ class LayerDecoder:
         self.rt = rt
         self.graphs = SegmentGraphs() if cuda_graphs else None
         self._static: dict[tuple[int, int], _Static] = {}  # by (batch, first row): one per micro-batch
-        self._static_step: dict[tuple[int, int], int] = {}  # the last step that used each
 
     def static_plan_buffer(self, rows: list[int]) -> torch.Tensor | None:
         """Where the step plan of the batch on `rows` is uploaded (graph mode), else None. Two
@@ -61,19 +61,20 @@ class LayerDecoder:
         if key not in self._static:
             self._evict_static()
             self._static[key] = _Static(self.rt, len(rows))
-        self._static_step[key] = self.rt._step
-        return self._static[key].plan
+        static = self._static[key]
+        static.last_step = self.rt._step
+        return static.plan
 
     def _evict_static(self) -> None:
         """Keep at most MAX_STATIC buffer sets: a server whose batches keep changing would otherwise
         hold one per (size, first row) ever seen. A set goes with the graphs captured against it
         (they would read freed memory), and never while this step uses it."""
-        old = sorted((k for k, step in self._static_step.items() if step < self.rt._step),
-                     key=self._static_step.__getitem__)
+        old = sorted((k for k, st in self._static.items() if st.last_step < self.rt._step),
+                     key=lambda k: self._static[k].last_step)
         for key in old[: max(0, len(self._static) + 1 - MAX_STATIC)]:
             B, lo = key
             self.graphs.drop_shape((B, (lo, lo + B)))
-            del self._static[key], self._static_step[key]
+            del self._static[key]
 
     def _run(self, p: StepPlan, key: tuple, fn):
         if self.graphs is None or p.row_range is None:
