@@ -159,13 +159,20 @@ def _pool_chunks(x: torch.Tensor, strides: tuple[int, int, int], hkv: int, n_chu
     return out
 
 
+def chunk_splits(cmax: int, programs: int, device: torch.device, block_c: int = CHUNK_TILE,
+                 waves: int = 2) -> tuple[int, int]:
+    """(splits, chunks per split) of kernel 1 for `programs` = B x Hkv: chunk ranges of whole tiles, so
+    that about `waves` x SMs programs run (batch 1 still fills the GPU)."""
+    tiles = max(1, triton.cdiv(cmax, block_c))
+    splits = max(1, min(tiles, triton.cdiv(waves * num_sms(device), programs)))
+    per_split = triton.cdiv(tiles, splits) * block_c
+    return max(1, triton.cdiv(cmax, per_split)), per_split
+
+
 def _decode_block_scores_triton(q, ck, n_chunks, seq_lens, config: NosaConfig, nb: int, G: int) -> torch.Tensor:
     B, Hq, d = q.shape
     _, cmax, hkv, _ = ck.shape
-    tiles = max(1, triton.cdiv(cmax, CHUNK_TILE))
-    splits = max(1, min(tiles, triton.cdiv(2 * num_sms(q.device), B * hkv)))
-    per_split = triton.cdiv(tiles, splits) * CHUNK_TILE
-    splits = max(1, triton.cdiv(cmax, per_split))
+    splits, per_split = chunk_splits(cmax, B * hkv, q.device)
     logits = torch.empty((B, hkv, G, max(cmax, 1)), dtype=torch.float32, device=q.device)
     run_max = torch.empty((B, hkv, G, splits), dtype=torch.float32, device=q.device)
     run_sum = torch.empty_like(run_max)

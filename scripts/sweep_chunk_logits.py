@@ -24,10 +24,7 @@ def launch(q, ck, n_chunks, block_c, warps, stages, split_factor):
     B, hq, d = q.shape
     cmax, hkv = ck.shape[1], ck.shape[2]
     G = hq // hkv
-    tiles = triton.cdiv(cmax, block_c)
-    splits = max(1, min(tiles, triton.cdiv(split_factor * num_sms(q.device), B * hkv)))
-    per_split = triton.cdiv(tiles, splits) * block_c
-    splits = triton.cdiv(cmax, per_split)
+    splits, per_split = sel.chunk_splits(cmax, B * hkv, q.device, block_c, split_factor)
     w = torch.empty((B, hkv, G, cmax), dtype=torch.float32, device=q.device)
     m = torch.empty((B, hkv, G, splits), dtype=torch.float32, device=q.device)
     s = torch.empty_like(m)
