@@ -226,14 +226,14 @@ def warm_up(args, step) -> float:
     the warm-up steps after the first two, which capture the graphs). Beside "step ms" it tells a
     host-bound step (about equal) from a GPU-bound one (host well below): timed steps cannot, since a
     full launch queue blocks the host too."""
-    host = []
-    for i in range(args.warmup):
-        if i >= 2:
-            sync(args)
-            t0 = time.perf_counter()
+    for _ in range(min(2, args.warmup)):
         step()
-        if i >= 2:
-            host.append(1e3 * (time.perf_counter() - t0))
+    host = []
+    for _ in range(args.warmup - 2):
+        sync(args)
+        t0 = time.perf_counter()
+        step()
+        host.append(1e3 * (time.perf_counter() - t0))
     sync(args)
     return min(host, default=float("nan"))
 

@@ -16,7 +16,7 @@ import time
 import torch
 
 sys.path.insert(0, "benchmarks")
-from decode_throughput import MODELS, Workload, decode_step, synthetic_runtime  # noqa: E402
+from decode_throughput import MODELS, Workload, decode_step, synthetic_runtime, warm_up  # noqa: E402
 
 from nosa_sglang.config import NosaConfig  # noqa: E402
 from nosa_sglang.runtime import MicroBatches, ModelShape, OffloadKnobs  # noqa: E402
@@ -56,20 +56,21 @@ def main() -> int:
     return 0
 
 
+WARMUP, TIMED, PROFILED, CPROFILED = 4, 20, 2, 3  # steps of each phase of profile_config
+
+
 def profile_config(conf: str, a, shape, cfg) -> None:
     """Time and profile one configuration; everything it built dies on return."""
     rt, ids = build(conf, shape, cfg, a.tokens, a.batch, not a.no_graphs, a.slots, a.inline_gather,
                     torch.float32 if a.ck_fp32 else torch.bfloat16)
-    work = Workload(shape, a.batch, "drift", 0.9, "cuda", steps=4 + 20 + 2 + 3)
+    work = Workload(shape, a.batch, "drift", 0.9, "cuda", steps=WARMUP + TIMED + PROFILED + CPROFILED)
     parts = MicroBatches(rt, ids, 1 if conf == "c" else a.micro_batches)
 
     def step():
         decode_step(rt, parts, work, a.split_append)
 
-    for _ in range(4):
-        step()
-    torch.cuda.synchronize()
-    n = 20
+    idle_host_ms = warm_up(argparse.Namespace(warmup=WARMUP, device="cuda"), step)
+    n = TIMED
     t0 = time.perf_counter()
     for _ in range(n):
         step()
@@ -78,19 +79,20 @@ def profile_config(conf: str, a, shape, cfg) -> None:
     wall = time.perf_counter() - t0  # ... and until the GPU finished
     print(f"\n===== {conf}: B={a.batch} tokens={a.tokens} graphs={not a.no_graphs} split={a.split_append} "
           f"inline={a.inline_gather} micro-batches={len(parts.parts)} K~ {'fp32' if a.ck_fp32 else 'bf16'}: "
-          f"step {1e3 * wall / n:.2f} ms (host enqueue {1e3 * host_s / n:.2f} ms; "
+          f"step {1e3 * wall / n:.2f} ms (host enqueue {1e3 * host_s / n:.2f} ms, onto an idle GPU "
+          f"{idle_host_ms:.2f} ms; "
           f"{len(gc.get_objects())} Python objects tracked)", flush=True)
     if a.no_tables:
         return
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(2):
+        for _ in range(PROFILED):
             step()
         torch.cuda.synchronize()
     if a.cprofile:  # where the host time goes, by Python function (the op table misses pure Python)
         cp = cProfile.Profile()
         cp.enable()
-        for _ in range(3):
+        for _ in range(CPROFILED):
             step()
         cp.disable()
         torch.cuda.synchronize()
