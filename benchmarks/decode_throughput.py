@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from report import table, write_markdown
 from nosa_sglang.config import NosaConfig
-from nosa_sglang.runtime import MicroBatches, ModelShape, NosaRuntime, OffloadKnobs
+from nosa_sglang.runtime import MicroBatches, ModelShape, NosaRuntime, OffloadKnobs, StepGraphs
 from nosa_sglang.runtime.knobs import MAX_GPU_SLOTS
 
 GiB = 1 << 30
@@ -105,6 +105,20 @@ class Workload:
             return eps.to(self.q.dtype)
         return self.q[layer].mul_(self.rho).add_(eps.to(self.q.dtype), alpha=math.sqrt(1 - self.rho ** 2))
 
+    def next_step_into(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor) -> None:
+        """Write every layer's next (q, k, v, c) into [L, ...] buffers: what L calls of `next` return,
+        in four copies (a captured step reads its inputs from fixed buffers). Needs `steps`."""
+        L = q.shape[0]
+        step = self.calls[0] % len(self.steps_drawn)
+        assert all(n == self.calls[0] for n in self.calls), "next_step_into: layers were drawn one by one"
+        q.copy_(self.steps_drawn[step])
+        j = torch.arange(self.i + 1, self.i + L + 1, device=self.k.device) % BANK
+        torch.index_select(self.k, 0, j, out=k)
+        torch.index_select(self.v, 0, j, out=v)
+        torch.index_select(self.c, 0, j, out=c)
+        self.i += L
+        self.calls = [n + 1 for n in self.calls]
+
     def next(self, layer: int):
         """(q, k, v, c) of `layer` for this step."""
         self.i += 1
@@ -124,6 +138,24 @@ def decode_step(rt: NosaRuntime, parts: MicroBatches, work: Workload, split_appe
     for layer in range(rt.shape.num_layers):
         parts.decode(layer, *work.next(layer), split_append=split_append)
     rt.step_boundary()
+
+
+def step_graph_runner(rt: NosaRuntime, ids: list[str], work: Workload, B: int):
+    """One decode step as a StepGraphs replay: the step's inputs written into fixed [L, ...] buffers,
+    then every layer's decode() reading them (the shape of a captured model forward)."""
+    s, L, dev = rt.shape, rt.shape.num_layers, rt.device
+    q = torch.empty((L, B, s.num_q_heads, s.head_dim), dtype=s.dtype, device=dev)
+    k = torch.empty((L, B, s.num_kv_heads, s.head_dim), dtype=s.dtype, device=dev)
+    v, c = torch.empty_like(k), torch.empty((L, B, s.num_kv_heads), device=dev)
+    graphs = StepGraphs(rt, ids, lambda: [rt.decode(layer, ids, q[layer], k[layer], v[layer], c[layer])
+                                          for layer in range(L)])
+
+    def step() -> None:
+        work.next_step_into(q, k, v, c)
+        graphs.step()
+
+    step.graphs = graphs
+    return step
 
 
 def synthetic_runtime(shape: ModelShape, cfg: NosaConfig, knobs: OffloadKnobs, tokens: int, B: int, max_seq_len: int,
@@ -158,15 +190,20 @@ def run_runtime(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_mode
                                 inline_gather=args.inline_gather and not args.split_append)
     work = Workload(shape, B, query_model, args.drift_rho, args.device, steps=args.warmup + args.steps)
     parts = MicroBatches(rt, ids, micro_batches)
+    runner = step_graph_runner(rt, ids, work, B) if args.step_graphs else None
 
     def step() -> None:
-        decode_step(rt, parts, work, args.split_append)
+        if runner is not None:
+            runner()
+        else:
+            decode_step(rt, parts, work, args.split_append)
 
     host_ms = warm_up(args, step)
     rt.step_boundary()
     sync(args)
     rt.reset_stats()
     syncs0 = rt.transfer.host_syncs if rt.transfer else 0
+    unreplayed0 = runner.graphs.eager_steps + runner.graphs.captures if runner else 0
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()
@@ -183,6 +220,8 @@ def run_runtime(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_mode
         "stall": snap.stall_time_s / wall, "host_wait": snap.host_wait_time_s / wall,
         "miss_per_head": snap.misses / max(1, args.steps * B * shape.num_layers * shape.num_kv_heads),
         "syncs_per_step": ((rt.transfer.host_syncs if rt.transfer else 0) - syncs0) / args.steps,
+        # timed steps that did not replay a step graph (a key first seen, or captured, while timing)
+        "unreplayed": (runner.graphs.eager_steps + runner.graphs.captures - unreplayed0) if runner else 0,
     }
     rt = None  # noqa: F841 - release the GPU state before the next configuration
     free_cache(args)
@@ -365,7 +404,10 @@ def bench_one(args, name, tokens, host_buffer, host_cap, gpu_cap, ceil, md) -> N
                 rows.append([view, conf, qm, B, round(r["tok_s"], 1), round(r["step_ms"], 2), round(r["host_ms"], 2),
                              round(r.get("hit", float("nan")), 4), round(r.get("h2d_gbs", 0.0), 2),
                              round(100 * r.get("copy_gbs", 0.0) / ceil["h2d_copy_gbs"], 1) if r.get("copy_gbs") else "",
-                             round(100 * r.get("stall", 0.0), 1), round(100 * r.get("host_wait", 0.0), 1)])
+                             "" if args.step_graphs else round(100 * r.get("stall", 0.0), 1),
+                             round(100 * r.get("host_wait", 0.0), 1)])
+                if r.get("unreplayed"):
+                    md.append(f"NOTE: {view} {conf} {qm}: {r['unreplayed']} of the timed steps did not replay a step graph")
                 print(f"  [{name} {tokens} {view} {conf} {qm} B={B}] {rows[-1][4:]} ({time.perf_counter() - t0:.1f} s)",
                       flush=True)
     table(f"{name} @ {tokens} tokens", ["view", "config", "queries", "batch", "tok/s", "step ms", "host ms", "hit rate",
@@ -428,6 +470,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
                    help="capture each layer's runtime work in CUDA graphs (configs a, b, c, a*)")
+    p.add_argument("--step-graphs", action="store_true",
+                   help="each decode step as one CUDA graph (StepGraphs; implies --cuda-graphs; copy times are "
+                        "then not measured). Warm-up runs >= 2 blocks of steps so that every kind of step is "
+                        "captured before timing")
     p.add_argument("--inline-gather", action="store_true",
                    help="decode() gathers misses on the compute stream inside the layer's one graph (no timings)")
     p.add_argument("--micro-batches", type=int, default=1,
@@ -452,6 +498,11 @@ def main(argv: list[str] | None = None) -> int:
     args.configs = args.configs.split(",")
     args.views = args.views.split(",")
     args.query_models = args.query_models.split(",")
+    if args.step_graphs:
+        if args.micro_batches > 1 or args.split_append:
+            p.error("--step-graphs: one batch through decode() (not with --micro-batches > 1 or --split-append)")
+        args.cuda_graphs = True
+        args.warmup = max(args.warmup, 2 * NosaConfig().block_size + 2)  # NOTE: each kind of step seen twice
     if args.simulate:
         simulate(args)
         return 0
@@ -480,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
           f"pinned host store {host_gib:.1f} GiB (allocated + zeroed in {time.perf_counter() - t0:.1f} s); "
           f"steps {args.steps} after {args.warmup} warm-up; gpu_slots {args.gpu_slots}; transfer {args.transfer_mode}; "
           f"prefetch {args.prefetch}; victims {args.victim_policy}; K~ {'bf16' if args.ck_bf16 else 'fp32'}; "
-          f"CUDA graphs {args.cuda_graphs}; inline gather {args.inline_gather}; micro-batches {args.micro_batches}; "
+          f"CUDA graphs {'whole steps' if args.step_graphs else args.cuda_graphs}; inline gather {args.inline_gather}; micro-batches {args.micro_batches}; "
           f"drift rho {args.drift_rho}", ""]
     ceil = measure_ceilings(host_buffer) if cuda else {"h2d_copy_gbs": 1.0, "gather_zero_copy_gbs": 0.0,
                                                        "gather_copy_engine_gbs": 0.0}

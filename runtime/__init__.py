@@ -32,6 +32,7 @@ _EXPORTS = {
     "OffloadKnobs": "knobs",
     "NosaRuntime": "nosa_runtime",
     "MicroBatches": "micro_batches",
+    "StepGraphs": "step_graphs",
     "SELECTION_POLICIES": "nosa_runtime",
     "LayerStats": "stats",
     "RequestStats": "stats",

@@ -75,19 +75,21 @@ class LayerDecoder:
             B, lo = key
             self.graphs.drop_shape((B, (lo, lo + B)))
             del self._static[key]
+            self.rt.graph_generation += 1  # NOTE: step graphs captured against the set go too
 
     def _run(self, p: StepPlan, key: tuple, fn):
-        if self.graphs is None or p.row_range is None:
-            return fn()
+        if self.graphs is None or p.row_range is None or self.rt.in_step_graph:
+            return fn()  # NOTE: inside a step graph the segment is part of the caller's capture
         return self.graphs.run((len(p.rows), p.row_range), key, fn)
 
     def _inputs(self, p: StepPlan, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Row-order inputs; in graph mode copied into the static buffers the segments read."""
+        """Row-order inputs; in graph mode copied into the static buffers the segments read (not in a
+        step graph: the caller's inputs are at fixed addresses already)."""
         out = {}
         for name, t in tensors.items():
             if p.perm is not None:
                 t = t[p.perm]
-            if self.graphs is not None and p.row_range is not None:
+            if self.graphs is not None and p.row_range is not None and not self.rt.in_step_graph:
                 buf = getattr(self._static[(len(p.rows), p.row_range[0])], name)
                 buf.copy_(t)
                 t = buf
@@ -118,7 +120,11 @@ class LayerDecoder:
                             p.chunk_ids)
 
     def _write_back(self, layer: int, p: StepPlan) -> None:
-        if p.wb_src is not None:
+        if p.wb_src is None:
+            return
+        if self.rt.in_step_graph:  # device lists at fixed addresses, padded with -1: capturable
+            self.rt.transfer.write_back(layer, p.wb_padded[0], p.wb_padded[1], runs=p.wb_src.numel())
+        else:
             self.rt.transfer.write_back(layer, p.wb_src, p.wb_dst)
 
     # -- attend ---------------------------------------------------------------------------------------

@@ -133,6 +133,8 @@ class NosaRuntime:
         self._step_t = torch.zeros((), dtype=torch.int32, device=self.device)  # the step, for graphs
         self.inline_gather = inline_gather
         self._decoder = LayerDecoder(self, cuda_graphs and self.device.type == "cuda")
+        self.in_step_graph = False  # set by StepGraphs while a whole step runs as (or for) one graph
+        self.graph_generation = 0  # bumped whenever captured graphs become invalid
         self._last_selection: dict[int, torch.Tensor] = {}
         self._heads = torch.arange(H, device=self.device)
         self._lock = threading.Lock()
@@ -282,6 +284,7 @@ class NosaRuntime:
         whether dropping the graphs here cures it is not yet verified on a GPU."""
         if self._decoder.graphs is not None:
             self._decoder.graphs.clear()
+        self.graph_generation += 1  # step graphs (StepGraphs) re-capture too
 
     def abort_request(self, request_id: str) -> None:
         """Like end_request, and also valid inside an open step (an exception interrupted a forward):
@@ -333,6 +336,19 @@ class NosaRuntime:
         p.appended.add(layer)
         p.attended.add(layer)
         return o
+
+    def begin_step(self, request_ids) -> StepPlan:
+        """Open this step for the batch: its host side (new blocks, the step plan and its upload) before
+        any layer runs. The first append()/decode() of a step does this itself; a caller that runs whole
+        steps as one CUDA graph (StepGraphs) calls it before the replay, since a capture cannot hold it.
+        Closes a complete previous step; raises as append does (HostMemoryExhausted), changing nothing."""
+        ids = tuple(request_ids)
+        p = self._plans.get(ids)
+        if p is not None and p.appended:
+            if not self._step_complete():
+                raise RuntimeUsageError(f"begin_step: layers {sorted(p.appended)} of batch {ids} already ran this step")
+            self.step_boundary()
+        return self._plan_for(ids, 0)
 
     def last_selection(self, layer: int) -> torch.Tensor | None:
         """[B, Hkv, topk_blocks] int32 blocks the last attend of `layer` selected (caller order)."""

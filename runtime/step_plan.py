@@ -19,7 +19,11 @@ import torch
 from nosa_sglang.config import NosaConfig
 
 #: per-request int64 fields of the packed layout, in order (then token_slots and slot_base, Hkv each)
-FIELDS = ("rows", "pos", "seq_lens", "n_chunks", "offsets", "tail_blocks", "opens", "completes", "chunk_ids", "perm")
+FIELDS = ("rows", "pos", "seq_lens", "n_chunks", "offsets", "tail_blocks", "opens", "completes", "chunk_ids", "perm",
+          "inv")
+#: per-(request, KV head) int64 fields after them: the token's slot, local slot 0's global id, and the
+#: write-back of a tail that fills (slot, host run; -1 where the tail does not fill)
+HEAD_FIELDS = ("token_slots", "slot_base", "wb_src", "wb_dst")
 
 
 @dataclass
@@ -45,6 +49,7 @@ class StepPlan:
     any_complete: bool
     wb_src: torch.Tensor | None  # CPU long [n * Hkv] tail slots that fill with this token
     wb_dst: torch.Tensor | None  # CPU long [n * Hkv] their host runs
+    wb_padded: torch.Tensor  # [2, B * Hkv] device long: the same for every (row, head), -1 where none fills
     num_blocks: int  # NB of the selection
     table_update: list[tuple[int, int, int]] = field(default_factory=list)  # (row, block, host block)
     appended: set[int] = field(default_factory=set)
@@ -53,7 +58,7 @@ class StepPlan:
 
 
 def packed_len(batch: int, num_kv_heads: int) -> int:
-    return batch * (len(FIELDS) + 2 * num_kv_heads)
+    return batch * (len(FIELDS) + len(HEAD_FIELDS) * num_kv_heads)
 
 
 def build_step_plan(
@@ -84,15 +89,22 @@ def build_step_plan(
     pos = [seq_lens[i] for i in order]
     completes = [p + 1 >= ks and (p + 1 - ks) % st == 0 for p in pos]
     n_ch = [config.num_chunks(p + 1) for p in pos]
+    inv = [0] * B
+    for j, i in enumerate(order):
+        inv[i] = j
     cols = {
         "rows": r, "pos": pos, "seq_lens": [p + 1 for p in pos], "n_chunks": n_ch,
         "offsets": [p % bs for p in pos], "tail_blocks": [p // bs for p in pos],
         "opens": [int(p % bs == 0) for p in pos], "completes": [int(c) for c in completes],
-        "chunk_ids": [max(n - 1, 0) for n in n_ch], "perm": order,
+        "chunk_ids": [max(n - 1, 0) for n in n_ch], "perm": order, "inv": inv,
     }
+    full = [p % bs == bs - 1 and tail_host_blocks[order[j]] is not None for j, p in enumerate(pos)]
+    heads = [(j, h) for j in range(B) for h in range(H)]
     flat = [x for name in FIELDS for x in cols[name]]
-    flat += [token_slot_fn(r[j], h, pos[j] // bs) for j in range(B) for h in range(H)]
-    flat += [slot_base_fn(r[j], h) for j in range(B) for h in range(H)]
+    flat += [token_slot_fn(r[j], h, pos[j] // bs) for j, h in heads]
+    flat += [slot_base_fn(r[j], h) for j, h in heads]
+    flat += [tail_slot_fn(r[j], h) if full[j] else -1 for j, h in heads]
+    flat += [tail_host_blocks[order[j]] * H + h if full[j] else -1 for j, h in heads]
     host = torch.tensor(flat, dtype=torch.long)
     if device.type == "cuda":
         host = host.pin_memory()
@@ -102,24 +114,22 @@ def build_step_plan(
     else:
         dev = host.to(device, non_blocking=True)
     parts = dict(zip(FIELDS, dev[: B * len(FIELDS)].view(len(FIELDS), B)))
-    tok = dev[B * len(FIELDS) : B * (len(FIELDS) + H)].view(B, H)
-    base = dev[B * (len(FIELDS) + H) :].view(B, H, 1)
+    per_head = dev[B * len(FIELDS) :].view(len(HEAD_FIELDS), B * H)
+    tok, base = per_head[0].view(B, H), per_head[1].view(B, H, 1)
     identity = order == list(range(B))
-    inv = None
-    if not identity:
-        inv = torch.empty_like(parts["perm"])
-        inv[parts["perm"]] = torch.arange(B, device=inv.device)
-    full = [j for j, p in enumerate(pos) if p % bs == bs - 1 and tail_host_blocks[order[j]] is not None]
     wb_src = wb_dst = None
-    if full:
-        wb_src = torch.tensor([tail_slot_fn(r[j], h) for j in full for h in range(H)], dtype=torch.long)
-        wb_dst = torch.tensor([tail_host_blocks[order[j]] * H + h for j in full for h in range(H)], dtype=torch.long)
+    if any(full):
+        host_wb = host[B * len(FIELDS) + 2 * B * H :].view(2, B * H)
+        keep = host_wb[0] >= 0
+        wb_src, wb_dst = host_wb[0][keep], host_wb[1][keep]
     return StepPlan(
         request_ids=request_ids, rows=parts["rows"], pos=parts["pos"], seq_lens=parts["seq_lens"],
         n_chunks=parts["n_chunks"], offsets=parts["offsets"], tail_blocks=parts["tail_blocks"],
         opens=parts["opens"], completes=parts["completes"], chunk_ids=parts["chunk_ids"],
-        perm=None if identity else parts["perm"], inv=inv, token_slots=tok, slot_base=base,
+        perm=None if identity else parts["perm"], inv=None if identity else parts["inv"], token_slots=tok,
+        slot_base=base,
         row_range=(r[0], r[0] + B) if r == list(range(r[0], r[0] + B)) else None,
         any_open=any(cols["opens"]), any_complete=any(completes), wb_src=wb_src, wb_dst=wb_dst,
+        wb_padded=per_head[2:],
         num_blocks=num_blocks or max(config.num_blocks(p + 1) for p in pos),
     )

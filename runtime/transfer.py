@@ -50,6 +50,7 @@ class TransferEngine:
         self._readback = torch.empty(0, dtype=torch.long)
         self._gathers: list[block_copy.PreparedGather | None] = [None] * L  # zero-copy launchers, made on first use
         self._queued = None  # the compute-stream event copies wait on (see _timed_after_compute)
+        self._forked: set[torch.cuda.Stream] = set()  # copy streams forked into the step being captured
         self.mode = "cpu"
         self.set_mode(mode)
         self.debug_delay_cycles = 0  # tests: a sleep kernel on the h2d stream before every copy
@@ -156,16 +157,19 @@ class TransferEngine:
         return gather
 
     def wait_for_layer(self, layer: int) -> None:
-        """Compute stream waits for every H2D copy into this layer's slots (timed as stall)."""
+        """Compute stream waits for every H2D copy into this layer's slots (timed as stall, except
+        inside a captured step, which has no timing events)."""
         pending = self._unwaited[layer]
         if not pending:
             return
-        ready = torch.cuda.Event(enable_timing=True)
-        ready.record()
+        timed = [(start, end) for start, end in pending if start is not None]
+        ready = None
+        if timed:
+            ready = torch.cuda.Event(enable_timing=True)
+            ready.record()
         torch.cuda.current_stream().wait_event(self._h2d_done[layer])
-        for start, end in pending[:-1]:
-            self.counters.add_timing(layer, start, end)
-        self.counters.add_timing(layer, pending[-1][0], pending[-1][1], ready)
+        for i, (start, end) in enumerate(timed):
+            self.counters.add_timing(layer, start, end, ready if i == len(timed) - 1 else None)
         self._unwaited[layer] = []
 
     def wait_h2d(self, layer: int) -> None:
@@ -175,15 +179,20 @@ class TransferEngine:
 
     # -- GPU -> host --------------------------------------------------------------------------------
     def write_back(self, layer: int, src: torch.Tensor, dst_runs: torch.Tensor,
-                   gpu_k: torch.Tensor | None = None, gpu_v: torch.Tensor | None = None) -> None:
-        """host run dst_runs[i] = GPU run src[i] (CPU id tensors); from the slots unless gpu_k/gpu_v
-        (a prompt staged in runs) are given."""
+                   gpu_k: torch.Tensor | None = None, gpu_v: torch.Tensor | None = None,
+                   runs: int | None = None) -> None:
+        """host run dst_runs[i] = GPU run src[i]; from the slots unless gpu_k/gpu_v (a prompt staged in
+        runs) are given. Ids: CPU tensors, or (zero-copy, a step graph) device tensors padded with -1,
+        of which `runs` are real."""
         staged = gpu_k is not None
         gpu_k = self.slots.k_runs(layer) if gpu_k is None else gpu_k
         gpu_v = self.slots.v_runs(layer) if gpu_v is None else gpu_v
         host_k, host_v = self.host.layer_k(layer), self.host.layer_v(layer)
-        self.counters.add_d2h_bytes(layer, 2 * src.numel() * self.host.run_bytes)
+        if not self._capturing():  # NOTE: a captured step counts its bytes when it replays (StepGraphs)
+            self.counters.add_d2h_bytes(layer, 2 * (src.numel() if runs is None else runs) * self.host.run_bytes)
         if not self.cuda:
+            keep = src >= 0
+            src, dst_runs = src[keep], dst_runs[keep]
             t0 = time.perf_counter()
             block_copy.scatter_runs(gpu_k, gpu_v, src, host_k, host_v, dst_runs, mode=self.mode, validate_ids=False)
             self.counters.add_host_times(layer, time.perf_counter() - t0, 0.0)
@@ -197,11 +206,14 @@ class TransferEngine:
             for t in (gpu_k, gpu_v):
                 t.record_stream(wb)  # NOTE: a staged prompt is freed on the compute stream
         self._wb_done[layer] = end
-        self.counters.add_timing(layer, start, end)
+        if start is not None:
+            self.counters.add_timing(layer, start, end)
 
     def _timed_after_compute(self, stream: torch.cuda.Stream, delay_cycles: int, copy) -> tuple[object, object]:
         """Issue `copy()` on `stream` after everything queued on the compute stream so far, between two
-        timing events (after a sleep of `delay_cycles` when a test asks for a late copy).
+        timing events (after a sleep of `delay_cycles` when a test asks for a late copy). Inside a
+        captured step the wait forks `stream` into the capture, and there are no timing events (start
+        is None): a graph cannot time its own nodes for the host.
 
         The ordering event is one reused object: a stream waits for the event's latest record at the
         time of `wait_event`, so recording it again later cannot release or delay an earlier wait."""
@@ -209,14 +221,42 @@ class TransferEngine:
             self._queued = torch.cuda.Event()
         self._queued.record()
         stream.wait_event(self._queued)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        capturing = self._capturing()
+        if capturing:
+            self._forked.add(stream)
+        start = None if capturing else torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=not capturing)
         with torch.cuda.stream(stream):
-            start.record(stream)
+            if start is not None:
+                start.record(stream)
             if delay_cycles:
                 torch.cuda._sleep(delay_cycles)
             copy()
             end.record(stream)
         return start, end
+
+    def _capturing(self) -> bool:
+        return self.cuda and torch.cuda.is_current_stream_capturing()
+
+    def join_forked(self) -> None:
+        """End of a captured step: the capture stream waits for every copy stream the step forked (a
+        capture must end joined), then the step's events are forgotten: they exist only in the graph,
+        whose replay ends after all of its copies."""
+        here = torch.cuda.current_stream()
+        for stream in self._forked:
+            here.wait_stream(stream)
+        self._forked.clear()
+        self._forget_events()
+
+    def abandon_capture(self) -> None:
+        """A capture failed: its forks and events never existed."""
+        self._forked.clear()
+        self._forget_events()
+
+    def _forget_events(self) -> None:
+        L = len(self._h2d_done)
+        self._h2d_done, self._wb_done = [None] * L, [None] * L
+        self._unwaited = [[] for _ in range(L)]
 
     def _ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Host id lists for the zero-copy kernel are copied to the GPU: pin them so that the copy is
@@ -242,5 +282,6 @@ class TransferEngine:
         self.writeback_stream.wait_stream(compute)
         for layer, pending in enumerate(self._unwaited):
             for start, end in pending:
-                self.counters.add_timing(layer, start, end)
-        self._unwaited = [[] for _ in self._unwaited]
+                if start is not None:
+                    self.counters.add_timing(layer, start, end)
+        self._forget_events()  # NOTE: compute has waited for every copy, and both copy streams for compute

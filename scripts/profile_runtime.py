@@ -16,7 +16,7 @@ import time
 import torch
 
 sys.path.insert(0, "benchmarks")
-from decode_throughput import MODELS, Workload, decode_step, synthetic_runtime, warm_up  # noqa: E402
+from decode_throughput import MODELS, Workload, decode_step, step_graph_runner, synthetic_runtime, warm_up  # noqa: E402
 
 from nosa_sglang.config import NosaConfig  # noqa: E402
 from nosa_sglang.runtime import MicroBatches, ModelShape, OffloadKnobs  # noqa: E402
@@ -24,7 +24,7 @@ from nosa_sglang.runtime import MicroBatches, ModelShape, OffloadKnobs  # noqa: 
 
 def build(conf: str, shape, cfg, tokens: int, B: int, graphs: bool, slots: int, inline: bool = False,
           ck_dtype: torch.dtype = torch.bfloat16):
-    n = tokens + 64
+    n = tokens + 256
     if conf == "a*":
         slots = cfg.num_blocks(n) + 1
     return synthetic_runtime(shape, cfg, OffloadKnobs(gpu_slots=slots, victim_policy="lru"), tokens, B, n, "cuda",
@@ -42,6 +42,8 @@ def main() -> int:
     p.add_argument("--split-append", action="store_true", help="append() + attend() instead of decode()")
     p.add_argument("--inline-gather", action="store_true", help="decode() with the gather inside its segment")
     p.add_argument("--micro-batches", type=int, default=1, help="configs a, a*: N parts on N streams")
+    p.add_argument("--step-graphs", action="store_true",
+                   help="each step as one CUDA graph (StepGraphs; warms up 130 steps so every kind of step replays)")
     p.add_argument("--ck-fp32", action="store_true",
                    help="K~ in fp32 (the runtime's default) instead of bf16 (decode_throughput.py's default)")
     p.add_argument("--cprofile", action="store_true", help="also print the Python functions' host time of 3 steps")
@@ -63,13 +65,18 @@ def profile_config(conf: str, a, shape, cfg) -> None:
     """Time and profile one configuration; everything it built dies on return."""
     rt, ids = build(conf, shape, cfg, a.tokens, a.batch, not a.no_graphs, a.slots, a.inline_gather,
                     torch.float32 if a.ck_fp32 else torch.bfloat16)
-    work = Workload(shape, a.batch, "drift", 0.9, "cuda", steps=WARMUP + TIMED + PROFILED + CPROFILED)
+    warmup = 2 * cfg.block_size + 2 if a.step_graphs else WARMUP  # NOTE: each kind of step captured first
+    work = Workload(shape, a.batch, "drift", 0.9, "cuda", steps=warmup + TIMED + PROFILED + CPROFILED)
     parts = MicroBatches(rt, ids, 1 if conf == "c" else a.micro_batches)
+    runner = step_graph_runner(rt, ids, work, a.batch) if a.step_graphs else None
 
     def step():
-        decode_step(rt, parts, work, a.split_append)
+        if runner is not None:
+            runner()
+        else:
+            decode_step(rt, parts, work, a.split_append)
 
-    idle_host_ms = warm_up(argparse.Namespace(warmup=WARMUP, device="cuda"), step)
+    idle_host_ms = warm_up(argparse.Namespace(warmup=warmup, device="cuda"), step)
     n = TIMED
     t0 = time.perf_counter()
     for _ in range(n):
@@ -78,7 +85,7 @@ def profile_config(conf: str, a, shape, cfg) -> None:
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0  # ... and until the GPU finished
     print(f"\n===== {conf}: B={a.batch} tokens={a.tokens} graphs={not a.no_graphs} split={a.split_append} "
-          f"inline={a.inline_gather} micro-batches={len(parts.parts)} K~ {'fp32' if a.ck_fp32 else 'bf16'}: "
+          f"inline={a.inline_gather} step-graphs={a.step_graphs} micro-batches={len(parts.parts)} K~ {'fp32' if a.ck_fp32 else 'bf16'}: "
           f"step {1e3 * wall / n:.2f} ms (host enqueue {1e3 * host_s / n:.2f} ms, onto an idle GPU "
           f"{idle_host_ms:.2f} ms; "
           f"{len(gc.get_objects())} Python objects tracked)", flush=True)

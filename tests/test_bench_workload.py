@@ -56,3 +56,19 @@ def test_warm_up_times_one_step_after_the_capturing_ones():
     assert len(calls) == 4
     assert 9 <= host_ms < 40
     assert math.isnan(warm_up(SimpleNamespace(warmup=2, device="cpu"), step))
+
+
+def test_a_whole_step_into_buffers_equals_per_layer_calls():
+    """The step-graph benchmark writes a step's inputs into [L, ...] buffers in four copies: the same
+    values, in the same stream, as L calls of next()."""
+    L, B = SHAPE.num_layers, 2
+    lazy = Workload(SHAPE, B, "drift", 0.9, "cpu", seed=5, steps=4)
+    bulk = Workload(SHAPE, B, "drift", 0.9, "cpu", seed=5, steps=4)
+    q = torch.empty((L, B, SHAPE.num_q_heads, SHAPE.head_dim), dtype=SHAPE.dtype)
+    k = torch.empty((L, B, SHAPE.num_kv_heads, SHAPE.head_dim), dtype=SHAPE.dtype)
+    v, c = torch.empty_like(k), torch.empty((L, B, SHAPE.num_kv_heads))
+    for _ in range(6):  # past `steps` as well
+        bulk.next_step_into(q, k, v, c)
+        for layer in range(L):
+            for x, y in zip(lazy.next(layer), (q[layer], k[layer], v[layer], c[layer])):
+                assert torch.equal(x, y)

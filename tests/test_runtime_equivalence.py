@@ -20,7 +20,7 @@ from kernel_checks import SMALL
 from nosa_sglang.config import NosaConfig
 from nosa_sglang.reference import nosa_decode_attention, select_blocks_decode
 from nosa_sglang.reference.selection import block_scores_for_positions, select_from_block_scores
-from nosa_sglang.runtime import MicroBatches, ModelShape, NosaRuntime, OffloadKnobs
+from nosa_sglang.runtime import MicroBatches, ModelShape, NosaRuntime, OffloadKnobs, RuntimeUsageError, StepGraphs
 
 ATOL = RTOL = 1e-4
 #: relative score gap under which fp32 kernels may order two blocks differently from the fp64 reference
@@ -109,7 +109,7 @@ def random_prompt(shape: ModelShape, T: int, g: torch.Generator, device):
 
 def drive(rt: NosaRuntime, prompt_lens: list[int], steps: int, seed: int, check: bool = True,
           order: list[int] | None = None, collect: bool = False, allow_near_ties: bool = False,
-          on_attend=None, fused: bool = False, micro_batches: int = 1) -> dict:
+          on_attend=None, fused: bool = False, micro_batches: int = 1, step_graphs: bool = False) -> dict:
     """Run `steps` decode steps of random tokens/queries; compare every layer with the reference
     (`collect`: also return every output, on the host).
 
@@ -118,7 +118,9 @@ def drive(rt: NosaRuntime, prompt_lens: list[int], steps: int, seed: int, check:
     output is then checked against the reference attention over the runtime's own selection.
     `fused`: each layer through `decode(q, k, v, c)` instead of `append` then `attend`.
     `micro_batches`: the batch cut into that many contiguous parts (`MicroBatches`: on CUDA each on its
-    own stream), each decoded separately per layer."""
+    own stream), each decoded separately per layer.
+    `step_graphs`: every step through `StepGraphs` (on CUDA one graph per step), its layers reading
+    inputs from fixed buffers; the checks follow the step."""
     shape, cfg, dev = rt.shape, rt.config, rt.device
     g = torch.Generator().manual_seed(seed)
     mirror = ReferenceMirror(len(prompt_lens), shape, max(prompt_lens) + steps + 1, dev)
@@ -132,13 +134,32 @@ def drive(rt: NosaRuntime, prompt_lens: list[int], steps: int, seed: int, check:
     H, Hq, d = shape.num_kv_heads, shape.num_q_heads, shape.head_dim
     worst, mismatches, near_ties, outputs = 0.0, 0, 0, []
     parts = MicroBatches(rt, batch, micro_batches)
+    inputs = [[torch.empty(0)] * 4 for _ in range(shape.num_layers)]  # q, k, v, c per layer
+    runner = None
+    if step_graphs:
+        for layer in range(shape.num_layers):
+            inputs[layer] = [torch.empty((len(idx), n, d), dtype=shape.dtype, device=dev) for n in (Hq, H, H)]
+            inputs[layer].append(torch.empty((len(idx), H), device=dev))
+        runner = StepGraphs(rt, batch, lambda: [(rt.decode(layer, batch, *inputs[layer]), rt.last_selection(layer))
+                                                for layer in range(shape.num_layers)])
     for _ in range(steps):
         for layer in range(shape.num_layers):
             k = torch.randn(len(idx), H, d, generator=g).to(dev, shape.dtype)
             v = torch.randn(len(idx), H, d, generator=g).to(dev, shape.dtype)
             c = (0.1 + 2 * torch.rand(len(idx), H, generator=g)).to(dev)
             q = torch.randn(len(idx), Hq, d, generator=g).to(dev, shape.dtype)
-            o, mine = decode_parts(parts, layer, q, k, v, c, fused)
+            if runner is None:
+                inputs[layer] = [q, k, v, c]
+            else:
+                for buf, x in zip(inputs[layer], (q, k, v, c)):
+                    buf.copy_(x)
+        step_out = runner.step() if runner is not None else None
+        for layer in range(shape.num_layers):
+            q, k, v, c = inputs[layer]
+            if runner is None:
+                o, mine = decode_parts(parts, layer, q, k, v, c, fused)
+            else:
+                o, mine = step_out[layer][0], step_out[layer][1].long()
             if collect:
                 outputs.append(o.cpu())
             if on_attend is not None:
@@ -154,10 +175,11 @@ def drive(rt: NosaRuntime, prompt_lens: list[int], steps: int, seed: int, check:
                         mismatches += 1
                 worst = max(worst, float((o.double() - ref).abs().max()))
                 torch.testing.assert_close(o.double(), ref, atol=ATOL, rtol=RTOL)
-        rt.step_boundary()
+        if runner is None:
+            rt.step_boundary()
         mirror.step(idx)
     return {"worst": worst, "selection_mismatches": mismatches, "near_ties": near_ties, "snapshot": rt.snapshot(),
-            "ids": ids, "outputs": outputs}
+            "ids": ids, "outputs": outputs, "runner": runner}
 
 
 def decode_parts(parts: MicroBatches, layer: int, q, k, v, c, fused: bool):
@@ -407,3 +429,37 @@ def test_micro_batch_segments_have_their_own_static_buffers(inline):
     rt._decoder.graphs = ReplayClosures()
     out = drive(rt, [150, 161, 40, 120], steps=100, seed=seed, fused=True, micro_batches=2)
     assert out["selection_mismatches"] == 0 and rt._decoder.graphs.replays > 300
+
+
+@pytest.mark.parametrize("inline", [False, True])
+@pytest.mark.parametrize("victim, order", [("lru", None), ("eviction_score", [2, 0, 1])])
+def test_step_graph_path_equals_per_layer_decode_bit_for_bit(victim, order, inline):
+    """The path a captured step takes (StepGraphs: plan before the layers, inputs read in place,
+    write-backs from the padded device lists), run eagerly on CPU: the reference's selections, and the
+    per-layer decode's outputs and counters (write-back bytes included) bit for bit."""
+    seed = fresh_seed()
+    runs = [drive(small_runtime(slots=10, victim=victim, inline_gather=inline), [150, 161, 40], steps=120,
+                  seed=seed, collect=True, fused=True, order=order, step_graphs=graphs) for graphs in (False, True)]
+    assert all(r["selection_mismatches"] == 0 for r in runs)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0]["outputs"], runs[1]["outputs"]))
+    assert counts(runs[0]) == counts(runs[1])
+    assert runs[1]["snapshot"].totals.misses > 0 and runs[1]["snapshot"].totals.bytes_d2h > 0
+    assert runs[1]["runner"].eager_steps == 120
+
+
+def test_begin_step_opens_the_step_once():
+    """begin_step is idempotent until a layer runs; after some layers it refuses; after all of them it
+    closes the step and opens the next."""
+    rt = small_runtime(layers=2)
+    ids = drive(rt, [40, 50], steps=1, seed=fresh_seed())["ids"]
+    H, Hq, d = 2, 4, 16
+    q, k, v = torch.randn(2, Hq, d), torch.randn(2, H, d), torch.randn(2, H, d)
+    c = 0.5 + torch.rand(2, H)
+    p = rt.begin_step(ids)
+    assert rt.begin_step(ids) is p
+    rt.decode(0, ids, q, k, v, c)
+    with pytest.raises(RuntimeUsageError, match="begin_step: layers \\[0\\]"):
+        rt.begin_step(ids)
+    rt.decode(1, ids, q, k, v, c)
+    step = rt._step
+    assert rt.begin_step(ids) is not p and rt._step == step + 1

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from test_runtime_equivalence import SMALL, assert_offload_equals_gpu_only, drive, small_runtime
+from test_runtime_equivalence import SMALL, assert_offload_equals_gpu_only, counts, drive, small_runtime
 
 from nosa_sglang.config import NosaConfig
 from nosa_sglang.runtime import ModelShape, NosaRuntime, OffloadKnobs
@@ -139,6 +139,56 @@ def test_row_moves_block_openings_and_knob_changes_on_cuda(graphs):
     rt.request_knobs(rt.knobs().with_changes({"gpu_slots": 9, "victim_policy": "eviction_score"}, 8))
     for _ in range(40):
         s.step([0, 2])
+
+
+@pytest.mark.parametrize("inline, victim, order, delay", [(False, "lru", None, 0), (False, "eviction_score", [1, 2, 0], 0),
+                                                         (True, "lru", None, 0), (False, "lru", [2, 0, 1], SLEEP_CYCLES)])
+def test_step_graphs_equal_reference_and_segment_graphs(inline, victim, order, delay):
+    """Whole steps captured as one graph (copies as fork/join branches, write-backs from padded lists,
+    the plan uploaded before the replay) against segment graphs: the reference's selections, the same
+    outputs and counters bit for bit; late copies on both copy streams change nothing."""
+    s = seed()
+    runs = []
+    for step_graphs in (False, True):
+        rt = small_runtime(slots=10, victim=victim, device="cuda", mode="zero_copy", cuda_graphs=True,
+                           inline_gather=inline)
+        if step_graphs:
+            rt.transfer.debug_delay_cycles = rt.transfer.debug_writeback_delay_cycles = delay
+        runs.append(drive(rt, [150, 161, 40], steps=150, seed=s, collect=True, allow_near_ties=True, fused=True,
+                          order=order, step_graphs=step_graphs))
+        assert runs[-1]["selection_mismatches"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(runs[0]["outputs"], runs[1]["outputs"]))
+    assert counts(runs[0]) == counts(runs[1]) and runs[1]["snapshot"].totals.bytes_d2h > 0
+    runner = runs[1]["runner"]
+    assert runner.captures >= 3 and runner.replays >= 140 - runner.eager_steps, vars(runner)
+
+
+def test_step_graphs_gpu_only_and_copy_engine_fallback():
+    """NOSA fully on the GPU captures too; the copy-engine mode (host read-back) runs its steps eagerly."""
+    s = seed()
+    for kw, captured in ((dict(gpu_only=True), True), (dict(mode="copy_engine"), False)):
+        rt = small_runtime(slots=10, device="cuda", cuda_graphs=True, **kw)
+        out = drive(rt, [150, 60], steps=120, seed=s, allow_near_ties=True, fused=True, step_graphs=True)
+        assert out["selection_mismatches"] == 0
+        runner = out["runner"]
+        assert (runner.captures > 0 and runner.replays > 100) if captured else runner.eager_steps == 120, vars(runner)
+
+
+def test_step_graphs_recapture_after_knob_changes_and_row_moves():
+    """A slot-count change drops the graphs (generation): later steps capture again and stay exact."""
+    rt = small_runtime(slots=8, device="cuda", mode="zero_copy", cuda_graphs=True, max_gpu_slots=16)
+    calls = [0]
+
+    def on_attend(layer):
+        calls[0] += 1
+        if calls[0] == 2 * 50:  # after step 50's last layer
+            rt.request_knobs(rt.knobs().with_changes({"gpu_slots": 16}, 8))
+
+    out = drive(rt, [150, 161, 40], steps=120, seed=seed(), allow_near_ties=True, fused=True, step_graphs=True,
+                on_attend=on_attend)
+    assert out["selection_mismatches"] == 0 and rt.slots.active == 16
+    runner = out["runner"]
+    assert runner.captures >= 2 and runner._generation == rt.graph_generation, vars(runner)
 
 
 def test_default_config_at_real_head_dim_equals_reference():

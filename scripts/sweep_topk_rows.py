@@ -1,0 +1,56 @@
+"""Diagnostic (GPU): rows per program of the decode top-k kernel (`topk.ROW_ELEMS`).
+
+benchmarks/kernels.py measured the top-k at 61 us for 256 blocks (16K tokens, B 16) but 29 us for 2048
+blocks (128K): with 256 blocks eight rows share a program (ROW_ELEMS 2048 is sized for prefill's many
+short rows), so a decode batch gets few programs, each with eight rows' sequential searches.
+
+    python scripts/sweep_topk_rows.py
+
+Times `select_topk` (CUDA graph replay, L2 flushed: benchmarks/kernels.py's bench_graph) for each rows
+per program, checks every variant selects the same blocks, and prints one table.
+"""
+import sys
+
+import torch
+
+sys.path.insert(0, "benchmarks")
+from kernels import bench_graph  # noqa: E402
+from report import table  # noqa: E402
+
+from nosa_sglang.config import NosaConfig  # noqa: E402
+from nosa_sglang.kernels import topk  # noqa: E402
+
+
+def main() -> int:
+    cfg, dev = NosaConfig(), torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    rows_out, md = [], []
+    default = topk.ROW_ELEMS
+    for tokens in (16384, 65536, 131072):
+        nb = cfg.num_blocks(tokens)
+        block_nb = max(16, 1 << (nb - 1).bit_length())
+        for hkv, B in ((2, 1), (2, 16), (2, 64), (2, 145), (8, 16), (8, 64)):
+            S = torch.randn((B, hkv, nb), generator=g, device=dev)
+            E = torch.randn((B, hkv, nb), generator=g, device=dev)
+            seq = torch.full((B,), tokens, dtype=torch.long, device=dev)
+            times, ref = [], None
+            for rows in (1, 2, 4, 8, 16):
+                if rows * block_nb > max(default, block_nb):
+                    times.append("")
+                    continue
+                topk.ROW_ELEMS = rows * block_nb
+                out = topk.select_topk(S, E, seq, cfg, "nosa", impl="triton")
+                ref = out if ref is None else ref
+                assert torch.equal(out, ref), (tokens, B, rows)
+                times.append(round(1e3 * bench_graph(lambda: topk.select_topk(S, E, seq, cfg, "nosa", impl="triton")), 1))
+            topk.ROW_ELEMS = default
+            rows_out.append([tokens // 1024, hkv, B, *times])
+            print(rows_out[-1], flush=True)
+    table("top-k us by rows per program (CUDA graph replay, L2 flushed)",
+          ["ctx K", "Hkv", "batch", "1 row", "2 rows", "4 rows", "8 rows", "16 rows"], rows_out, md)
+
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
