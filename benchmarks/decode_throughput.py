@@ -140,15 +140,20 @@ def decode_step(rt: NosaRuntime, parts: MicroBatches, work: Workload, split_appe
     rt.step_boundary()
 
 
-def step_graph_runner(rt: NosaRuntime, ids: list[str], work: Workload, B: int):
+def step_graph_runner(rt: NosaRuntime, parts: MicroBatches, work: Workload, B: int):
     """One decode step as a StepGraphs replay: the step's inputs written into fixed [L, ...] buffers,
-    then every layer's decode() reading them (the shape of a captured model forward)."""
+    then every layer's decode() of every micro-batch reading them (the shape of a captured forward)."""
     s, L, dev = rt.shape, rt.shape.num_layers, rt.device
     q = torch.empty((L, B, s.num_q_heads, s.head_dim), dtype=s.dtype, device=dev)
     k = torch.empty((L, B, s.num_kv_heads, s.head_dim), dtype=s.dtype, device=dev)
     v, c = torch.empty_like(k), torch.empty((L, B, s.num_kv_heads), device=dev)
-    graphs = StepGraphs(rt, ids, lambda: [rt.decode(layer, ids, q[layer], k[layer], v[layer], c[layer])
-                                          for layer in range(L)])
+
+    def body():
+        out = [parts.decode(layer, q[layer], k[layer], v[layer], c[layer]) for layer in range(L)]
+        parts.join()
+        return out
+
+    graphs = StepGraphs(rt, [part.request_ids for part in parts.parts], body)
 
     def step() -> None:
         work.next_step_into(q, k, v, c)
@@ -190,7 +195,7 @@ def run_runtime(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_mode
                                 inline_gather=args.inline_gather and not args.split_append)
     work = Workload(shape, B, query_model, args.drift_rho, args.device, steps=args.warmup + args.steps)
     parts = MicroBatches(rt, ids, micro_batches)
-    runner = step_graph_runner(rt, ids, work, B) if args.step_graphs else None
+    runner = step_graph_runner(rt, parts, work, B) if args.step_graphs else None
 
     def step() -> None:
         if runner is not None:
@@ -499,8 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     args.views = args.views.split(",")
     args.query_models = args.query_models.split(",")
     if args.step_graphs:
-        if args.micro_batches > 1 or args.split_append:
-            p.error("--step-graphs: one batch through decode() (not with --micro-batches > 1 or --split-append)")
+        if args.split_append:
+            p.error("--step-graphs: steps through decode() (not with --split-append)")
         args.cuda_graphs = True
         args.warmup = max(args.warmup, 2 * NosaConfig().block_size + 2)  # NOTE: each kind of step seen twice
     if args.simulate:

@@ -22,7 +22,7 @@ hold (copy-engine mode reads the miss list back; rows not contiguous) run eagerl
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Hashable, TypeVar
+from typing import Callable, Generic, Hashable, Sequence, TypeVar
 
 import torch
 
@@ -34,12 +34,18 @@ T = TypeVar("T")
 
 
 class StepGraphs(Generic[T]):
-    """Decode steps of `request_ids` through `body` (every layer's `rt.decode`), captured per key."""
+    """Decode steps of `batches` through `body`, captured per key.
 
-    def __init__(self, rt: NosaRuntime, request_ids, body: Callable[[], T]) -> None:
+    batches: the step's micro-batches, each a sequence of request ids (usually one: `[ids]`).
+    body: every layer's `rt.decode` of every micro-batch; it must leave its work joined to the stream
+    it was called on (a capture must end joined: `MicroBatches.join()`)."""
+
+    def __init__(self, rt: NosaRuntime, batches: Sequence[Sequence[str]], body: Callable[[], T]) -> None:
         if rt.device.type == "cuda" and rt._decoder.graphs is None:
             raise ValueError("StepGraphs: the runtime needs cuda_graphs=True (static step-plan buffers)")
-        self.rt, self.request_ids, self.body = rt, tuple(request_ids), body
+        if not batches or any(isinstance(b, str) or not b for b in batches):
+            raise ValueError(f"StepGraphs: batches must be a non-empty list of non-empty request-id lists, got {batches!r}")
+        self.rt, self.batches, self.body = rt, [tuple(b) for b in batches], body
         self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, T]] = {}
         self._seen: set[Hashable] = set()
         self._pool = None
@@ -50,21 +56,22 @@ class StepGraphs(Generic[T]):
         """One decode step, closed with `step_boundary()`. Returns what body returned; after a replay,
         the graph's buffers: consume them before the next step."""
         rt = self.rt
-        p = rt.begin_step(self.request_ids)
+        plans = [rt.begin_step(ids) for ids in self.batches]  # NOTE: uploads on this stream, before the replay
         if rt.graph_generation != self._generation:
             self._clear()
-        key = self._key(p)
+        keys = [self._key(p) for p in plans]
+        key = None if None in keys else tuple(keys)
         if key is None:
             self.eager_steps += 1
             out = self.body()
         elif key in self._graphs:
-            out = self._replay(p, key)
+            out = self._replay(plans, key)
         elif key not in self._seen or rt.device.type != "cuda":  # NOTE: CPU runs the path eagerly (the test twin)
             self._seen.add(key)
             self.eager_steps += 1
             out = self._in_step_graph(self.body)
         else:
-            out = self._capture(p, key)
+            out = self._capture(plans, key)
         rt.step_boundary()
         return out
 
@@ -90,7 +97,7 @@ class StepGraphs(Generic[T]):
         finally:
             rt.in_step_graph = False
 
-    def _capture(self, p: StepPlan, key: Hashable) -> T:
+    def _capture(self, plans: list[StepPlan], key: Hashable) -> T:
         rt = self.rt
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
@@ -106,17 +113,18 @@ class StepGraphs(Generic[T]):
             except BaseException:
                 if rt.transfer is not None:
                     rt.transfer.abandon_capture()
-                p.appended.clear()  # NOTE: nothing ran; the step may be repeated
-                p.attended.clear()
+                for p in plans:  # NOTE: nothing ran; the step may be repeated
+                    p.appended.clear()
+                    p.attended.clear()
                 raise
             return out
 
         out = self._in_step_graph(capture)
         self._graphs[key] = (graph, out)
         self.captures += 1
-        return self._replay(p, key, counted=True)
+        return self._replay(plans, key, counted=True)
 
-    def _replay(self, p: StepPlan, key: Hashable, counted: bool = False) -> T:
+    def _replay(self, plans: list[StepPlan], key: Hashable, counted: bool = False) -> T:
         """Replay the step's graph and do the host bookkeeping its layers would have done."""
         rt = self.rt
         graph, out = self._graphs[key]
@@ -124,12 +132,14 @@ class StepGraphs(Generic[T]):
             rt.transfer.quiesce()
         graph.replay()
         self.replays += 1
-        if not counted:  # NOTE: a capture ran the body's host side already
-            p.appended.update(range(rt.shape.num_layers))
-            p.attended.update(range(rt.shape.num_layers))
-        if p.wb_src is not None:
-            for layer in range(rt.shape.num_layers):
-                rt.counters.add_d2h_bytes(layer, 2 * p.wb_src.numel() * rt.host.run_bytes)
+        L = rt.shape.num_layers
+        for p in plans:
+            if not counted:  # NOTE: a capture ran the body's host side already
+                p.appended.update(range(L))
+                p.attended.update(range(L))
+            if p.wb_src is not None:
+                for layer in range(L):
+                    rt.counters.add_d2h_bytes(layer, 2 * p.wb_src.numel() * rt.host.run_bytes)
         return out
 
     def _clear(self) -> None:

@@ -68,7 +68,7 @@ def profile_config(conf: str, a, shape, cfg) -> None:
     warmup = 2 * cfg.block_size + 2 if a.step_graphs else WARMUP  # NOTE: each kind of step captured first
     work = Workload(shape, a.batch, "drift", 0.9, "cuda", steps=warmup + TIMED + PROFILED + CPROFILED)
     parts = MicroBatches(rt, ids, 1 if conf == "c" else a.micro_batches)
-    runner = step_graph_runner(rt, ids, work, a.batch) if a.step_graphs else None
+    runner = step_graph_runner(rt, parts, work, a.batch) if a.step_graphs else None
 
     def step():
         if runner is not None:

@@ -140,8 +140,9 @@ def drive(rt: NosaRuntime, prompt_lens: list[int], steps: int, seed: int, check:
         for layer in range(shape.num_layers):
             inputs[layer] = [torch.empty((len(idx), n, d), dtype=shape.dtype, device=dev) for n in (Hq, H, H)]
             inputs[layer].append(torch.empty((len(idx), H), device=dev))
-        runner = StepGraphs(rt, batch, lambda: [(rt.decode(layer, batch, *inputs[layer]), rt.last_selection(layer))
-                                                for layer in range(shape.num_layers)])
+        runner = StepGraphs(rt, [part.request_ids for part in parts.parts],
+                            lambda: [decode_parts(parts, layer, *inputs[layer], fused=True)
+                                     for layer in range(shape.num_layers)])
     for _ in range(steps):
         for layer in range(shape.num_layers):
             k = torch.randn(len(idx), H, d, generator=g).to(dev, shape.dtype)
@@ -159,7 +160,7 @@ def drive(rt: NosaRuntime, prompt_lens: list[int], steps: int, seed: int, check:
             if runner is None:
                 o, mine = decode_parts(parts, layer, q, k, v, c, fused)
             else:
-                o, mine = step_out[layer][0], step_out[layer][1].long()
+                o, mine = step_out[layer]
             if collect:
                 outputs.append(o.cpu())
             if on_attend is not None:
@@ -432,19 +433,28 @@ def test_micro_batch_segments_have_their_own_static_buffers(inline):
 
 
 @pytest.mark.parametrize("inline", [False, True])
-@pytest.mark.parametrize("victim, order", [("lru", None), ("eviction_score", [2, 0, 1])])
-def test_step_graph_path_equals_per_layer_decode_bit_for_bit(victim, order, inline):
-    """The path a captured step takes (StepGraphs: plan before the layers, inputs read in place,
-    write-backs from the padded device lists), run eagerly on CPU: the reference's selections, and the
-    per-layer decode's outputs and counters (write-back bytes included) bit for bit."""
+@pytest.mark.parametrize("victim, order, parts", [("lru", None, 1), ("eviction_score", [2, 0, 1], 1), ("lru", [1, 0, 2], 2)])
+def test_step_graph_path_equals_per_layer_decode_bit_for_bit(victim, order, parts, inline):
+    """The path a captured step takes (StepGraphs: plans before the layers, inputs read in place,
+    write-backs from the padded device lists; one batch or two micro-batches), run eagerly on CPU: the
+    reference's selections, and the per-layer decode's outputs and counters (write-back bytes
+    included) bit for bit."""
     seed = fresh_seed()
     runs = [drive(small_runtime(slots=10, victim=victim, inline_gather=inline), [150, 161, 40], steps=120,
-                  seed=seed, collect=True, fused=True, order=order, step_graphs=graphs) for graphs in (False, True)]
+                  seed=seed, collect=True, fused=True, order=order, step_graphs=graphs,
+                  micro_batches=parts if graphs else 1) for graphs in (False, True)]
     assert all(r["selection_mismatches"] == 0 for r in runs)
     assert all(torch.equal(a, b) for a, b in zip(runs[0]["outputs"], runs[1]["outputs"]))
     assert counts(runs[0]) == counts(runs[1])
     assert runs[1]["snapshot"].totals.misses > 0 and runs[1]["snapshot"].totals.bytes_d2h > 0
-    assert runs[1]["runner"].eager_steps == 120
+    assert runs[1]["runner"].eager_steps == 120 and len(runs[1]["runner"].batches) == parts
+
+
+def test_step_graphs_refuse_a_bad_batch_list():
+    rt = small_runtime()
+    for bad in ([], ["req0", "req1"], [[]]):
+        with pytest.raises(ValueError, match="batches must be"):
+            StepGraphs(rt, bad, list)
 
 
 def test_begin_step_opens_the_step_once():

@@ -141,12 +141,14 @@ def test_row_moves_block_openings_and_knob_changes_on_cuda(graphs):
         s.step([0, 2])
 
 
-@pytest.mark.parametrize("inline, victim, order, delay", [(False, "lru", None, 0), (False, "eviction_score", [1, 2, 0], 0),
-                                                         (True, "lru", None, 0), (False, "lru", [2, 0, 1], SLEEP_CYCLES)])
-def test_step_graphs_equal_reference_and_segment_graphs(inline, victim, order, delay):
+@pytest.mark.parametrize("inline, victim, order, delay, parts", [
+    (False, "lru", None, 0, 1), (False, "eviction_score", [1, 2, 0], 0, 1), (True, "lru", None, 0, 1),
+    (False, "lru", [2, 0, 1], SLEEP_CYCLES, 1), (False, "lru", None, 0, 2), (True, "lru", [1, 0, 2], SLEEP_CYCLES, 2)])
+def test_step_graphs_equal_reference_and_segment_graphs(inline, victim, order, delay, parts):
     """Whole steps captured as one graph (copies as fork/join branches, write-backs from padded lists,
-    the plan uploaded before the replay) against segment graphs: the reference's selections, the same
-    outputs and counters bit for bit; late copies on both copy streams change nothing."""
+    the plans uploaded before the replay; one batch, or two micro-batches on two streams inside the
+    graph) against one batch under segment graphs: the reference's selections, the same outputs and
+    counters bit for bit; late copies on both copy streams change nothing."""
     s = seed()
     runs = []
     for step_graphs in (False, True):
@@ -155,7 +157,7 @@ def test_step_graphs_equal_reference_and_segment_graphs(inline, victim, order, d
         if step_graphs:
             rt.transfer.debug_delay_cycles = rt.transfer.debug_writeback_delay_cycles = delay
         runs.append(drive(rt, [150, 161, 40], steps=150, seed=s, collect=True, allow_near_ties=True, fused=True,
-                          order=order, step_graphs=step_graphs))
+                          order=order, step_graphs=step_graphs, micro_batches=parts if step_graphs else 1))
         assert runs[-1]["selection_mismatches"] == 0
     assert all(torch.equal(a, b) for a, b in zip(runs[0]["outputs"], runs[1]["outputs"]))
     assert counts(runs[0]) == counts(runs[1]) and runs[1]["snapshot"].totals.bytes_d2h > 0
