@@ -16,15 +16,18 @@ import triton.language as tl
 
 from nosa_sglang.config import NosaConfig
 from nosa_sglang.kernels._checks import KernelArgumentError, check_tensor
-from nosa_sglang.kernels._dispatch import check_devices, check_index, check_shape, next_pow2, resolve_impl
+from nosa_sglang.kernels._dispatch import check_devices, check_index, check_shape, next_pow2, num_sms, resolve_impl
 
 POLICIES = ("nosa", "infllmv2")
 NEG_INF = float("-inf")
 POS_INF = float("inf")
-ROW_ELEMS = 2048  # scores per Triton program: short rows (prefill, short contexts) share a program
+ROW_ELEMS = 2048  # scores per Triton program when rows are packed (prefill: many short rows)
 MAX_ROWS = 16  # beyond this the per-row vectors of the search spill registers (sm_90 report)
-# bits of the k-th-value search resolved per pass (1 = binary search, the GPU-measured default; 4 = 8
-# passes of 16 thresholds each, fewer dependent reductions, not yet timed on a GPU: benchmarks/kernels.py)
+#: rows are packed only beyond this many programs' worth per SM: a decode batch (<= 512 rows measured)
+#: ran 3-4x faster with one row per program (16K: 16-20 us instead of 61; scripts/sweep_topk_rows.py)
+PACK_ROWS_PER_SM = 4
+# bits of the k-th-value search resolved per pass (1 = binary search; 4 = 8 passes of 16 thresholds
+# each: measured 1.3x slower on an H200, benchmarks/results/kernels.md)
 SEARCH_BITS = 1
 
 
@@ -106,7 +109,9 @@ def _select_topk_triton(S, E, seq_lens, config, policy):
     S = S.contiguous()
     E = E.contiguous()
     block_nb = max(16, next_pow2(nb))
-    rows = max(1, min(ROW_ELEMS // block_nb, MAX_ROWS, next_pow2(B * hkv)))
+    rows = 1
+    if B * hkv > PACK_ROWS_PER_SM * num_sms(S.device):
+        rows = max(1, min(ROW_ELEMS // block_nb, MAX_ROWS, next_pow2(B * hkv)))
     _topk_kernel[(triton.cdiv(B * hkv, rows),)](
         S, E, seq_lens, out, B * hkv, hkv, nb,
         ROWS=rows, BLOCK_NB=block_nb, BLOCK_SIZE=config.block_size, INIT=config.init_blocks, LOCAL=config.local_blocks,

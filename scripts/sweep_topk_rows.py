@@ -1,8 +1,9 @@
 """Diagnostic (GPU): rows per program of the decode top-k kernel (`topk.ROW_ELEMS`).
 
 benchmarks/kernels.py measured the top-k at 61 us for 256 blocks (16K tokens, B 16) but 29 us for 2048
-blocks (128K): with 256 blocks eight rows share a program (ROW_ELEMS 2048 is sized for prefill's many
-short rows), so a decode batch gets few programs, each with eight rows' sequential searches.
+blocks (128K): with 256 blocks eight rows shared a program (ROW_ELEMS 2048 is sized for prefill's many
+short rows), so a decode batch got few programs, each with eight rows' sequential searches. One row per
+program won everywhere measured (2026-11-29); rows are now packed only beyond PACK_ROWS_PER_SM.
 
     python scripts/sweep_topk_rows.py
 
@@ -25,7 +26,8 @@ def main() -> int:
     cfg, dev = NosaConfig(), torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
     rows_out, md = [], []
-    default = topk.ROW_ELEMS
+    default, pack = topk.ROW_ELEMS, topk.PACK_ROWS_PER_SM
+    topk.PACK_ROWS_PER_SM = 0  # NOTE: always pack, ROW_ELEMS // blocks rows per program
     for tokens in (16384, 65536, 131072):
         nb = cfg.num_blocks(tokens)
         block_nb = max(16, 1 << (nb - 1).bit_length())
@@ -46,6 +48,7 @@ def main() -> int:
             topk.ROW_ELEMS = default
             rows_out.append([tokens // 1024, hkv, B, *times])
             print(rows_out[-1], flush=True)
+    topk.PACK_ROWS_PER_SM = pack
     table("top-k us by rows per program (CUDA graph replay, L2 flushed)",
           ["ctx K", "Hkv", "batch", "1 row", "2 rows", "4 rows", "8 rows", "16 rows"], rows_out, md)
 

@@ -125,8 +125,12 @@ def test_decode_selection_equals_reference(gen, impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("policy", ["nosa", "infllmv2"])
-def test_topk_rule_with_ties_equals_reference(gen, impl, policy):
-    """Scores drawn from a few values (many ties), rows of different lengths (-1 padding)."""
+@pytest.mark.parametrize("packed", [False, True], ids=["row-per-program", "rows-packed"])
+def test_topk_rule_with_ties_equals_reference(gen, impl, policy, packed, monkeypatch):
+    """Scores drawn from a few values (many ties), rows of different lengths (-1 padding); Triton with
+    one row per program (decode batches) and with rows packed 16 to a program (prefill's many rows)."""
+    if packed:
+        monkeypatch.setattr(topk_module, "PACK_ROWS_PER_SM", 0)
     B, hkv, nb = 5, 3, 40
     S = torch.randint(0, 4, (B, hkv, nb), generator=gen).float().to(DEVICE)
     E = torch.randint(0, 4, (B, hkv, nb), generator=gen).float().to(DEVICE)
