@@ -25,12 +25,12 @@ for what in "$@"; do case $what in
       echo "diag $v rc=$? at ${SECONDS}s"
     done ;;
   runtime-1b) step runtime_1b ${LIMIT:-300} python3 benchmarks/decode_throughput.py --model 1b --contexts ${CONTEXTS:-64k,128k} --views ${VIEWS:-common,max} \
-      --cuda-graphs --steps 16 --warmup 4 --host-gib 64 ${MICRO:+--micro-batches $MICRO} --out $OUT/runtime_1b.md ;;
+      ${GRAPH_MODE:---step-graphs} --steps 16 --warmup 4 --host-gib 64 ${MICRO:+--micro-batches $MICRO} --out $OUT/runtime_1b.md ;;
   runtime-args*)  # runtime-argsN: decode_throughput.py with the arguments in $RUNTIME_ARGSN
     n=${what#runtime-args}; v=RUNTIME_ARGS$n
     step runtime_args$n ${LIMIT:-300} python3 benchmarks/decode_throughput.py ${!v} --out $OUT/runtime_args$n.md ;;
   runtime-8b) step runtime_8b ${LIMIT8:-330} python3 benchmarks/decode_throughput.py --model 8b --contexts ${CONTEXTS8:-16k,32k} \
-      --cuda-graphs --steps 12 --warmup 3 --host-gib 64 ${MICRO:+--micro-batches $MICRO} --out $OUT/runtime_8b.md ;;
+      ${GRAPH_MODE:---step-graphs} --steps 12 --warmup 3 --host-gib 64 ${MICRO:+--micro-batches $MICRO} --out $OUT/runtime_8b.md ;;
   profile) step profile 240 python3 scripts/profile_runtime.py --tokens ${PROFILE_TOKENS:-16384} --batch ${PROFILE_BATCH:-64} \
       --configs 'a*,c,a' ;
     step profile_inline 200 python3 scripts/profile_runtime.py --tokens ${PROFILE_TOKENS:-16384} \
