@@ -133,6 +133,7 @@ class NosaRuntime:
         self._step_t = torch.zeros((), dtype=torch.int32, device=self.device)  # the step, for graphs
         self.inline_gather = inline_gather
         self._decoder = LayerDecoder(self, cuda_graphs and self.device.type == "cuda")
+        self.cuda_graphs = self._decoder.graphs is not None  # static buffers + segment graphs (CUDA only)
         self.in_step_graph = False  # set by StepGraphs while a whole step runs as (or for) one graph
         self.graph_generation = 0  # bumped whenever captured graphs become invalid
         self._last_selection: dict[int, torch.Tensor] = {}

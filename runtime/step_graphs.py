@@ -41,7 +41,7 @@ class StepGraphs(Generic[T]):
     it was called on (a capture must end joined: `MicroBatches.join()`)."""
 
     def __init__(self, rt: NosaRuntime, batches: Sequence[Sequence[str]], body: Callable[[], T]) -> None:
-        if rt.device.type == "cuda" and rt._decoder.graphs is None:
+        if rt.device.type == "cuda" and not rt.cuda_graphs:
             raise ValueError("StepGraphs: the runtime needs cuda_graphs=True (static step-plan buffers)")
         if not batches or any(isinstance(b, str) or not b for b in batches):
             raise ValueError(f"StepGraphs: batches must be a non-empty list of non-empty request-id lists, got {batches!r}")
@@ -85,7 +85,7 @@ class StepGraphs(Generic[T]):
             return None  # NOTE: the copy-engine path reads the miss list back on the host
         mode = None if rt.gpu_only else rt.transfer.mode
         return (p.row_range, p.perm is None, p.any_open, p.any_complete, p.wb_src is not None, mode,
-                rt._knobs.prefetch)
+                rt.knobs().prefetch)
 
     def _in_step_graph(self, fn: Callable[[], T]) -> T:
         rt = self.rt

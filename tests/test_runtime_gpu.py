@@ -15,7 +15,7 @@ import torch
 from test_runtime_equivalence import SMALL, assert_offload_equals_gpu_only, counts, drive, small_runtime
 
 from nosa_sglang.config import NosaConfig
-from nosa_sglang.runtime import ModelShape, NosaRuntime, OffloadKnobs
+from nosa_sglang.runtime import ModelShape, NosaRuntime, OffloadKnobs, StepGraphs
 
 pytestmark = [
     pytest.mark.gpu,
@@ -166,7 +166,10 @@ def test_step_graphs_equal_reference_and_segment_graphs(inline, victim, order, d
 
 
 def test_step_graphs_gpu_only_and_copy_engine_fallback():
-    """NOSA fully on the GPU captures too; the copy-engine mode (host read-back) runs its steps eagerly."""
+    """NOSA fully on the GPU captures too; the copy-engine mode (host read-back) runs its steps eagerly;
+    a runtime without static plan buffers is refused."""
+    with pytest.raises(ValueError, match="cuda_graphs=True"):
+        StepGraphs(small_runtime(device="cuda"), [["req0"]], list)
     s = seed()
     for kw, captured in ((dict(gpu_only=True), True), (dict(mode="copy_engine"), False)):
         rt = small_runtime(slots=10, device="cuda", cuda_graphs=True, **kw)
