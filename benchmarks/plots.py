@@ -104,6 +104,29 @@ def context_series(tables: list[Table], view: str = "common") -> dict[str, dict[
     return out
 
 
+MICRO_WORDS = {"one batch": 1, "two micro-batches": 2, "three micro-batches": 3, "four micro-batches": 4}
+
+
+def step_graph_ratios(tables: list[Table]) -> dict[tuple[str, int, str], dict[int, float]]:
+    """runtime.md, the 2026-11-29 night raw tables: {(graph mode, micro-batches, queries): {context:
+    (a)/(b) tok/s}} at the batch both hold ("common" view)."""
+    out: dict[tuple[str, int, str], dict[int, float]] = {}
+    for t in tables:
+        if not t.under("Raw tables, 2026-11-29 night", "1b @"):
+            continue
+        run = next(h for h in t.path if h.startswith("run "))
+        mode = "step graphs" if "step graphs" in run else "segment graphs"
+        parts = next(n for words, n in MICRO_WORDS.items() if words in run)
+        ctx = int(next(h for h in t.path if "@" in h).split("@")[1].split()[0])
+        cfg, q, tps = t.column("config"), t.column("queries"), t.column("tok/s")
+        tok = {(r[cfg], r[q]): number(r[tps]) for r in t.rows}
+        for queries in ("iid", "drift"):
+            a, b = tok.get(("a", queries)), tok.get(("b", queries))
+            if a and b:
+                out.setdefault((mode, parts, queries), {})[ctx] = a / b
+    return out
+
+
 def grid_bound_rows(tables: list[Table]) -> list[tuple[str, float, float, float]]:
     """kernels_transfer.md table (e): [(programs, GB/s alone, GB/s beside GEMMs, GEMM slowdown x)]."""
     for t in tables:
@@ -178,6 +201,24 @@ def draw(results: Path, out: Path) -> list[Path]:
     ax.set_title("1B-like attention stack, H200, 2026-11-28 (one micro-batch)")
     ax.legend(fontsize=8)
     save(fig, "runtime_vs_context.png")
+
+    ratios = step_graph_ratios(runtime)
+    if not ratios:
+        raise ValueError("runtime.md: no 2026-11-29 night raw tables")
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    colors = {key[:2]: f"C{i}" for i, key in enumerate(sorted({k[:2] for k in ratios}))}
+    for (mode, parts, queries), points in sorted(ratios.items()):
+        xs = sorted(points)
+        ax.plot([x // 1024 for x in xs], [points[x] for x in xs], "-" if queries == "iid" else "--",
+                marker="o" if mode == "step graphs" else "x", color=colors[(mode, parts)],
+                label=f"{queries}, {mode}, {'one batch' if parts == 1 else f'{parts} micro-batches'}")
+    ax.axhline(2.5, color="gray", linewidth=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (K tokens)")
+    ax.set_ylabel("(a) NOSA / (b) InfLLM-V2 tok/s")
+    ax.set_title("Offloaded decode, 1B-like, H200: NOSA over InfLLM-V2 (target 2.5x)")
+    ax.legend(fontsize=7)
+    save(fig, "runtime_step_graphs.png")
 
     rows = grid_bound_rows(read_tables((results / "kernels_transfer.md").read_text()))
     fig, ax = plt.subplots(figsize=(7, 4))
