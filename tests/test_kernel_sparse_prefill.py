@@ -18,6 +18,16 @@ from nosa_sglang.reference import nosa_prefill_attention
 from nosa_sglang.reference import select_blocks_prefill as reference_select
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def packed_topk_rows_on_cpu(monkeypatch):
+    """Under the Triton interpreter each program costs milliseconds: prefill's hundreds of top-k rows
+    run packed 16 to a program here (both row layouts are checked in test_kernel_selection.py)."""
+    if DEVICE == "cpu":
+        from nosa_sglang.kernels import topk
+
+        monkeypatch.setattr(topk, "PACK_ROWS_PER_SM", 0)
 IMPLS = ["triton", "torch"]
 
 
