@@ -66,11 +66,12 @@ class NosaRuntime:
         ck_dtype: storage of the compressed keys K~ (float32 matches the reference exactly; the model
             dtype halves their memory and selection reads, at the price of rare near-tie flips).
         cuda_graphs: capture each layer's tensor work in CUDA graphs (CUDA only; selection then runs
-            over max_seq_len's blocks so that shapes stay fixed). See graph_cache.py.
+            over max_seq_len's blocks so that shapes stay fixed), and keep the static buffers that whole
+            steps captured as one graph (StepGraphs) read. See graph_cache.py, step_graphs.py.
         inline_gather: in `decode()`, gather the misses on the compute stream inside the layer's one
-            segment (zero-copy mode, no prefetch): one graph launch and no host point per layer — what
-            SGLang's whole-forward graphs need — at the price of the transfer/stall timings (not
-            measured for inline copies; hits, misses and bytes still are). See docs/runtime.md.
+            segment (zero-copy mode, no prefetch): one graph launch and no host point per layer, at the
+            price of the transfer/stall timings (not measured for inline copies; hits, misses and bytes
+            still are). See docs/runtime.md.
     """
 
     def __init__(
