@@ -21,6 +21,9 @@ Compressed keys K~ ~ N(0, 1) and per-token biases c ~ U(0, 1) are random; new to
 Views: one batch all four configurations hold, and the largest batch each holds (host RAM for (a)/(b),
 HBM for (c)/(d); the binding limit is printed). Prefill is synthetic (`begin_request_synthetic`): the host
 store is filled once with zeros and never rewritten, so admission costs no PCIe pass.
+Steps: `--step-graphs` runs each decode step as one CUDA graph (runtime.StepGraphs, the way SGLang
+replays its decode forward; the best mode measured), `--cuda-graphs` one graph per layer segment,
+neither: eager; `--micro-batches N` cuts (a)/(b)'s batch into N parts on N streams.
 """
 
 from __future__ import annotations
