@@ -211,7 +211,7 @@ def run_runtime(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_mode
     sync(args)
     rt.reset_stats()
     syncs0 = rt.transfer.host_syncs if rt.transfer else 0
-    unreplayed0 = runner.graphs.eager_steps + runner.graphs.captures if runner else 0
+    unreplayed0 = runner.graphs.unreplayed_steps if runner else 0
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()
@@ -229,7 +229,7 @@ def run_runtime(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_mode
         "miss_per_head": snap.misses / max(1, args.steps * B * shape.num_layers * shape.num_kv_heads),
         "syncs_per_step": ((rt.transfer.host_syncs if rt.transfer else 0) - syncs0) / args.steps,
         # timed steps that did not replay a step graph (a key first seen, or captured, while timing)
-        "unreplayed": (runner.graphs.eager_steps + runner.graphs.captures - unreplayed0) if runner else 0,
+        "unreplayed": (runner.graphs.unreplayed_steps - unreplayed0) if runner else 0,
     }
     rt = None  # noqa: F841 - release the GPU state before the next configuration
     free_cache(args)

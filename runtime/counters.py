@@ -91,8 +91,9 @@ class Counters:
     def add_prefetch(self, layer: int, ok: torch.Tensor) -> None:
         self.layer_counts.view(-1).index_add_(0, self._layer_idx[layer, 2:], ok.sum().view(1).long())
 
-    def add_d2h_bytes(self, layer: int, nbytes: int) -> None:
-        self._d2h_bytes[layer] += nbytes
+    def add_write_back(self, layer: int, runs: int) -> None:
+        """`runs` (block, KV head) runs of K and V written to the host in `layer`."""
+        self._d2h_bytes[layer] += 2 * runs * self.run_bytes
 
     def add_host_times(self, layer: int, transfer_s: float, stall_s: float) -> None:
         """CPU mode: copies are synchronous, so their time is both transfer and stall."""

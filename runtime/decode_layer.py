@@ -77,9 +77,14 @@ class LayerDecoder:
             del self._static[key]
             self.rt.graph_generation += 1  # NOTE: step graphs captured against the set go too
 
+    def _segment_graphs(self, p: StepPlan) -> bool:
+        """Whether this batch's segments are captured on their own: graph mode, contiguous rows, and not
+        inside a step graph (there the segments are part of the caller's capture)."""
+        return self.graphs is not None and p.row_range is not None and not self.rt.in_step_graph
+
     def _run(self, p: StepPlan, key: tuple, fn):
-        if self.graphs is None or p.row_range is None or self.rt.in_step_graph:
-            return fn()  # NOTE: inside a step graph the segment is part of the caller's capture
+        if not self._segment_graphs(p):
+            return fn()
         return self.graphs.run((len(p.rows), p.row_range), key, fn)
 
     def _inputs(self, p: StepPlan, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -89,7 +94,7 @@ class LayerDecoder:
         for name, t in tensors.items():
             if p.perm is not None:
                 t = t[p.perm]
-            if self.graphs is not None and p.row_range is not None and not self.rt.in_step_graph:
+            if self._segment_graphs(p):
                 buf = getattr(self._static[(len(p.rows), p.row_range[0])], name)
                 buf.copy_(t)
                 t = buf

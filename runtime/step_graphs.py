@@ -75,6 +75,11 @@ class StepGraphs(Generic[T]):
         rt.step_boundary()
         return out
 
+    @property
+    def unreplayed_steps(self) -> int:
+        """Steps that did not replay a graph (run eagerly, or captured)."""
+        return self.eager_steps + self.captures
+
     def _key(self, p: StepPlan) -> Hashable | None:
         """What a captured step depends on beyond the fixed addresses; None: not capturable now."""
         rt = self.rt
@@ -139,7 +144,7 @@ class StepGraphs(Generic[T]):
                 p.attended.update(range(L))
             if p.wb_src is not None:
                 for layer in range(L):
-                    rt.counters.add_d2h_bytes(layer, 2 * p.wb_src.numel() * rt.host.run_bytes)
+                    rt.counters.add_write_back(layer, p.wb_src.numel())
         return out
 
     def _clear(self) -> None:

@@ -189,7 +189,7 @@ class TransferEngine:
         gpu_v = self.slots.v_runs(layer) if gpu_v is None else gpu_v
         host_k, host_v = self.host.layer_k(layer), self.host.layer_v(layer)
         if not self._capturing():  # NOTE: a captured step counts its bytes when it replays (StepGraphs)
-            self.counters.add_d2h_bytes(layer, 2 * (src.numel() if runs is None else runs) * self.host.run_bytes)
+            self.counters.add_write_back(layer, src.numel() if runs is None else runs)
         if not self.cuda:
             keep = src >= 0
             src, dst_runs = src[keep], dst_runs[keep]
