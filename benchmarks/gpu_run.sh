@@ -11,7 +11,8 @@ step() {  # step NAME LIMIT_S COMMAND...
   echo "== $name rc=$? at ${SECONDS}s"; tail -n "${TAIL:-15}" "$OUT/$name.log"
 }
 for what in "$@"; do case $what in
-  kernel-tests) step kernel_tests 200 python3 -P -m pytest -q -p no:cacheprovider -m gpu tests/test_kernel_*.py -rfE ;;
+  kernel-tests) step kernel_tests 200 python3 -P -m pytest -q -p no:cacheprovider -m gpu tests/test_kernel_*.py -rfE \
+      ${KERNEL_K:+-k "$KERNEL_K"} ;;
   runtime-tests)  # one process per test: a crash names its test and hides no other result
     for t in $(python3 -P -m pytest -q -p no:cacheprovider -m gpu tests/test_runtime_gpu.py --collect-only 2>/dev/null | grep ::); do
       timeout 120 python3 -P -m pytest -q -x -s -p no:cacheprovider "$t" --tb=short >> $OUT/runtime_tests.log 2>&1
@@ -39,6 +40,7 @@ for what in "$@"; do case $what in
       --host-gib 8 --out $OUT/kernels_transfer.md ;;
   kernels) step kernels 330 python3 benchmarks/kernels.py --budget-s 280 --out $OUT/kernels.md ;;
   sweep-stage1) step sweep_stage1 ${SWEEP_LIMIT:-200} python3 scripts/sweep_chunk_logits.py ;;
+  sweep-decode) step sweep_decode ${SWEEP_LIMIT:-200} python3 scripts/sweep_decode_variants.py ;;
   sweep-topk) step sweep_topk ${SWEEP_LIMIT:-200} python3 scripts/sweep_topk_rows.py ;;
   profile-step)  # whole steps as one graph against segment graphs, in one process each
     for flag in --step-graphs ""; do step profile_step${flag:+_graphs} ${PROFILE_LIMIT:-150} python3 scripts/profile_runtime.py \

@@ -11,6 +11,7 @@ they feed. Here one program per (row, head) does all of it with the same result,
    inactive — and one sort of that packed int64 ranks them, exactly as the torch path's stable sort;
 3. the r-th miss (in selection order) takes the r-th slot of that order; evicted blocks are unmapped,
    misses mapped, and every selected block's slot stamped with the step (and its E for score victims);
+   a row whose selection all hits skips 2-3 (no victim to rank) and only stamps;
 4. (optional) each miss's block of per-token biases copied into its victim slot — the torch path's
    bias gather, which read and wrote the biases of every selected block (hits into a trash slot).
 
@@ -138,61 +139,64 @@ def _resolve_kernel(
     miss = valid & (local < 0)
     hit = valid & (local >= 0)
 
-    # 1. which regular slots the step selected (a hit in the tail slot S is not a regular slot)
-    scr = SCR + pid * S_PAD
-    offs_s = tl.arange(0, S_PAD)
-    tl.store(scr + offs_s, tl.zeros([S_PAD], tl.int64))
-    tl.debug_barrier()
-    tl.store(scr + local, tl.full([K_PAD], 1, tl.int64), mask=hit & (local < S))
-    tl.debug_barrier()
-    selected = tl.load(scr + offs_s) != 0
+    n_miss = tl.sum(miss.to(tl.int64), 0)
+    victim = tl.zeros([K_PAD], tl.int64)
+    if n_miss > 0:  # NOTE: a row whose selection all hits takes no victim: no slot order, no map change
+        # 1. which regular slots the step selected (a hit in the tail slot S is not a regular slot)
+        scr = SCR + pid * S_PAD
+        offs_s = tl.arange(0, S_PAD)
+        tl.store(scr + offs_s, tl.zeros([S_PAD], tl.int64))
+        tl.debug_barrier()
+        tl.store(scr + local, tl.full([K_PAD], 1, tl.int64), mask=hit & (local < S))
+        tl.debug_barrier()
+        selected = tl.load(scr + offs_s) != 0
 
-    # 2. victim order: (tier, key, slot) ascending, packed into one int64
-    s_ok = offs_s < S
-    sb = tl.load(sb_row + offs_s, mask=s_ok, other=-1)
-    inactive = tl.load(INACT + offs_s, mask=s_ok, other=0) != 0
-    tier = (sb >= 0).to(tl.int64)
-    tier = tl.where(inactive | selected, NEVER, tier)
-    tier = tl.where(s_ok, tier, _PAST_END)
-    if LRU:
-        key = tl.load(ls_row + offs_s, mask=s_ok, other=0)
-    else:
-        ev = tl.load(e_row + tl.minimum(tl.maximum(sb, 0), NB - 1), mask=s_ok, other=0.0)
-        bits = ev.to(tl.int32, bitcast=True)
-        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    packed = ((tier * 4294967296 + (key.to(tl.int64) + 2147483648)) * S_PAD) + offs_s
-    order = tl.sort(packed) % S_PAD
-    tl.debug_barrier()
-    tl.store(scr + offs_s, order)
-    tl.debug_barrier()
+        # 2. victim order: (tier, key, slot) ascending, packed into one int64
+        s_ok = offs_s < S
+        sb = tl.load(sb_row + offs_s, mask=s_ok, other=-1)
+        inactive = tl.load(INACT + offs_s, mask=s_ok, other=0) != 0
+        tier = (sb >= 0).to(tl.int64)
+        tier = tl.where(inactive | selected, NEVER, tier)
+        tier = tl.where(s_ok, tier, _PAST_END)
+        if LRU:
+            key = tl.load(ls_row + offs_s, mask=s_ok, other=0)
+        else:
+            ev = tl.load(e_row + tl.minimum(tl.maximum(sb, 0), NB - 1), mask=s_ok, other=0.0)
+            bits = ev.to(tl.int32, bitcast=True)
+            key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        packed = ((tier * 4294967296 + (key.to(tl.int64) + 2147483648)) * S_PAD) + offs_s
+        order = tl.sort(packed) % S_PAD
+        tl.debug_barrier()
+        tl.store(scr + offs_s, order)
+        tl.debug_barrier()
 
-    # 3. the r-th miss takes the r-th slot of the order
-    rank = tl.cumsum(miss.to(tl.int32), 0) - 1
-    rank = tl.minimum(tl.maximum(rank, 0), S - 1)
-    victim = tl.load(scr + rank, mask=miss, other=0)
-    evicted = tl.load(sb_row + victim, mask=miss, other=-1)
-    tl.debug_barrier()
-    tl.store(bs_row + evicted, tl.full([K_PAD], -1, tl.int32), mask=miss & (evicted >= 0))
-    tl.debug_barrier()
-    tl.store(bs_row + sel, victim.to(tl.int32), mask=miss)
-    tl.store(sb_row + victim, sel.to(tl.int32), mask=miss)
+        # 3. the r-th miss takes the r-th slot of the order
+        rank = tl.cumsum(miss.to(tl.int32), 0) - 1
+        rank = tl.minimum(tl.maximum(rank, 0), S - 1)
+        victim = tl.load(scr + rank, mask=miss, other=0)
+        evicted = tl.load(sb_row + victim, mask=miss, other=-1)
+        tl.debug_barrier()
+        tl.store(bs_row + evicted, tl.full([K_PAD], -1, tl.int32), mask=miss & (evicted >= 0))
+        tl.debug_barrier()
+        tl.store(bs_row + sel, victim.to(tl.int32), mask=miss)
+        tl.store(sb_row + victim, sel.to(tl.int32), mask=miss)
     final = tl.where(miss, victim, local)
     tl.store(ls_row + final, tl.full([K_PAD], 0, tl.int32) + step, mask=valid)
     if STORE_E:
         ev_sel = tl.load(e_row + tl.minimum(tl.maximum(sel, 0), NB - 1), mask=valid, other=0.0)
         tl.store(se_row + final, ev_sel, mask=valid)
     if COPY_C:  # the biases of each missed block into its victim slot
-        row = tl.load(C_ROWS + b)
-        offs_t = tl.arange(0, BLOCK_PAD)
-        t_ok = miss[:, None] & (offs_t[None, :] < BLOCK)
-        src = C + row * s_c_r + h * s_c_h + tl.maximum(sel, 0)[:, None] * BLOCK + offs_t[None, :]
-        dst = C_SLOTS + (base + victim)[:, None] * BLOCK + offs_t[None, :]
-        tl.store(dst, tl.load(src, mask=t_ok, other=0.0), mask=t_ok)
+        if n_miss > 0:
+            row = tl.load(C_ROWS + b)
+            offs_t = tl.arange(0, BLOCK_PAD)
+            t_ok = miss[:, None] & (offs_t[None, :] < BLOCK)
+            src = C + row * s_c_r + h * s_c_h + tl.maximum(sel, 0)[:, None] * BLOCK + offs_t[None, :]
+            dst = C_SLOTS + (base + victim)[:, None] * BLOCK + offs_t[None, :]
+            tl.store(dst, tl.load(src, mask=t_ok, other=0.0), mask=t_ok)
     out = pid * K + offs_k
     tl.store(SLOT_IDS + out, tl.where(valid, base + final, -1), mask=k_ok)
     tl.store(MISS + out, miss, mask=k_ok)
     tl.store(DST + out, tl.where(miss, base + victim, trash), mask=k_ok)
     n_valid = tl.sum(valid.to(tl.int64), 0)
-    n_miss = tl.sum(miss.to(tl.int64), 0)
     tl.store(COUNTS + pid * 2, n_valid)
     tl.store(COUNTS + pid * 2 + 1, n_miss)

@@ -10,6 +10,8 @@ Kernel design (flash-decoding):
   are rows of one tile (padded to 16 for the tensor-core dot), so each K/V block is read once;
 - split-K: when requests x KV heads cannot fill the GPU (batch 1), the slot list is cut into
   `num_splits` pieces whose normalised partial outputs and log-sum-exps a second, tiny kernel merges;
+- each loop step reads ENTRIES_PER_STEP list entries as one tile (each row addresses its entry's slot),
+  so more K/V bytes are in flight per program;
 - fp32 accumulation and softmax in base 2; padding entries (slot -1) issue no loads.
 """
 
@@ -48,6 +50,9 @@ MAX_SPLITS = 64
 #: launch options of the decode kernel (sm_90, Triton 3.6/3.8 reports: 4 warps x 2 stages = ~150-180
 #: registers, cp.async 16-byte K/V loads, no spills); benchmarks/kernels.py sweeps alternatives
 DECODE_LAUNCH = {"num_warps": 4, "num_stages": 2}
+#: slot-list entries one loop step reads: two (128 K/V rows a stage) moved B >= 64 from 75-94 % of the
+#: byte roofline to 88-101 % (H200, scripts/sweep_decode_variants.py); four would double the tile again
+ENTRIES_PER_STEP = 2
 
 
 class DecodeAttention(NamedTuple):
@@ -206,7 +211,7 @@ def _sparse_decode_triton(q, k_slots, v_slots, c_slots, slot_ids, block_ids, seq
         block_ids.stride(0), block_ids.stride(1), block_ids.stride(2),
         o.stride(0), o.stride(1),
         G=G, BLOCK_G=max(16, next_pow2(G)), HEAD_DIM=d, BLOCK_SIZE=bs, SPLIT=split_mode,
-        IEEE=fp32_dot(q.dtype), **DECODE_LAUNCH,
+        IEEE=fp32_dot(q.dtype), ENTRIES=ENTRIES_PER_STEP, **DECODE_LAUNCH,
     )
     if split_mode:
         _merge_kernel[(B * Hq,)](
@@ -223,7 +228,7 @@ def _decode_kernel(
     s_qb, s_qh, s_ks, s_kt, s_vs, s_vt, s_cs, s_ct,
     s_ib, s_ih, s_in, s_bb, s_bh, s_bn, s_ob, s_oh,
     G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr, ENTRIES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -233,7 +238,6 @@ def _decode_kernel(
     seq_len = tl.load(SEQ + b).to(tl.int64)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, HEAD_DIM)
-    offs_t = tl.arange(0, BLOCK_SIZE)
     row_ok = offs_g < G
     heads = h * G + offs_g
     q = tl.load(Q + b.to(tl.int64) * s_qb + heads[:, None] * s_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
@@ -245,12 +249,16 @@ def _decode_kernel(
     blk_row = BLK + b.to(tl.int64) * s_bb + h * s_bh
     n_lo = split * per_split
     n_hi = tl.minimum(n_lo + per_split, n_entries)
-    for n in range(n_lo, n_hi):
-        slot = tl.load(slot_row + n * s_in).to(tl.int64)
-        blk = tl.load(blk_row + n * s_bn).to(tl.int64)
+    offs_r = tl.arange(0, ENTRIES * BLOCK_SIZE)  # ENTRIES slot-list entries per step, BLOCK_SIZE rows each
+    offs_t = offs_r % BLOCK_SIZE
+    for n in range(n_lo, n_hi, ENTRIES):
+        entry = n + offs_r // BLOCK_SIZE
+        listed = entry < n_hi
+        slot = tl.load(slot_row + entry * s_in, mask=listed, other=-1).to(tl.int64)
+        blk = tl.load(blk_row + entry * s_bn, mask=listed, other=-1).to(tl.int64)
         pos = blk * BLOCK_SIZE + offs_t
         valid = (pos < seq_len) & (slot >= 0) & (blk >= 0)
-        k = tl.load(K + slot * s_ks + offs_t[:, None] * s_kt + offs_d[None, :], mask=valid[:, None], other=0.0)
+        k = tl.load(K + slot[:, None] * s_ks + offs_t[:, None] * s_kt + offs_d[None, :], mask=valid[:, None], other=0.0)
         c = tl.load(C + slot * s_cs + offs_t * s_ct, mask=valid, other=0.0)
         if IEEE:
             qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
@@ -263,7 +271,7 @@ def _decode_kernel(
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + slot * s_vs + offs_t[:, None] * s_vt + offs_d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(V + slot[:, None] * s_vs + offs_t[:, None] * s_vt + offs_d[None, :], mask=valid[:, None], other=0.0)
         if IEEE:
             pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:
@@ -275,9 +283,9 @@ def _decode_kernel(
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     if SPLIT:
-        row = (b * (n_kv_heads * G) + heads).to(tl.int64) * n_splits + split
-        tl.store(O_PART + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
-        tl.store(LSE_PART + row, lse2, mask=row_ok)
+        rows = (b * (n_kv_heads * G) + heads).to(tl.int64)
+        tl.store(O_PART + (rows * n_splits + split)[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
+        tl.store(LSE_PART + rows * n_splits + split, lse2, mask=row_ok)
     else:
         tl.store(O + b.to(tl.int64) * s_ob + heads[:, None] * s_oh + offs_d[None, :], out.to(O.dtype.element_ty),
                  mask=row_ok[:, None])

@@ -60,12 +60,19 @@ def test_fused_diff_equals_torch_path(gen, victim, active, gathered_rows):
     cache = fresh_cache(active)
     n_blocks = 30  # more than the slots: evictions every step
     rows = torch.tensor([2, 0, 1], device=DEVICE) if gathered_rows else None
-    checked_misses = 0
+    checked_misses = all_hit_rows_checked = 0
     for step in range(12):
         c = torch.rand(R, H, MB * 4, generator=gen).to(DEVICE)  # per-token biases (block size 4), fresh each step
         sel = random_sel(gen, R, n_blocks if step > 2 else 10)  # first steps fill slots, then churn
         E = torch.rand(R, H, MB, generator=gen).to(DEVICE)
         E[..., :4] = 0.5  # ties in the eviction key
+        if step in (8, 10):  # one row whose selection all hits: the kernel skips the victim order there
+            r = 0 if rows is None else int(rows[0])
+            for h in range(H):
+                res = cache.slot_block[0, r, h, :S]
+                res = res[res >= 0].sort().values[:K].long()
+                sel[0, h] = -1
+                sel[0, h, : len(res)] = res
         if step >= 6:  # compare one step on clones, then keep driving the torch path
             twin = fresh_cache(active)
             for t, u in ((twin.block_slot, cache.block_slot), (twin.slot_block, cache.slot_block),
@@ -80,9 +87,12 @@ def test_fused_diff_equals_torch_path(gen, victim, active, gathered_rows):
                                   state(cache)):
                 assert torch.equal(g, w), f"{name} differs at step {step}"
             checked_misses += int(want.miss.sum())
+            if step in (8, 10):
+                assert int(want.counts[0, 1]) == 0 and int(want.counts[0, 0]) > 0  # the all-hit row
+                all_hit_rows_checked += 1
         else:
             run(cache, sel, E, policy, step, rows, c)
-    assert checked_misses > 10  # evictions really happened in the compared steps
+    assert checked_misses > 10 and all_hit_rows_checked == 2  # evictions and all-hit rows were compared
 
 
 def test_eviction_score_victims_need_scores():

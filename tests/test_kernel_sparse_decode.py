@@ -88,6 +88,21 @@ def test_split_k_matches_single_pass(gen, num_splits):
     assert rel_err(out, ref) <= 1e-4
 
 
+@pytest.mark.parametrize("entries", [1, 2, 4])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_entries_per_step_match_reference(gen, monkeypatch, entries, num_splits):
+    """Every loop-step width the benchmarks sweep (a split's last step reads past its end, masked)."""
+    from nosa_sglang.kernels import sparse_decode
+
+    monkeypatch.setattr(sparse_decode, "ENTRIES_PER_STEP", entries)
+    args, ref = build_case(gen, [150, 41, 97], hq=8, hkv=2, d=64, dtype=torch.float32)
+    want = sparse_decode_attention(**args, return_lse=True, impl="torch")
+    with poisoned_allocations():
+        got = sparse_decode_attention(**args, return_lse=True, num_splits=num_splits, impl="triton")
+    assert rel_err(got.o, ref) <= 1e-4
+    torch.testing.assert_close(got.lse, want.lse, rtol=1e-5, atol=1e-5)
+
+
 def test_head_dim_128_block_64(gen):
     cfg = NosaConfig(block_size=64, kernel_stride=16, kernel_size=32, init_blocks=1, local_blocks=1,
                      query_blocks=3, topk_blocks=4)
