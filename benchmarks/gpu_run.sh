@@ -42,9 +42,10 @@ for what in "$@"; do case $what in
   sweep-stage1) step sweep_stage1 ${SWEEP_LIMIT:-200} python3 scripts/sweep_chunk_logits.py ;;
   sweep-decode) step sweep_decode ${SWEEP_LIMIT:-200} python3 scripts/sweep_decode_variants.py ;;
   sweep-topk) step sweep_topk ${SWEEP_LIMIT:-200} python3 scripts/sweep_topk_rows.py ;;
-  profile-step)  # whole steps as one graph against segment graphs, in one process each
-    for flag in --step-graphs ""; do step profile_step${flag:+_graphs} ${PROFILE_LIMIT:-150} python3 scripts/profile_runtime.py \
-      --tokens ${PROFILE_TOKENS:-131072} --batch ${PROFILE_BATCH:-16} --configs 'c,a' $flag ${PROFILE_ARGS:-}; done ;;
+  profile-step)  # whole steps as one graph against segment graphs (PROFILE_STEP_ONLY=1: graphs only), one process each
+    flags=(--step-graphs); [ -z "${PROFILE_STEP_ONLY:-}" ] && flags+=("")
+    for flag in "${flags[@]}"; do step profile_step${flag:+_graphs} ${PROFILE_LIMIT:-150} python3 scripts/profile_runtime.py \
+      --tokens ${PROFILE_TOKENS:-131072} --batch ${PROFILE_BATCH:-16} --configs "${PROFILE_CONFIGS:-c,a}" $flag ${PROFILE_ARGS:-}; done ;;
   profile-host)  # each configuration twice, in two processes: the host's speed varied ~2x between processes
     for run in 1 2; do step profile_host$run ${PROFILE_LIMIT:-150} python3 scripts/profile_runtime.py \
       --tokens ${PROFILE_TOKENS:-131072} --batch ${PROFILE_BATCH:-16} --configs 'c,a,c,a' --no-tables; done ;;
