@@ -13,7 +13,9 @@ they feed. Here one program per (row, head) does all of it with the same result,
    misses mapped, and every selected block's slot stamped with the step (and its E for score victims);
    a row whose selection all hits skips 2-3 (no victim to rank) and only stamps;
 4. (optional) each miss's block of per-token biases copied into its victim slot — the torch path's
-   bias gather, which read and wrote the biases of every selected block (hits into a trash slot).
+   bias gather, which read and wrote the biases of every selected block (hits into a trash slot);
+5. (optional) the fetch list the transfer engine takes: each miss's host run (its row's host block
+   times Hkv plus the head) and victim slot, -1 / trash elsewhere — five torch ops a layer otherwise.
 
 Scratch memory (one row of S_PAD int64 per program) turns the two register-to-register gathers (hit
 slots -> slot mask, rank -> victim) into a store, a barrier and a load.
@@ -39,6 +41,7 @@ class Diff(NamedTuple):
     miss: torch.Tensor  #: [B, Hkv, K] bool
     dst_slots: torch.Tensor  #: [B, Hkv, K] long global victim slot of each miss, `trash` elsewhere
     counts: torch.Tensor  #: [B, 2] long selected and missed blocks of each row
+    fetch: torch.Tensor | None = None  #: [2, B*Hkv*K] long host run of each miss (-1 elsewhere), dst_slots
 
 
 def resolve_slots(
@@ -46,6 +49,7 @@ def resolve_slots(
     stored_e: torch.Tensor, E: torch.Tensor | None, inactive: torch.Tensor, step: torch.Tensor,
     base: torch.Tensor, capacity: int, trash: int, lru: bool, store_e: bool,
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    host: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Diff:
     """The residency diff; updates block_slot / slot_block / last_step / stored_e in place.
 
@@ -60,6 +64,8 @@ def resolve_slots(
         bias: (c [R, Hkv, max_tokens] float32 per-token biases of every request row, rows [B] long the
             batch's rows, c_slots [num_slots + 1, block_size] float32): also copy each miss's block of
             biases into its victim slot (hits have theirs already), as `SlotBuffers.copy_block_biases`.
+        host: (table [R, MB] int32 host block of each (request row, block), rows [B] long the batch's
+            rows): also return the fetch list (Diff.fetch), as `slot_cache.fetch_list`.
     """
     check_tensor("sel", sel, 3, (torch.int64,))
     B, H, K = sel.shape
@@ -84,8 +90,9 @@ def resolve_slots(
     miss = torch.empty((B, H, K), dtype=torch.bool, device=dev)
     dst = torch.empty((B, H, K), dtype=torch.long, device=dev)
     counts = torch.empty((B, H, 2), dtype=torch.long, device=dev)
+    fetch = torch.empty((2, B * H * K), dtype=torch.long, device=dev) if host is not None else None
     if B * H == 0:
-        return Diff(slot_ids, miss, dst, counts.sum(1))
+        return Diff(slot_ids, miss, dst, counts.sum(1), fetch)
     s_pad = max(16, next_pow2(S))
     scratch = torch.empty((B * H, s_pad), dtype=torch.int64, device=dev)
     Et = E if E is not None else stored_e  # a valid pointer that the kernel never reads
@@ -99,6 +106,13 @@ def resolve_slots(
         block_size = c_slots.shape[1]
     else:
         c_src, c_rows, c_slots, block_size = stored_e, base, stored_e, 1  # valid pointers, never read
+    if host is not None:
+        h_table, h_rows = host
+        check_tensor("host table", h_table, 2, (torch.int32,))
+        if h_table.stride(1) != 1 or h_rows.shape != (B,):
+            raise KernelArgumentError("host: the table needs a contiguous last dim and rows [B]")
+    else:
+        h_table, h_rows = block_slot[0], base  # valid pointers, never read
     _resolve_kernel[(B * H,)](
         sel, block_slot, slot_block, last_step, stored_e, Et, inactive, step, base,
         slot_ids, miss, dst, counts, scratch,
@@ -106,10 +120,12 @@ def resolve_slots(
         sel.stride(0), sel.stride(1), block_slot.stride(0), block_slot.stride(1), slot_block.stride(0),
         slot_block.stride(1), last_step.stride(0), last_step.stride(1), stored_e.stride(0), stored_e.stride(1),
         Et.stride(0), Et.stride(1), c_src, c_rows, c_slots, c_src.stride(0), c_src.stride(1),
+        h_table, h_rows, h_table.stride(0), fetch if fetch is not None else counts, B * H * K,
         K_PAD=max(16, next_pow2(K)), S_PAD=s_pad, LRU=lru, STORE_E=store_e, COPY_C=bias is not None,
+        HOST_RUNS=host is not None,
         BLOCK=block_size, BLOCK_PAD=max(16, next_pow2(block_size)), num_warps=4 if s_pad <= 512 else 8,
     )
-    return Diff(slot_ids, miss, dst, counts.sum(1))
+    return Diff(slot_ids, miss, dst, counts.sum(1), fetch)
 
 
 @triton.jit
@@ -117,9 +133,9 @@ def _resolve_kernel(
     SEL, BS, SB, LS, SE, E, INACT, STEP, BASE, SLOT_IDS, MISS, DST, COUNTS, SCR,
     n_heads, K, S, MB, NB, trash,
     s_sel_b, s_sel_h, s_bs_b, s_bs_h, s_sb_b, s_sb_h, s_ls_b, s_ls_h, s_se_b, s_se_h, s_e_b, s_e_h,
-    C, C_ROWS, C_SLOTS, s_c_r, s_c_h,
+    C, C_ROWS, C_SLOTS, s_c_r, s_c_h, H_TABLE, H_ROWS, s_ht, FETCH, n_out,
     K_PAD: tl.constexpr, S_PAD: tl.constexpr, LRU: tl.constexpr, STORE_E: tl.constexpr, COPY_C: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_PAD: tl.constexpr,
+    HOST_RUNS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_PAD: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_heads
@@ -197,6 +213,11 @@ def _resolve_kernel(
     tl.store(SLOT_IDS + out, tl.where(valid, base + final, -1), mask=k_ok)
     tl.store(MISS + out, miss, mask=k_ok)
     tl.store(DST + out, tl.where(miss, base + victim, trash), mask=k_ok)
+    if HOST_RUNS:  # the fetch list: host run and victim slot of each miss
+        h_row = tl.load(H_ROWS + b)
+        hb = tl.load(H_TABLE + h_row * s_ht + tl.maximum(sel, 0), mask=miss, other=0).to(tl.int64)
+        tl.store(FETCH + out, tl.where(miss, hb * n_heads + h, -1), mask=k_ok)
+        tl.store(FETCH + n_out + out, tl.where(miss, base + victim, trash), mask=k_ok)
     n_valid = tl.sum(valid.to(tl.int64), 0)
     tl.store(COUNTS + pid * 2, n_valid)
     tl.store(COUNTS + pid * 2 + 1, n_miss)

@@ -21,6 +21,7 @@ from nosa_sglang.kernels.selection import decode_block_scores, eviction_block_sc
 from nosa_sglang.kernels.sparse_decode import sparse_decode_attention
 from nosa_sglang.kernels.topk import forced_and_existing
 from nosa_sglang.runtime.graph_cache import SegmentGraphs
+from nosa_sglang.runtime.slot_cache import fetch_list
 from nosa_sglang.runtime.step_plan import StepPlan, packed_len
 
 if TYPE_CHECKING:
@@ -251,10 +252,9 @@ class LayerDecoder:
         if view.rows is not None:
             state["view"] = view  # gathered copies (eager only): committed after attention
         diff = rt.slots.resolve(layer, view, sel_l, E, rt._victims, rt._step_t, p.slot_base,
-                                bias=(rt.selection.c_layer(layer), p.rows))
+                                bias=(rt.selection.c_layer(layer), p.rows), host=(rt.host_table, p.rows))
         rt.counters.add_diff(layer, p.rows, p.row_range, diff.counts)
-        src = torch.where(diff.miss, rt.host_runs(p, sel_l), -1)
-        return sel, diff.slot_ids, torch.stack((src.flatten(), diff.dst_slots.flatten())), E
+        return sel, diff.slot_ids, diff.fetch, E
 
     def _prefetch(self, layer: int, p: StepPlan, E: torch.Tensor, view) -> torch.Tensor:
         """Plan, one step ahead, the best eviction-score blocks the next step may select (its
@@ -269,5 +269,4 @@ class LayerDecoder:
         plan = rt.slots.plan_prefetch(layer, view, cand, n_cand, E, rt._victims, rt._step_t, p.slot_base)
         rt.slots.copy_block_biases(layer, rt.selection.c_layer(layer), p.rows, plan.blocks, plan.dst_slots)
         rt.counters.add_prefetch(layer, plan.ok)
-        src = torch.where(plan.ok, rt.host_runs(p, plan.blocks), -1)
-        return torch.stack((src.flatten(), plan.dst_slots.flatten()))
+        return fetch_list(rt.host_runs(p, plan.blocks), plan.ok, plan.dst_slots)

@@ -26,7 +26,7 @@ from nosa_sglang.runtime.knob_queue import KnobQueue, KnobRequest
 from nosa_sglang.runtime.knobs import KnobError, OffloadKnobs
 from nosa_sglang.runtime.prompt import PromptLoader
 from nosa_sglang.runtime.selection_state import SelectionState
-from nosa_sglang.runtime.slot_cache import GpuSlotCache
+from nosa_sglang.runtime.slot_cache import GpuSlotCache, host_run_ids
 from nosa_sglang.runtime.stats import StatsSnapshot
 from nosa_sglang.runtime.step_plan import StepPlan, build_step_plan
 from nosa_sglang.runtime.transfer import TransferEngine
@@ -474,9 +474,12 @@ class NosaRuntime:
     def host_runs(self, p: StepPlan, blocks: torch.Tensor) -> torch.Tensor:
         """[B, Hkv, K] host run ids of (row, head, block) (garbage where block < 0: masked by callers)."""
         table = self._host_table[p.row_range[0] : p.row_range[1]] if p.row_range else self._host_table[p.rows]
-        B = blocks.shape[0]
-        hb = table.gather(1, blocks.clamp(min=0).view(B, -1)).view(blocks.shape).long()
-        return hb * self.shape.num_kv_heads + self._heads.view(1, -1, 1)
+        return host_run_ids(table, blocks)
+
+    @property
+    def host_table(self) -> torch.Tensor:
+        """[rows, max_blocks] int32 host block of each (request row, logical block), -1 unmapped."""
+        return self._host_table
 
     def _apply_knobs(self, new: OffloadKnobs) -> None:
         if not self.gpu_only:

@@ -36,6 +36,20 @@ class ResidencyDiff(NamedTuple):
     miss: torch.Tensor  #: bool, the block must be fetched from the host store
     dst_slots: torch.Tensor  #: global victim slot of each miss, the trash slot elsewhere
     counts: torch.Tensor  #: [B, 2] long: selected and missed blocks of each request
+    fetch: torch.Tensor | None = None  #: [2, B*Hkv*K] long fetch_list of the misses (when asked for)
+
+
+def host_run_ids(table: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, K] host run of each (row, head, block): the host block (`table`, the batch's rows of
+    the runtime's [rows, max_blocks] int32 host table) times Hkv plus the head; garbage where block < 0."""
+    B, H = blocks.shape[:2]
+    hb = table.gather(1, blocks.clamp(min=0).view(B, -1)).view(blocks.shape).long()
+    return hb * H + torch.arange(H, device=blocks.device).view(1, -1, 1)
+
+
+def fetch_list(runs: torch.Tensor, take: torch.Tensor, dst_slots: torch.Tensor) -> torch.Tensor:
+    """The transfer engine's packed copy list [2, n]: host run where `take` (else -1, skipped), GPU slot."""
+    return torch.stack((torch.where(take, runs, -1).flatten(), dst_slots.flatten()))
 
 
 class PrefetchPlan(NamedTuple):
@@ -218,6 +232,7 @@ class GpuSlotCache(SlotBuffers):
     def resolve(
         self, layer: int, view: RowView, sel: torch.Tensor, E: torch.Tensor | None, policy: VictimPolicy,
         step: torch.Tensor, base: torch.Tensor, bias: tuple[torch.Tensor, torch.Tensor] | None = None,
+        host: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> ResidencyDiff:
         """Hits, misses and a victim slot for every miss; updates the maps as if the misses landed.
 
@@ -227,12 +242,13 @@ class GpuSlotCache(SlotBuffers):
             step: 0-dim int32 device tensor; base: [B, Hkv, 1] global slot of local slot 0 of each (row, head).
             bias: (c [R, Hkv, max_tokens] float32 per-token biases of every row, rows [B] long): also copy
                 each miss's block of biases into its victim slot of c_slots (hits have theirs already).
+            host: (the [R, max_blocks] int32 host table, rows [B] long): also return the misses' fetch_list.
         """
         if self.fused_diff:
             d = resolve_slots(sel, view.block_slot, view.slot_block, view.last_step, view.stored_e,
                               E if policy.uses_scores else None, self._inactive, step, base, self.capacity,
                               self.trash_slot, lru=not policy.uses_scores, store_e=policy.uses_scores and E is not None,
-                              bias=None if bias is None else (*bias, self.c[layer]))
+                              bias=None if bias is None else (*bias, self.c[layer]), host=host)
             return ResidencyDiff(*d)
         S = self.capacity
         valid = sel >= 0
@@ -256,7 +272,8 @@ class GpuSlotCache(SlotBuffers):
         counts = torch.stack((valid.sum(dim=(1, 2)), miss.sum(dim=(1, 2))), dim=-1)
         if bias is not None:  # hits aim at the trash slot: harmless writes, no data-dependent shapes
             self.copy_block_biases(layer, *bias, sel, dst)
-        return ResidencyDiff(slot_ids, miss, dst, counts)
+        fetch = None if host is None else fetch_list(host_run_ids(host[0][host[1]], sel), miss, dst)
+        return ResidencyDiff(slot_ids, miss, dst, counts, fetch)
 
     def plan_prefetch(
         self, layer: int, view: RowView, cand_score: torch.Tensor, n_cand: int, E: torch.Tensor | None,

@@ -34,12 +34,12 @@ def random_sel(gen, B: int, n_blocks: int) -> torch.Tensor:
     return sel.to(DEVICE)
 
 
-def run(cache: GpuSlotCache, sel, E, policy, step: int, rows, c):
+def run(cache: GpuSlotCache, sel, E, policy, step: int, rows, c, host_table):
     view = cache.rows_view(0, rows, (0, R) if rows is None else None)
     all_rows = torch.arange(R, device=DEVICE) if rows is None else rows
     base = cache.slot_base(all_rows)
     d = cache.resolve(0, view, sel, E, policy, torch.tensor(step, dtype=torch.int32, device=DEVICE), base,
-                      bias=(c, all_rows))
+                      bias=(c, all_rows), host=(host_table, all_rows))
     cache.commit(0, view)
     return d
 
@@ -61,6 +61,7 @@ def test_fused_diff_equals_torch_path(gen, victim, active, gathered_rows):
     n_blocks = 30  # more than the slots: evictions every step
     rows = torch.tensor([2, 0, 1], device=DEVICE) if gathered_rows else None
     checked_misses = all_hit_rows_checked = 0
+    host_table = torch.randperm(R * MB, generator=gen).view(R, MB).int().to(DEVICE)  # host block of (row, block)
     for step in range(12):
         c = torch.rand(R, H, MB * 4, generator=gen).to(DEVICE)  # per-token biases (block size 4), fresh each step
         sel = random_sel(gen, R, n_blocks if step > 2 else 10)  # first steps fill slots, then churn
@@ -79,9 +80,9 @@ def test_fused_diff_equals_torch_path(gen, victim, active, gathered_rows):
                          (twin.last_step, cache.last_step), (twin.stored_e, cache.stored_e), (twin.c, cache.c)):
                 t.copy_(u)
             twin.fused_diff = True
-            got = run(twin, sel, E, policy, step, rows, c)
-            want = run(cache, sel, E, policy, step, rows, c)
-            for name, g, w in zip(("slot_ids", "miss", "dst_slots", "counts"), got, want):
+            got = run(twin, sel, E, policy, step, rows, c, host_table)
+            want = run(cache, sel, E, policy, step, rows, c, host_table)
+            for name, g, w in zip(("slot_ids", "miss", "dst_slots", "counts", "fetch"), got, want, strict=True):
                 assert torch.equal(g, w), f"{name} differs at step {step}"
             for name, g, w in zip(("block_slot", "slot_block", "last_step", "stored_e", "c_slots"), state(twin),
                                   state(cache)):
@@ -91,7 +92,7 @@ def test_fused_diff_equals_torch_path(gen, victim, active, gathered_rows):
                 assert int(want.counts[0, 1]) == 0 and int(want.counts[0, 0]) > 0  # the all-hit row
                 all_hit_rows_checked += 1
         else:
-            run(cache, sel, E, policy, step, rows, c)
+            run(cache, sel, E, policy, step, rows, c, host_table)
     assert checked_misses > 10 and all_hit_rows_checked == 2  # evictions and all-hit rows were compared
 
 
