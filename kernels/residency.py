@@ -15,7 +15,9 @@ they feed. Here one program per (row, head) does all of it with the same result,
 4. (optional) each miss's block of per-token biases copied into its victim slot — the torch path's
    bias gather, which read and wrote the biases of every selected block (hits into a trash slot);
 5. (optional) the fetch list the transfer engine takes: each miss's host run (its row's host block
-   times Hkv plus the head) and victim slot, -1 / trash elsewhere — five torch ops a layer otherwise.
+   times Hkv plus the head) and victim slot, -1 / trash elsewhere — five torch ops a layer otherwise;
+6. (optional) the counts (selected, misses) added atomically to the runtime's row and layer counters
+   instead of returned — four more ops a layer (two reductions, two index adds).
 
 Scratch memory (one row of S_PAD int64 per program) turns the two register-to-register gathers (hit
 slots -> slot mask, rank -> victim) into a store, a barrier and a load.
@@ -40,7 +42,7 @@ class Diff(NamedTuple):
     slot_ids: torch.Tensor  #: [B, Hkv, K] long global slot of each selected block, -1 on padding
     miss: torch.Tensor  #: [B, Hkv, K] bool
     dst_slots: torch.Tensor  #: [B, Hkv, K] long global victim slot of each miss, `trash` elsewhere
-    counts: torch.Tensor  #: [B, 2] long selected and missed blocks of each row
+    counts: torch.Tensor | None  #: [B, 2] long selected and missed blocks of each row (None: tallied)
     fetch: torch.Tensor | None = None  #: [2, B*Hkv*K] long host run of each miss (-1 elsewhere), dst_slots
 
 
@@ -50,6 +52,7 @@ def resolve_slots(
     base: torch.Tensor, capacity: int, trash: int, lru: bool, store_e: bool,
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     host: tuple[torch.Tensor, torch.Tensor] | None = None,
+    tally: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> Diff:
     """The residency diff; updates block_slot / slot_block / last_step / stored_e in place.
 
@@ -66,6 +69,10 @@ def resolve_slots(
             biases into its victim slot (hits have theirs already), as `SlotBuffers.copy_block_biases`.
         host: (table [R, MB] int32 host block of each (request row, block), rows [B] long the batch's
             rows): also return the fetch list (Diff.fetch), as `slot_cache.fetch_list`.
+        tally: (row_counts [R, 2] int64, layer_counts [>= 2] int64, rows [B] long): add each row's
+            (selected, misses) to row_counts[rows] and their sums to layer_counts[:2], atomically (two
+            micro-batches on two streams may tally one layer at once), as `counters.tally_diff`;
+            Diff.counts is then None.
     """
     check_tensor("sel", sel, 3, (torch.int64,))
     B, H, K = sel.shape
@@ -92,7 +99,7 @@ def resolve_slots(
     counts = torch.empty((B, H, 2), dtype=torch.long, device=dev)
     fetch = torch.empty((2, B * H * K), dtype=torch.long, device=dev) if host is not None else None
     if B * H == 0:
-        return Diff(slot_ids, miss, dst, counts.sum(1), fetch)
+        return Diff(slot_ids, miss, dst, None if tally is not None else counts.sum(1), fetch)
     s_pad = max(16, next_pow2(S))
     scratch = torch.empty((B * H, s_pad), dtype=torch.int64, device=dev)
     Et = E if E is not None else stored_e  # a valid pointer that the kernel never reads
@@ -113,6 +120,15 @@ def resolve_slots(
             raise KernelArgumentError("host: the table needs a contiguous last dim and rows [B]")
     else:
         h_table, h_rows = block_slot[0], base  # valid pointers, never read
+    if tally is not None:
+        row_counts, layer_counts, t_rows = tally
+        check_tensor("row_counts", row_counts, 2, (torch.int64,))
+        check_tensor("layer_counts", layer_counts, 1, (torch.int64,))
+        if not row_counts.is_contiguous() or row_counts.shape[1] != 2 or layer_counts.stride(0) != 1 \
+                or t_rows.shape != (B,):
+            raise KernelArgumentError("tally: row_counts must be contiguous [R, 2], layer_counts contiguous, rows [B]")
+    else:
+        row_counts, layer_counts, t_rows = counts, counts, base  # valid pointers, never written
     _resolve_kernel[(B * H,)](
         sel, block_slot, slot_block, last_step, stored_e, Et, inactive, step, base,
         slot_ids, miss, dst, counts, scratch,
@@ -121,11 +137,12 @@ def resolve_slots(
         slot_block.stride(1), last_step.stride(0), last_step.stride(1), stored_e.stride(0), stored_e.stride(1),
         Et.stride(0), Et.stride(1), c_src, c_rows, c_slots, c_src.stride(0), c_src.stride(1),
         h_table, h_rows, h_table.stride(0), fetch if fetch is not None else counts, B * H * K,
+        row_counts, layer_counts, t_rows,
         K_PAD=max(16, next_pow2(K)), S_PAD=s_pad, LRU=lru, STORE_E=store_e, COPY_C=bias is not None,
-        HOST_RUNS=host is not None,
+        HOST_RUNS=host is not None, TALLY=tally is not None,
         BLOCK=block_size, BLOCK_PAD=max(16, next_pow2(block_size)), num_warps=4 if s_pad <= 512 else 8,
     )
-    return Diff(slot_ids, miss, dst, counts.sum(1), fetch)
+    return Diff(slot_ids, miss, dst, None if tally is not None else counts.sum(1), fetch)
 
 
 @triton.jit
@@ -133,9 +150,9 @@ def _resolve_kernel(
     SEL, BS, SB, LS, SE, E, INACT, STEP, BASE, SLOT_IDS, MISS, DST, COUNTS, SCR,
     n_heads, K, S, MB, NB, trash,
     s_sel_b, s_sel_h, s_bs_b, s_bs_h, s_sb_b, s_sb_h, s_ls_b, s_ls_h, s_se_b, s_se_h, s_e_b, s_e_h,
-    C, C_ROWS, C_SLOTS, s_c_r, s_c_h, H_TABLE, H_ROWS, s_ht, FETCH, n_out,
+    C, C_ROWS, C_SLOTS, s_c_r, s_c_h, H_TABLE, H_ROWS, s_ht, FETCH, n_out, ROW_COUNTS, LAYER_COUNTS, T_ROWS,
     K_PAD: tl.constexpr, S_PAD: tl.constexpr, LRU: tl.constexpr, STORE_E: tl.constexpr, COPY_C: tl.constexpr,
-    HOST_RUNS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_PAD: tl.constexpr,
+    HOST_RUNS: tl.constexpr, TALLY: tl.constexpr, BLOCK: tl.constexpr, BLOCK_PAD: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_heads
@@ -219,5 +236,12 @@ def _resolve_kernel(
         tl.store(FETCH + out, tl.where(miss, hb * n_heads + h, -1), mask=k_ok)
         tl.store(FETCH + n_out + out, tl.where(miss, base + victim, trash), mask=k_ok)
     n_valid = tl.sum(valid.to(tl.int64), 0)
-    tl.store(COUNTS + pid * 2, n_valid)
-    tl.store(COUNTS + pid * 2 + 1, n_miss)
+    if TALLY:
+        t_row = tl.load(T_ROWS + b)
+        tl.atomic_add(ROW_COUNTS + t_row * 2, n_valid)
+        tl.atomic_add(ROW_COUNTS + t_row * 2 + 1, n_miss)
+        tl.atomic_add(LAYER_COUNTS, n_valid)
+        tl.atomic_add(LAYER_COUNTS + 1, n_miss)
+    else:
+        tl.store(COUNTS + pid * 2, n_valid)
+        tl.store(COUNTS + pid * 2 + 1, n_miss)

@@ -25,6 +25,14 @@ MIRRORS = 3
 MAX_PENDING_EVENTS = 8192
 
 
+def tally_diff(row_counts: torch.Tensor, layer_counts: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor) -> None:
+    """Add a residency diff's counts [B, 2] (selected, misses) to row_counts[rows] and their sums to
+    layer_counts[:2]. index_add_ is atomic on CUDA: two micro-batches on two streams may add to one
+    layer's counts at the same time, where `+=` would lose an update (the fused diff adds atomically too)."""
+    row_counts.index_add_(0, rows, counts)
+    layer_counts.index_add_(0, torch.arange(N_ROW, device=counts.device), counts.sum(dim=0))
+
+
 class RunningRequest(NamedTuple):
     request_id: str
     row: int
@@ -84,9 +92,13 @@ class Counters:
         """counts [B, 2] (selected, misses) of the batch rows `rows` [B] (a contiguous row_range if given)."""
         if row_range is not None:
             self.row_counts[row_range[0] : row_range[1]] += counts
+            self.layer_counts.view(-1).index_add_(0, self._layer_idx[layer, :N_ROW], counts.sum(dim=0))
         else:
-            self.row_counts.index_add_(0, rows, counts)
-        self.layer_counts.view(-1).index_add_(0, self._layer_idx[layer, :N_ROW], counts.sum(dim=0))
+            tally_diff(*self.diff_tally(layer, rows), counts)
+
+    def diff_tally(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row_counts, this layer's counts, rows): where a residency diff of `rows` adds its counts."""
+        return self.row_counts, self.layer_counts[layer], rows
 
     def add_prefetch(self, layer: int, ok: torch.Tensor) -> None:
         self.layer_counts.view(-1).index_add_(0, self._layer_idx[layer, 2:], ok.sum().view(1).long())

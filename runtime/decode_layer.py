@@ -252,8 +252,8 @@ class LayerDecoder:
         if view.rows is not None:
             state["view"] = view  # gathered copies (eager only): committed after attention
         diff = rt.slots.resolve(layer, view, sel_l, E, rt._victims, rt._step_t, p.slot_base,
-                                bias=(rt.selection.c_layer(layer), p.rows), host=(rt.host_table, p.rows))
-        rt.counters.add_diff(layer, p.rows, p.row_range, diff.counts)
+                                bias=(rt.selection.c_layer(layer), p.rows), host=(rt.host_table, p.rows),
+                                tally=rt.counters.diff_tally(layer, p.rows))
         return sel, diff.slot_ids, diff.fetch, E
 
     def _prefetch(self, layer: int, p: StepPlan, E: torch.Tensor, view) -> torch.Tensor:

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 
 from nosa_sglang.kernels.residency import resolve_slots
+from nosa_sglang.runtime.counters import tally_diff
 from nosa_sglang.runtime.slot_buffers import SlotBuffers
 from nosa_sglang.runtime.victim import VictimPolicy, sortable
 
@@ -35,7 +36,7 @@ class ResidencyDiff(NamedTuple):
     slot_ids: torch.Tensor  #: global slot of each selected block, -1 on padding (attention input)
     miss: torch.Tensor  #: bool, the block must be fetched from the host store
     dst_slots: torch.Tensor  #: global victim slot of each miss, the trash slot elsewhere
-    counts: torch.Tensor  #: [B, 2] long: selected and missed blocks of each request
+    counts: torch.Tensor | None  #: [B, 2] long: selected and missed blocks of each request (None: tallied)
     fetch: torch.Tensor | None = None  #: [2, B*Hkv*K] long fetch_list of the misses (when asked for)
 
 
@@ -233,6 +234,7 @@ class GpuSlotCache(SlotBuffers):
         self, layer: int, view: RowView, sel: torch.Tensor, E: torch.Tensor | None, policy: VictimPolicy,
         step: torch.Tensor, base: torch.Tensor, bias: tuple[torch.Tensor, torch.Tensor] | None = None,
         host: tuple[torch.Tensor, torch.Tensor] | None = None,
+        tally: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> ResidencyDiff:
         """Hits, misses and a victim slot for every miss; updates the maps as if the misses landed.
 
@@ -243,12 +245,14 @@ class GpuSlotCache(SlotBuffers):
             bias: (c [R, Hkv, max_tokens] float32 per-token biases of every row, rows [B] long): also copy
                 each miss's block of biases into its victim slot of c_slots (hits have theirs already).
             host: (the [R, max_blocks] int32 host table, rows [B] long): also return the misses' fetch_list.
+            tally: Counters.diff_tally(layer, rows): add the counts there (counters.tally_diff) instead of
+                returning them (counts is then None).
         """
         if self.fused_diff:
             d = resolve_slots(sel, view.block_slot, view.slot_block, view.last_step, view.stored_e,
                               E if policy.uses_scores else None, self._inactive, step, base, self.capacity,
                               self.trash_slot, lru=not policy.uses_scores, store_e=policy.uses_scores and E is not None,
-                              bias=None if bias is None else (*bias, self.c[layer]), host=host)
+                              bias=None if bias is None else (*bias, self.c[layer]), host=host, tally=tally)
             return ResidencyDiff(*d)
         S = self.capacity
         valid = sel >= 0
@@ -273,7 +277,9 @@ class GpuSlotCache(SlotBuffers):
         if bias is not None:  # hits aim at the trash slot: harmless writes, no data-dependent shapes
             self.copy_block_biases(layer, *bias, sel, dst)
         fetch = None if host is None else fetch_list(host_run_ids(host[0][host[1]], sel), miss, dst)
-        return ResidencyDiff(slot_ids, miss, dst, counts, fetch)
+        if tally is not None:
+            tally_diff(*tally, counts)
+        return ResidencyDiff(slot_ids, miss, dst, None if tally is not None else counts, fetch)
 
     def plan_prefetch(
         self, layer: int, view: RowView, cand_score: torch.Tensor, n_cand: int, E: torch.Tensor | None,

@@ -34,14 +34,21 @@ def random_sel(gen, B: int, n_blocks: int) -> torch.Tensor:
     return sel.to(DEVICE)
 
 
-def run(cache: GpuSlotCache, sel, E, policy, step: int, rows, c, host_table):
+def run(cache: GpuSlotCache, sel, E, policy, step: int, rows, c, host_table, tally=None):
+    """One diff; with `tally` ([R, 2] row counts, [3] layer counts) the counts are added there."""
     view = cache.rows_view(0, rows, (0, R) if rows is None else None)
     all_rows = torch.arange(R, device=DEVICE) if rows is None else rows
     base = cache.slot_base(all_rows)
     d = cache.resolve(0, view, sel, E, policy, torch.tensor(step, dtype=torch.int32, device=DEVICE), base,
-                      bias=(c, all_rows), host=(host_table, all_rows))
+                      bias=(c, all_rows), host=(host_table, all_rows),
+                      tally=None if tally is None else (*tally, all_rows))
     cache.commit(0, view)
     return d
+
+
+def want_tally_misses(tally) -> torch.Tensor:
+    """Misses the tally gained over its starting value (layer counts start at 7)."""
+    return tally[1][1] - 7
 
 
 def state(cache: GpuSlotCache):
@@ -80,10 +87,19 @@ def test_fused_diff_equals_torch_path(gen, victim, active, gathered_rows):
                          (twin.last_step, cache.last_step), (twin.stored_e, cache.stored_e), (twin.c, cache.c)):
                 t.copy_(u)
             twin.fused_diff = True
-            got = run(twin, sel, E, policy, step, rows, c, host_table)
-            want = run(cache, sel, E, policy, step, rows, c, host_table)
+            tallies = [(torch.full((R, 2), 5, device=DEVICE), torch.full((3,), 7, device=DEVICE)) for _ in range(2)]
+            use = step % 2 == 1  # counts tallied into counters on odd steps, returned on even ones (all-hit rows)
+            got = run(twin, sel, E, policy, step, rows, c, host_table, tallies[0] if use else None)
+            want = run(cache, sel, E, policy, step, rows, c, host_table, tallies[1] if use else None)
             for name, g, w in zip(("slot_ids", "miss", "dst_slots", "counts", "fetch"), got, want, strict=True):
-                assert torch.equal(g, w), f"{name} differs at step {step}"
+                if name == "counts" and use:
+                    assert g is None and w is None  # added to the tallies instead
+                else:
+                    assert torch.equal(g, w), f"{name} differs at step {step}"
+            if use:
+                for g, w in zip(*tallies, strict=True):
+                    assert torch.equal(g, w), f"tally differs at step {step}"
+                assert int(want_tally_misses(tallies[1])) == int(want.miss.sum())
             for name, g, w in zip(("block_slot", "slot_block", "last_step", "stored_e", "c_slots"), state(twin),
                                   state(cache)):
                 assert torch.equal(g, w), f"{name} differs at step {step}"
