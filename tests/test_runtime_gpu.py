@@ -25,7 +25,8 @@ SLEEP_CYCLES = 20_000_000  # ~10 ms at 2 GHz: far longer than any copy here
 
 
 def seed() -> int:
-    s = int.from_bytes(os.urandom(4), "little")
+    """A fresh seed, printed (NOSA_TEST_SEED=s replays one)."""
+    s = int(os.environ.get("NOSA_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     print(f"seed={s}")
     return s
 
@@ -156,6 +157,7 @@ def test_step_graphs_equal_reference_and_segment_graphs(inline, victim, order, d
                            inline_gather=inline)
         if step_graphs:
             rt.transfer.debug_delay_cycles = rt.transfer.debug_writeback_delay_cycles = delay
+        print(f"run: step_graphs={step_graphs}")
         runs.append(drive(rt, [150, 161, 40], steps=150, seed=s, collect=True, allow_near_ties=True, fused=True,
                           order=order, step_graphs=step_graphs, micro_batches=parts if step_graphs else 1))
         assert runs[-1]["selection_mismatches"] == 0
