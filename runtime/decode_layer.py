@@ -128,10 +128,15 @@ class LayerDecoder:
     def _write_back(self, layer: int, p: StepPlan) -> None:
         if p.wb_src is None:
             return
-        if self.rt.in_step_graph:  # device lists at fixed addresses, padded with -1: capturable
-            self.rt.transfer.write_back(layer, p.wb_padded[0], p.wb_padded[1], runs=p.wb_src.numel())
+        transfer = self.rt.transfer
+        # NOTE: a captured step reads the device lists at fixed addresses, padded with -1 (the graph
+        # ends after its write-backs). An eager step on CUDA must not: its write-back stream may run
+        # after the next step's plan upload overwrote them (StepGraphs runs each new kind of step
+        # eagerly once), and the block never reaches the host. CPU copies are synchronous.
+        if self.rt.in_step_graph and (transfer.capturing() or not transfer.cuda):
+            transfer.write_back(layer, p.wb_padded[0], p.wb_padded[1], runs=p.wb_src.numel())
         else:
-            self.rt.transfer.write_back(layer, p.wb_src, p.wb_dst)
+            transfer.write_back(layer, p.wb_src, p.wb_dst)
 
     # -- attend ---------------------------------------------------------------------------------------
     def attend(self, layer: int, p: StepPlan, q: torch.Tensor) -> torch.Tensor:

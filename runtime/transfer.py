@@ -188,7 +188,7 @@ class TransferEngine:
         gpu_k = self.slots.k_runs(layer) if gpu_k is None else gpu_k
         gpu_v = self.slots.v_runs(layer) if gpu_v is None else gpu_v
         host_k, host_v = self.host.layer_k(layer), self.host.layer_v(layer)
-        if not self._capturing():  # NOTE: a captured step counts its bytes when it replays (StepGraphs)
+        if not self.capturing():  # NOTE: a captured step counts its bytes when it replays (StepGraphs)
             self.counters.add_write_back(layer, src.numel() if runs is None else runs)
         if not self.cuda:
             keep = src >= 0
@@ -221,7 +221,7 @@ class TransferEngine:
             self._queued = torch.cuda.Event()
         self._queued.record()
         stream.wait_event(self._queued)
-        capturing = self._capturing()
+        capturing = self.capturing()
         if capturing:
             self._forked.add(stream)
         start = None if capturing else torch.cuda.Event(enable_timing=True)
@@ -235,7 +235,8 @@ class TransferEngine:
             end.record(stream)
         return start, end
 
-    def _capturing(self) -> bool:
+    def capturing(self) -> bool:
+        """Is the current stream capturing a CUDA graph (a StepGraphs capture)?"""
         return self.cuda and torch.cuda.is_current_stream_capturing()
 
     def join_forked(self) -> None:

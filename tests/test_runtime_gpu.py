@@ -167,6 +167,35 @@ def test_step_graphs_equal_reference_and_segment_graphs(inline, victim, order, d
     assert runner.captures >= 3 and runner.replays >= 140 - runner.eager_steps, vars(runner)
 
 
+def written_back_blocks(rt: NosaRuntime, request_ids: list[str]) -> dict[tuple, torch.Tensor]:
+    """K and V of every host block but each request's last (its open tail), per (request, layer, block, head)."""
+    H = rt.shape.num_kv_heads
+    return {(rid, layer, b, h): torch.cat((rt.host.layer_k(layer)[b * H + h], rt.host.layer_v(layer)[b * H + h]))
+            for rid in request_ids for b in list(rt.host_blocks(rid))[:-1]
+            for layer in range(rt.shape.num_layers) for h in range(H)}
+
+
+@pytest.mark.gpu
+def test_eager_step_graph_write_backs_reach_the_host():
+    """StepGraphs runs each new kind of step eagerly once. Its write-backs, delayed here, must not read
+    the step plan's device lists, which the next step's upload overwrites before the write-back stream
+    gets to them (once seen as a wrong output after an evicted block was re-fetched): every block
+    written back equals the segment-graph path's, compared in the host store itself.
+    No CPU twin: CPU copies are synchronous."""
+    s = seed()
+    stores = []
+    for step_graphs in (False, True):
+        rt = small_runtime(slots=10, victim="lru", device="cuda", mode="zero_copy", cuda_graphs=True)
+        if step_graphs:
+            rt.transfer.debug_writeback_delay_cycles = SLEEP_CYCLES
+        out = drive(rt, [150, 161, 40], steps=60, seed=s, check=False, fused=True, step_graphs=step_graphs)
+        torch.cuda.synchronize()
+        stores.append(written_back_blocks(rt, out["ids"]))
+    assert stores[0].keys() == stores[1].keys() and len(stores[0]) > 0
+    wrong = [key for key in stores[0] if not torch.equal(stores[0][key], stores[1][key])]
+    assert not wrong, f"{len(wrong)} of {len(stores[0])} host runs differ, e.g. {wrong[:4]}"
+
+
 def test_step_graphs_gpu_only_and_copy_engine_fallback():
     """NOSA fully on the GPU captures too; the copy-engine mode (host read-back) runs its steps eagerly;
     a runtime without static plan buffers is refused."""
