@@ -19,6 +19,7 @@ import torch
 
 from nosa_sglang.kernels.selection import decode_block_scores, eviction_block_scores, select_topk
 from nosa_sglang.kernels.sparse_decode import sparse_decode_attention
+from nosa_sglang.kernels.token_write import TokenBuffers, write_token
 from nosa_sglang.kernels.topk import forced_and_existing
 from nosa_sglang.runtime.graph_cache import SegmentGraphs
 from nosa_sglang.runtime.slot_cache import fetch_list
@@ -121,9 +122,10 @@ class LayerDecoder:
             view = rt.slots.rows_view(layer, p.rows, p.row_range)
             rt.slots.start_tail_block(layer, view, p.tail_blocks, p.opens, rt._victims, rt._step_t, p.slot_base)
             rt.slots.commit(layer, view)
-        rt.slots.write_token(layer, p.token_slots, p.offsets, x["k"], x["v"], x["c"])
-        rt.selection.append(layer, p.rows, p.pos, x["k"], x["c"], p.completes if p.any_complete else None,
-                            p.chunk_ids)
+        write_token(TokenBuffers(*rt.slots.token_views(layer), *rt.selection.token_views(layer)), p.token_slots,
+                    p.offsets, p.rows, p.pos, x["k"], x["v"], x["c"], impl=rt.impl)
+        if p.any_complete:
+            rt.selection.complete_chunks(layer, p.rows, p.pos, p.completes, p.chunk_ids)
 
     def _write_back(self, layer: int, p: StepPlan) -> None:
         if p.wb_src is None:

@@ -64,27 +64,24 @@ class SelectionState:
         self.ring[layer, row, pos % ks] = k[pos].to(self.ring.dtype)
 
     # -- decode ---------------------------------------------------------------------------------------
-    def append(
+    def token_views(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ring [R, kernel_size, Hkv, d], c [R, Hkv, max_tokens]) of `layer`: where a decode token's key
+        and bias are recorded (kernels.token_write, with the slot buffers' views)."""
+        return self.ring[layer], self.c[layer]
+
+    def complete_chunks(
         self,
         layer: int,
         rows: torch.Tensor,
         pos: torch.Tensor,
-        k: torch.Tensor,
-        c: torch.Tensor,
-        completes: torch.Tensor | None,
+        completes: torch.Tensor,
         chunk_ids: torch.Tensor,
     ) -> None:
-        """Record one token per request (rows [B], positions pos [B], k [B, Hkv, d], c [B, Hkv]).
-
-        completes [B] (0/1, None when no request completes a chunk this step): those requests append
-        chunk chunk_ids[b] (its K~ = mean of the recent-key ring, its chunk mean = mean of the last
-        kernel_size biases); the others rewrite chunk_ids[b] unchanged (fixed shapes, no host branch).
+        """After the token at pos [B] of rows [B] was recorded (token_views): requests with completes[b]
+        (0/1) append chunk chunk_ids[b] (its K~ = mean of the recent-key ring, its chunk mean = mean of the
+        last kernel_size biases); the others rewrite chunk_ids[b] unchanged (fixed shapes, no host branch).
         """
         ks = self.config.kernel_size
-        self.ring[layer][rows, pos % ks] = k.to(self.ring.dtype)
-        self.c[layer][rows[:, None], self.heads[None, :], pos[:, None]] = c.to(torch.float32)
-        if completes is None:
-            return
         done = completes != 0
         ck_new = self.ring[layer][rows].float().mean(dim=1).to(self.ck.dtype)
         ck_old = self.ck[layer][rows, chunk_ids]

@@ -95,15 +95,10 @@ class SlotBuffers:
         return ((rows.view(-1, 1) * self.num_kv_heads + self.heads.view(1, -1)) * self.slots_per_head)[..., None]
 
     # -- writes ----------------------------------------------------------------------------------------
-    def write_token(
-        self, layer: int, slots: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor
-    ) -> None:
-        """Store one token per (request, KV head): slots [B, Hkv] long, offsets [B] long (position in
-        the block), k/v [B, Hkv, d], c [B, Hkv]."""
-        kv = self.kv[:, layer].view(2, -1, self.block_size, self.head_dim)
-        off = offsets.view(-1, 1)
-        kv[:, slots, off] = torch.stack((k, v)).to(self.dtype)
-        self.c[layer][slots, off] = c.to(torch.float32)
+    def token_views(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kv [2, S, block_size * d], c [S, block_size]) of `layer`: where a decode token is written
+        (kernels.token_write, with the selection state's views)."""
+        return self.kv[:, layer], self.c[layer]
 
     def write_runs(
         self, layer: int, slots: torch.Tensor, k_runs: torch.Tensor, v_runs: torch.Tensor, c_runs: torch.Tensor
