@@ -450,6 +450,30 @@ def test_step_graph_path_equals_per_layer_decode_bit_for_bit(victim, order, part
     assert runs[1]["runner"].eager_steps == 120 and len(runs[1]["runner"].batches) == parts
 
 
+def test_write_back_hands_device_id_lists_to_the_copy_stream_only_inside_a_capture(monkeypatch):
+    """The step plan's device id lists are overwritten by the next step's upload. On CUDA only a captured
+    step (its graph ends after its write-backs) may give them to the write-back stream; an eager step
+    gives its CPU lists: a delayed write-back once read the next step's lists (-1) and a block never
+    reached the host (docs/runtime.md, GPU status). On CPU copies are synchronous: the device lists stay
+    (the twin above covers them)."""
+    rt = small_runtime(slots=10)
+    ids = drive(rt, [47, 40], steps=0, seed=fresh_seed())["ids"]  # req0's next token (position 47) fills a block
+    p = rt.begin_step(ids)
+    assert p.wb_src is not None and p.wb_src.numel() == rt.shape.num_kv_heads
+    taken = []
+    monkeypatch.setattr(rt.transfer, "write_back", lambda layer, src, dst, runs=None: taken.append(src))
+    rt.in_step_graph = True
+    for cuda, capturing, device_lists in ((False, False, True), (True, False, False), (True, True, True)):
+        monkeypatch.setattr(rt.transfer, "cuda", cuda)
+        monkeypatch.setattr(rt.transfer, "capturing", lambda capturing=capturing: capturing)
+        rt._decoder._write_back(0, p)
+        assert (taken[-1].data_ptr() == p.wb_padded[0].data_ptr()) == device_lists
+        assert (taken[-1] is p.wb_src) != device_lists
+    rt.in_step_graph = False
+    rt._decoder._write_back(0, p)
+    assert taken[-1] is p.wb_src  # outside StepGraphs: always the CPU lists
+
+
 def test_step_graphs_refuse_a_bad_batch_list():
     rt = small_runtime()
     for bad in ([], ["req0", "req1"], [[]]):
