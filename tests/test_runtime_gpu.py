@@ -180,8 +180,8 @@ def test_eager_step_graph_write_backs_reach_the_host():
     """StepGraphs runs each new kind of step eagerly once. Its write-backs, delayed here, must not read
     the step plan's device lists, which the next step's upload overwrites before the write-back stream
     gets to them (once seen as a wrong output after an evicted block was re-fetched): every block
-    written back equals the segment-graph path's, compared in the host store itself.
-    No CPU twin: CPU copies are synchronous."""
+    written back equals the segment-graph path's, compared in the host store itself. CPU twin of the
+    logic (CPU copies are synchronous): test_write_back_hands_device_id_lists_to_the_copy_stream_only_inside_a_capture."""
     s = seed()
     stores = []
     for step_graphs in (False, True):
