@@ -106,6 +106,7 @@ def resolve_slots(
     base = base.expand(B, H, 1).contiguous()
     if bias is not None:
         c_src, c_rows, c_slots = bias
+        c_rows = c_rows.contiguous()  # NOTE: the kernel reads rows[b] with unit stride (as h_rows, t_rows)
         check_tensor("c", c_src, 3, (torch.float32,))
         check_tensor("c_slots", c_slots, 2, (torch.float32,))
         if c_src.stride(2) != 1 or not c_slots.is_contiguous() or c_rows.shape != (B,):
@@ -115,6 +116,7 @@ def resolve_slots(
         c_src, c_rows, c_slots, block_size = stored_e, base, stored_e, 1  # valid pointers, never read
     if host is not None:
         h_table, h_rows = host
+        h_rows = h_rows.contiguous()
         check_tensor("host table", h_table, 2, (torch.int32,))
         if h_table.stride(1) != 1 or h_rows.shape != (B,):
             raise KernelArgumentError("host: the table needs a contiguous last dim and rows [B]")
@@ -122,6 +124,7 @@ def resolve_slots(
         h_table, h_rows = block_slot[0], base  # valid pointers, never read
     if tally is not None:
         row_counts, layer_counts, t_rows = tally
+        t_rows = t_rows.contiguous()
         check_tensor("row_counts", row_counts, 2, (torch.int64,))
         check_tensor("layer_counts", layer_counts, 1, (torch.int64,))
         if not row_counts.is_contiguous() or row_counts.shape[1] != 2 or layer_counts.stride(0) != 1 \

@@ -72,8 +72,10 @@ def write_token(buf: TokenBuffers, slots: torch.Tensor, offsets: torch.Tensor, r
     if resolve_impl(impl, device) == "torch":
         write_token_torch(buf, slots, offsets, rows, pos, k, v, c)
     elif B * H:
-        # NOTE: torch rounds k and v to the buffers' dtype (the interpreter's own casts differ in the last bit)
-        k, v = k.to(buf.kv.dtype), v.to(buf.kv.dtype)
+        # NOTE: torch rounds k and v to the buffers' dtype (the interpreter's own casts differ in the last
+        # bit); the kernel reads k/v rows and the [B] index vectors with unit stride
+        k, v = k.to(buf.kv.dtype).contiguous(), v.to(buf.kv.dtype).contiguous()
+        offsets, rows, pos = offsets.contiguous(), rows.contiguous(), pos.contiguous()
         _write_token_kernel[(B * H,)](
             buf.kv, buf.c_slots, buf.ring, buf.c_tokens, slots, offsets, rows, pos, k, v, c,
             H, d, buf.ring.shape[1],

@@ -42,6 +42,17 @@ def test_kernel_equals_torch_statement(gen, dtype, in_dtype, B, H, d):
         assert not torch.equal(w, before), f"{name}: nothing was written"  # the check can fail
 
 
+def test_strided_inputs(gen):
+    """k / v with a non-unit last stride and strided index vectors store the same as contiguous ones."""
+    buf, (slots, offsets, rows, pos, k, v, c) = case(gen, 3, 2, 16, bs=8, ks=4, dtype=torch.float32,
+                                                     in_dtype=torch.float32)
+    want, got = clone(buf), clone(buf)
+    write_token(want, slots, offsets, rows, pos, k, v, c, impl="torch")
+    strided = lambda t: torch.stack((t, torch.zeros_like(t)), -1)[..., 0]  # noqa: E731 - same values, stride 2
+    write_token(got, slots, strided(offsets), strided(rows), strided(pos), strided(k), strided(v), c, impl="triton")
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
 def test_torch_statement_stores_where_the_runtime_reads(gen):
     """The token lands at (slot, offset) of the runs, at (row, pos % kernel_size) of the ring and at
     (row, head, pos) of the per-token biases; nothing else changes."""
