@@ -57,7 +57,7 @@ def resolve_slots(
     """The residency diff; updates block_slot / slot_block / last_step / stored_e in place.
 
     Args:
-        sel: [B, Hkv, K] long selected blocks (-1 padding).
+        sel: [B, Hkv, K] int32 / int64 selected blocks (-1 padding): the top-k's output as it is.
         block_slot: [B, Hkv, MB + 1] int32 (last column: spill); slot_block, last_step: [B, Hkv, S + 2]
             int32; stored_e: [B, Hkv, S + 2] float32 (S = capacity; column S is the tail slot).
         E: [B, Hkv, NB] float32 eviction block scores (score victims key on E of each slot's block), or None.
@@ -74,7 +74,7 @@ def resolve_slots(
             micro-batches on two streams may tally one layer at once), as `counters.tally_diff`;
             Diff.counts is then None.
     """
-    check_tensor("sel", sel, 3, (torch.int64,))
+    check_tensor("sel", sel, 3, (torch.int32, torch.int64))
     B, H, K = sel.shape
     S = capacity
     tables = (("block_slot", block_slot, torch.int32, None), ("slot_block", slot_block, torch.int32, S + 2),
@@ -164,7 +164,7 @@ def _resolve_kernel(
     base = tl.load(BASE + pid)
     offs_k = tl.arange(0, K_PAD)
     k_ok = offs_k < K
-    sel = tl.load(SEL + b * s_sel_b + h * s_sel_h + offs_k, mask=k_ok, other=-1)
+    sel = tl.load(SEL + b * s_sel_b + h * s_sel_h + offs_k, mask=k_ok, other=-1).to(tl.int64)
     valid = sel >= 0
     bs_row = BS + b * s_bs_b + h * s_bs_h
     sb_row = SB + b * s_sb_b + h * s_sb_h

@@ -249,8 +249,8 @@ class LayerDecoder:
         E = eviction_block_scores(ce, p.n_chunks, p.seq_lens, cfg, impl=rt.impl, num_blocks=p.num_blocks)
         S = decode_block_scores(q, ck, p.n_chunks, p.seq_lens, cfg, impl=rt.impl, num_blocks=p.num_blocks)
         sel = select_topk(S, E if nosa else None, p.seq_lens, cfg, rt.selection_policy, impl=rt.impl)
-        sel_l = sel.long()
         if rt.gpu_only:
+            sel_l = sel.long()
             valid = sel_l >= 0
             n = valid.sum(dim=(1, 2))
             rt.counters.add_diff(layer, p.rows, p.row_range, torch.stack((n, torch.zeros_like(n)), dim=-1))
@@ -258,7 +258,7 @@ class LayerDecoder:
         view = rt.slots.rows_view(layer, p.rows, p.row_range)
         if view.rows is not None:
             state["view"] = view  # gathered copies (eager only): committed after attention
-        diff = rt.slots.resolve(layer, view, sel_l, E, rt._victims, rt._step_t, p.slot_base,
+        diff = rt.slots.resolve(layer, view, sel, E, rt._victims, rt._step_t, p.slot_base,
                                 bias=(rt.selection.c_layer(layer), p.rows), host=(rt.host_table, p.rows),
                                 tally=rt.counters.diff_tally(layer, p.rows))
         return sel, diff.slot_ids, diff.fetch, E

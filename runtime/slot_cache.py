@@ -240,7 +240,7 @@ class GpuSlotCache(SlotBuffers):
 
         Args:
             view: rows_view of the batch (committed by the caller after the step's map updates).
-            sel: [B, Hkv, K] long selected blocks (-1 padding); E: [B, Hkv, NB] eviction block scores.
+            sel: [B, Hkv, K] int32 / int64 selected blocks (-1 padding); E: [B, Hkv, NB] eviction block scores.
             step: 0-dim int32 device tensor; base: [B, Hkv, 1] global slot of local slot 0 of each (row, head).
             bias: (c [R, Hkv, max_tokens] float32 per-token biases of every row, rows [B] long): also copy
                 each miss's block of biases into its victim slot of c_slots (hits have theirs already).
@@ -255,6 +255,7 @@ class GpuSlotCache(SlotBuffers):
                               bias=None if bias is None else (*bias, self.c[layer]), host=host, tally=tally)
             return ResidencyDiff(*d)
         S = self.capacity
+        sel = sel.long()
         valid = sel >= 0
         local = view.block_slot.gather(-1, torch.where(valid, sel, self.max_blocks)).long()
         miss = valid & (local < 0)

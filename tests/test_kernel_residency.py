@@ -89,7 +89,9 @@ def test_fused_diff_equals_torch_path(gen, victim, active, gathered_rows):
             twin.fused_diff = True
             tallies = [(torch.full((R, 2), 5, device=DEVICE), torch.full((3,), 7, device=DEVICE)) for _ in range(2)]
             use = step % 2 == 1  # counts tallied into counters on odd steps, returned on even ones (all-hit rows)
-            got = run(twin, sel, E, policy, step, rows, c, host_table, tallies[0] if use else None)
+            # the kernel takes the top-k's int32 as it is (odd steps) or int64; the torch path int64
+            got = run(twin, sel.int() if step % 2 else sel, E, policy, step, rows, c, host_table,
+                      tallies[0] if use else None)
             want = run(cache, sel, E, policy, step, rows, c, host_table, tallies[1] if use else None)
             for name, g, w in zip(("slot_ids", "miss", "dst_slots", "counts", "fetch"), got, want, strict=True):
                 if name == "counts" and use:
