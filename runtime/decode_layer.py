@@ -250,11 +250,10 @@ class LayerDecoder:
         S = decode_block_scores(q, ck, p.n_chunks, p.seq_lens, cfg, impl=rt.impl, num_blocks=p.num_blocks)
         sel = select_topk(S, E if nosa else None, p.seq_lens, cfg, rt.selection_policy, impl=rt.impl)
         if rt.gpu_only:
-            sel_l = sel.long()
-            valid = sel_l >= 0
+            valid = sel >= 0
             n = valid.sum(dim=(1, 2))
             rt.counters.add_diff(layer, p.rows, p.row_range, torch.stack((n, torch.zeros_like(n)), dim=-1))
-            return sel, torch.where(valid, p.slot_base + sel_l, -1), None, E
+            return sel, torch.where(valid, p.slot_base + sel, -1), None, E  # int32 + int64 slot base: int64
         view = rt.slots.rows_view(layer, p.rows, p.row_range)
         if view.rows is not None:
             state["view"] = view  # gathered copies (eager only): committed after attention
