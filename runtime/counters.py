@@ -92,9 +92,9 @@ class Counters:
         """counts [B, 2] (selected, misses) of the batch rows `rows` [B] (a contiguous row_range if given)."""
         if row_range is not None:
             self.row_counts[row_range[0] : row_range[1]] += counts
-            self.layer_counts.view(-1).index_add_(0, self._layer_idx[layer, :N_ROW], counts.sum(dim=0))
         else:
-            tally_diff(*self.diff_tally(layer, rows), counts)
+            self.row_counts.index_add_(0, rows, counts)
+        self.layer_counts.view(-1).index_add_(0, self._layer_idx[layer, :N_ROW], counts.sum(dim=0))
 
     def diff_tally(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(row_counts, this layer's counts, rows): where a residency diff of `rows` adds its counts."""
