@@ -53,10 +53,6 @@ DECODE_LAUNCH = {"num_warps": 4, "num_stages": 2}
 #: slot-list entries one loop step reads: two (128 K/V rows a stage) moved B >= 64 from 75-94 % of the
 #: byte roofline to 88-101 % (H200, scripts/sweep_decode_variants.py); four would double the tile again
 ENTRIES_PER_STEP = 2
-#: splits of at most this many entries load their whole slot list before the loop (0: never), so the
-#: K/V loads of a step wait on no list load; a candidate for the latency-bound 1B-like B 16 shape, swept
-#: by scripts/sweep_decode_variants.py, off until measured
-HOIST_LIST_MAX = 0
 
 
 class DecodeAttention(NamedTuple):
@@ -215,8 +211,7 @@ def _sparse_decode_triton(q, k_slots, v_slots, c_slots, slot_ids, block_ids, seq
         block_ids.stride(0), block_ids.stride(1), block_ids.stride(2),
         o.stride(0), o.stride(1),
         G=G, BLOCK_G=max(16, next_pow2(G)), HEAD_DIM=d, BLOCK_SIZE=bs, SPLIT=split_mode,
-        IEEE=fp32_dot(q.dtype), ENTRIES=ENTRIES_PER_STEP,
-        HOIST=next_pow2(per_split) if 0 < per_split <= HOIST_LIST_MAX else 0, **DECODE_LAUNCH,
+        IEEE=fp32_dot(q.dtype), ENTRIES=ENTRIES_PER_STEP, **DECODE_LAUNCH,
     )
     if split_mode:
         _merge_kernel[(B * Hq,)](
@@ -233,7 +228,7 @@ def _decode_kernel(
     s_qb, s_qh, s_ks, s_kt, s_vs, s_vt, s_cs, s_ct,
     s_ib, s_ih, s_in, s_bb, s_bh, s_bn, s_ob, s_oh,
     G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    SPLIT: tl.constexpr, IEEE: tl.constexpr, ENTRIES: tl.constexpr, HOIST: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr, ENTRIES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -256,21 +251,11 @@ def _decode_kernel(
     n_hi = tl.minimum(n_lo + per_split, n_entries)
     offs_r = tl.arange(0, ENTRIES * BLOCK_SIZE)  # ENTRIES slot-list entries per step, BLOCK_SIZE rows each
     offs_t = offs_r % BLOCK_SIZE
-    if HOIST > 0:  # the split's whole list up front: no list load between a loop step and its K/V loads
-        offs_n = tl.arange(0, HOIST)
-        in_split = offs_n < n_hi - n_lo
-        slot_list = tl.load(slot_row + (n_lo + offs_n) * s_in, mask=in_split, other=-1).to(tl.int64)
-        blk_list = tl.load(blk_row + (n_lo + offs_n) * s_bn, mask=in_split, other=-1).to(tl.int64)
     for n in range(n_lo, n_hi, ENTRIES):
         entry = n + offs_r // BLOCK_SIZE
         listed = entry < n_hi
-        if HOIST > 0:
-            pick = (entry - n_lo)[:, None] == offs_n[None, :]
-            slot = tl.where(listed, tl.sum(tl.where(pick, slot_list[None, :], 0), 1), -1)
-            blk = tl.where(listed, tl.sum(tl.where(pick, blk_list[None, :], 0), 1), -1)
-        else:
-            slot = tl.load(slot_row + entry * s_in, mask=listed, other=-1).to(tl.int64)
-            blk = tl.load(blk_row + entry * s_bn, mask=listed, other=-1).to(tl.int64)
+        slot = tl.load(slot_row + entry * s_in, mask=listed, other=-1).to(tl.int64)
+        blk = tl.load(blk_row + entry * s_bn, mask=listed, other=-1).to(tl.int64)
         pos = blk * BLOCK_SIZE + offs_t
         valid = (pos < seq_len) & (slot >= 0) & (blk >= 0)
         k = tl.load(K + slot[:, None] * s_ks + offs_t[:, None] * s_kt + offs_d[None, :], mask=valid[:, None], other=0.0)

@@ -3,14 +3,15 @@
 benchmarks/kernels.py found the 1B-like layer at B 16 at 52 % of its roofline (30 us for 16 us of
 bytes) while every other B >= 16 shape ran at 75-95 %: 256 short programs plus a second launch that
 merges their splits. This sweeps, in one process on the same inputs, slot-list entries per loop step
-(`ENTRIES_PER_STEP`: more K/V rows in flight), the split's slot list loaded before the loop
-(`HOIST_LIST_MAX`: no list load between a step and its K/V loads), split counts and warps/stages;
+(`ENTRIES_PER_STEP`: more K/V rows in flight), split counts and warps/stages;
 every variant is checked equal to the default first.
 
 Measured 2026-11-29 (H200, kernels.md): two entries a step moved every B >= 64 shape to 88-101 % and
 the 8B-like B 16 to 81 %; the 1B-like B 16 stayed at ~51 % (31 us). Merging the splits in the decode
 kernel instead (the last split of a group, found by an atomic count, merging in a loop) was measured
-too and lost: equal at B 16, 2.7x slower at B 1 (64 splits merged serially: 26 vs 9.7 us).
+too and lost: equal at B 16, 2.7x slower at B 1 (64 splits merged serially: 26 vs 9.7 us). Loading a
+short split's whole slot list before the loop (so no list load sits between a step and its K/V loads)
+was measured and removed too: 1B-like B 16 29.5 -> 30.8 us with two entries, 46 us with four.
 
     python scripts/sweep_decode_variants.py
 """
@@ -24,20 +25,17 @@ from report import table  # noqa: E402
 
 from nosa_sglang.kernels import sparse_decode  # noqa: E402
 
-VARIANTS = [  # entries per step, warps, stages, HOIST_LIST_MAX
-    (1, 4, 2, 0), (2, 4, 2, 0), (2, 4, 3, 0), (2, 8, 2, 0), (4, 4, 2, 0), (4, 8, 2, 0),
-    (2, 4, 2, 16), (2, 4, 3, 16), (4, 4, 2, 16),
-]
+VARIANTS = [(1, 4, 2), (2, 4, 2), (2, 4, 3), (2, 8, 2), (4, 4, 2), (4, 8, 2)]  # entries a step, warps, stages
 
 
-def set_variant(entries, warps, stages, hoist) -> None:
-    sparse_decode.ENTRIES_PER_STEP, sparse_decode.HOIST_LIST_MAX = entries, hoist
+def set_variant(entries, warps, stages) -> None:
+    sparse_decode.ENTRIES_PER_STEP = entries
     sparse_decode.DECODE_LAUNCH.update(num_warps=warps, num_stages=stages)
 
 
 def main() -> int:
     default = (sparse_decode.ENTRIES_PER_STEP, sparse_decode.DECODE_LAUNCH["num_warps"],
-               sparse_decode.DECODE_LAUNCH["num_stages"], sparse_decode.HOIST_LIST_MAX)
+               sparse_decode.DECODE_LAUNCH["num_stages"])
     bw = d2d_bandwidth()
     print(f"device-to-device copy bandwidth (read + write) {bw:.0f} GB/s", flush=True)
     rows, md = [], []
@@ -59,15 +57,15 @@ def main() -> int:
                     us = 1e3 * bench_graph(rotating([
                         lambda s=s, b=b, ns=ns: sparse_decode.sparse_decode_attention(q, ks, vs, cs, s, b, sl, num_splits=ns)
                         for s, b in lists]))
-                    entries, warps, stages, hoist = variant
-                    rows.append([shape, B, ns, entries, f"w{warps} s{stages}", hoist or "-",
+                    entries, warps, stages = variant
+                    rows.append([shape, B, ns, entries, f"w{warps} s{stages}",
                                  round(us, 1), round(floor_us, 1), round(100 * floor_us / us, 1)])
                     print(rows[-1], flush=True)
             del q, ks, vs, cs, lists
             torch.cuda.empty_cache()
     set_variant(*default)
     table("Sparse decode launch variants (context 16K, CUDA graph replay, L2 flushed)",
-          ["shape", "batch", "splits", "entries/step", "warps/stages", "list up front (max)", "us", "roofline us", "% roofline"],
+          ["shape", "batch", "splits", "entries/step", "warps/stages", "us", "roofline us", "% roofline"],
           rows, md)
     return 0
 
