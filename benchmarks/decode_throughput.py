@@ -151,12 +151,8 @@ def step_graph_runner(rt: NosaRuntime, parts: MicroBatches, work: Workload, B: i
     k = torch.empty((L, B, s.num_kv_heads, s.head_dim), dtype=s.dtype, device=dev)
     v, c = torch.empty_like(k), torch.empty((L, B, s.num_kv_heads), device=dev)
 
-    def body():
-        out = [parts.decode(layer, q[layer], k[layer], v[layer], c[layer]) for layer in range(L)]
-        parts.join()
-        return out
-
-    graphs = StepGraphs(rt, [part.request_ids for part in parts.parts], body)
+    graphs = StepGraphs(rt, [part.request_ids for part in parts.parts],  # NOTE: the runtime joins the parts
+                        lambda: [parts.decode(layer, q[layer], k[layer], v[layer], c[layer]) for layer in range(L)])
 
     def step() -> None:
         work.next_step_into(q, k, v, c)
@@ -428,10 +424,10 @@ def simulate(args) -> None:
     cfg = NosaConfig()
     shape = ModelShape(1, 8, 2, 64, torch.float32)
     rows = []
-    for qm in ("iid", "drift"):
+    for qm in args.query_models:
         for policy in ("nosa", "infllmv2"):
-            for victim in ("eviction_score", "lru"):
-                for slots in (64, 80, 128):
+            for victim in args.sim_victims.split(","):
+                for slots in (int(x) for x in args.sim_slots.split(",")):
                     for prefetch in ((True, False) if policy == "nosa" and slots > 64 else (False,)):
                         knobs = OffloadKnobs(gpu_slots=slots, victim_policy=victim, prefetch=prefetch)
                         T = args.sim_context
@@ -498,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sim-context", type=int, default=16384)
     p.add_argument("--sim-steps", type=int, default=400)
     p.add_argument("--sim-warmup", type=int, default=50)
+    p.add_argument("--sim-slots", default="64,80,128", help="comma list of GPU slots per head to simulate")
+    p.add_argument("--sim-victims", default="eviction_score,lru")
     p.add_argument("--out", default="")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: a smoke run of the plumbing (tiny --contexts 4k, --host-gib / --gpu-gib small)")

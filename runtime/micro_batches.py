@@ -53,11 +53,3 @@ class MicroBatches:
                     o = self.rt.decode(layer, ids, q[sl], k[sl], v[sl], c[sl])
                 out.append((o, self.rt.last_selection(layer)))
         return out
-
-    def join(self) -> None:
-        """The current stream waits for every part's stream (a step captured as one graph must end
-        joined; StepGraphs)."""
-        here = torch.cuda.current_stream() if self.parts[0].stream is not None else None
-        for part in self.parts:
-            if part.stream is not None:
-                here.wait_stream(part.stream)

@@ -24,6 +24,7 @@ from nosa_sglang.runtime.full_residency import FullResidency
 from nosa_sglang.runtime.host_store import HostKVStore, HostMemoryExhausted
 from nosa_sglang.runtime.knob_queue import KnobQueue, KnobRequest
 from nosa_sglang.runtime.knobs import KnobError, OffloadKnobs
+from nosa_sglang.runtime.plan_streams import PlanStreams
 from nosa_sglang.runtime.prompt import PromptLoader
 from nosa_sglang.runtime.selection_state import SelectionState
 from nosa_sglang.runtime.slot_cache import GpuSlotCache, host_run_ids
@@ -136,6 +137,7 @@ class NosaRuntime:
         self._decoder = LayerDecoder(self, cuda_graphs and self.device.type == "cuda")
         self.cuda_graphs = self._decoder.graphs is not None  # static buffers + segment graphs (CUDA only)
         self.in_step_graph = False  # set by StepGraphs while a whole step runs as (or for) one graph
+        self.capture_stream: torch.cuda.Stream | None = None  # set by StepGraphs while it captures a step
         self.graph_generation = 0  # bumped whenever captured graphs become invalid
         self._last_selection: dict[int, torch.Tensor] = {}
         self._heads = torch.arange(H, device=self.device)
@@ -308,6 +310,7 @@ class NosaRuntime:
         """Store one new token per request in `layer`: k, v [B, Hkv, d] (post-RoPE k), c [B, Hkv].
         The first append of a step may raise HostMemoryExhausted (a new block) and then changes nothing."""
         p = self._plan_for(tuple(request_ids), layer)
+        self._enter(p)
         self._decoder.append(layer, p, k, v, c)
         p.appended.add(layer)
 
@@ -317,6 +320,7 @@ class NosaRuntime:
         p = self._plans.get(tuple(request_ids))
         if p is None or layer not in p.appended:
             raise RuntimeUsageError(f"attend(layer={layer}): append this batch's tokens in layer {layer} first")
+        self._enter(p)
         o = self._decoder.attend(layer, p, q)
         p.attended.add(layer)
         return o
@@ -330,10 +334,12 @@ class NosaRuntime:
         Micro-batches: a step may decode disjoint sets of running requests separately, each through
         every layer, e.g. two halves of the batch, each under its own `torch.cuda.stream`, interleaved
         layer by layer. The streams then overlap one micro-batch's copies with the other's compute;
-        the results are those of one batch. Each micro-batch's first call orders its stream after the
-        last admission, release or step boundary, and `step_boundary()` orders the calling stream
-        after every micro-batch's stream."""
+        the results are those of one batch. Every stream's first layer of a micro-batch waits for
+        that micro-batch's step plan (built after the last admission, release or step boundary), and
+        `step_boundary()` orders the calling stream after every stream that ran a layer (PlanStreams).
+        The layer's inputs stay the caller's to order."""
         p = self._plan_for(tuple(request_ids), layer)
+        self._enter(p)
         o = self._decoder.decode(layer, p, q, k, v, c)
         p.appended.add(layer)
         p.attended.add(layer)
@@ -400,13 +406,23 @@ class NosaRuntime:
                 raise RuntimeUsageError(f"{what}: a decode step is open (call step_boundary() after the last layer)")
 
     def _join_micro_batch_streams(self) -> None:
-        """The calling stream waits for the work of every micro-batch stream of this step."""
+        """The calling stream waits for the work of every stream that ran a layer this step."""
         if self._ordered is None:
             return
         here = torch.cuda.current_stream()
-        for s in {p.stream for p in self._plans.values()}:
-            if s != here:
-                here.wait_stream(s)
+        for p in self._plans.values():
+            p.streams.join_into(here)
+
+    def _enter(self, p: StepPlan) -> None:
+        """The current stream is about to run a layer of `p`: order it after the plan (PlanStreams)."""
+        if p.streams is not None:
+            p.streams.enter(torch.cuda.current_stream(), self.capture_stream)
+
+    def join_forked_plan_streams(self) -> None:
+        """End of a StepGraphs capture: the capture stream joins every stream that forked from it."""
+        for p in self._plans.values():
+            if p.streams is not None:
+                p.streams.join_forked(self.capture_stream)
 
     def _order_after_host_changes(self) -> None:
         """Mark the calling stream's position after an admission, a release or a step boundary: the
@@ -434,6 +450,9 @@ class NosaRuntime:
             if r.seq_len + 1 > self.max_seq_len:
                 raise ValueError(f"request {r.request_id!r}: {r.seq_len + 1} tokens exceed "
                                  f"max_seq_len={self.max_seq_len}")
+        if self.capture_stream is not None:
+            raise RuntimeUsageError(f"batch {request_ids}: not begun before the step's capture (a plan's upload "
+                                    f"cannot be captured; StepGraphs begins every batch it was given)")
         if self._ordered is not None:
             torch.cuda.current_stream().wait_event(self._ordered)
         p = self._plans[request_ids] = self._build_plan(request_ids, reqs)
@@ -460,7 +479,6 @@ class NosaRuntime:
                             tail_slot, base, H, self.config, self.device,
                             num_blocks=self.max_blocks if graphs else None,
                             static=self._decoder.static_plan_buffer([r.row for r in reqs]))
-        p.stream = torch.cuda.current_stream() if self._ordered is not None else None
         if updates:
             t = torch.tensor(updates, dtype=torch.long).T.contiguous()
             if self.device.type == "cuda":
@@ -469,6 +487,10 @@ class NosaRuntime:
         if self.gpu_only:
             for r in reqs:
                 self.slots.set_blocks(r.row, self.config.num_blocks(r.seq_len + 1))
+        if self._ordered is not None:
+            uploaded = torch.cuda.Event()
+            uploaded.record()
+            p.streams = PlanStreams(torch.cuda.current_stream(), uploaded)
         return p
 
     def host_runs(self, p: StepPlan, blocks: torch.Tensor) -> torch.Tensor:

@@ -37,8 +37,9 @@ class StepGraphs(Generic[T]):
     """Decode steps of `batches` through `body`, captured per key.
 
     batches: the step's micro-batches, each a sequence of request ids (usually one: `[ids]`).
-    body: every layer's `rt.decode` of every micro-batch; it must leave its work joined to the stream
-    it was called on (a capture must end joined: `MicroBatches.join()`)."""
+    body: every layer's `rt.decode` of every micro-batch, on any streams: the runtime orders each
+    stream after its plan (or forks it into the capture) and joins them all (PlanStreams); the body
+    orders only its own data, e.g. inputs it makes on one stream and reads on another."""
 
     def __init__(self, rt: NosaRuntime, batches: Sequence[Sequence[str]], body: Callable[[], T]) -> None:
         if rt.device.type == "cuda" and not rt.cuda_graphs:
@@ -112,7 +113,9 @@ class StepGraphs(Generic[T]):
             # NOTE: thread_local: control threads (snapshot -> event queries) keep running meanwhile
             try:
                 with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                    rt.capture_stream = torch.cuda.current_stream()
                     out = self.body()
+                    rt.join_forked_plan_streams()
                     if rt.transfer is not None:
                         rt.transfer.join_forked()
             except BaseException:
@@ -121,7 +124,11 @@ class StepGraphs(Generic[T]):
                 for p in plans:  # NOTE: nothing ran; the step may be repeated
                     p.appended.clear()
                     p.attended.clear()
+                    if p.streams is not None:
+                        p.streams.forked.clear()
                 raise
+            finally:
+                rt.capture_stream = None
             return out
 
         out = self._in_step_graph(capture)

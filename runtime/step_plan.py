@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nosa_sglang.config import NosaConfig
+from nosa_sglang.runtime.plan_streams import PlanStreams
 
 #: per-request int64 fields of the packed layout, in order (then token_slots and slot_base, Hkv each)
 FIELDS = ("rows", "pos", "seq_lens", "n_chunks", "offsets", "tail_blocks", "opens", "completes", "chunk_ids", "perm",
@@ -54,7 +55,7 @@ class StepPlan:
     table_update: list[tuple[int, int, int]] = field(default_factory=list)  # (row, block, host block)
     appended: set[int] = field(default_factory=set)
     attended: set[int] = field(default_factory=set)
-    stream: object | None = None  # CUDA: the stream this micro-batch runs on (joined at the step boundary)
+    streams: PlanStreams | None = None  # CUDA: the streams that ran its layers (ordered by the runtime)
 
 
 def packed_len(batch: int, num_kv_heads: int) -> int:

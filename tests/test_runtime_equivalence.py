@@ -8,6 +8,8 @@ sparse after a few hundred tokens; slot counts topk / topk * 1.25 / 2 * topk mir
 
 from __future__ import annotations
 
+import contextlib
+
 
 import os
 from dataclasses import replace
@@ -109,7 +111,8 @@ def random_prompt(shape: ModelShape, T: int, g: torch.Generator, device):
 
 def drive(rt: NosaRuntime, prompt_lens: list[int], steps: int, seed: int, check: bool = True,
           order: list[int] | None = None, collect: bool = False, allow_near_ties: bool = False,
-          on_attend=None, fused: bool = False, micro_batches: int = 1, step_graphs: bool = False) -> dict:
+          on_attend=None, fused: bool = False, micro_batches: int = 1, step_graphs: bool = False,
+          unordered_delay: int | None = None) -> dict:
     """Run `steps` decode steps of random tokens/queries; compare every layer with the reference
     (`collect`: also return every output, on the host).
 
@@ -120,7 +123,10 @@ def drive(rt: NosaRuntime, prompt_lens: list[int], steps: int, seed: int, check:
     `micro_batches`: the batch cut into that many contiguous parts (`MicroBatches`: on CUDA each on its
     own stream), each decoded separately per layer.
     `step_graphs`: every step through `StepGraphs` (on CUDA one graph per step), its layers reading
-    inputs from fixed buffers; the checks follow the step."""
+    inputs from fixed buffers; the checks follow the step.
+    `unordered_delay` (with step_graphs): a body that orders none of its part streams (`unordered_body`),
+    and on CUDA sleep kernels of that many cycles before each step (the caller's stream: late inputs
+    and plan uploads) and before each part's last output copy (late part streams)."""
     shape, cfg, dev = rt.shape, rt.config, rt.device
     g = torch.Generator().manual_seed(seed)
     mirror = ReferenceMirror(len(prompt_lens), shape, max(prompt_lens) + steps + 1, dev)
@@ -140,9 +146,11 @@ def drive(rt: NosaRuntime, prompt_lens: list[int], steps: int, seed: int, check:
         for layer in range(shape.num_layers):
             inputs[layer] = [torch.empty((len(idx), n, d), dtype=shape.dtype, device=dev) for n in (Hq, H, H)]
             inputs[layer].append(torch.empty((len(idx), H), device=dev))
-        runner = StepGraphs(rt, [part.request_ids for part in parts.parts],
-                            lambda: [decode_parts(parts, layer, *inputs[layer], fused=True)
-                                     for layer in range(shape.num_layers)])
+        body = (lambda: [decode_parts(parts, layer, *inputs[layer], fused=True)
+                         for layer in range(shape.num_layers)])
+        if unordered_delay is not None:
+            body = unordered_body(parts, inputs, shape, unordered_delay)
+        runner = StepGraphs(rt, [part.request_ids for part in parts.parts], body)
     for _ in range(steps):
         for layer in range(shape.num_layers):
             k = torch.randn(len(idx), H, d, generator=g).to(dev, shape.dtype)
@@ -154,6 +162,8 @@ def drive(rt: NosaRuntime, prompt_lens: list[int], steps: int, seed: int, check:
             else:
                 for buf, x in zip(inputs[layer], (q, k, v, c)):
                     buf.copy_(x)
+        if unordered_delay and dev.type == "cuda":
+            torch.cuda._sleep(unordered_delay)
         step_out = runner.step() if runner is not None else None
         for layer in range(shape.num_layers):
             q, k, v, c = inputs[layer]
@@ -162,7 +172,7 @@ def drive(rt: NosaRuntime, prompt_lens: list[int], steps: int, seed: int, check:
             else:
                 o, mine = step_out[layer]
             if collect:
-                outputs.append(o.cpu())
+                outputs.append(o.to("cpu", copy=True))  # NOTE: a CPU .cpu() would alias a reused buffer
             if on_attend is not None:
                 on_attend(layer)
             if check:
@@ -181,6 +191,31 @@ def drive(rt: NosaRuntime, prompt_lens: list[int], steps: int, seed: int, check:
         mirror.step(idx)
     return {"worst": worst, "selection_mismatches": mismatches, "near_ties": near_ties, "snapshot": rt.snapshot(),
             "ids": ids, "outputs": outputs, "runner": runner}
+
+
+def unordered_body(parts: MicroBatches, inputs: list, shape: ModelShape, delay: int):
+    """A StepGraphs body that, like an attention backend's forward, runs each part's layers on the part's
+    stream and neither orders those streams after the caller's nor joins them: the runtime must (its
+    plan's upload, PlanStreams). Each part writes its outputs and selections into fixed buffers, the
+    last layer's after a sleep (a part stream that finishes late)."""
+    B, L, dev = inputs[0][0].shape[0], shape.num_layers, inputs[0][0].device
+    outs = [(torch.empty((B, shape.num_q_heads, shape.head_dim), dtype=shape.dtype, device=dev),
+             torch.empty((B, shape.num_kv_heads, parts.rt.config.topk_blocks), dtype=torch.long, device=dev))
+            for _ in range(L)]
+
+    def body():
+        for layer in range(L):
+            q, k, v, c = inputs[layer]
+            for part in parts.parts:
+                sl = part.rows
+                with torch.cuda.stream(part.stream) if part.stream is not None else contextlib.nullcontext():
+                    o = parts.rt.decode(layer, part.request_ids, q[sl], k[sl], v[sl], c[sl])
+                    if layer == L - 1 and delay and part.stream is not None:
+                        torch.cuda._sleep(delay)
+                    outs[layer][0][sl].copy_(o)
+                    outs[layer][1][sl].copy_(parts.rt.last_selection(layer))
+        return outs
+    return body
 
 
 def decode_parts(parts: MicroBatches, layer: int, q, k, v, c, fused: bool):
@@ -433,16 +468,19 @@ def test_micro_batch_segments_have_their_own_static_buffers(inline):
 
 
 @pytest.mark.parametrize("inline", [False, True])
-@pytest.mark.parametrize("victim, order, parts", [("lru", None, 1), ("eviction_score", [2, 0, 1], 1), ("lru", [1, 0, 2], 2)])
-def test_step_graph_path_equals_per_layer_decode_bit_for_bit(victim, order, parts, inline):
+@pytest.mark.parametrize("victim, order, parts, unordered", [
+    ("lru", None, 1, False), ("eviction_score", [2, 0, 1], 1, False), ("lru", [1, 0, 2], 2, False),
+    ("lru", [1, 0, 2], 2, True)])
+def test_step_graph_path_equals_per_layer_decode_bit_for_bit(victim, order, parts, unordered, inline):
     """The path a captured step takes (StepGraphs: plans before the layers, inputs read in place,
-    write-backs from the padded device lists; one batch or two micro-batches), run eagerly on CPU: the
-    reference's selections, and the per-layer decode's outputs and counters (write-back bytes
-    included) bit for bit."""
+    write-backs from the padded device lists; one batch or two micro-batches, through the usual body
+    or one that writes fixed output buffers and orders no stream), run eagerly on CPU: the reference's
+    selections, and the per-layer decode's outputs and counters (write-back bytes included) bit for bit."""
     seed = fresh_seed()
     runs = [drive(small_runtime(slots=10, victim=victim, inline_gather=inline), [150, 161, 40], steps=120,
                   seed=seed, collect=True, fused=True, order=order, step_graphs=graphs,
-                  micro_batches=parts if graphs else 1) for graphs in (False, True)]
+                  micro_batches=parts if graphs else 1, unordered_delay=0 if graphs and unordered else None)
+            for graphs in (False, True)]
     assert all(r["selection_mismatches"] == 0 for r in runs)
     assert all(torch.equal(a, b) for a, b in zip(runs[0]["outputs"], runs[1]["outputs"]))
     assert counts(runs[0]) == counts(runs[1])

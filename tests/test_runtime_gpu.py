@@ -167,6 +167,29 @@ def test_step_graphs_equal_reference_and_segment_graphs(inline, victim, order, d
     assert runner.captures >= 3 and runner.replays >= 140 - runner.eager_steps, vars(runner)
 
 
+@pytest.mark.parametrize("inline", [False, True])
+def test_step_graphs_order_and_join_the_body_streams_themselves(inline):
+    """A StepGraphs body that runs two micro-batches on their own streams and orders none of them (an
+    attention backend's forward does not know about the runtime's plans): the runtime makes each
+    stream wait for its plan's upload (or forks it into the capture) and joins them at the boundary.
+    A sleep on the caller's stream before every step makes the inputs and the plan upload late, and
+    one on each part stream before its last output copy makes the parts late: the outputs still equal
+    one batch's under segment graphs bit for bit. CPU twin of the ordering logic:
+    test_plan_streams_wait_for_the_upload_fork_in_captures_and_join_at_the_boundary."""
+    s = seed()
+    runs = []
+    for unordered in (False, True):
+        rt = small_runtime(slots=10, victim="lru", device="cuda", mode="zero_copy", cuda_graphs=True,
+                           inline_gather=inline)
+        runs.append(drive(rt, [150, 161, 40], steps=80, seed=s, collect=True, allow_near_ties=True, fused=True,
+                          step_graphs=unordered, micro_batches=2 if unordered else 1,
+                          unordered_delay=SLEEP_CYCLES if unordered else None))
+        assert runs[-1]["selection_mismatches"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(runs[0]["outputs"], runs[1]["outputs"]))
+    assert counts(runs[0]) == counts(runs[1])
+    assert runs[1]["runner"].captures >= 1 and runs[1]["runner"].replays >= 1, vars(runs[1]["runner"])
+
+
 def written_back_blocks(rt: NosaRuntime, request_ids: list[str]) -> dict[tuple, torch.Tensor]:
     """K and V of every host block but each request's last (its open tail), per (request, layer, block, head)."""
     H = rt.shape.num_kv_heads
