@@ -285,7 +285,7 @@ class NosaRuntime:
     def _drop_graphs(self) -> None:
         """Re-capture after rows move or slot knobs change. NOTE: on an H200, graph replays after a row
         move plus gpu_slots changes produced out-of-range host ids (docs/runtime.md, "GPU status");
-        whether dropping the graphs here cures it is not yet verified on a GPU."""
+        with the graphs dropped here, test_row_moves_block_openings_and_knob_changes_on_cuda passes there."""
         if self._decoder.graphs is not None:
             self._decoder.graphs.clear()
         self.graph_generation += 1  # step graphs (StepGraphs) re-capture too
