@@ -39,7 +39,6 @@ import torch.nn.functional as F
 
 from report import table, write_markdown
 from nosa_sglang.config import NosaConfig
-from nosa_sglang.kernels import block_copy
 from nosa_sglang.runtime import MicroBatches, ModelShape, NosaRuntime, OffloadKnobs, StepGraphs
 from nosa_sglang.runtime.knobs import MAX_GPU_SLOTS
 
@@ -481,8 +480,6 @@ def main(argv: list[str] | None = None) -> int:
                         "captured before timing")
     p.add_argument("--inline-gather", action="store_true",
                    help="decode() gathers misses on the compute stream inside the layer's one graph (no timings)")
-    p.add_argument("--copy-items", type=int, default=None,
-                   help="zero-copy live items a copy-loop step (block_copy.LIVE_ITEMS_PER_STEP; default: its value)")
     p.add_argument("--micro-batches", type=int, default=1,
                    help="cut each batch into N parts on N CUDA streams, interleaved per layer, so that one part's "
                         "copies overlap another's compute (configs a, b: the offloading ones that miss)")
@@ -505,8 +502,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-gib", type=float, default=0.0, help="device memory budget (0: all but the reserve)")
     args = p.parse_args(argv)
     args.configs = args.configs.split(",")
-    if args.copy_items is not None:
-        block_copy.LIVE_ITEMS_PER_STEP = args.copy_items
     args.views = args.views.split(",")
     args.query_models = args.query_models.split(",")
     if args.step_graphs:
@@ -542,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
           f"pinned host store {host_gib:.1f} GiB (allocated + zeroed in {time.perf_counter() - t0:.1f} s); "
           f"steps {args.steps} after {args.warmup} warm-up; gpu_slots {args.gpu_slots}; transfer {args.transfer_mode}; "
           f"prefetch {args.prefetch}; victims {args.victim_policy}; K~ {'bf16' if args.ck_bf16 else 'fp32'}; "
-          f"CUDA graphs {'whole steps' if args.step_graphs else args.cuda_graphs}; inline gather {args.inline_gather}; micro-batches {args.micro_batches}; copy items a step {block_copy.LIVE_ITEMS_PER_STEP}; "
+          f"CUDA graphs {'whole steps' if args.step_graphs else args.cuda_graphs}; inline gather {args.inline_gather}; micro-batches {args.micro_batches}; "
           f"drift rho {args.drift_rho}", ""]
     ceil = measure_ceilings(host_buffer) if cuda else {"h2d_copy_gbs": 1.0, "gather_zero_copy_gbs": 0.0,
                                                        "gather_copy_engine_gbs": 0.0}

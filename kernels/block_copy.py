@@ -45,9 +45,6 @@ TARGET_PROGRAMS = 1024  # split runs into chunks until this many items (>= 4 per
 #: streams stalled (a concurrent GEMM ran 2.15x slower); a few dozen programs already keep enough bytes
 #: in flight to fill PCIe. Measured per card in benchmarks/kernels_transfer.py, table (e).
 MAX_PROGRAMS = 32
-#: live items a copy program moves per loop step (all loads issued before the stores): more bytes in
-#: flight per program for the runtime's small per-layer copies; swept by scripts/sweep_copy_items.py
-LIVE_ITEMS_PER_STEP = 1
 #: src ids a copy program reads at once, to skip a tile of padding with one load
 ID_TILE = 64
 #: zero_copy skips entries whose src id is negative (their dst id is ignored): the runtime passes
@@ -65,38 +62,34 @@ class TransferResult(NamedTuple):
 
 @triton.jit
 def _copy_runs_kernel(src_k, src_v, dst_k, dst_v, src_ids, dst_ids, n_items, per_program,
-                      RUN: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr, TILE: tl.constexpr,
-                      ITEMS: tl.constexpr):
+                      RUN: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr, TILE: tl.constexpr):
     # Item t is chunk `t % CHUNKS` of run `t // CHUNKS`, of K and of V; each program of the bounded grid
     # (MAX_PROGRAMS) owns `per_program` consecutive items. It reads their src and dst ids a tile at a
     # time and visits only the tile's live items (src id >= 0): the runtime's fixed-size miss lists are
     # mostly padding, and a loop over every item paid a dependent id load per padding item (~8 in 9 of
-    # a decode step's list). A loop step takes the next ITEMS live items (picked from the tile in
-    # registers by their rank among the live ones) and issues all their K and V loads before any store,
-    # so 2 x ITEMS x CHUNK words per program are in flight over PCIe.
+    # a decode step's list). The k-th live item is picked from the tile in registers (its rank among the
+    # live ones); both loads of an item are issued before either store, so 2 x CHUNK words per program
+    # are in flight over PCIe.
     lo = tl.program_id(0) * per_program
     hi = tl.minimum(lo + per_program, n_items)
-    offs_i = tl.arange(0, ITEMS)
-    offs_c = tl.arange(0, CHUNK)
     for tile in range(lo, hi, TILE):
         items = tile + tl.arange(0, TILE)
         ids = tl.load(src_ids + items // CHUNKS, mask=items < hi, other=-1)
         live = ids >= 0
         n_live = tl.sum(live.to(tl.int32), axis=0)
         if n_live > 0:
-            rank = tl.where(live, tl.cumsum(live.to(tl.int32), axis=0) - 1, -1)  # 0-based among the live
+            rank = tl.cumsum(live.to(tl.int32), axis=0)  # 1-based among the live items
             dsts = tl.load(dst_ids + items // CHUNKS, mask=live, other=0)
-            for j in range(0, n_live, ITEMS):
-                pick = rank[None, :] == (j + offs_i)[:, None]  # [ITEMS, TILE]: one live item a row
-                ok = ((j + offs_i) < n_live)[:, None]  # the last step may have fewer
-                t = tl.sum(tl.where(pick, items[None, :], 0), axis=1)
-                s = tl.sum(tl.where(pick, ids[None, :], 0), axis=1).to(tl.int64) * RUN  # int64: host stores exceed 2^31 words
-                d = tl.sum(tl.where(pick, dsts[None, :], 0), axis=1).to(tl.int64) * RUN
-                offs = ((t % CHUNKS) * CHUNK)[:, None] + offs_c[None, :]
-                k = tl.load(src_k + s[:, None] + offs, mask=ok)
-                v = tl.load(src_v + s[:, None] + offs, mask=ok)
-                tl.store(dst_k + d[:, None] + offs, k, mask=ok)
-                tl.store(dst_v + d[:, None] + offs, v, mask=ok)
+            for j in range(0, n_live):
+                pick = live & (rank == j + 1)
+                t = tl.sum(tl.where(pick, items, 0), axis=0)
+                s = tl.sum(tl.where(pick, ids, 0), axis=0).to(tl.int64) * RUN  # int64: host stores exceed 2^31 words
+                d = tl.sum(tl.where(pick, dsts, 0), axis=0).to(tl.int64) * RUN
+                offs = (t % CHUNKS) * CHUNK + tl.arange(0, CHUNK)
+                k = tl.load(src_k + s + offs)
+                v = tl.load(src_v + s + offs)
+                tl.store(dst_k + d + offs, k)
+                tl.store(dst_v + d + offs, v)
 
 
 def gather_runs(
@@ -233,8 +226,7 @@ def _launch_words(views: list[torch.Tensor], src_ids: torch.Tensor, dst_ids: tor
     grid = min(items, bound) if bound > 0 else items
     per_program = -(-items // grid)
     return _copy_runs_kernel[(grid,)](*views, src_ids, dst_ids, items, per_program, RUN=run_words, CHUNK=chunk,
-                                      CHUNKS=chunks, TILE=ID_TILE, ITEMS=LIVE_ITEMS_PER_STEP,
-                                      num_warps=min(8, num_warps * LIVE_ITEMS_PER_STEP))
+                                      CHUNKS=chunks, TILE=ID_TILE, num_warps=num_warps)
 
 
 class PreparedGather:
