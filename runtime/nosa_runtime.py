@@ -415,14 +415,31 @@ class NosaRuntime:
 
     def _enter(self, p: StepPlan) -> None:
         """The current stream is about to run a layer of `p`: order it after the plan (PlanStreams)."""
-        if p.streams is not None:
-            p.streams.enter(torch.cuda.current_stream(), self.capture_stream)
+        ps = p.streams
+        if ps is not None:
+            stream = torch.cuda.current_stream()
+            if self.capture_stream is None and ps.is_new(stream):  # NOTE: only a stream's first layer pays the check
+                self._refuse_foreign_capture(f"batch {p.request_ids}")
+            ps.enter(stream, self.capture_stream)
 
-    def join_forked_plan_streams(self) -> None:
-        """End of a StepGraphs capture: the capture stream joins every stream that forked from it."""
+    def _refuse_foreign_capture(self, what: str) -> None:
+        """Outside StepGraphs a capture cannot wait for the plan (its upload and events lie outside the
+        graph): CUDA would fail the capture with an isolation error; say why instead."""
+        if self.capture_stream is None and torch.cuda.is_current_stream_capturing():
+            raise RuntimeUsageError(f"{what}: a CUDA graph capture other than StepGraphs' (decode steps are "
+                                    f"captured with runtime.StepGraphs, which builds the plans before the capture)")
+
+    def join_captured_plan_streams(self) -> None:
+        """End of a StepGraphs capture: the capture stream joins every stream that ran a layer in it."""
         for p in self._plans.values():
             if p.streams is not None:
-                p.streams.join_forked(self.capture_stream)
+                p.streams.join_captured(self.capture_stream)
+
+    def abandon_captured_plan_streams(self) -> None:
+        """A StepGraphs capture failed: nothing ran on the streams it entered."""
+        for p in self._plans.values():
+            if p.streams is not None:
+                p.streams.abandon_capture()
 
     def _order_after_host_changes(self) -> None:
         """Mark the calling stream's position after an admission, a release or a step boundary: the
@@ -454,6 +471,7 @@ class NosaRuntime:
             raise RuntimeUsageError(f"batch {request_ids}: not begun before the step's capture (a plan's upload "
                                     f"cannot be captured; StepGraphs begins every batch it was given)")
         if self._ordered is not None:
+            self._refuse_foreign_capture(f"batch {request_ids}")
             torch.cuda.current_stream().wait_event(self._ordered)
         p = self._plans[request_ids] = self._build_plan(request_ids, reqs)
         return p

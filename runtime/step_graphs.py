@@ -115,17 +115,16 @@ class StepGraphs(Generic[T]):
                 with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                     rt.capture_stream = torch.cuda.current_stream()
                     out = self.body()
-                    rt.join_forked_plan_streams()
+                    rt.join_captured_plan_streams()
                     if rt.transfer is not None:
                         rt.transfer.join_forked()
             except BaseException:
                 if rt.transfer is not None:
                     rt.transfer.abandon_capture()
+                rt.abandon_captured_plan_streams()
                 for p in plans:  # NOTE: nothing ran; the step may be repeated
                     p.appended.clear()
                     p.attended.clear()
-                    if p.streams is not None:
-                        p.streams.forked.clear()
                 raise
             finally:
                 rt.capture_stream = None

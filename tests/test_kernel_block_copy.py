@@ -178,6 +178,27 @@ def test_tiles_of_padding_are_skipped_and_live_entries_after_them_copied(gen, pr
     assert torch.isnan(gk[untouched]).all() and torch.isnan(gv[untouched]).all()
 
 
+@pytest.mark.parametrize("programs", [1, 3, None], ids=["1", "3", "default"])
+def test_fully_live_tiles_copy_every_entry(gen, programs):
+    """Tiles whose 64 entries are all live (the live-entry loop runs its full length), program ranges that
+    end inside a tile, one padding entry in the last tile."""
+    from nosa_sglang.kernels._dispatch import interpret_mode
+    from nosa_sglang.kernels.block_copy import ID_TILE
+
+    if not interpret_mode():
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest on machines without CUDA)")
+    n = 2 * ID_TILE + 5
+    hk, hv = store(gen, 3 * n, 128, torch.float32), store(gen, 3 * n, 128, torch.float32)
+    gk, gv = poisoned(n, 128, torch.float32), poisoned(n, 128, torch.float32)
+    src, dst = torch.randperm(3 * n, generator=gen)[:n], torch.randperm(n, generator=gen)
+    src[-2] = -1
+    launch_zero_copy(hk, hv, gk, gv, src, dst, programs=programs)
+    live = src >= 0
+    assert_copied(gk, dst[live], hk, src[live])
+    assert_copied(gv, dst[live], hv, src[live])
+    assert torch.isnan(gk[dst[~live]]).all() and torch.isnan(gv[dst[~live]]).all()
+
+
 @pytest.mark.parametrize("n_runs", [1, 16, 256, 32768])
 @pytest.mark.parametrize("run_bytes", [8192, 16384, 6 * 1024, 8190])
 def test_launch_config_tiles_each_run(n_runs, run_bytes):

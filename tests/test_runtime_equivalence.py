@@ -474,8 +474,9 @@ def test_micro_batch_segments_have_their_own_static_buffers(inline):
 def test_step_graph_path_equals_per_layer_decode_bit_for_bit(victim, order, parts, unordered, inline):
     """The path a captured step takes (StepGraphs: plans before the layers, inputs read in place,
     write-backs from the padded device lists; one batch or two micro-batches, through the usual body
-    or one that writes fixed output buffers and orders no stream), run eagerly on CPU: the reference's
-    selections, and the per-layer decode's outputs and counters (write-back bytes included) bit for bit."""
+    or one that writes fixed output buffers and orders no stream: on CPU only its output path, there
+    are no streams), run eagerly on CPU: the reference's selections, and the per-layer decode's outputs
+    and counters (write-back bytes included) bit for bit."""
     seed = fresh_seed()
     runs = [drive(small_runtime(slots=10, victim=victim, inline_gather=inline), [150, 161, 40], steps=120,
                   seed=seed, collect=True, fused=True, order=order, step_graphs=graphs,
