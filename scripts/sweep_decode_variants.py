@@ -7,7 +7,8 @@ merges their splits. This sweeps, in one process on the same inputs, slot-list e
 every variant is checked equal to the default first.
 
 Measured 2026-11-29 (H200, kernels.md): two entries a step moved every B >= 64 shape to 88-101 % and
-the 8B-like B 16 to 81 %; the 1B-like B 16 stayed at ~51 % (31 us). Merging the splits in the decode
+the 8B-like B 16 to 81 %; the 1B-like B 16 stayed latency-bound (29.5 us, 54.5 %, with the shipped
+merge launch). Merging the splits in the decode
 kernel instead (the last split of a group, found by an atomic count, merging in a loop) was measured
 too and lost: equal at B 16, 2.7x slower at B 1 (64 splits merged serially: 26 vs 9.7 us). Loading a
 short split's whole slot list before the loop (so no list load sits between a step and its K/V loads)

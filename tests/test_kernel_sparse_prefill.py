@@ -28,6 +28,8 @@ def packed_topk_rows_on_cpu(monkeypatch):
         from nosa_sglang.kernels import topk
 
         monkeypatch.setattr(topk, "PACK_ROWS_PER_SM", 0)
+
+
 IMPLS = ["triton", "torch"]
 
 
