@@ -55,6 +55,6 @@ for what in "$@"; do case $what in
       --prompt-tokens ${GRPC_PROMPT:-16384} --batch ${GRPC_BATCH:-64} --restart-every 4096 --phase-seconds ${GRPC_PHASE:-8} \
       --out $OUT/grpc_batched.md ;;
   runtime-gpu-tests) step runtime_gpu_tests ${TESTS_LIMIT:-240} python3 -P -m pytest -q -p no:cacheprovider -m gpu \
-      tests/test_runtime_gpu.py tests/test_kernel_block_copy.py --tb=short -rfE ${PYTEST_K:+-k "$PYTEST_K"} ;;
+      tests/test_runtime_gpu.py tests/test_runtime_graph_capture.py tests/test_kernel_block_copy.py --tb=short -rfE ${PYTEST_K:+-k "$PYTEST_K"} ;;
   *) echo "unknown step $what"; exit 2 ;;
 esac; done

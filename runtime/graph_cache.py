@@ -22,6 +22,8 @@ from typing import Callable, Hashable
 
 import torch
 
+from nosa_sglang.runtime.graph_capture import capture
+
 
 #: batch shapes whose graphs are kept; a new one beyond this drops them all (a serving batch that keeps
 #: changing size would otherwise capture without bound)
@@ -59,9 +61,8 @@ class SegmentGraphs:
             pool = self._pools[shape] = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         # NOTE: capture on a side stream ordered after everything queued so far (torch.cuda.graph does
-        # the stream switch); the outputs are placeholders that every replay rewrites. thread_local:
-        # control threads (snapshot -> event queries) keep running during a capture.
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        # the stream switch); the outputs are placeholders that every replay rewrites.
+        with capture(graph, pool):
             out = fn()
         self._graphs[key] = (graph, out)
         self.captures += 1

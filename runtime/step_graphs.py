@@ -26,6 +26,7 @@ from typing import Callable, Generic, Hashable, Sequence, TypeVar
 
 import torch
 
+from nosa_sglang.runtime import graph_capture
 from nosa_sglang.runtime.nosa_runtime import NosaRuntime
 from nosa_sglang.runtime.step_plan import StepPlan
 from nosa_sglang.runtime.transfer import ZERO_COPY_SKIPS_PADDING
@@ -110,9 +111,8 @@ class StepGraphs(Generic[T]):
         graph = torch.cuda.CUDAGraph()
 
         def capture() -> T:
-            # NOTE: thread_local: control threads (snapshot -> event queries) keep running meanwhile
             try:
-                with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                with graph_capture.capture(graph, self._pool):
                     rt.capture_stream = torch.cuda.current_stream()
                     out = self.body()
                     rt.join_captured_plan_streams()
