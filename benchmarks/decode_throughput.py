@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-slots", type=int, default=80)
     p.add_argument("--transfer-mode", default="zero_copy", choices=["zero_copy", "copy_engine"])
     p.add_argument("--victim-policy", default="lru", choices=["eviction_score", "lru"])
-    p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
                    help="capture each layer's runtime work in CUDA graphs (configs a, b, c, a*)")
     p.add_argument("--step-graphs", action="store_true",

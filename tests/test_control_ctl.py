@@ -55,13 +55,13 @@ def test_config_get_shows_knobs_and_read_only_constants(served, capsys):
 
 
 def test_config_set_applies_and_prints_the_config_in_force(served, capsys):
-    argv = ["config", "set", "gpu_slots=128", "prefetch=off", "transfer_mode=zero_copy",
+    argv = ["config", "set", "gpu_slots=128", "prefetch=on", "transfer_mode=zero_copy",
             "host_capacity_bytes=2GiB", "victim_policy=lru"]
     assert ctl(served, *argv) == EXIT_OK
     assert capsys.readouterr().out.startswith("applied: gpu_slots=128")
     k = served.provider.knobs()
     assert (k.gpu_slots, k.prefetch, k.transfer_mode, k.host_capacity_bytes, k.victim_policy) == (
-        128, False, "zero_copy", 2 << 30, "lru")
+        128, True, "zero_copy", 2 << 30, "lru")
 
 
 @pytest.mark.parametrize("assignment, text", [

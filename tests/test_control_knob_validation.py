@@ -92,4 +92,4 @@ def test_rejected_update_leaves_a_queued_one_alone(served_idle):
     assert served_idle.provider.requested_knobs().gpu_slots == 200
     served_idle.provider.step()
     knobs = served_idle.provider.knobs()
-    assert (knobs.gpu_slots, knobs.prefetch) == (200, True)
+    assert (knobs.gpu_slots, knobs.prefetch) == (200, False)

@@ -134,27 +134,27 @@ def test_update_config_applies_at_step_boundary_and_returns_config_in_force(serv
 
 
 def test_update_config_is_queued_until_the_next_step_boundary(served_idle):
-    request = update_request(["gpu_slots", "prefetch"], gpu_slots=256, prefetch=False)
+    request = update_request(["gpu_slots", "prefetch"], gpu_slots=256, prefetch=True)
     request.apply_timeout.FromSeconds(0)
     reply = served_idle.call("UpdateConfig", request)
-    assert not reply.applied and reply.pending.gpu_slots == 256 and not reply.pending.prefetch
-    assert (reply.config.knobs.gpu_slots, reply.config.knobs.prefetch) == (64, True)  # both, atomically
+    assert not reply.applied and reply.pending.gpu_slots == 256 and reply.pending.prefetch
+    assert (reply.config.knobs.gpu_slots, reply.config.knobs.prefetch) == (64, False)  # both, atomically
     got = served_idle.call("GetConfig", pb.GetConfigRequest())
     assert got.config.knobs.gpu_slots == 64 and got.pending.gpu_slots == 256
     served_idle.provider.step()  # the boundary
     got = served_idle.call("GetConfig", pb.GetConfigRequest())
-    assert (got.config.knobs.gpu_slots, got.config.knobs.prefetch) == (256, False)
+    assert (got.config.knobs.gpu_slots, got.config.knobs.prefetch) == (256, True)
     assert not got.HasField("pending")
 
 
 def test_queued_updates_of_different_knobs_both_survive(served_idle):
-    for paths, knobs in ((["gpu_slots"], dict(gpu_slots=96)), (["prefetch"], dict(prefetch=False))):
+    for paths, knobs in ((["gpu_slots"], dict(gpu_slots=96)), (["prefetch"], dict(prefetch=True))):
         request = update_request(paths, **knobs)
         request.apply_timeout.FromSeconds(0)
         served_idle.call("UpdateConfig", request)
     served_idle.provider.step()
     knobs = served_idle.provider.knobs()
-    assert (knobs.gpu_slots, knobs.prefetch) == (96, False)
+    assert (knobs.gpu_slots, knobs.prefetch) == (96, True)
 
 
 def test_update_config_wait_is_capped_by_the_call_deadline(served_idle):

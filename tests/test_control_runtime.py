@@ -153,7 +153,7 @@ def test_update_gpu_slots_is_applied_by_the_decode_loop_within_the_call(stepping
 def test_gpu_slots_above_the_allocation_is_invalid_argument_and_changes_nothing(stepping, slots):
     before = stepping.call("GetConfig", pb.GetConfigRequest())
     with pytest.raises(grpc.RpcError) as err:
-        stepping.call("UpdateConfig", update_request(["gpu_slots", "prefetch"], gpu_slots=slots, prefetch=False))
+        stepping.call("UpdateConfig", update_request(["gpu_slots", "prefetch"], gpu_slots=slots, prefetch=True))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"gpu_slots={slots}" in err.value.details()
     assert f"[{NOSA.topk_blocks}, {MAX_GPU_SLOTS}]" in err.value.details()
