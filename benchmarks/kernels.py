@@ -37,6 +37,7 @@ from nosa_sglang.kernels import topk as topk_module
 from nosa_sglang.kernels.selection import decode_block_scores, eviction_block_scores, select_topk
 from nosa_sglang.kernels.sparse_decode import auto_num_splits, sparse_decode_attention
 from nosa_sglang.kernels.sparse_prefill import select_blocks_prefill, sparse_prefill_attention
+from nosa_sglang.runtime.graph_capture import capture
 
 try:
     from flash_attn import flash_attn_func, flash_attn_with_kvcache  # type: ignore
@@ -95,7 +96,7 @@ def bench_graph(fn, calls: int = 8, reps: int = 15) -> float:
     graphs = []
     for with_fn in (True, False):
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+        with capture(g, None):  # NOTE: the collector paused (runtime/graph_capture.py)
             for _ in range(calls):
                 flush.zero_()
                 if with_fn:
