@@ -5,6 +5,7 @@ hazard itself, without and with the pause."""
 from __future__ import annotations
 
 import gc
+import threading
 
 import pytest
 import torch
@@ -51,6 +52,38 @@ def test_paused_gc_defers_collection_and_restores_the_collector(enabled_before):
         (gc.enable if was else gc.disable)()
     gc.collect()
     assert Cycle.collected == 1
+
+
+def test_overlapping_pauses_keep_the_collector_off_until_the_last_ends():
+    """Captures on two threads overlap: the first to end must not turn the collector back on."""
+    was = gc.isenabled()
+    gc.enable()
+    try:
+        first, second = paused_gc(), paused_gc()
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)
+        assert not gc.isenabled()
+        second.__exit__(None, None, None)
+        assert gc.isenabled()
+        started, release = threading.Event(), threading.Event()
+
+        def capture_on_a_thread():
+            with paused_gc():
+                started.set()
+                release.wait(10)
+
+        t = threading.Thread(target=capture_on_a_thread)
+        t.start()
+        started.wait(10)
+        with paused_gc():
+            pass
+        assert not gc.isenabled()  # the thread's pause is still on
+        release.set()
+        t.join(10)
+        assert gc.isenabled()
+    finally:
+        (gc.enable if was else gc.disable)()
 
 
 def captured_graph() -> list[tuple]:
