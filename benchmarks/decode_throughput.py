@@ -12,7 +12,8 @@ Configurations (same runtime code, same kernels):
   (c) NOSA fully on the GPU (gpu_only: every block resident);
   (d) dense attention fully on the GPU: torch SDPA (enable_gqa, FlashAttention backend) over a bf16
       KV cache, K/V never repeated.
-  (a*) (a) with enough slots that every block hits: the cost of the runtime itself against (c).
+  (a*) (a) with enough slots that every block hits: the cost of the runtime itself against (c);
+  (a+), (b+) (a), (b) with one H2D copy stream per micro-batch (`per_stream_copies`) instead of one shared.
 Query models (the weights are random, so the query stream is a model choice, stated in the output):
   iid    q ~ N(0, 1) afresh for every step, layer and head;
   drift  q_t = rho * q_{t-1} + sqrt(1 - rho^2) * eps_t per (request, layer, head), eps ~ N(0, 1)
@@ -183,7 +184,7 @@ def synthetic_runtime(shape: ModelShape, cfg: NosaConfig, knobs: OffloadKnobs, t
 
 
 def run_runtime(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_model, host_buffer,
-                micro_batches: int = 1) -> dict:
+                micro_batches: int = 1, per_stream: bool = False) -> dict:
     victim = "lru" if policy == "infllmv2" else args.victim_policy
     knobs = OffloadKnobs(gpu_slots=slots, transfer_mode=args.transfer_mode, prefetch=args.prefetch,
                          victim_policy=victim)
@@ -191,7 +192,8 @@ def run_runtime(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_mode
                                 host_tokens=tokens + args.steps + args.warmup + 1, host_buffer=host_buffer,
                                 gpu_only=gpu_only, selection_policy=policy,
                                 ck_dtype=shape.dtype if args.ck_bf16 else torch.float32, cuda_graphs=args.cuda_graphs,
-                                inline_gather=args.inline_gather and not args.split_append)
+                                inline_gather=args.inline_gather and not args.split_append,
+                                per_stream_copies=per_stream)
     work = Workload(shape, B, query_model, args.drift_rho, args.device, steps=args.warmup + args.steps)
     parts = MicroBatches(rt, ids, micro_batches)
     runner = step_graph_runner(rt, parts, work, B) if args.step_graphs else None
@@ -372,7 +374,7 @@ def bench_one(args, name, tokens, host_buffer, host_cap, gpu_cap, ceil, md) -> N
         views.append(("max", {k: v[0] for k, v in lim.items()}))
     for view, batch in views:
         for conf in args.configs:
-            B = batch.get(conf.rstrip("*"), common)
+            B = batch.get(conf.rstrip("*+"), common)
             if B < 1:
                 rows.append([view, conf, "-", 0, "does not fit", "", "", "", "", "", "", ""])
                 continue
@@ -389,9 +391,9 @@ def bench_one(args, name, tokens, host_buffer, host_cap, gpu_cap, ceil, md) -> N
                         r = run_runtime(args, shape, cfg, tokens, B, "nosa", False, slots, "drift", host_buffer)
                     else:
                         qm_run = qm if qm != "-" else "drift"
-                        r = run_runtime(args, shape, cfg, tokens, B, "infllmv2" if conf == "b" else "nosa",
+                        r = run_runtime(args, shape, cfg, tokens, B, "infllmv2" if conf[0] == "b" else "nosa",
                                         conf == "c", args.gpu_slots, qm_run, host_buffer,
-                                        1 if conf == "c" else args.micro_batches)
+                                        1 if conf == "c" else args.micro_batches, per_stream=conf.endswith("+"))
                 except torch.OutOfMemoryError as e:
                     failed = f"OOM: {str(e)[:60]}"
                 except Exception as e:  # noqa: BLE001 - one broken configuration must not end the call
@@ -462,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="1b,8b", help="comma list of 1b, 8b")
     p.add_argument("--contexts", default="16k,32k,64k,128k")
-    p.add_argument("--configs", default="a,b,c,d,a*", help="comma list of a, b, c, d, a* (a with every block hit)")
+    p.add_argument("--configs", default="a,b,c,d,a*",
+                   help="comma list of a, b, c, d, a* (a with every block hit), a+ / b+ (one H2D stream per micro-batch)")
     p.add_argument("--views", default="common,max")
     p.add_argument("--query-models", default="iid,drift")
     p.add_argument("--drift-rho", type=float, default=0.9)
@@ -502,6 +505,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-gib", type=float, default=0.0, help="device memory budget (0: all but the reserve)")
     args = p.parse_args(argv)
     args.configs = args.configs.split(",")
+    unknown = [c for c in args.configs if c not in ("a", "b", "c", "d", "a*", "a+", "b+")]
+    if unknown:
+        p.error(f"--configs: {unknown} not in a, b, c, d, a*, a+, b+")
     args.views = args.views.split(",")
     args.query_models = args.query_models.split(",")
     if args.step_graphs:

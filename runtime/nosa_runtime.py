@@ -73,6 +73,9 @@ class NosaRuntime:
             segment (zero-copy mode, no prefetch): one graph launch and no host point per layer, at the
             price of the transfer/stall timings (not measured for inline copies; hits, misses and bytes
             still are). See docs/runtime.md.
+        per_stream_copies: every compute stream that runs layers (each micro-batch's) gets an H2D copy
+            stream of its own instead of sharing one, so one micro-batch's copies never queue behind
+            another's (transfer.py). Opt-in until measured against the shared stream.
     """
 
     def __init__(
@@ -93,6 +96,7 @@ class NosaRuntime:
         ck_dtype: torch.dtype = torch.float32,
         cuda_graphs: bool = False,
         inline_gather: bool = False,
+        per_stream_copies: bool = False,
     ) -> None:
         self.shape, self.config = shape, config
         self.device = torch.device(device)
@@ -122,7 +126,7 @@ class NosaRuntime:
         run_bytes = bs * d * shape.dtype_bytes
         self.counters = Counters(L, max_requests, run_bytes, self.device)
         self.transfer = None if gpu_only else TransferEngine(self.device, self.host, self.slots, self.counters,
-                                                             knobs.transfer_mode)
+                                                             knobs.transfer_mode, per_stream_copies)
         self._prompts = PromptLoader(self)
         self._knob_queue = KnobQueue(knobs)
         self._knobs = knobs
@@ -412,6 +416,8 @@ class NosaRuntime:
         here = torch.cuda.current_stream()
         for p in self._plans.values():
             p.streams.join_into(here)
+        if self.transfer is not None:
+            self.transfer.join_copy_streams()
 
     def _enter(self, p: StepPlan) -> None:
         """The current stream is about to run a layer of `p`: order it after the plan (PlanStreams)."""

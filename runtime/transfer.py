@@ -6,6 +6,10 @@ Streams and the orderings that matter (CUDA):
   and the id lists exist) and on the layer's last write-back (a block being re-fetched must have
   landed in the host store). The compute stream waits on the layer's last H2D event right before
   attention (`wait_for_layer`): the only point where compute can stall, and it is timed.
+  With `per_stream_copies` every compute stream that runs layers (a micro-batch's) has an H2D stream
+  of its own, so one micro-batch's copies do not queue behind another's: a stream's copies and waits
+  pair with its own H2D stream, a slot-reuse wait (`wait_h2d`) waits for all of them, and the step
+  boundary joins them (a prefetch is waited by no attention of its own step).
 - `writeback_stream` carries a tail block to the host once it fills (and prompts at admission). It
   waits on the compute event that wrote the last token; the compute stream waits on the write-back
   before a later token overwrites the tail slot (`wait_writeback`).
@@ -38,14 +42,16 @@ class TransferEngine:
     """Issues gathers (host -> slots) and write-backs (slots -> host) for one runtime."""
 
     def __init__(self, device: torch.device, host: HostKVStore, slots: SlotBuffers, counters: Counters,
-                 mode: str) -> None:
+                 mode: str, per_stream_copies: bool = False) -> None:
         self.device, self.host, self.slots, self.counters = device, host, slots, counters
         self.cuda = device.type == "cuda"
         L = slots.num_layers
         self.h2d_stream = torch.cuda.Stream(device) if self.cuda else None
         self.writeback_stream = torch.cuda.Stream(device) if self.cuda else None
-        self._h2d_done: list[object | None] = [None] * L  # last H2D end event per layer
-        self._unwaited: list[list[tuple[object, object]]] = [[] for _ in range(L)]  # (start, end) not yet waited
+        self.per_stream_copies = per_stream_copies
+        self._h2d_of: dict[torch.cuda.Stream, torch.cuda.Stream] = {}  # compute -> H2D (per_stream_copies)
+        self._h2d_done: list[dict] = [{} for _ in range(L)]  # per layer: H2D stream -> its last end event
+        self._unwaited: list[dict] = [{} for _ in range(L)]  # per layer: H2D stream -> [(start, end)] not waited
         self._wb_done: list[object | None] = [None] * L
         self._readback = torch.empty(0, dtype=torch.long)
         self._gathers: list[block_copy.PreparedGather | None] = [None] * L  # zero-copy launchers, made on first use
@@ -118,7 +124,7 @@ class TransferEngine:
             block_copy.gather_runs(host_k, host_v, src, gpu_k, gpu_v, dst, mode=self.mode, validate_ids=False)
             return
         src, dst = self._ids(src), self._ids(dst)
-        h2d = self.h2d_stream
+        h2d = self._h2d_for_current()
         # NOTE: the diff chose these victims on the compute stream; copy only after it (and after the
         # attention that last read them), and after this layer's write-backs reached the host.
         if self._wb_done[layer] is not None:
@@ -133,8 +139,22 @@ class TransferEngine:
         for t in (src, dst):
             if t.is_cuda:
                 t.record_stream(h2d)  # NOTE: allocated on the compute stream, read on h2d
-        self._h2d_done[layer] = end
-        self._unwaited[layer].append((start, end))
+        self._h2d_done[layer][h2d] = end
+        self._unwaited[layer].setdefault(h2d, []).append((start, end))
+
+    def _h2d_for_current(self) -> torch.cuda.Stream:
+        """The H2D stream that carries the current compute stream's copies."""
+        if not self.per_stream_copies:
+            return self.h2d_stream
+        compute = torch.cuda.current_stream()
+        h2d = self._h2d_of.get(compute)
+        if h2d is None:
+            h2d = self._h2d_of[compute] = torch.cuda.Stream(self.device)  # NOTE: from torch's pool, no CUDA call
+        return h2d
+
+    def h2d_streams(self) -> list[torch.cuda.Stream]:
+        """Every H2D stream copies may have run on."""
+        return [self.h2d_stream, *self._h2d_of.values()] if self.cuda else []
 
     def gather_inline(self, layer: int, packed: torch.Tensor) -> None:
         """The misses of `packed` (as `fetch`) on the *current* stream: no events, no side stream, so
@@ -157,9 +177,12 @@ class TransferEngine:
         return gather
 
     def wait_for_layer(self, layer: int) -> None:
-        """Compute stream waits for every H2D copy into this layer's slots (timed as stall, except
-        inside a captured step, which has no timing events)."""
-        pending = self._unwaited[layer]
+        """Compute stream waits for every H2D copy into this layer's slots that it issued (timed as
+        stall, except inside a captured step, which has no timing events)."""
+        if not self.cuda:
+            return
+        h2d = self._h2d_for_current()
+        pending = self._unwaited[layer].pop(h2d, None)
         if not pending:
             return
         timed = [(start, end) for start, end in pending if start is not None]
@@ -167,15 +190,14 @@ class TransferEngine:
         if timed:
             ready = torch.cuda.Event(enable_timing=True)
             ready.record()
-        torch.cuda.current_stream().wait_event(self._h2d_done[layer])
+        torch.cuda.current_stream().wait_event(self._h2d_done[layer][h2d])
         for i, (start, end) in enumerate(timed):
             self.counters.add_timing(layer, start, end, ready if i == len(timed) - 1 else None)
-        self._unwaited[layer] = []
 
     def wait_h2d(self, layer: int) -> None:
         """Compute waits for H2D copies of this layer before it overwrites a slot (no stall timing)."""
-        if self.cuda and self._h2d_done[layer] is not None:
-            torch.cuda.current_stream().wait_event(self._h2d_done[layer])
+        for done in self._h2d_done[layer].values():
+            torch.cuda.current_stream().wait_event(done)
 
     # -- GPU -> host --------------------------------------------------------------------------------
     def write_back(self, layer: int, src: torch.Tensor, dst_runs: torch.Tensor,
@@ -256,8 +278,18 @@ class TransferEngine:
 
     def _forget_events(self) -> None:
         L = len(self._h2d_done)
-        self._h2d_done, self._wb_done = [None] * L, [None] * L
-        self._unwaited = [[] for _ in range(L)]
+        self._h2d_done, self._wb_done = [{} for _ in range(L)], [None] * L
+        self._unwaited = [{} for _ in range(L)]
+
+    def join_copy_streams(self) -> None:
+        """Step boundary (per_stream_copies): the current stream waits for every micro-batch's H2D stream,
+        so that a prefetch, which no attention of its own step waits for, lands before the next step's
+        plans, whatever stream the request's next micro-batch runs on. (With one H2D stream the next
+        step's copies queue behind it.)"""
+        if self.cuda and self.per_stream_copies:
+            here = torch.cuda.current_stream()
+            for h2d in self._h2d_of.values():
+                here.wait_stream(h2d)
 
     def _ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Host id lists for the zero-copy kernel are copied to the GPU: pin them so that the copy is
@@ -277,12 +309,13 @@ class TransferEngine:
         if not self.cuda:
             return
         compute = torch.cuda.current_stream()
-        compute.wait_stream(self.h2d_stream)
-        compute.wait_stream(self.writeback_stream)
-        self.h2d_stream.wait_stream(compute)
-        self.writeback_stream.wait_stream(compute)
+        copy_streams = [*self.h2d_streams(), self.writeback_stream]
+        for s in copy_streams:
+            compute.wait_stream(s)
+        for s in copy_streams:
+            s.wait_stream(compute)
         for layer, pending in enumerate(self._unwaited):
-            for start, end in pending:
+            for start, end in (pair for pairs in pending.values() for pair in pairs):
                 if start is not None:
                     self.counters.add_timing(layer, start, end)
         self._forget_events()  # NOTE: compute has waited for every copy, and both copy streams for compute

@@ -101,18 +101,21 @@ def test_inline_gather_equals_the_copy_stream_path_on_cuda(graphs):
     assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 
+@pytest.mark.parametrize("per_stream", [False, True])
 @pytest.mark.parametrize("inline", [False, True])
 @pytest.mark.parametrize("graphs", [False, True])
-def test_micro_batches_on_two_streams_equal_one_batch(graphs, inline):
+def test_micro_batches_on_two_streams_equal_one_batch(graphs, inline, per_stream):
     """Two micro-batches decoded on two CUDA streams, interleaved per layer (their copies and compute
     overlap), against one batch on one stream: bit for bit, same counters, under graphs too (each
-    micro-batch has its own static buffers and graph pool), with a delayed write-back."""
+    micro-batch has its own static buffers and graph pool), with a delayed write-back; with one H2D
+    stream or one per micro-batch (`per_stream_copies`, each copy delayed too)."""
     s = seed()
     runs, layer_counts = [], []
     for parts in (1, 2):
         rt = small_runtime(slots=10, victim="lru", device="cuda", mode="zero_copy", cuda_graphs=graphs,
-                           inline_gather=inline)
+                           inline_gather=inline, per_stream_copies=per_stream)
         rt.transfer.debug_writeback_delay_cycles = SLEEP_CYCLES if parts == 2 else 0
+        rt.transfer.debug_delay_cycles = SLEEP_CYCLES // 4 if parts == 2 and per_stream else 0
         runs.append(drive(rt, [150, 161, 40, 99], steps=120, seed=s, collect=True, allow_near_ties=True,
                           fused=True, micro_batches=parts))
         assert runs[-1]["selection_mismatches"] == 0 and runs[-1]["snapshot"].totals.misses > 0
@@ -142,19 +145,22 @@ def test_row_moves_block_openings_and_knob_changes_on_cuda(graphs):
         s.step([0, 2])
 
 
-@pytest.mark.parametrize("inline, victim, order, delay, parts", [
-    (False, "lru", None, 0, 1), (False, "eviction_score", [1, 2, 0], 0, 1), (True, "lru", None, 0, 1),
-    (False, "lru", [2, 0, 1], SLEEP_CYCLES, 1), (False, "lru", None, 0, 2), (True, "lru", [1, 0, 2], SLEEP_CYCLES, 2)])
-def test_step_graphs_equal_reference_and_segment_graphs(inline, victim, order, delay, parts):
+@pytest.mark.parametrize("inline, victim, order, delay, parts, per_stream", [
+    (False, "lru", None, 0, 1, False), (False, "eviction_score", [1, 2, 0], 0, 1, False), (True, "lru", None, 0, 1, False),
+    (False, "lru", [2, 0, 1], SLEEP_CYCLES, 1, False), (False, "lru", None, 0, 2, False),
+    (True, "lru", [1, 0, 2], SLEEP_CYCLES, 2, False), (False, "lru", [2, 0, 1], SLEEP_CYCLES, 2, True),
+    (False, "eviction_score", None, SLEEP_CYCLES, 2, True)])
+def test_step_graphs_equal_reference_and_segment_graphs(inline, victim, order, delay, parts, per_stream):
     """Whole steps captured as one graph (copies as fork/join branches, write-backs from padded lists,
     the plans uploaded before the replay; one batch, or two micro-batches on two streams inside the
     graph) against one batch under segment graphs: the reference's selections, the same outputs and
-    counters bit for bit; late copies on both copy streams change nothing."""
+    counters bit for bit; late copies on the copy streams (one H2D stream, or one per micro-batch:
+    `per_stream_copies`) change nothing."""
     s = seed()
     runs = []
     for step_graphs in (False, True):
         rt = small_runtime(slots=10, victim=victim, device="cuda", mode="zero_copy", cuda_graphs=True,
-                           inline_gather=inline)
+                           inline_gather=inline, per_stream_copies=per_stream and step_graphs)
         if step_graphs:
             rt.transfer.debug_delay_cycles = rt.transfer.debug_writeback_delay_cycles = delay
         print(f"run: step_graphs={step_graphs}")
@@ -167,8 +173,8 @@ def test_step_graphs_equal_reference_and_segment_graphs(inline, victim, order, d
     assert runner.captures >= 3 and runner.replays >= 140 - runner.eager_steps, vars(runner)
 
 
-@pytest.mark.parametrize("inline", [False, True])
-def test_step_graphs_order_and_join_the_body_streams_themselves(inline):
+@pytest.mark.parametrize("inline, per_stream", [(False, False), (True, False), (False, True)])
+def test_step_graphs_order_and_join_the_body_streams_themselves(inline, per_stream):
     """A StepGraphs body that runs two micro-batches on their own streams and orders none of them (an
     attention backend's forward does not know about the runtime's plans): the runtime makes each
     stream wait for its plan's upload (or forks it into the capture) and joins them at the boundary.
@@ -180,7 +186,7 @@ def test_step_graphs_order_and_join_the_body_streams_themselves(inline):
     runs = []
     for unordered in (False, True):
         rt = small_runtime(slots=10, victim="lru", device="cuda", mode="zero_copy", cuda_graphs=True,
-                           inline_gather=inline)
+                           inline_gather=inline, per_stream_copies=per_stream and unordered)
         runs.append(drive(rt, [150, 161, 40], steps=80, seed=s, collect=True, allow_near_ties=True, fused=True,
                           step_graphs=unordered, micro_batches=2 if unordered else 1,
                           unordered_delay=SLEEP_CYCLES if unordered else None))
