@@ -508,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [c for c in args.configs if c not in ("a", "b", "c", "d", "a*", "a+", "b+")]
     if unknown:
         p.error(f"--configs: {unknown} not in a, b, c, d, a*, a+, b+")
+    if args.micro_batches < 2 and any(c.endswith("+") for c in args.configs):
+        p.error("--configs a+ / b+: one H2D stream per micro-batch needs --micro-batches >= 2")
     args.views = args.views.split(",")
     args.query_models = args.query_models.split(",")
     if args.step_graphs:

@@ -187,6 +187,7 @@ class LayerDecoder:
         """The whole layer as one segment: append, select, the gather on this stream, attention."""
         rt = self.rt
         rt.transfer.wait_writeback(layer)  # NOTE: a miss may re-fetch a block whose write-back is in flight
+        rt.transfer.wait_for_layer(layer)  # NOTE: a prefetch from before a knob change turned it off may be in flight
 
         def segment():
             self._append_segment(layer, p, x)

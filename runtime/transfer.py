@@ -195,9 +195,19 @@ class TransferEngine:
             self.counters.add_timing(layer, start, end, ready if i == len(timed) - 1 else None)
 
     def wait_h2d(self, layer: int) -> None:
-        """Compute waits for H2D copies of this layer before it overwrites a slot (no stall timing)."""
-        for done in self._h2d_done[layer].values():
-            torch.cuda.current_stream().wait_event(done)
+        """Compute waits for H2D copies of this layer before it overwrites a slot (no stall timing). With
+        per_stream_copies only its own H2D stream's: other micro-batches copy into other rows' slots, and
+        the step boundary joined every earlier copy (a prefetch included)."""
+        if not self.cuda:
+            return
+        done = self._h2d_done[layer]
+        if self.per_stream_copies:
+            own = done.get(self._h2d_for_current())
+            events = [] if own is None else [own]
+        else:
+            events = list(done.values())
+        for event in events:
+            torch.cuda.current_stream().wait_event(event)
 
     # -- GPU -> host --------------------------------------------------------------------------------
     def write_back(self, layer: int, src: torch.Tensor, dst_runs: torch.Tensor,
@@ -285,7 +295,8 @@ class TransferEngine:
         """Step boundary (per_stream_copies): the current stream waits for every micro-batch's H2D stream,
         so that a prefetch, which no attention of its own step waits for, lands before the next step's
         plans, whatever stream the request's next micro-batch runs on. (With one H2D stream the next
-        step's copies queue behind it.)"""
+        step's copies queue behind it, and every layer's attention, inline gathers included, waits for
+        the stream's pending copies: `wait_for_layer`.)"""
         if self.cuda and self.per_stream_copies:
             here = torch.cuda.current_stream()
             for h2d in self._h2d_of.values():
@@ -304,8 +315,8 @@ class TransferEngine:
             torch.cuda.current_stream().wait_event(self._wb_done[layer])
 
     def quiesce(self) -> None:
-        """Order all three streams before rows or host blocks change owner (admission, release): compute
-        waits for both copy streams and they wait for compute."""
+        """Order every stream before rows or host blocks change owner (admission, release): compute waits
+        for the copy streams (H2D and write-back) and they wait for compute."""
         if not self.cuda:
             return
         compute = torch.cuda.current_stream()
@@ -318,4 +329,4 @@ class TransferEngine:
             for start, end in (pair for pairs in pending.values() for pair in pairs):
                 if start is not None:
                     self.counters.add_timing(layer, start, end)
-        self._forget_events()  # NOTE: compute has waited for every copy, and both copy streams for compute
+        self._forget_events()  # NOTE: compute has waited for every copy, and every copy stream for compute

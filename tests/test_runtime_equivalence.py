@@ -23,6 +23,7 @@ from nosa_sglang.config import NosaConfig
 from nosa_sglang.reference import nosa_decode_attention, select_blocks_decode
 from nosa_sglang.reference.selection import block_scores_for_positions, select_from_block_scores
 from nosa_sglang.runtime import MicroBatches, ModelShape, NosaRuntime, OffloadKnobs, RuntimeUsageError, StepGraphs
+from nosa_sglang.runtime.slot_cache import GpuSlotCache
 
 ATOL = RTOL = 1e-4
 #: relative score gap under which fp32 kernels may order two blocks differently from the fp64 reference
@@ -112,7 +113,7 @@ def random_prompt(shape: ModelShape, T: int, g: torch.Generator, device):
 def drive(rt: NosaRuntime, prompt_lens: list[int], steps: int, seed: int, check: bool = True,
           order: list[int] | None = None, collect: bool = False, allow_near_ties: bool = False,
           on_attend=None, fused: bool = False, micro_batches: int = 1, step_graphs: bool = False,
-          unordered_delay: int | None = None) -> dict:
+          unordered_delay: int | None = None, rotate_streams: bool = False) -> dict:
     """Run `steps` decode steps of random tokens/queries; compare every layer with the reference
     (`collect`: also return every output, on the host).
 
@@ -126,7 +127,9 @@ def drive(rt: NosaRuntime, prompt_lens: list[int], steps: int, seed: int, check:
     inputs from fixed buffers; the checks follow the step.
     `unordered_delay` (with step_graphs): a body that orders none of its part streams (`unordered_body`),
     and on CUDA sleep kernels of that many cycles before each step (the caller's stream: late inputs
-    and plan uploads) and before each part's last output copy (late part streams)."""
+    and plan uploads) and before each part's last output copy (late part streams).
+    `rotate_streams` (micro-batches, not step graphs): after every step the parts pass their streams on,
+    so each request runs on another stream than in the step before."""
     shape, cfg, dev = rt.shape, rt.config, rt.device
     g = torch.Generator().manual_seed(seed)
     mirror = ReferenceMirror(len(prompt_lens), shape, max(prompt_lens) + steps + 1, dev)
@@ -188,6 +191,9 @@ def drive(rt: NosaRuntime, prompt_lens: list[int], steps: int, seed: int, check:
                 torch.testing.assert_close(o.double(), ref, atol=ATOL, rtol=RTOL)
         if runner is None:
             rt.step_boundary()
+        if rotate_streams:
+            streams = [part.stream for part in parts.parts]
+            parts.parts = [part._replace(stream=s) for part, s in zip(parts.parts, streams[1:] + streams[:1])]
         mirror.step(idx)
     return {"worst": worst, "selection_mismatches": mismatches, "near_ties": near_ties, "snapshot": rt.snapshot(),
             "ids": ids, "outputs": outputs, "runner": runner}
@@ -233,6 +239,23 @@ def decode_parts(parts: MicroBatches, layer: int, q, k, v, c, fused: bool):
 
 
 COUNTS = ("hits", "misses", "prefetched", "bytes_h2d", "bytes_d2h")
+
+
+def force_prefetches(monkeypatch) -> None:
+    """Prefetch that moves blocks. The real candidates (the best eviction scores the next step may
+    select) are resident already in these short runs, so prefetch copies nothing; here every existing
+    candidate scores far above any resident block, in an order that changes every step (computed on the
+    device from the step counter: the same under graphs), so each step prefetches into the slots it did
+    not select."""
+    real = GpuSlotCache.plan_prefetch
+
+    def plan_prefetch(self, layer, view, cand_score, n_cand, E, policy, step, base):
+        blocks = torch.arange(cand_score.shape[-1], device=cand_score.device)
+        order = ((blocks * 7919 + step.long() * 104729) % 997).float()
+        forced = torch.where(cand_score > float("-inf"), 1e30 - order * 1e26, float("-inf"))
+        return real(self, layer, view, forced, n_cand, E, policy, step, base)
+
+    monkeypatch.setattr(GpuSlotCache, "plan_prefetch", plan_prefetch)
 
 
 def counts(run: dict) -> tuple:
@@ -288,6 +311,16 @@ def test_both_victim_policies_equal_reference(victim, prefetch):
     rt = small_runtime(slots=10, victim=victim, prefetch=prefetch, layers=1)
     out = drive(rt, [120, 75], steps=300, seed=seed)
     assert out["selection_mismatches"] == 0
+
+
+def test_prefetches_that_move_blocks_change_no_output(monkeypatch):
+    """Prefetched blocks are later hits: their K/V and biases must be those of the block (CPU; the CUDA
+    twin checks the stream ordering: test_requests_that_change_stream_see_their_prefetches)."""
+    force_prefetches(monkeypatch)
+    rt = small_runtime(slots=10, victim="eviction_score", prefetch=True, layers=2)
+    out = drive(rt, [150, 161, 40], steps=120, seed=fresh_seed(), fused=True, micro_batches=2, rotate_streams=True)
+    totals = out["snapshot"].totals
+    assert out["selection_mismatches"] == 0 and totals.prefetched > 100 and totals.misses > 0
 
 
 def test_gpu_only_mode_equals_reference():

@@ -12,7 +12,8 @@ import time
 
 import pytest
 import torch
-from test_runtime_equivalence import SMALL, assert_offload_equals_gpu_only, counts, drive, small_runtime
+from test_runtime_equivalence import (SMALL, assert_offload_equals_gpu_only, counts, drive, force_prefetches,
+                                      small_runtime)
 
 from nosa_sglang.config import NosaConfig
 from nosa_sglang.runtime import ModelShape, NosaRuntime, OffloadKnobs, StepGraphs
@@ -101,8 +102,7 @@ def test_inline_gather_equals_the_copy_stream_path_on_cuda(graphs):
     assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 
-@pytest.mark.parametrize("per_stream", [False, True])
-@pytest.mark.parametrize("inline", [False, True])
+@pytest.mark.parametrize("inline, per_stream", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("graphs", [False, True])
 def test_micro_batches_on_two_streams_equal_one_batch(graphs, inline, per_stream):
     """Two micro-batches decoded on two CUDA streams, interleaved per layer (their copies and compute
@@ -194,6 +194,27 @@ def test_step_graphs_order_and_join_the_body_streams_themselves(inline, per_stre
     assert all(torch.equal(a, b) for a, b in zip(runs[0]["outputs"], runs[1]["outputs"]))
     assert counts(runs[0]) == counts(runs[1])
     assert runs[1]["runner"].captures >= 1 and runs[1]["runner"].replays >= 1, vars(runs[1]["runner"])
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_requests_that_change_stream_see_their_prefetches(graphs, monkeypatch):
+    """per_stream_copies: after every step each request moves to the other micro-batch's stream, and
+    every copy is late, prefetches included (forced to move blocks). A prefetch is waited by no attention
+    of its own step, so it must land before the next step reads it from another stream and its H2D
+    stream: the step boundary joins every copy stream. Against one batch on one stream: bit for bit,
+    same counts. CPU twin of the outputs: test_prefetches_that_move_blocks_change_no_output."""
+    force_prefetches(monkeypatch)
+    s = seed()
+    runs = []
+    for parts in (1, 2):
+        rt = small_runtime(slots=10, victim="eviction_score", prefetch=True, device="cuda", mode="zero_copy",
+                           cuda_graphs=graphs, per_stream_copies=parts == 2)
+        rt.transfer.debug_delay_cycles = SLEEP_CYCLES // 4 if parts == 2 else 0
+        runs.append(drive(rt, [150, 161, 40, 99], steps=60, seed=s, collect=True, allow_near_ties=True, fused=True,
+                          micro_batches=parts, rotate_streams=parts == 2))
+        assert runs[-1]["selection_mismatches"] == 0 and runs[-1]["snapshot"].totals.prefetched > 100
+    assert all(torch.equal(a, b) for a, b in zip(runs[0]["outputs"], runs[1]["outputs"]))
+    assert counts(runs[0]) == counts(runs[1])
 
 
 def written_back_blocks(rt: NosaRuntime, request_ids: list[str]) -> dict[tuple, torch.Tensor]:

@@ -127,9 +127,13 @@ def eager_collector():
 def test_plain_capture_fails_when_a_dead_graph_is_collected_during_it(eager_collector):
     """The hazard that `capture` guards against (if torch stops failing here, the guard is moot)."""
     holder, collected = captured_graph(), Cycle.collected
-    with pytest.raises(Exception, match="capture"):
-        out = capture_with_collections(lambda g: torch.cuda.graph(g, capture_error_mode="thread_local"), holder)
-        print(f"no error; cycles collected during the capture: {out[1]}")
+    stream = torch.cuda.current_stream()
+    try:
+        with pytest.raises(Exception, match="capture"):
+            out = capture_with_collections(lambda g: torch.cuda.graph(g, capture_error_mode="thread_local"), holder)
+            print(f"no error; cycles collected during the capture: {out[1]}")
+    finally:
+        torch.cuda.set_stream(stream)  # NOTE: a failed torch.cuda.graph leaves its capture stream current
     assert Cycle.collected == collected + 1  # collected during the capture, which then failed
     torch.cuda.synchronize()
 

@@ -2,7 +2,7 @@
 
 It is NOT the runtime and measures nothing: there are no tensors and no GPU. Its counters follow a
 closed-form model of a decode loop (each `step()` grows every request by one token; the miss rate
-falls with more GPU slots; prefetch hides part of the transfer time), just enough for the numbers to
+falls with more GPU slots; prefetch changes nothing, as measured on the runtime), just enough for the numbers to
 move the way an operator expects, so the service, `nosa-ctl` and `examples/tune_offload.py` can be
 exercised before (and without) `nosa_sglang.runtime.NosaRuntime`. It uses the same step-boundary
 knob swap as the runtime (`KnobQueue`), so the UpdateConfig semantics tested against it are real.
@@ -24,8 +24,8 @@ from nosa_sglang.runtime.stats import LayerStats, RequestStats, StatsSnapshot
 #: modelled copy bandwidth per transfer mode (bytes/s), after the H100 measurement behind the
 #: zero_copy default (per-run DMA is slow: one small copy per (block, head) run)
 _MODEL_BANDWIDTH = {"copy_engine": 5e9, "zero_copy": 50e9}
-#: share of the transfer time the compute stream waits for, with and without prefetch
-_MODEL_STALL_SHARE = {True: 0.2, False: 0.6}
+#: share of the transfer time the compute stream waits for
+_MODEL_STALL_SHARE = 0.6
 #: host wait per layer step with misses, for reading the miss list back (copy-engine path only)
 _MODEL_HOST_WAIT_S = {"copy_engine": 10e-6, "zero_copy": 0.0}
 
@@ -106,7 +106,7 @@ class SyntheticProvider(ControlProvider):
                     layer["bytes_d2h"] += s.kv_heads * block_bytes if filled else 0
                     transfer_s = misses * block_bytes / _MODEL_BANDWIDTH[knobs.transfer_mode]
                     layer["transfer_time_s"] += transfer_s
-                    layer["stall_time_s"] += transfer_s * _MODEL_STALL_SHARE[knobs.prefetch]
+                    layer["stall_time_s"] += transfer_s * _MODEL_STALL_SHARE
                     layer["host_wait_time_s"] += _MODEL_HOST_WAIT_S[knobs.transfer_mode] if misses else 0.0
                 req.hits += s.num_layers * (selected - misses)
                 req.misses += s.num_layers * misses
