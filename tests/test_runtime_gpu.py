@@ -8,6 +8,7 @@ change a single output bit; and a snapshot never waits for the GPU.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 import time
 
 import pytest
@@ -210,11 +211,33 @@ def test_requests_that_change_stream_see_their_prefetches(graphs, monkeypatch):
         rt = small_runtime(slots=10, victim="eviction_score", prefetch=True, device="cuda", mode="zero_copy",
                            cuda_graphs=graphs, per_stream_copies=parts == 2)
         rt.transfer.debug_delay_cycles = SLEEP_CYCLES // 4 if parts == 2 else 0
-        runs.append(drive(rt, [150, 161, 40, 99], steps=60, seed=s, collect=True, allow_near_ties=True, fused=True,
-                          micro_batches=parts, rotate_streams=parts == 2))
-        assert runs[-1]["selection_mismatches"] == 0 and runs[-1]["snapshot"].totals.prefetched > 100
+        runs.append(drive(rt, [600, 520, 410, 300], steps=60, seed=s, collect=True, allow_near_ties=True,
+                          fused=True, micro_batches=parts, rotate_streams=parts == 2))
+        assert runs[-1]["selection_mismatches"] == 0 and runs[-1]["snapshot"].totals.prefetched > 500
     assert all(torch.equal(a, b) for a, b in zip(runs[0]["outputs"], runs[1]["outputs"]))
     assert counts(runs[0]) == counts(runs[1])
+
+
+def test_inline_gathers_wait_for_prefetches_from_before_a_knob_change(monkeypatch):
+    """Eviction-score victims with prefetch on keep the copy-stream path; once the knob turns prefetch
+    off, decode() gathers inline on the compute stream, which issues no copy of its own on the H2D
+    stream: the last prefetches (late, forced to move blocks) must still land before the next step reads
+    them. CPU twin of the path switch: test_inline_gather_steps_aside_for_prefetch."""
+    force_prefetches(monkeypatch)
+    rt = small_runtime(slots=10, victim="eviction_score", prefetch=True, device="cuda", mode="zero_copy",
+                       inline_gather=True)
+    rt.transfer.debug_delay_cycles = SLEEP_CYCLES
+    layers_run = []
+
+    def turn_prefetch_off(layer: int) -> None:
+        layers_run.append(layer)
+        if len(layers_run) == 20 * rt.shape.num_layers:  # after step 20; applied at its boundary
+            rt.request_knobs(replace(rt.knobs(), prefetch=False))
+
+    out = drive(rt, [600, 520, 410], steps=40, seed=seed(), allow_near_ties=True, fused=True,
+                on_attend=turn_prefetch_off)
+    assert out["selection_mismatches"] == 0 and out["snapshot"].totals.prefetched > 100
+    assert rt._decoder._inline(nosa=True)
 
 
 def written_back_blocks(rt: NosaRuntime, request_ids: list[str]) -> dict[tuple, torch.Tensor]:
