@@ -42,6 +42,7 @@ for what in "$@"; do case $what in
   sweep-stage1) step sweep_stage1 ${SWEEP_LIMIT:-200} python3 scripts/sweep_chunk_logits.py ;;
   sweep-decode) step sweep_decode ${SWEEP_LIMIT:-200} python3 scripts/sweep_decode_variants.py ;;
   sweep-topk) step sweep_topk ${SWEEP_LIMIT:-200} python3 scripts/sweep_topk_rows.py ;;
+  sweep-topk-search) step sweep_topk_search ${SWEEP_LIMIT:-200} python3 scripts/sweep_topk_rows.py --search ;;
   profile-step)  # whole steps as one graph against segment graphs (PROFILE_STEP_ONLY=1: graphs only), one process each
     flags=(--step-graphs); [ -z "${PROFILE_STEP_ONLY:-}" ] && flags+=("")
     for flag in "${flags[@]}"; do step profile_step${flag:+_graphs} ${PROFILE_LIMIT:-150} python3 scripts/profile_runtime.py \

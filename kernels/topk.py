@@ -29,6 +29,10 @@ PACK_ROWS_PER_SM = 4
 # bits of the k-th-value search resolved per pass (1 = binary search; 4 = 8 passes of 16 thresholds
 # each: measured 1.3x slower on an H200, benchmarks/results/kernels.md)
 SEARCH_BITS = 1
+#: one row per program (decode): find the k-th value by four 8-bit radix passes, each a histogram of
+#: the remaining candidates' next byte, instead of 32 dependent reductions. Off until timed on a GPU
+#: against the binary search (scripts/sweep_topk_rows.py --search); equal results either way.
+RADIX_SELECT = False
 
 
 def select_topk(
@@ -114,7 +118,7 @@ def _select_topk_triton(S, E, seq_lens, config, policy):
         rows = max(1, min(ROW_ELEMS // block_nb, MAX_ROWS, next_pow2(B * hkv)))
     _topk_kernel[(triton.cdiv(B * hkv, rows),)](
         S, E, seq_lens, out, B * hkv, hkv, nb,
-        ROWS=rows, BLOCK_NB=block_nb, BLOCK_SIZE=config.block_size, INIT=config.init_blocks, LOCAL=config.local_blocks,
+        ROWS=rows, RADIX=RADIX_SELECT and rows == 1, BLOCK_NB=block_nb, BLOCK_SIZE=config.block_size, INIT=config.init_blocks, LOCAL=config.local_blocks,
         QUERY_K=config.query_blocks, TOP_K=config.topk_blocks,
         PAD_K=next_pow2(config.topk_blocks), NOSA=policy == "nosa",
         SEARCH_BITS=SEARCH_BITS, PASSES=-(-32 // SEARCH_BITS),
@@ -157,9 +161,45 @@ def _top_mask(key, ok, k, SEARCH_BITS: tl.constexpr, PASSES: tl.constexpr):
 
 
 @triton.jit
+def _kth_radix(key, ok, k, N: tl.constexpr):
+    """[1] the k-th largest `ok` entry of one row of key [1, N] (int32 sortable), by four passes over
+    its bytes, most significant first: a histogram of the next byte of the entries that still match the
+    bytes found so far, and the byte where the count from the top reaches k. (Fewer than k entries:
+    any value; the caller keeps every `ok` entry then.)"""
+    u = tl.reshape(key.to(tl.int64) + 2147483648, [N])  # unsigned order in [0, 2**32)
+    live = tl.reshape(ok, [N])
+    byte = tl.arange(0, 256)
+    prefix = tl.zeros([1], tl.int64)
+    need = tl.zeros([1], tl.int32) + k
+    for p in tl.static_range(4):
+        digit = ((u >> (24 - 8 * p)) & 255).to(tl.int32)
+        h = tl.histogram(digit, 256, mask=live)
+        at_or_above = tl.sum(h) - tl.cumsum(h, 0) + h  # entries whose byte is >= each byte value
+        d = tl.max(tl.where(at_or_above >= need, byte, 0), 0)
+        need -= tl.sum(tl.where(byte > d, h, 0))
+        prefix += d.to(tl.int64) << (24 - 8 * p)
+        live = live & (digit == d)
+    return prefix - 2147483648
+
+
+@triton.jit
+def _top_mask_radix(key, ok, k, N: tl.constexpr):
+    """As _top_mask for one row (ROWS == 1), the cut found by _kth_radix."""
+    key = key.to(tl.int64)
+    lo = _kth_radix(key, ok, k, N)
+    n_ok = tl.sum(ok.to(tl.int32), 1)
+    above = ok & (key > lo[:, None])
+    need = k - tl.sum(above.to(tl.int32), 1)
+    tie = ok & (key == lo[:, None])
+    tie_rank = tl.cumsum(tie.to(tl.int32), 1)
+    sel = above | (tie & (tie_rank <= need[:, None]))
+    return tl.where((n_ok <= k)[:, None], ok, sel)
+
+
+@triton.jit
 def _topk_kernel(
     S, E, SEQ, OUT, n_rows, n_kv_heads, nb,
-    ROWS: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_SIZE: tl.constexpr, INIT: tl.constexpr,
+    ROWS: tl.constexpr, RADIX: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_SIZE: tl.constexpr, INIT: tl.constexpr,
     LOCAL: tl.constexpr, QUERY_K: tl.constexpr, TOP_K: tl.constexpr, PAD_K: tl.constexpr, NOSA: tl.constexpr,
     SEARCH_BITS: tl.constexpr, PASSES: tl.constexpr,
 ):
@@ -174,7 +214,14 @@ def _topk_kernel(
     s = tl.load(S + ptr, mask=inb, other=float("-inf"))
     s = tl.where(forced, float("inf"), tl.where(exists, s, float("-inf")))
     # absent blocks (id > qb) never win: only existing blocks are candidates
-    if NOSA:
+    if RADIX:
+        if NOSA:
+            in_q = _top_mask_radix(_sortable(s), exists, QUERY_K, BLOCK_NB)
+            e = tl.load(E + ptr, mask=inb, other=float("-inf"))
+            sel = _top_mask_radix(_sortable(tl.where(in_q, float("inf"), e)), exists, TOP_K, BLOCK_NB)
+        else:
+            sel = _top_mask_radix(_sortable(s), exists, TOP_K, BLOCK_NB)
+    elif NOSA:
         in_q = _top_mask(_sortable(s), exists, QUERY_K, SEARCH_BITS, PASSES)
         e = tl.load(E + ptr, mask=inb, other=float("-inf"))
         sel = _top_mask(_sortable(tl.where(in_q, float("inf"), e)), exists, TOP_K, SEARCH_BITS, PASSES)

@@ -5,10 +5,11 @@ blocks (128K): with 256 blocks eight rows shared a program (ROW_ELEMS 2048 is si
 short rows), so a decode batch got few programs, each with eight rows' sequential searches. One row per
 program won everywhere measured (2026-11-29); rows are now packed only beyond PACK_ROWS_PER_SM.
 
-    python scripts/sweep_topk_rows.py
+    python scripts/sweep_topk_rows.py            # rows per program
+    python scripts/sweep_topk_rows.py --search   # one row per program: binary search against radix select
 
-Times `select_topk` (CUDA graph replay, L2 flushed: benchmarks/kernels.py's bench_graph) for each rows
-per program, checks every variant selects the same blocks, and prints one table.
+Times `select_topk` (CUDA graph replay, L2 flushed: benchmarks/kernels.py's bench_graph) for each
+variant, checks every variant selects the same blocks, and prints one table.
 """
 import sys
 
@@ -22,7 +23,39 @@ from nosa_sglang.config import NosaConfig  # noqa: E402
 from nosa_sglang.kernels import topk  # noqa: E402
 
 
+def search() -> int:
+    """The k-th-value search of the one-row-per-program kernel: 32 binary passes or 4 radix passes."""
+    cfg, dev = NosaConfig(), torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    rows_out, md = [], []
+    for tokens in (16384, 65536, 131072):
+        nb = cfg.num_blocks(tokens)
+        for hkv, B in ((2, 1), (2, 16), (2, 64), (8, 3), (8, 16), (8, 64)):
+            S = torch.randn((B, hkv, nb), generator=g, device=dev)
+            E = torch.randn((B, hkv, nb), generator=g, device=dev)
+            seq = torch.full((B,), tokens, dtype=torch.long, device=dev)
+            times, ref = [], None
+            for radix in (False, True):
+                topk.RADIX_SELECT = radix
+                for policy in ("nosa", "infllmv2"):
+                    out = topk.select_topk(S, E, seq, cfg, policy, impl="triton")
+                    if policy == "nosa":
+                        ref = out if ref is None else ref
+                        assert torch.equal(out, ref), (tokens, B, "radix" if radix else "binary")
+                    times.append(round(1e3 * bench_graph(
+                        lambda: topk.select_topk(S, E, seq, cfg, policy, impl="triton")), 1))
+            topk.RADIX_SELECT = False
+            rows_out.append([tokens // 1024, hkv, B, *times, f"{times[0] / times[2]:.2f}x"])
+            print(rows_out[-1], flush=True)
+    table("top-k us, one row per program (CUDA graph replay, L2 flushed)",
+          ["ctx K", "Hkv", "batch", "binary nosa", "binary infllmv2", "radix nosa", "radix infllmv2",
+           "radix speed-up (nosa)"], rows_out, md)
+    return 0
+
+
 def main() -> int:
+    if "--search" in sys.argv[1:]:
+        return search()
     cfg, dev = NosaConfig(), torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
     rows_out, md = [], []
