@@ -41,6 +41,7 @@ for what in "$@"; do case $what in
   kernels) step kernels 330 python3 benchmarks/kernels.py --budget-s 280 --out $OUT/kernels.md ;;
   sweep-stage1) step sweep_stage1 ${SWEEP_LIMIT:-200} python3 scripts/sweep_chunk_logits.py ;;
   sweep-decode) step sweep_decode ${SWEEP_LIMIT:-200} python3 scripts/sweep_decode_variants.py ;;
+  sweep-decode-pdl) step sweep_decode_pdl ${SWEEP_LIMIT:-200} python3 scripts/sweep_decode_variants.py --pdl ;;
   sweep-topk) step sweep_topk ${SWEEP_LIMIT:-200} python3 scripts/sweep_topk_rows.py ;;
   sweep-topk-search) step sweep_topk_search ${SWEEP_LIMIT:-200} python3 scripts/sweep_topk_rows.py --search ;;
   profile-step)  # whole steps as one graph against segment graphs (PROFILE_STEP_ONLY=1: graphs only), one process each

@@ -15,6 +15,8 @@ short split's whole slot list before the loop (so no list load sits between a st
 was measured and removed too: 1B-like B 16 29.5 -> 30.8 us with two entries, 46 us with four.
 
     python scripts/sweep_decode_variants.py
+    python scripts/sweep_decode_variants.py --pdl   # the shipped launch, merge as a plain or a
+                                                    # programmatic dependent launch (PDL_MERGE)
 """
 import sys
 
@@ -37,6 +39,8 @@ def set_variant(entries, warps, stages) -> None:
 def main() -> int:
     default = (sparse_decode.ENTRIES_PER_STEP, sparse_decode.DECODE_LAUNCH["num_warps"],
                sparse_decode.DECODE_LAUNCH["num_stages"])
+    pdl_sweep = "--pdl" in sys.argv[1:]
+    variants = [(*default, False), (*default, True)] if pdl_sweep else [(*v, False) for v in VARIANTS]
     bw = d2d_bandwidth()
     print(f"device-to-device copy bandwidth (read + write) {bw:.0f} GB/s", flush=True)
     rows, md = [], []
@@ -49,8 +53,9 @@ def main() -> int:
             set_variant(*default)
             want = {ns: sparse_decode.sparse_decode_attention(q, ks, vs, cs, *lists[0], sl, num_splits=ns)
                     for ns in split_set}
-            for variant in VARIANTS:
+            for *variant, pdl in variants:
                 set_variant(*variant)
+                sparse_decode.PDL_MERGE = pdl
                 for ns in split_set:
                     out = sparse_decode.sparse_decode_attention(q, ks, vs, cs, *lists[0], sl, num_splits=ns)
                     err = ((out.float() - want[ns].float()).abs().max() / want[ns].float().abs().max()).item()
@@ -59,14 +64,16 @@ def main() -> int:
                         lambda s=s, b=b, ns=ns: sparse_decode.sparse_decode_attention(q, ks, vs, cs, s, b, sl, num_splits=ns)
                         for s, b in lists]))
                     entries, warps, stages = variant
-                    rows.append([shape, B, ns, entries, f"w{warps} s{stages}",
+                    rows.append([shape, B, ns, entries, f"w{warps} s{stages}", "pdl" if pdl else "plain",
                                  round(us, 1), round(floor_us, 1), round(100 * floor_us / us, 1)])
                     print(rows[-1], flush=True)
             del q, ks, vs, cs, lists
             torch.cuda.empty_cache()
     set_variant(*default)
+    sparse_decode.PDL_MERGE = False
     table("Sparse decode launch variants (context 16K, CUDA graph replay, L2 flushed)",
-          ["shape", "batch", "splits", "entries/step", "warps/stages", "us", "roofline us", "% roofline"],
+          ["shape", "batch", "splits", "entries/step", "warps/stages", "merge launch", "us", "roofline us",
+           "% roofline"],
           rows, md)
     return 0
 
