@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from report import table, write_markdown
 from nosa_sglang.config import NosaConfig
-from nosa_sglang.kernels import sparse_decode as sparse_decode_module
+from nosa_sglang.kernels import pdl as pdl_module
 from nosa_sglang.kernels import topk as topk_module
 from nosa_sglang.runtime import MicroBatches, ModelShape, NosaRuntime, OffloadKnobs, StepGraphs
 from nosa_sglang.runtime.knobs import MAX_GPU_SLOTS
@@ -494,8 +494,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="store K~ in bf16 (half the memory and selection reads)")
     p.add_argument("--radix-topk", action="store_true",
                    help="the top-k kernel finds its cuts by radix select (kernels/topk.py RADIX_SELECT)")
-    p.add_argument("--pdl-merge", action="store_true",
-                   help="the split decode's merge as a programmatic dependent launch (kernels/sparse_decode.py PDL_MERGE)")
+    p.add_argument("--pdl", action="store_true",
+                   help="the decode chain's kernels as programmatic dependent launches (kernels/pdl.py)")
     p.add_argument("--max-batch", type=int, default=256)
     p.add_argument("--host-gib", type=float, default=0.0, help="pinned host store (0: 85%% of available RAM)")
     p.add_argument("--gpu-reserve-gib", type=float, default=6.0)
@@ -512,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.configs = args.configs.split(",")
     topk_module.RADIX_SELECT = args.radix_topk
-    sparse_decode_module.PDL_MERGE = args.pdl_merge
+    pdl_module.ENABLED = args.pdl
     unknown = [c for c in args.configs if c not in ("a", "b", "c", "d", "a*", "a+", "b+")]
     if unknown:
         p.error(f"--configs: {unknown} not in a, b, c, d, a*, a+, b+")
@@ -554,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
           f"steps {args.steps} after {args.warmup} warm-up; gpu_slots {args.gpu_slots}; transfer {args.transfer_mode}; "
           f"prefetch {args.prefetch}; victims {args.victim_policy}; K~ {'bf16' if args.ck_bf16 else 'fp32'}; "
           f"CUDA graphs {'whole steps' if args.step_graphs else args.cuda_graphs}; inline gather {args.inline_gather}; micro-batches {args.micro_batches}; "
-          f"top-k search {'radix' if args.radix_topk else 'binary'}; merge launch {'pdl' if args.pdl_merge else 'plain'}; "
+          f"top-k search {'radix' if args.radix_topk else 'binary'}; launches {'pdl' if args.pdl else 'plain'}; "
           f"drift rho {args.drift_rho}", ""]
     ceil = measure_ceilings(host_buffer) if cuda else {"h2d_copy_gbs": 1.0, "gather_zero_copy_gbs": 0.0,
                                                        "gather_copy_engine_gbs": 0.0}

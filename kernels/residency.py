@@ -30,7 +30,9 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import cuda as tl_cuda
 
+from nosa_sglang.kernels import pdl
 from nosa_sglang.kernels._checks import KernelArgumentError, check_tensor
 from nosa_sglang.kernels._dispatch import next_pow2
 
@@ -144,6 +146,7 @@ def resolve_slots(
         K_PAD=max(16, next_pow2(K)), S_PAD=s_pad, LRU=lru, STORE_E=store_e, COPY_C=bias is not None,
         HOST_RUNS=host is not None, TALLY=tally is not None,
         BLOCK=block_size, BLOCK_PAD=max(16, next_pow2(block_size)), num_warps=4 if s_pad <= 512 else 8,
+        **pdl.options(sel),
     )
     return Diff(slot_ids, miss, dst, None if tally is not None else counts.sum(1), fetch)
 
@@ -156,7 +159,10 @@ def _resolve_kernel(
     C, C_ROWS, C_SLOTS, s_c_r, s_c_h, H_TABLE, H_ROWS, s_ht, FETCH, n_out, ROW_COUNTS, LAYER_COUNTS, T_ROWS,
     K_PAD: tl.constexpr, S_PAD: tl.constexpr, LRU: tl.constexpr, STORE_E: tl.constexpr, COPY_C: tl.constexpr,
     HOST_RUNS: tl.constexpr, TALLY: tl.constexpr, BLOCK: tl.constexpr, BLOCK_PAD: tl.constexpr,
+    WAIT: tl.constexpr,
 ):
+    if WAIT:  # launched as a programmatic dependent (kernels/pdl.py): nothing is read before this
+        tl_cuda.gdc_wait()
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_heads
     h = pid % n_heads

@@ -16,8 +16,10 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import cuda as tl_cuda
 
 from nosa_sglang.config import NosaConfig
+from nosa_sglang.kernels import pdl
 from nosa_sglang.kernels._checks import KernelArgumentError, check_tensor
 from nosa_sglang.kernels._dispatch import (
     check_devices, check_float, check_gqa, check_head_dim, check_index, check_shape, fp32_dot, next_pow2,
@@ -154,7 +156,7 @@ def _pool_chunks(x: torch.Tensor, strides: tuple[int, int, int], hkv: int, n_chu
     _pool_kernel[(B * hkv, triton.cdiv(nb, BLOCK_TILE))](
         x, n_chunks, seq_lens, out, hkv, nb, *strides,
         R=r, R_PAD=next_pow2(r), BLOCK_NB=BLOCK_TILE, FORCED=forced,
-        BLOCK_SIZE=config.block_size, INIT=config.init_blocks, LOCAL=config.local_blocks,
+        BLOCK_SIZE=config.block_size, INIT=config.init_blocks, LOCAL=config.local_blocks, **pdl.options(x),
     )
     return out
 
@@ -181,12 +183,12 @@ def _decode_block_scores_triton(q, ck, n_chunks, seq_lens, config: NosaConfig, n
         q, ck, n_chunks, logits, run_max, run_sum, LOG2E / math.sqrt(d), hkv, max(cmax, 1), per_split,
         q.stride(0), q.stride(1), ck.stride(0), ck.stride(1), ck.stride(2),
         G=G, BLOCK_G=block_g, HEAD_DIM=d, BLOCK_C=CHUNK_TILE, IEEE=fp32_dot(q.dtype) or ck.dtype == torch.float32,
-        num_warps=4,
+        num_warps=4, **pdl.options(q),
     )
     probs = torch.empty((B, hkv, max(cmax, 1)), dtype=torch.float32, device=q.device)
     _group_probs_kernel[(B * hkv, triton.cdiv(max(cmax, 1), PROB_TILE))](
         logits, run_max, run_sum, n_chunks, probs, hkv, max(cmax, 1), splits,
-        BLOCK_C=PROB_TILE, BLOCK_G=next_pow2(G), G=G, BLOCK_SPLITS=next_pow2(splits),
+        BLOCK_C=PROB_TILE, BLOCK_G=next_pow2(G), G=G, BLOCK_SPLITS=next_pow2(splits), **pdl.options(q),
     )
     return _pool_chunks(probs, (probs.stride(0), probs.stride(2), probs.stride(1)), hkv, n_chunks, seq_lens, config,
                         nb, forced=True)
@@ -197,7 +199,10 @@ def _chunk_logits_kernel(
     Q, CK, NCH, W, M, L, scale_log2, n_kv_heads, cmax, per_split,
     s_qb, s_qh, s_cb, s_cc, s_ch,
     G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr,
+    WAIT: tl.constexpr,
 ):
+    if WAIT:  # launched as a programmatic dependent (kernels/pdl.py): nothing is read before this
+        tl_cuda.gdc_wait()
     pid = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -238,11 +243,13 @@ def _chunk_logits_kernel(
 @triton.jit
 def _group_probs_kernel(
     W, M, L, NCH, P, n_kv_heads, cmax, n_splits,
-    BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, G: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, G: tl.constexpr, BLOCK_SPLITS: tl.constexpr, WAIT: tl.constexpr,
 ):
     """P[b, h, c] = sum over the group's heads of softmax_c(logits): each chunk's score computed once,
     so that two blocks whose windows share the chunk pool the very same fp32 value (a tie in the
     reference stays a tie; computing it in both blocks' lanes rounded differently on an H200)."""
+    if WAIT:  # launched as a programmatic dependent (kernels/pdl.py): nothing is read before this
+        tl_cuda.gdc_wait()
     pid = tl.program_id(0).to(tl.int64)
     c0 = tl.program_id(1) * BLOCK_C
     b = pid // n_kv_heads
@@ -270,10 +277,12 @@ def _group_probs_kernel(
 def _pool_kernel(
     X, NCH, SEQ, OUT, n_kv_heads, nb, s_xb, s_xc, s_xh,
     R: tl.constexpr, R_PAD: tl.constexpr, BLOCK_NB: tl.constexpr, FORCED: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, WAIT: tl.constexpr,
 ):
     """Blocks [b0, b0 + BLOCK_NB) of one (request, KV head): max of the chunk scores X over chunks
     [R*b - 1, R*b + R); FORCED marks the sink and local blocks +inf (S, not E)."""
+    if WAIT:  # launched as a programmatic dependent (kernels/pdl.py): nothing is read before this
+        tl_cuda.gdc_wait()
     pid = tl.program_id(0).to(tl.int64)
     b0 = tl.program_id(1) * BLOCK_NB
     b = pid // n_kv_heads

@@ -41,8 +41,7 @@ from nosa_sglang.kernels._checks import KernelArgumentError
 
 from triton.language.extra import cuda as tl_cuda
 
-#: programmatic dependent launch in this Triton (>= 3.4); PDL_MERGE stays off without it
-HAS_PDL = hasattr(tl_cuda, "gdc_wait")
+from nosa_sglang.kernels import pdl
 
 LOG2E = 1.4426950408889634
 #: decode programs resident per multiprocessor (~150-180 registers x 128 threads, sm_90 report)
@@ -58,11 +57,6 @@ DECODE_LAUNCH = {"num_warps": 4, "num_stages": 2}
 #: slot-list entries one loop step reads: two (128 K/V rows a stage) moved B >= 64 from 75-94 % of the
 #: byte roofline to 88-101 % (H200, scripts/sweep_decode_variants.py); four would double the tile again
 ENTRIES_PER_STEP = 2
-#: launch the split merge as a programmatic dependent of the decode kernel (CUDA, sm_90): its programs
-#: start while the decode's last programs drain and wait (griddepcontrol.wait) before reading the
-#: partials, hiding the second launch of a split decode. Off until timed on a GPU
-#: (scripts/sweep_decode_variants.py --pdl); equal results either way.
-PDL_MERGE = False
 
 
 class DecodeAttention(NamedTuple):
@@ -221,14 +215,12 @@ def _sparse_decode_triton(q, k_slots, v_slots, c_slots, slot_ids, block_ids, seq
         block_ids.stride(0), block_ids.stride(1), block_ids.stride(2),
         o.stride(0), o.stride(1),
         G=G, BLOCK_G=max(16, next_pow2(G)), HEAD_DIM=d, BLOCK_SIZE=bs, SPLIT=split_mode,
-        IEEE=fp32_dot(q.dtype), ENTRIES=ENTRIES_PER_STEP, **DECODE_LAUNCH,
+        IEEE=fp32_dot(q.dtype), ENTRIES=ENTRIES_PER_STEP, **DECODE_LAUNCH, **pdl.options(q),
     )
     if split_mode:
-        pdl = PDL_MERGE and HAS_PDL and q.is_cuda  # NOTE: the interpreter runs no inline PTX
         _merge_kernel[(B * Hq,)](
             o_part, lse_part, o, lse, Hq, splits, o.stride(0), o.stride(1),
-            HEAD_DIM=d, BLOCK_SPLITS=max(2, next_pow2(splits)), WAIT=pdl, num_warps=4,
-            **({"launch_pdl": True} if pdl else {}),
+            HEAD_DIM=d, BLOCK_SPLITS=max(2, next_pow2(splits)), num_warps=4, **pdl.options(q),
         )
     return o, lse
 
@@ -240,8 +232,10 @@ def _decode_kernel(
     s_qb, s_qh, s_ks, s_kt, s_vs, s_vt, s_cs, s_ct,
     s_ib, s_ih, s_in, s_bb, s_bh, s_bn, s_ob, s_oh,
     G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    SPLIT: tl.constexpr, IEEE: tl.constexpr, ENTRIES: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr, ENTRIES: tl.constexpr, WAIT: tl.constexpr,
 ):
+    if WAIT:  # launched as a programmatic dependent (kernels/pdl.py): nothing is read before this
+        tl_cuda.gdc_wait()
     pid = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -309,16 +303,15 @@ def _merge_kernel(
     O_PART, LSE_PART, O, LSE, n_q_heads, n_splits, s_ob, s_oh,
     HEAD_DIM: tl.constexpr, BLOCK_SPLITS: tl.constexpr, WAIT: tl.constexpr,
 ):
-    """Merge the splits of one (request, query head): weights 2^(lse_s - max) over normalised partials.
-    WAIT: launched as a programmatic dependent (PDL_MERGE), so wait for the decode before any load."""
+    """Merge the splits of one (request, query head): weights 2^(lse_s - max) over normalised partials."""
+    if WAIT:  # launched as a programmatic dependent (kernels/pdl.py): nothing is read before this
+        tl_cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     b = row // n_q_heads
     hq = row % n_q_heads
     offs_s = tl.arange(0, BLOCK_SPLITS)
     offs_d = tl.arange(0, HEAD_DIM)
     ok = offs_s < n_splits
-    if WAIT:
-        tl_cuda.gdc_wait()
     lse = tl.load(LSE_PART + row * n_splits + offs_s, mask=ok, other=float("-inf"))
     m = tl.max(lse, 0)
     m_use = tl.where(m == float("-inf"), 0.0, m)

@@ -15,7 +15,9 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import cuda as tl_cuda
 
+from nosa_sglang.kernels import pdl
 from nosa_sglang.kernels._checks import KernelArgumentError, check_tensor
 from nosa_sglang.kernels._dispatch import FLOAT_DTYPES, check_devices, check_index, next_pow2, resolve_impl
 
@@ -82,7 +84,7 @@ def write_token(buf: TokenBuffers, slots: torch.Tensor, offsets: torch.Tensor, r
             buf.kv.stride(0), buf.kv.stride(1), buf.c_slots.stride(0), buf.ring.stride(0), buf.ring.stride(1),
             buf.ring.stride(2), buf.c_tokens.stride(0), buf.c_tokens.stride(1), slots.stride(0), slots.stride(1),
             k.stride(0), k.stride(1), v.stride(0), v.stride(1), c.stride(0), c.stride(1),
-            BLOCK_D=max(16, next_pow2(d)), num_warps=1,
+            BLOCK_D=max(16, next_pow2(d)), num_warps=1, **pdl.options(k),
         )
 
 
@@ -104,8 +106,10 @@ def _write_token_kernel(
     n_heads, d, ring_len,
     s_kv_t, s_kv_s, s_cs, s_r_r, s_r_k, s_r_h, s_ct_r, s_ct_h, s_sl_b, s_sl_h,
     s_k_b, s_k_h, s_v_b, s_v_h, s_c_b, s_c_h,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, WAIT: tl.constexpr,
 ):
+    if WAIT:  # launched as a programmatic dependent (kernels/pdl.py): nothing is read before this
+        tl_cuda.gdc_wait()
     pid = tl.program_id(0)
     b = pid // n_heads
     h = pid % n_heads

@@ -13,8 +13,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import cuda as tl_cuda
 
 from nosa_sglang.config import NosaConfig
+from nosa_sglang.kernels import pdl
 from nosa_sglang.kernels._checks import KernelArgumentError, check_tensor
 from nosa_sglang.kernels._dispatch import check_devices, check_index, check_shape, next_pow2, num_sms, resolve_impl
 
@@ -122,7 +124,7 @@ def _select_topk_triton(S, E, seq_lens, config, policy):
         QUERY_K=config.query_blocks, TOP_K=config.topk_blocks,
         PAD_K=next_pow2(config.topk_blocks), NOSA=policy == "nosa",
         SEARCH_BITS=SEARCH_BITS, PASSES=-(-32 // SEARCH_BITS),
-        num_warps=max(4, min(16, rows * block_nb // 256)),
+        num_warps=max(4, min(16, rows * block_nb // 256)), **pdl.options(S),
     )
     return out
 
@@ -201,8 +203,10 @@ def _topk_kernel(
     S, E, SEQ, OUT, n_rows, n_kv_heads, nb,
     ROWS: tl.constexpr, RADIX: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_SIZE: tl.constexpr, INIT: tl.constexpr,
     LOCAL: tl.constexpr, QUERY_K: tl.constexpr, TOP_K: tl.constexpr, PAD_K: tl.constexpr, NOSA: tl.constexpr,
-    SEARCH_BITS: tl.constexpr, PASSES: tl.constexpr,
+    SEARCH_BITS: tl.constexpr, PASSES: tl.constexpr, WAIT: tl.constexpr,
 ):
+    if WAIT:  # launched as a programmatic dependent (kernels/pdl.py): nothing is read before this
+        tl_cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = row < n_rows
     qb = (tl.load(SEQ + row // n_kv_heads, mask=row_ok, other=1) - 1) // BLOCK_SIZE

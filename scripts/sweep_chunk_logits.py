@@ -33,7 +33,7 @@ def launch(q, ck, n_chunks, block_c, warps, stages, split_factor):
         sel._chunk_logits_kernel[(B * hkv, splits)](
             q, ck, n_chunks, w, m, s, sel.LOG2E / math.sqrt(d), hkv, cmax, per_split,
             q.stride(0), q.stride(1), ck.stride(0), ck.stride(1), ck.stride(2),
-            G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), HEAD_DIM=d, BLOCK_C=block_c, IEEE=False,
+            G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), HEAD_DIM=d, BLOCK_C=block_c, IEEE=False, WAIT=False,
             num_warps=warps, num_stages=stages,
         )
     return run, w, m, s

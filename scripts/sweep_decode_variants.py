@@ -15,8 +15,8 @@ short split's whole slot list before the loop (so no list load sits between a st
 was measured and removed too: 1B-like B 16 29.5 -> 30.8 us with two entries, 46 us with four.
 
     python scripts/sweep_decode_variants.py
-    python scripts/sweep_decode_variants.py --pdl   # the shipped launch, merge as a plain or a
-                                                    # programmatic dependent launch (PDL_MERGE)
+    python scripts/sweep_decode_variants.py --pdl   # the shipped launch, plain or as programmatic
+                                                    # dependent launches (kernels/pdl.py)
 """
 import sys
 
@@ -26,6 +26,7 @@ sys.path.insert(0, "benchmarks")
 from kernels import CFG, SHAPES, bench_graph, d2d_bandwidth, decode_bytes, decode_inputs, rotating  # noqa: E402
 from report import table  # noqa: E402
 
+from nosa_sglang.kernels import pdl as pdl_module  # noqa: E402
 from nosa_sglang.kernels import sparse_decode  # noqa: E402
 
 VARIANTS = [(1, 4, 2), (2, 4, 2), (2, 4, 3), (2, 8, 2), (4, 4, 2), (4, 8, 2)]  # entries a step, warps, stages
@@ -55,7 +56,7 @@ def main() -> int:
                     for ns in split_set}
             for *variant, pdl in variants:
                 set_variant(*variant)
-                sparse_decode.PDL_MERGE = pdl
+                pdl_module.ENABLED = pdl
                 for ns in split_set:
                     out = sparse_decode.sparse_decode_attention(q, ks, vs, cs, *lists[0], sl, num_splits=ns)
                     err = ((out.float() - want[ns].float()).abs().max() / want[ns].float().abs().max()).item()
@@ -70,9 +71,9 @@ def main() -> int:
             del q, ks, vs, cs, lists
             torch.cuda.empty_cache()
     set_variant(*default)
-    sparse_decode.PDL_MERGE = False
+    pdl_module.ENABLED = False
     table("Sparse decode launch variants (context 16K, CUDA graph replay, L2 flushed)",
-          ["shape", "batch", "splits", "entries/step", "warps/stages", "merge launch", "us", "roofline us",
+          ["shape", "batch", "splits", "entries/step", "warps/stages", "launch", "us", "roofline us",
            "% roofline"],
           rows, md)
     return 0

@@ -169,14 +169,14 @@ def test_triton_head_dim_must_be_power_of_two():
 
 @pytest.mark.parametrize("pdl", [False, True])
 def test_programmatic_merge_launch_changes_nothing(gen, monkeypatch, pdl):
-    """PDL_MERGE (the split merge as a programmatic dependent launch, waiting before its loads): the
-    same outputs bit for bit. On CPU the flag must fall back to a plain launch (the interpreter runs
-    no PTX); on CUDA this is the check of the real thing."""
-    from nosa_sglang.kernels import sparse_decode
+    """Decode and split merge as programmatic dependent launches (kernels/pdl.py, each waiting before
+    its loads): the same outputs bit for bit. On CPU the switch must fall back to plain launches (the
+    interpreter runs no PTX); on CUDA this is the check of the real thing."""
+    from nosa_sglang.kernels import pdl as pdl_module
 
     args, ref = build_case(gen, [150, 41, 97], hq=8, hkv=2, d=64, dtype=torch.float32)
     want = sparse_decode_attention(**args, return_lse=True, num_splits=3)
-    monkeypatch.setattr(sparse_decode, "PDL_MERGE", pdl)
+    monkeypatch.setattr(pdl_module, "ENABLED", pdl)
     with poisoned_allocations():
         got = sparse_decode_attention(**args, return_lse=True, num_splits=3)
     assert torch.equal(got.o, want.o) and torch.equal(got.lse, want.lse) and rel_err(got.o, ref) <= 1e-4

@@ -240,6 +240,25 @@ def test_inline_gathers_wait_for_prefetches_from_before_a_knob_change(monkeypatc
     assert rt._decoder._inline(nosa=True)
 
 
+@pytest.mark.parametrize("step_graphs", [False, True])
+def test_programmatic_dependent_launches_change_nothing(step_graphs, monkeypatch):
+    """The decode chain's kernels as programmatic dependent launches (kernels/pdl.py), in segment graphs
+    and in whole-step graphs with two micro-batches: the same outputs and counts bit for bit as plain
+    launches, and the reference's selections."""
+    from nosa_sglang.kernels import pdl
+
+    s = seed()
+    runs = []
+    for enabled in (False, True):
+        monkeypatch.setattr(pdl, "ENABLED", enabled)
+        rt = small_runtime(slots=10, victim="lru", device="cuda", mode="zero_copy", cuda_graphs=True)
+        runs.append(drive(rt, [600, 520, 410], steps=60, seed=s, collect=True, allow_near_ties=True, fused=True,
+                          step_graphs=step_graphs, micro_batches=2 if step_graphs else 1))
+        assert runs[-1]["selection_mismatches"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(runs[0]["outputs"], runs[1]["outputs"]))
+    assert counts(runs[0]) == counts(runs[1])
+
+
 def written_back_blocks(rt: NosaRuntime, request_ids: list[str]) -> dict[tuple, torch.Tensor]:
     """K and V of every host block but each request's last (its open tail), per (request, layer, block, head)."""
     H = rt.shape.num_kv_heads
