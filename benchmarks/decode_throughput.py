@@ -512,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.configs = args.configs.split(",")
     topk_module.RADIX_SELECT = args.radix_topk
-    pdl_module.ENABLED = args.pdl
+    pdl_module.ENABLED = args.pdl or pdl_module.ENABLED  # NOTE: NOSA_PDL=1 counts too
     unknown = [c for c in args.configs if c not in ("a", "b", "c", "d", "a*", "a+", "b+")]
     if unknown:
         p.error(f"--configs: {unknown} not in a, b, c, d, a*, a+, b+")

@@ -4,13 +4,17 @@ Why: at small batches one decode layer is a chain of short dependent kernels on 
 stream (token write, selection scores, top-k, residency diff, attention, split merge). Inside a CUDA
 graph each one still starts only after its predecessor has fully finished and been retired. Launched
 as a programmatic dependent, a kernel's programs may start while the predecessor's last programs
-drain; each waits (`griddepcontrol.wait`) before its first load, so it reads nothing early. Off until
-timed on a GPU: `NOSA_PDL=1` in the environment, or `pdl.ENABLED = True` (the sweeps and
-`decode_throughput.py --pdl` set it). The interpreter runs no PTX, so on CPU the kernels launch plainly.
+drain; each waits (`griddepcontrol.wait`: its predecessor has completed and its writes are visible)
+before its first load or store, so it reads nothing early, then lets its own dependents launch
+(`griddepcontrol.launch_dependents`): they queue for the slots its programs free. Off until timed on a
+GPU: `NOSA_PDL=1` in the environment, or `pdl.ENABLED = True` (the sweeps and
+`decode_throughput.py --pdl` set it). PDL needs sm_90; the interpreter runs no PTX, so elsewhere the
+kernels launch plainly.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -23,6 +27,11 @@ ENABLED = os.environ.get("NOSA_PDL", "") == "1"
 
 def options(t: torch.Tensor) -> dict:
     """Launch keywords of a chain kernel (it takes a `WAIT` constexpr and waits first when it is set)."""
-    if ENABLED and HAS_PDL and t.is_cuda:
+    if ENABLED and HAS_PDL and t.is_cuda and _hopper_or_newer(t.device.index or 0):
         return {"WAIT": True, "launch_pdl": True}
     return {"WAIT": False}
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper_or_newer(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9  # NOTE: griddepcontrol is sm_90 PTX

@@ -203,6 +203,7 @@ def _chunk_logits_kernel(
 ):
     if WAIT:  # launched as a programmatic dependent (kernels/pdl.py): nothing is read before this
         tl_cuda.gdc_wait()
+        tl_cuda.gdc_launch_dependents()  # NOTE: the next kernel's programs may queue for free slots
     pid = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -250,6 +251,7 @@ def _group_probs_kernel(
     reference stays a tie; computing it in both blocks' lanes rounded differently on an H200)."""
     if WAIT:  # launched as a programmatic dependent (kernels/pdl.py): nothing is read before this
         tl_cuda.gdc_wait()
+        tl_cuda.gdc_launch_dependents()  # NOTE: the next kernel's programs may queue for free slots
     pid = tl.program_id(0).to(tl.int64)
     c0 = tl.program_id(1) * BLOCK_C
     b = pid // n_kv_heads
@@ -283,6 +285,7 @@ def _pool_kernel(
     [R*b - 1, R*b + R); FORCED marks the sink and local blocks +inf (S, not E)."""
     if WAIT:  # launched as a programmatic dependent (kernels/pdl.py): nothing is read before this
         tl_cuda.gdc_wait()
+        tl_cuda.gdc_launch_dependents()  # NOTE: the next kernel's programs may queue for free slots
     pid = tl.program_id(0).to(tl.int64)
     b0 = tl.program_id(1) * BLOCK_NB
     b = pid // n_kv_heads

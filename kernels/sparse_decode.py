@@ -236,6 +236,7 @@ def _decode_kernel(
 ):
     if WAIT:  # launched as a programmatic dependent (kernels/pdl.py): nothing is read before this
         tl_cuda.gdc_wait()
+        tl_cuda.gdc_launch_dependents()  # NOTE: the next kernel's programs may queue for free slots
     pid = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -306,6 +307,7 @@ def _merge_kernel(
     """Merge the splits of one (request, query head): weights 2^(lse_s - max) over normalised partials."""
     if WAIT:  # launched as a programmatic dependent (kernels/pdl.py): nothing is read before this
         tl_cuda.gdc_wait()
+        tl_cuda.gdc_launch_dependents()  # NOTE: the next kernel's programs may queue for free slots
     row = tl.program_id(0).to(tl.int64)
     b = row // n_q_heads
     hq = row % n_q_heads

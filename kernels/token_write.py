@@ -110,6 +110,7 @@ def _write_token_kernel(
 ):
     if WAIT:  # launched as a programmatic dependent (kernels/pdl.py): nothing is read before this
         tl_cuda.gdc_wait()
+        tl_cuda.gdc_launch_dependents()  # NOTE: the next kernel's programs may queue for free slots
     pid = tl.program_id(0)
     b = pid // n_heads
     h = pid % n_heads

@@ -207,6 +207,7 @@ def _topk_kernel(
 ):
     if WAIT:  # launched as a programmatic dependent (kernels/pdl.py): nothing is read before this
         tl_cuda.gdc_wait()
+        tl_cuda.gdc_launch_dependents()  # NOTE: the next kernel's programs may queue for free slots
     row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = row < n_rows
     qb = (tl.load(SEQ + row // n_kv_heads, mask=row_ok, other=1) - 1) // BLOCK_SIZE

@@ -52,6 +52,7 @@ def main() -> int:
             auto = sparse_decode.auto_num_splits(B, hkv, CFG.topk_blocks, q.device)
             split_set = sorted({auto, *((4, 8, 16) if B == 16 else ())})
             set_variant(*default)
+            pdl_module.ENABLED = False
             want = {ns: sparse_decode.sparse_decode_attention(q, ks, vs, cs, *lists[0], sl, num_splits=ns)
                     for ns in split_set}
             for *variant, pdl in variants:
@@ -59,6 +60,8 @@ def main() -> int:
                 pdl_module.ENABLED = pdl
                 for ns in split_set:
                     out = sparse_decode.sparse_decode_attention(q, ks, vs, cs, *lists[0], sl, num_splits=ns)
+                    if pdl_sweep:  # NOTE: the same kernels, launched differently: bit for bit
+                        assert torch.equal(out, want[ns]), (shape, B, "pdl" if pdl else "plain", ns)
                     err = ((out.float() - want[ns].float()).abs().max() / want[ns].float().abs().max()).item()
                     assert err < 1e-2, (shape, B, variant, ns, err)
                     us = 1e3 * bench_graph(rotating([

@@ -34,14 +34,13 @@ def search() -> int:
             S = torch.randn((B, hkv, nb), generator=g, device=dev)
             E = torch.randn((B, hkv, nb), generator=g, device=dev)
             seq = torch.full((B,), tokens, dtype=torch.long, device=dev)
-            times, ref = [], None
+            times, ref = [], {}
             for radix in (False, True):
                 topk.RADIX_SELECT = radix
                 for policy in ("nosa", "infllmv2"):
                     out = topk.select_topk(S, E, seq, cfg, policy, impl="triton")
-                    if policy == "nosa":
-                        ref = out if ref is None else ref
-                        assert torch.equal(out, ref), (tokens, B, "radix" if radix else "binary")
+                    want = ref.setdefault(policy, out)
+                    assert torch.equal(out, want), (tokens, B, policy, "radix" if radix else "binary")
                     times.append(round(1e3 * bench_graph(
                         lambda: topk.select_topk(S, E, seq, cfg, policy, impl="triton")), 1))
             topk.RADIX_SELECT = False

@@ -269,6 +269,28 @@ def test_gpu_decode_selection_real_sizes(gen, batch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU (CPU twin: test_topk_rule_with_ties_equals_reference[radix])")
+@pytest.mark.parametrize("nb", [16, 40, 100, 300])
+def test_gpu_radix_select_on_short_rows(gen, nb, monkeypatch):
+    """Radix select compiled for sm_90 on rows shorter than a warp's lanes x warps (contexts under ~8K
+    tokens), where each histogram input element is held by several threads: ties, -inf, rows shorter
+    than k, both policies."""
+    use_search(monkeypatch, "radix")
+    cfg = NosaConfig()
+    B, hkv = 12, 8
+    S = torch.randint(0, 5, (B, hkv, nb), generator=gen).float().to(DEVICE)
+    E = torch.randint(0, 5, (B, hkv, nb), generator=gen).float().to(DEVICE)
+    S[0, 0, ::3] = float("-inf")
+    sl = torch.randint(1, nb * cfg.block_size + 1, (B,), generator=gen).to(torch.int32).to(DEVICE)
+    qb = ((sl.long() - 1) // cfg.block_size)[:, None].expand(B, hkv)
+    for policy in ("nosa", "infllmv2"):
+        pcfg = cfg if policy == "nosa" else NosaConfig(**{**cfg.to_dict(), "query_blocks": cfg.topk_blocks})
+        want = select_from_block_scores(S, E, qb, pcfg)
+        assert torch.equal(select_topk(S, E if policy == "nosa" else None, sl, cfg, policy=policy).long(), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs a CUDA GPU (CPU twin: test_topk_search_width_changes_nothing)")
 @pytest.mark.parametrize("bits", [1, 2, 4, "radix"])
 def test_gpu_topk_search_width_at_128k(gen, bits, monkeypatch):

@@ -171,7 +171,7 @@ def test_triton_head_dim_must_be_power_of_two():
 def test_programmatic_merge_launch_changes_nothing(gen, monkeypatch, pdl):
     """Decode and split merge as programmatic dependent launches (kernels/pdl.py, each waiting before
     its loads): the same outputs bit for bit. On CPU the switch must fall back to plain launches (the
-    interpreter runs no PTX); on CUDA this is the check of the real thing."""
+    interpreter runs no PTX); the GPU twin: test_gpu_programmatic_launches_at_real_sizes."""
     from nosa_sglang.kernels import pdl as pdl_module
 
     args, ref = build_case(gen, [150, 41, 97], hq=8, hkv=2, d=64, dtype=torch.float32)
@@ -180,6 +180,25 @@ def test_programmatic_merge_launch_changes_nothing(gen, monkeypatch, pdl):
     with poisoned_allocations():
         got = sparse_decode_attention(**args, return_lse=True, num_splits=3)
     assert torch.equal(got.o, want.o) and torch.equal(got.lse, want.lse) and rel_err(got.o, ref) <= 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 16])
+def test_gpu_programmatic_launches_at_real_sizes(gen, monkeypatch, batch):
+    """The 1B-like layer (Hq 16, Hkv 2, d 128, bf16, 16K tokens) whose batch 16 pays two launches for
+    16 us of bytes: decode and merge as programmatic dependent launches equal plain ones bit for bit."""
+    from nosa_sglang.kernels import pdl as pdl_module
+
+    lens = [16384 - 37 * i for i in range(batch)]
+    args, ref = build_case(gen, lens, hq=16, hkv=2, d=128, dtype=torch.bfloat16, cfg=NosaConfig())
+    want = sparse_decode_attention(**args, return_lse=True)
+    monkeypatch.setattr(pdl_module, "ENABLED", True)
+    assert pdl_module.options(args["q"])["WAIT"]  # an H100/H200: the real thing
+    for _ in range(3):
+        with poisoned_allocations():
+            got = sparse_decode_attention(**args, return_lse=True)
+        assert torch.equal(got.o, want.o) and torch.equal(got.lse, want.lse)
+    assert rel_err(got.o, ref) <= 1e-2
 
 
 @pytest.mark.gpu
