@@ -11,7 +11,7 @@ step() {  # step NAME LIMIT_S COMMAND...
   echo "== $name rc=$? at ${SECONDS}s"; tail -n "${TAIL:-15}" "$OUT/$name.log"
 }
 for what in "$@"; do case $what in
-  kernel-tests) step kernel_tests 200 python3 -P -m pytest -q -p no:cacheprovider -m gpu tests/test_kernel_*.py -rfE \
+  kernel-tests) step kernel_tests ${KTESTS_LIMIT:-280} python3 -P -m pytest -q -p no:cacheprovider -m gpu tests/test_kernel_*.py -rfE \
       ${KERNEL_K:+-k "$KERNEL_K"} ;;
   runtime-tests)  # one process per test: a crash names its test and hides no other result
     for t in $(python3 -P -m pytest -q -p no:cacheprovider -m gpu tests/test_runtime_gpu.py --collect-only 2>/dev/null | grep ::); do
@@ -56,7 +56,7 @@ for what in "$@"; do case $what in
   grpc-batched) step grpc_batched ${GRPC_LIMIT:-200} python3 benchmarks/grpc_load.py --provider batched --model 1b \
       --prompt-tokens ${GRPC_PROMPT:-16384} --batch ${GRPC_BATCH:-64} --restart-every 4096 --phase-seconds ${GRPC_PHASE:-8} \
       --out $OUT/grpc_batched.md ;;
-  runtime-gpu-tests) step runtime_gpu_tests ${TESTS_LIMIT:-240} python3 -P -m pytest -q -p no:cacheprovider -m gpu \
+  runtime-gpu-tests) step runtime_gpu_tests ${TESTS_LIMIT:-420} python3 -P -m pytest -q -p no:cacheprovider -m gpu \
       tests/test_runtime_gpu.py tests/test_runtime_graph_capture.py tests/test_kernel_block_copy.py --tb=short -rfE ${PYTEST_K:+-k "$PYTEST_K"} ;;
   *) echo "unknown step $what"; exit 2 ;;
 esac; done
