@@ -120,7 +120,8 @@ def _select_topk_triton(S, E, seq_lens, config, policy):
         rows = max(1, min(ROW_ELEMS // block_nb, MAX_ROWS, next_pow2(B * hkv)))
     _topk_kernel[(triton.cdiv(B * hkv, rows),)](
         S, E, seq_lens, out, B * hkv, hkv, nb,
-        ROWS=rows, RADIX=RADIX_SELECT and rows == 1, BLOCK_NB=block_nb, BLOCK_SIZE=config.block_size, INIT=config.init_blocks, LOCAL=config.local_blocks,
+        ROWS=rows, RADIX=RADIX_SELECT and rows == 1, BLOCK_NB=block_nb, BLOCK_SIZE=config.block_size,
+        INIT=config.init_blocks, LOCAL=config.local_blocks,
         QUERY_K=config.query_blocks, TOP_K=config.topk_blocks,
         PAD_K=next_pow2(config.topk_blocks), NOSA=policy == "nosa",
         SEARCH_BITS=SEARCH_BITS, PASSES=-(-32 // SEARCH_BITS),

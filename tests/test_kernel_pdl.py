@@ -3,7 +3,7 @@ dependent waits for its predecessor before touching memory.
 
 On CPU: the source of every such kernel starts with the wait (an AST check), and kernels compiled for
 sm_90 by the real NVIDIA backend (PTX; no GPU needed) issue `griddepcontrol.wait` before their first
-global load, store or atomic. The GPU twins (bit-for-bit outputs with PDL on and off) are in
+global load, store, atomic or async copy. The GPU twins (bit-for-bit outputs with PDL on and off) are in
 test_kernel_sparse_decode.py and test_runtime_gpu.py.
 """
 
@@ -59,7 +59,10 @@ COMPILE = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    import nosa_sglang.kernels.residency as RES
+    import nosa_sglang.kernels.selection as SEL
     import nosa_sglang.kernels.sparse_decode as SD
+    import nosa_sglang.kernels.token_write as TW
     import nosa_sglang.kernels.topk as T
 
     def ptx(fn, sig, consts, **opts):
@@ -78,13 +81,49 @@ COMPILE = textwrap.dedent("""
     merge_sig = {"O_PART": "*fp32", "LSE_PART": "*fp32", "O": "*bf16", "LSE": "*fp32", "n_q_heads": "i32",
                  "n_splits": "i32", "s_ob": "i32", "s_oh": "i32"}
     out["merge"] = ptx(SD._merge_kernel, merge_sig, dict(HEAD_DIM=128, BLOCK_SPLITS=8, WAIT=True), num_warps=4)
+    ints = lambda *names: {n: "i32" for n in names}  # noqa: E731
+    out["decode"] = ptx(SD._decode_kernel, {
+        "Q": "*bf16", "K": "*bf16", "V": "*bf16", "C": "*fp32", "SLOT": "*i64", "BLK": "*i32", "SEQ": "*i64",
+        "O": "*bf16", "LSE": "*fp32", "O_PART": "*fp32", "LSE_PART": "*fp32", "scale_log2": "fp32",
+        **ints("n_kv_heads", "n_entries", "per_split", "s_qb", "s_qh", "s_ks", "s_kt", "s_vs", "s_vt", "s_cs",
+               "s_ct", "s_ib", "s_ih", "s_in", "s_bb", "s_bh", "s_bn", "s_ob", "s_oh")},
+        dict(G=8, BLOCK_G=16, HEAD_DIM=128, BLOCK_SIZE=64, SPLIT=True, IEEE=False, ENTRIES=2, WAIT=True),
+        num_warps=4, num_stages=2)
+    out["token write"] = ptx(TW._write_token_kernel, {
+        "KV": "*bf16", "CS": "*fp32", "RING": "*bf16", "CT": "*fp32", "SLOTS": "*i64", "OFF": "*i64",
+        "ROWS": "*i64", "POS": "*i64", "K": "*bf16", "V": "*bf16", "C": "*fp32",
+        **ints("n_heads", "d", "ring_len", "s_kv_t", "s_kv_s", "s_cs", "s_r_r", "s_r_k", "s_r_h", "s_ct_r",
+               "s_ct_h", "s_sl_b", "s_sl_h", "s_k_b", "s_k_h", "s_v_b", "s_v_h", "s_c_b", "s_c_h")},
+        dict(BLOCK_D=128, WAIT=True), num_warps=1)
+    out["chunk logits"] = ptx(SEL._chunk_logits_kernel, {
+        "Q": "*bf16", "CK": "*bf16", "NCH": "*i32", "W": "*fp32", "M": "*fp32", "L": "*fp32", "scale_log2": "fp32",
+        **ints("n_kv_heads", "cmax", "per_split", "s_qb", "s_qh", "s_cb", "s_cc", "s_ch")},
+        dict(G=8, BLOCK_G=16, HEAD_DIM=128, BLOCK_C=SEL.CHUNK_TILE, IEEE=False, WAIT=True), num_warps=4)
+    out["group probs"] = ptx(SEL._group_probs_kernel, {
+        "W": "*fp32", "M": "*fp32", "L": "*fp32", "NCH": "*i32", "P": "*fp32",
+        **ints("n_kv_heads", "cmax", "n_splits")},
+        dict(BLOCK_C=SEL.PROB_TILE, BLOCK_G=8, G=8, BLOCK_SPLITS=4, WAIT=True))
+    out["pool"] = ptx(SEL._pool_kernel, {
+        "X": "*fp32", "NCH": "*i32", "SEQ": "*i32", "OUT": "*fp32", **ints("n_kv_heads", "nb", "s_xb", "s_xc", "s_xh")},
+        dict(R=4, R_PAD=4, BLOCK_NB=SEL.BLOCK_TILE, FORCED=True, BLOCK_SIZE=64, INIT=1, LOCAL=2, WAIT=True))
+    out["residency"] = ptx(RES._resolve_kernel, {
+        "SEL": "*i32", "BS": "*i32", "SB": "*i32", "LS": "*i32", "SE": "*fp32", "E": "*fp32", "INACT": "*i1",
+        "STEP": "*i32", "BASE": "*i64", "SLOT_IDS": "*i64", "MISS": "*i1", "DST": "*i64", "COUNTS": "*i64",
+        "SCR": "*i64", **ints("n_heads", "K", "S", "MB", "NB", "trash", "s_sel_b", "s_sel_h", "s_bs_b", "s_bs_h",
+                               "s_sb_b", "s_sb_h", "s_ls_b", "s_ls_h", "s_se_b", "s_se_h", "s_e_b", "s_e_h"),
+        "C": "*fp32", "C_ROWS": "*i64", "C_SLOTS": "*fp32", **ints("s_c_r", "s_c_h"), "H_TABLE": "*i32",
+        "H_ROWS": "*i64", "s_ht": "i32", "FETCH": "*i64", "n_out": "i32", "ROW_COUNTS": "*i64",
+        "LAYER_COUNTS": "*i64", "T_ROWS": "*i64"},
+        dict(K_PAD=64, S_PAD=128, LRU=True, STORE_E=False, COPY_C=True, HOST_RUNS=True, TALLY=True, BLOCK=64,
+             BLOCK_PAD=64, WAIT=True), num_warps=4)
     json.dump(out, sys.stdout)
 """)
 
 
 def test_compiled_for_sm90_the_wait_precedes_every_memory_access():
-    """The real backend (not the interpreter): the radix top-k (the histogram at 16 and 2048 blocks) and
-    the split merge compile for sm_90 with PDL, and no global access comes before the wait."""
+    """The real backend (not the interpreter): every kernel of the chain compiles for sm_90 with PDL (the
+    radix top-k's histogram at 16 and 2048 blocks too), and in each no global access comes before the
+    wait."""
     import json
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -96,6 +135,7 @@ def test_compiled_for_sm90_the_wait_precedes_every_memory_access():
         pytest.skip(f"this Triton cannot compile for sm_90 here: {run.stderr.strip().splitlines()[-1]}")
     for name, ptx in json.loads(run.stdout).items():
         wait = ptx.find("griddepcontrol.wait")
-        first = min((i for i in (ptx.find(op) for op in ("ld.global", "st.global", "atom.")) if i >= 0), default=-1)
+        accesses = ("ld.global", "st.global", "atom.global", "red.global", "cp.async")
+        first = min((i for i in (ptx.find(op) for op in accesses) if i >= 0), default=-1)
         assert 0 <= wait < first, f"{name}: wait at {wait}, first global access at {first}"
         assert "griddepcontrol.launch_dependents" in ptx, name
