@@ -8,8 +8,9 @@ Streams and the orderings that matter (CUDA):
   attention (`wait_for_layer`): the only point where compute can stall, and it is timed.
   With `per_stream_copies` every compute stream that runs layers (a micro-batch's) has an H2D stream
   of its own, so one micro-batch's copies do not queue behind another's: a stream's copies and waits
-  pair with its own H2D stream, a slot-reuse wait (`wait_h2d`) waits for all of them, and the step
-  boundary joins them (a prefetch is waited by no attention of its own step).
+  (`wait_for_layer`, the slot-reuse `wait_h2d`) pair with its own H2D stream, since micro-batches own
+  disjoint rows, and the step boundary joins them all (a prefetch is waited by no attention of its own
+  step, and a request may run on another stream in the next).
 - `writeback_stream` carries a tail block to the host once it fills (and prompts at admission). It
   waits on the compute event that wrote the last token; the compute stream waits on the write-back
   before a later token overwrites the tail slot (`wait_writeback`).
