@@ -167,11 +167,17 @@ def step_graph_runner(rt: NosaRuntime, parts: MicroBatches, work: Workload, B: i
 
 def synthetic_runtime(shape: ModelShape, cfg: NosaConfig, knobs: OffloadKnobs, tokens: int, B: int, max_seq_len: int,
                       device, host_tokens: int | None = None, host_buffer: torch.Tensor | None = None,
-                      gpu_only: bool = False, **kw) -> tuple[NosaRuntime, list[str]]:
+                      gpu_only: bool = False, leaders: int | None = None, **kw) -> tuple[NosaRuntime, list[str]]:
     """A NosaRuntime holding B synthetic requests of `tokens` (ids r0..), its host store sized for
     `host_tokens` (default max_seq_len) per request: carved from `host_buffer`, else (on CUDA) a zeroed
-    pinned buffer of its own."""
-    host_cap = 0 if gpu_only else B * host_bytes_per_request(shape, cfg, host_tokens or max_seq_len)
+    pinned buffer of its own. `leaders` (< B): only that many requests own their prompt blocks; the
+    others share a leader's full prompt blocks (`begin_request_synthetic(shared_blocks=)`) and own only
+    their tail and decode blocks: a host store larger than the pinned one, emulated."""
+    per_request = host_bytes_per_request(shape, cfg, host_tokens or max_seq_len)
+    n_shared = tokens // cfg.block_size
+    own = per_request - n_shared * host_bytes_per_request(shape, cfg, cfg.block_size)
+    leaders = B if leaders is None else max(1, min(B, leaders))
+    host_cap = 0 if gpu_only else leaders * per_request + (B - leaders) * own
     if host_buffer is None and not gpu_only and torch.device(device).type == "cuda":
         from nosa_sglang.kernels.pinned import alloc_pinned
 
@@ -181,8 +187,20 @@ def synthetic_runtime(shape: ModelShape, cfg: NosaConfig, knobs: OffloadKnobs, t
                      max_seq_len=max_seq_len, gpu_only=gpu_only, host_buffer=host_buffer, **kw)
     ids = [f"r{i}" for i in range(B)]
     for i, rid in enumerate(ids):
-        rt.begin_request_synthetic(rid, tokens, seed=i)
+        shared = None if gpu_only or i < leaders else list(rt.host_blocks(ids[i % leaders])[:n_shared])
+        rt.begin_request_synthetic(rid, tokens, seed=i, shared_blocks=shared)
     return rt, ids
+
+
+def emulated_leaders(args, shape, cfg, tokens, B, host_buffer, gpu_only) -> int | None:
+    """With --emulate-host-gib: how many of B requests own their prompt blocks in the pinned buffer (the
+    rest share theirs); None: every request owns its blocks."""
+    if not args.emulate_host_gib or gpu_only or host_buffer is None:
+        return None
+    per = host_bytes_per_request(shape, cfg, tokens + args.steps + args.warmup + 1)
+    own = per - (tokens // cfg.block_size) * host_bytes_per_request(shape, cfg, cfg.block_size)
+    have = host_buffer.numel() * host_buffer.element_size()
+    return max(1, (have - B * own) // (per - own))
 
 
 def run_runtime(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_model, host_buffer,
@@ -192,6 +210,7 @@ def run_runtime(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_mode
                          victim_policy=victim)
     rt, ids = synthetic_runtime(shape, cfg, knobs, tokens, B, tokens + args.steps + args.warmup + 2, args.device,
                                 host_tokens=tokens + args.steps + args.warmup + 1, host_buffer=host_buffer,
+                                leaders=emulated_leaders(args, shape, cfg, tokens, B, host_buffer, gpu_only),
                                 gpu_only=gpu_only, selection_policy=policy,
                                 ck_dtype=shape.dtype if args.ck_bf16 else torch.float32, cuda_graphs=args.cuda_graphs,
                                 inline_gather=args.inline_gather and not args.split_append,
@@ -346,9 +365,13 @@ def plan_batches(args, shape, cfg, tokens, host_cap, gpu_cap) -> dict:
     full_req = runtime_gpu_bytes_per_request(shape, cfg, t, 0, True, ckb)
     dense_req = dense_bytes_per_request(shape, t)
     by_host, by_hbm = host_cap // host_req, gpu_cap // off_req
+    host_label = "host RAM"
+    if args.emulate_host_gib:
+        by_host = int(args.emulate_host_gib * GiB * 0.85 // host_req)
+        host_label = f"host RAM, {args.emulate_host_gib:g} GiB emulated"
     ab = min(by_host, by_hbm, args.max_batch)
     limits = {
-        "a": (ab, "host RAM" if by_host <= by_hbm else "HBM"),
+        "a": (ab, host_label if by_host <= by_hbm else "HBM"),
         "c": (min(gpu_cap // full_req, args.max_batch), "HBM"),
         "d": (min(gpu_cap // dense_req, args.max_batch), "HBM"),
     }
@@ -496,6 +519,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="the top-k kernel finds its cuts by radix select (kernels/topk.py RADIX_SELECT)")
     p.add_argument("--pdl", action="store_true",
                    help="the decode chain's kernels as programmatic dependent launches (kernels/pdl.py)")
+    p.add_argument("--emulate-host-gib", type=float, default=0.0,
+                   help="size (a)/(b)'s batches for a host of this many GiB (x 0.85, as the 256 GiB line), "
+                        "running the requests the pinned store cannot hold on prompt blocks shared with the "
+                        "ones it does: the copies move the same bytes, from shared host addresses")
     p.add_argument("--max-batch", type=int, default=256)
     p.add_argument("--host-gib", type=float, default=0.0, help="pinned host store (0: 85%% of available RAM)")
     p.add_argument("--gpu-reserve-gib", type=float, default=6.0)
@@ -516,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [c for c in args.configs if c not in ("a", "b", "c", "d", "a*", "a+", "b+")]
     if unknown:
         p.error(f"--configs: {unknown} not in a, b, c, d, a*, a+, b+")
+    if args.emulate_host_gib < 0:
+        p.error(f"--emulate-host-gib={args.emulate_host_gib}: allowed range is >= 0 (0: off)")
     if args.micro_batches < 2 and any(c.endswith("+") for c in args.configs):
         p.error("--configs a+ / b+: one H2D stream per micro-batch needs --micro-batches >= 2")
     args.views = args.views.split(",")
@@ -555,7 +584,9 @@ def main(argv: list[str] | None = None) -> int:
           f"prefetch {args.prefetch}; victims {args.victim_policy}; K~ {'bf16' if args.ck_bf16 else 'fp32'}; "
           f"CUDA graphs {'whole steps' if args.step_graphs else args.cuda_graphs}; inline gather {args.inline_gather}; micro-batches {args.micro_batches}; "
           f"top-k search {'radix' if args.radix_topk else 'binary'}; launches {'pdl' if args.pdl else 'plain'}; "
-          f"drift rho {args.drift_rho}", ""]
+          f"drift rho {args.drift_rho}"
+          + (f"; host store {args.emulate_host_gib:g} GiB emulated (requests the pinned store cannot hold share "
+             f"prompt blocks with those it does)" if args.emulate_host_gib else ""), ""]
     ceil = measure_ceilings(host_buffer) if cuda else {"h2d_copy_gbs": 1.0, "gather_zero_copy_gbs": 0.0,
                                                        "gather_copy_engine_gbs": 0.0}
     md += [f"ceilings: pinned H2D copy {ceil['h2d_copy_gbs']:.1f} GB/s; gather of random 16 KiB runs: zero_copy "

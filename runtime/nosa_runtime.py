@@ -234,20 +234,35 @@ class NosaRuntime:
         self._order_after_host_changes()
         return Admitted(request_id, tuple(host_blocks), T)
 
-    def begin_request_synthetic(self, request_id: str, num_tokens: int, seed: int = 0) -> Admitted:
+    def begin_request_synthetic(self, request_id: str, num_tokens: int, seed: int = 0,
+                                shared_blocks: list[int] | None = None) -> Admitted:
         """Benchmarks only: admit a request of `num_tokens` whose K/V are whatever the host store and the
         slots hold, with random compressed keys, chunk means and biases (no prompt upload: admission
-        costs microseconds, not a PCIe pass). Back-pressure as begin_request."""
+        costs microseconds, not a PCIe pass). Back-pressure as begin_request. `shared_blocks`: its first
+        full blocks are these host blocks of another request (as begin_request's shared prefix), so a
+        benchmark can run more requests than the pinned store holds: the copies move the same bytes,
+        from host addresses that several requests share."""
         self._require_no_open_step("begin_request_synthetic")
         if request_id in self._requests:
             raise RuntimeUsageError(f"request_id={request_id!r}: already running")
         if not 1 <= num_tokens < self.max_seq_len:
             raise ValueError(f"num_tokens={num_tokens}: allowed range is [1, {self.max_seq_len - 1}]")
-        self._check_fits(num_tokens, self.config.num_blocks(num_tokens))
+        shared = [] if self.gpu_only else list(shared_blocks or [])
+        if len(shared) > num_tokens // self.config.block_size:
+            raise ValueError(f"shared_blocks: {len(shared)} blocks; allowed range is "
+                             f"[0, {num_tokens // self.config.block_size}] (full blocks of the request)")
+        self._check_fits(num_tokens, self.config.num_blocks(num_tokens) - len(shared))
         if len(self._row_owner) >= self.max_requests:
             raise GpuSlotsExhausted(self.max_requests)
-        host_blocks = [] if self.gpu_only else self.host.allocate(self.config.num_blocks(num_tokens),
-                                                                   f"request {request_id!r}")
+        host_blocks = [] if self.gpu_only else self.host.allocate(
+            self.config.num_blocks(num_tokens) - len(shared), f"request {request_id!r}")
+        if shared:
+            try:
+                self.host.share(shared)
+            except ValueError:
+                self.host.release(host_blocks)  # NOTE: nothing changed
+                raise
+            host_blocks = shared + host_blocks
         if self.transfer is not None:
             self.transfer.quiesce()
         row = len(self._row_owner)

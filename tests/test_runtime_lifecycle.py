@@ -312,3 +312,32 @@ def test_static_buffers_stay_bounded_when_batches_keep_changing():
         s.step(list(range(lo, hi)))
         assert len(rt._decoder._static) <= MAX_STATIC
     assert len(seen) > MAX_STATIC and rt._decoder.graphs.replays > 0
+
+
+def test_synthetic_requests_may_share_another_requests_blocks():
+    """Benchmarks alias prompt blocks to run more requests than the pinned store holds: the sharer takes
+    references (no new blocks for its full prompt blocks), decodes, and ending both restores the pool;
+    a bad share raises and changes nothing."""
+    rt = small_runtime(slots=10, victim="lru", layers=1)
+    bs, free0 = rt.config.block_size, rt.host.free_blocks
+    rt.begin_request_synthetic("a", 10 * bs + 5, seed=1)
+    prefix = list(rt.host_blocks("a")[:10])
+    for bad, match in ((prefix + [prefix[0]], "allowed range is \\[0, 10\\]"), ([10**6], "not an allocated block")):
+        before = (rt.host.free_blocks, [rt.host.refcount(b) for b in prefix])
+        with pytest.raises(ValueError, match=match):
+            rt.begin_request_synthetic("b", 10 * bs + 9, seed=2, shared_blocks=bad)
+        assert (rt.host.free_blocks, [rt.host.refcount(b) for b in prefix]) == before
+        assert rt.running_requests == ("a",)
+    rt.begin_request_synthetic("b", 10 * bs + 9, seed=2, shared_blocks=prefix)
+    assert list(rt.host_blocks("b")[:10]) == prefix and all(rt.host.refcount(b) == 2 for b in prefix)
+    assert rt.host.free_blocks == free0 - 11 - 1  # a: 11 blocks; b: only its partial tail block
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2 * bs):  # through a block opening: the sharer's new blocks are its own
+        k, v = torch.randn(2, 2, 16, generator=g), torch.randn(2, 2, 16, generator=g)
+        rt.decode(0, ["a", "b"], torch.randn(2, 4, 16, generator=g), k, v, torch.rand(2, 2, generator=g) + 0.1)
+        rt.step_boundary()
+    assert all(rt.host.refcount(b) == 2 for b in prefix)
+    rt.end_request("a")
+    assert all(rt.host.refcount(b) == 1 for b in prefix)
+    rt.end_request("b")
+    assert rt.host.free_blocks == free0
