@@ -194,8 +194,13 @@ def synthetic_runtime(shape: ModelShape, cfg: NosaConfig, knobs: OffloadKnobs, t
 
 def emulated_leaders(args, shape, cfg, tokens, B, host_buffer, gpu_only) -> int | None:
     """With --emulate-host-gib: how many of B requests own their prompt blocks in the pinned buffer (the
-    rest share theirs); None: every request owns its blocks."""
-    if not args.emulate_host_gib or gpu_only or host_buffer is None:
+    rest share theirs); None: every request owns its blocks. --alias-prompts: one owner, every other
+    request shares its blocks (the emulation's worst case, to bound its bias at any batch)."""
+    if gpu_only or host_buffer is None:
+        return None
+    if args.alias_prompts:
+        return 1
+    if not args.emulate_host_gib:
         return None
     per = host_bytes_per_request(shape, cfg, tokens + args.steps + args.warmup + 1)
     own = per - (tokens // cfg.block_size) * host_bytes_per_request(shape, cfg, cfg.block_size)
@@ -523,6 +528,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="size (a)/(b)'s batches for a host of this many GiB (x 0.85, as the 256 GiB line), "
                         "running the requests the pinned store cannot hold on prompt blocks shared with the "
                         "ones it does: the copies move the same bytes, from shared host addresses")
+    p.add_argument("--alias-prompts", action="store_true",
+                   help="every (a)/(b) request shares the first one's prompt blocks: run beside a plain run of "
+                        "the same batch, it bounds what --emulate-host-gib's sharing changes")
     p.add_argument("--max-batch", type=int, default=256)
     p.add_argument("--host-gib", type=float, default=0.0, help="pinned host store (0: 85%% of available RAM)")
     p.add_argument("--gpu-reserve-gib", type=float, default=6.0)
