@@ -138,23 +138,17 @@ def _sortable(x):
 
 
 @triton.jit
-def _top_mask(key, ok, k, SEARCH_BITS: tl.constexpr, PASSES: tl.constexpr):
+def _top_mask(key, ok, k, SEARCH_BITS: tl.constexpr, PASSES: tl.constexpr, RADIX: tl.constexpr,
+              N: tl.constexpr):
     """Per row of key [ROWS, N] (int32 sortable): mask of its k largest `ok` entries, ties to the lowest
-    column. Search for the k-th largest value: each pass splits [lo, hi] at 2**SEARCH_BITS thresholds and
-    counts them all in one reduction (1 bit: a binary search, 32 dependent reductions; 4 bits: 8 wider
-    ones), then a prefix count among the ties."""
+    column: the k-th largest value (a k-way search, or with RADIX, one row per program, a radix select),
+    then a prefix count among the ties."""
     key = key.to(tl.int64)  # int64 so that hi - lo cannot overflow
-    lo = tl.min(tl.where(ok, key, 2147483647), 1)  # invariant: count(key >= lo) >= k (or all of ok)
-    hi = tl.max(tl.where(ok, key, -2147483648), 1)
+    if RADIX:
+        lo = _kth_radix(key, ok, k, N)
+    else:
+        lo = _kth_search(key, ok, k, SEARCH_BITS, PASSES)
     n_ok = tl.sum(ok.to(tl.int32), 1)
-    ways = tl.arange(0, 1 << SEARCH_BITS).to(tl.int64)
-    for _ in range(PASSES):  # each pass leaves ceil(width / 2**SEARCH_BITS) of [lo, hi]
-        step = (hi - lo + (1 << SEARCH_BITS)) // (1 << SEARCH_BITS)
-        t = lo[:, None] + ways[None, :] * step[:, None]
-        cnt = tl.sum((ok[:, None, :] & (key[:, None, :] >= t[:, :, None])).to(tl.int32), 2)
-        best = tl.max(tl.where((cnt >= k) & (t <= hi[:, None]), ways[None, :], 0), 1)
-        lo = lo + best * step
-        hi = tl.minimum(hi, lo + step - 1)
     above = ok & (key > lo[:, None])
     need = k - tl.sum(above.to(tl.int32), 1)
     tie = ok & (key == lo[:, None])
@@ -164,12 +158,30 @@ def _top_mask(key, ok, k, SEARCH_BITS: tl.constexpr, PASSES: tl.constexpr):
 
 
 @triton.jit
+def _kth_search(key, ok, k, SEARCH_BITS: tl.constexpr, PASSES: tl.constexpr):
+    """[ROWS] the k-th largest `ok` entry of each row of key [ROWS, N] (int64 of int32 sortable): each
+    pass splits [lo, hi] at 2**SEARCH_BITS thresholds and counts them all in one reduction (1 bit: a
+    binary search, 32 dependent reductions; 4 bits: 8 wider ones)."""
+    lo = tl.min(tl.where(ok, key, 2147483647), 1)  # invariant: count(key >= lo) >= k (or all of ok)
+    hi = tl.max(tl.where(ok, key, -2147483648), 1)
+    ways = tl.arange(0, 1 << SEARCH_BITS).to(tl.int64)
+    for _ in range(PASSES):  # each pass leaves ceil(width / 2**SEARCH_BITS) of [lo, hi]
+        step = (hi - lo + (1 << SEARCH_BITS)) // (1 << SEARCH_BITS)
+        t = lo[:, None] + ways[None, :] * step[:, None]
+        cnt = tl.sum((ok[:, None, :] & (key[:, None, :] >= t[:, :, None])).to(tl.int32), 2)
+        best = tl.max(tl.where((cnt >= k) & (t <= hi[:, None]), ways[None, :], 0), 1)
+        lo = lo + best * step
+        hi = tl.minimum(hi, lo + step - 1)
+    return lo
+
+
+@triton.jit
 def _kth_radix(key, ok, k, N: tl.constexpr):
-    """[1] the k-th largest `ok` entry of one row of key [1, N] (int32 sortable), by four passes over
+    """[1] the k-th largest `ok` entry of one row of key [1, N] (int64 of int32 sortable), by four passes over
     its bytes, most significant first: a histogram of the next byte of the entries that still match the
     bytes found so far, and the byte where the count from the top reaches k. (Fewer than k entries:
     any value; the caller keeps every `ok` entry then.)"""
-    u = tl.reshape(key.to(tl.int64) + 2147483648, [N])  # unsigned order in [0, 2**32)
+    u = tl.reshape(key + 2147483648, [N])  # unsigned order in [0, 2**32)
     live = tl.reshape(ok, [N])
     byte = tl.arange(0, 256)
     prefix = tl.zeros([1], tl.int64)
@@ -183,20 +195,6 @@ def _kth_radix(key, ok, k, N: tl.constexpr):
         prefix += d.to(tl.int64) << (24 - 8 * p)
         live = live & (digit == d)
     return prefix - 2147483648
-
-
-@triton.jit
-def _top_mask_radix(key, ok, k, N: tl.constexpr):
-    """As _top_mask for one row (ROWS == 1), the cut found by _kth_radix."""
-    key = key.to(tl.int64)
-    lo = _kth_radix(key, ok, k, N)
-    n_ok = tl.sum(ok.to(tl.int32), 1)
-    above = ok & (key > lo[:, None])
-    need = k - tl.sum(above.to(tl.int32), 1)
-    tie = ok & (key == lo[:, None])
-    tie_rank = tl.cumsum(tie.to(tl.int32), 1)
-    sel = above | (tie & (tie_rank <= need[:, None]))
-    return tl.where((n_ok <= k)[:, None], ok, sel)
 
 
 @triton.jit
@@ -220,19 +218,13 @@ def _topk_kernel(
     s = tl.load(S + ptr, mask=inb, other=float("-inf"))
     s = tl.where(forced, float("inf"), tl.where(exists, s, float("-inf")))
     # absent blocks (id > qb) never win: only existing blocks are candidates
-    if RADIX:
-        if NOSA:
-            in_q = _top_mask_radix(_sortable(s), exists, QUERY_K, BLOCK_NB)
-            e = tl.load(E + ptr, mask=inb, other=float("-inf"))
-            sel = _top_mask_radix(_sortable(tl.where(in_q, float("inf"), e)), exists, TOP_K, BLOCK_NB)
-        else:
-            sel = _top_mask_radix(_sortable(s), exists, TOP_K, BLOCK_NB)
-    elif NOSA:
-        in_q = _top_mask(_sortable(s), exists, QUERY_K, SEARCH_BITS, PASSES)
+    if NOSA:
+        in_q = _top_mask(_sortable(s), exists, QUERY_K, SEARCH_BITS, PASSES, RADIX, BLOCK_NB)
         e = tl.load(E + ptr, mask=inb, other=float("-inf"))
-        sel = _top_mask(_sortable(tl.where(in_q, float("inf"), e)), exists, TOP_K, SEARCH_BITS, PASSES)
+        sel = _top_mask(_sortable(tl.where(in_q, float("inf"), e)), exists, TOP_K, SEARCH_BITS, PASSES, RADIX,
+                        BLOCK_NB)
     else:
-        sel = _top_mask(_sortable(s), exists, TOP_K, SEARCH_BITS, PASSES)
+        sel = _top_mask(_sortable(s), exists, TOP_K, SEARCH_BITS, PASSES, RADIX, BLOCK_NB)
     # ascending compaction: each selected block's rank among the selected
     rank = tl.cumsum(sel.to(tl.int32), 1) - 1
     tl.store(OUT + row[:, None] * TOP_K + rank, tl.broadcast_to(offs[None, :], [ROWS, BLOCK_NB]), mask=sel)
