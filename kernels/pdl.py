@@ -18,6 +18,8 @@ import functools
 import os
 
 import torch
+import triton
+import triton.language as tl
 from triton.language.extra import cuda as tl_cuda
 
 #: this Triton has programmatic dependent launch (>= 3.4: `launch_pdl`, `gdc_wait`)
@@ -35,3 +37,13 @@ def options(t: torch.Tensor) -> dict:
 @functools.lru_cache(maxsize=None)
 def _hopper_or_newer(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9  # NOTE: griddepcontrol is sm_90 PTX
+
+
+@triton.jit
+def prologue(WAIT: tl.constexpr):
+    """A chain kernel's first statement. With WAIT (launched as a programmatic dependent): wait until the
+    predecessor has completed and its writes are visible, then let this kernel's own dependents launch
+    (they queue for the slots its programs free)."""
+    if WAIT:
+        tl_cuda.gdc_wait()
+        tl_cuda.gdc_launch_dependents()

@@ -30,7 +30,6 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import cuda as tl_cuda
 
 from nosa_sglang.kernels import pdl
 from nosa_sglang.kernels._checks import KernelArgumentError, check_tensor
@@ -161,9 +160,7 @@ def _resolve_kernel(
     HOST_RUNS: tl.constexpr, TALLY: tl.constexpr, BLOCK: tl.constexpr, BLOCK_PAD: tl.constexpr,
     WAIT: tl.constexpr,
 ):
-    if WAIT:  # launched as a programmatic dependent (kernels/pdl.py): nothing is read before this
-        tl_cuda.gdc_wait()
-        tl_cuda.gdc_launch_dependents()  # NOTE: the next kernel's programs may queue for free slots
+    pdl.prologue(WAIT)
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_heads
     h = pid % n_heads

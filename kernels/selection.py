@@ -16,7 +16,6 @@ import math
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import cuda as tl_cuda
 
 from nosa_sglang.config import NosaConfig
 from nosa_sglang.kernels import pdl
@@ -201,9 +200,7 @@ def _chunk_logits_kernel(
     G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr,
     WAIT: tl.constexpr,
 ):
-    if WAIT:  # launched as a programmatic dependent (kernels/pdl.py): nothing is read before this
-        tl_cuda.gdc_wait()
-        tl_cuda.gdc_launch_dependents()  # NOTE: the next kernel's programs may queue for free slots
+    pdl.prologue(WAIT)
     pid = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -249,9 +246,7 @@ def _group_probs_kernel(
     """P[b, h, c] = sum over the group's heads of softmax_c(logits): each chunk's score computed once,
     so that two blocks whose windows share the chunk pool the very same fp32 value (a tie in the
     reference stays a tie; computing it in both blocks' lanes rounded differently on an H200)."""
-    if WAIT:  # launched as a programmatic dependent (kernels/pdl.py): nothing is read before this
-        tl_cuda.gdc_wait()
-        tl_cuda.gdc_launch_dependents()  # NOTE: the next kernel's programs may queue for free slots
+    pdl.prologue(WAIT)
     pid = tl.program_id(0).to(tl.int64)
     c0 = tl.program_id(1) * BLOCK_C
     b = pid // n_kv_heads
@@ -283,9 +278,7 @@ def _pool_kernel(
 ):
     """Blocks [b0, b0 + BLOCK_NB) of one (request, KV head): max of the chunk scores X over chunks
     [R*b - 1, R*b + R); FORCED marks the sink and local blocks +inf (S, not E)."""
-    if WAIT:  # launched as a programmatic dependent (kernels/pdl.py): nothing is read before this
-        tl_cuda.gdc_wait()
-        tl_cuda.gdc_launch_dependents()  # NOTE: the next kernel's programs may queue for free slots
+    pdl.prologue(WAIT)
     pid = tl.program_id(0).to(tl.int64)
     b0 = tl.program_id(1) * BLOCK_NB
     b = pid // n_kv_heads

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nosa_sglang.kernels import pdl
 from nosa_sglang.kernels._dispatch import (
     check_block_size,
     check_devices,
@@ -38,10 +39,6 @@ from nosa_sglang.kernels._dispatch import (
     resolve_impl,
 )
 from nosa_sglang.kernels._checks import KernelArgumentError
-
-from triton.language.extra import cuda as tl_cuda
-
-from nosa_sglang.kernels import pdl
 
 LOG2E = 1.4426950408889634
 #: decode programs resident per multiprocessor (~150-180 registers x 128 threads, sm_90 report)
@@ -234,9 +231,7 @@ def _decode_kernel(
     G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     SPLIT: tl.constexpr, IEEE: tl.constexpr, ENTRIES: tl.constexpr, WAIT: tl.constexpr,
 ):
-    if WAIT:  # launched as a programmatic dependent (kernels/pdl.py): nothing is read before this
-        tl_cuda.gdc_wait()
-        tl_cuda.gdc_launch_dependents()  # NOTE: the next kernel's programs may queue for free slots
+    pdl.prologue(WAIT)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -305,9 +300,7 @@ def _merge_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_SPLITS: tl.constexpr, WAIT: tl.constexpr,
 ):
     """Merge the splits of one (request, query head): weights 2^(lse_s - max) over normalised partials."""
-    if WAIT:  # launched as a programmatic dependent (kernels/pdl.py): nothing is read before this
-        tl_cuda.gdc_wait()
-        tl_cuda.gdc_launch_dependents()  # NOTE: the next kernel's programs may queue for free slots
+    pdl.prologue(WAIT)
     row = tl.program_id(0).to(tl.int64)
     b = row // n_q_heads
     hq = row % n_q_heads

@@ -15,7 +15,6 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import cuda as tl_cuda
 
 from nosa_sglang.kernels import pdl
 from nosa_sglang.kernels._checks import KernelArgumentError, check_tensor
@@ -108,9 +107,7 @@ def _write_token_kernel(
     s_k_b, s_k_h, s_v_b, s_v_h, s_c_b, s_c_h,
     BLOCK_D: tl.constexpr, WAIT: tl.constexpr,
 ):
-    if WAIT:  # launched as a programmatic dependent (kernels/pdl.py): nothing is read before this
-        tl_cuda.gdc_wait()
-        tl_cuda.gdc_launch_dependents()  # NOTE: the next kernel's programs may queue for free slots
+    pdl.prologue(WAIT)
     pid = tl.program_id(0)
     b = pid // n_heads
     h = pid % n_heads

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import cuda as tl_cuda
 
 from nosa_sglang.config import NosaConfig
 from nosa_sglang.kernels import pdl
@@ -204,9 +203,7 @@ def _topk_kernel(
     LOCAL: tl.constexpr, QUERY_K: tl.constexpr, TOP_K: tl.constexpr, PAD_K: tl.constexpr, NOSA: tl.constexpr,
     SEARCH_BITS: tl.constexpr, PASSES: tl.constexpr, WAIT: tl.constexpr,
 ):
-    if WAIT:  # launched as a programmatic dependent (kernels/pdl.py): nothing is read before this
-        tl_cuda.gdc_wait()
-        tl_cuda.gdc_launch_dependents()  # NOTE: the next kernel's programs may queue for free slots
+    pdl.prologue(WAIT)
     row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = row < n_rows
     qb = (tl.load(SEQ + row // n_kv_heads, mask=row_ok, other=1) - 1) // BLOCK_SIZE
