@@ -57,6 +57,13 @@ def host_bytes_per_request(shape: ModelShape, cfg: NosaConfig, tokens: int) -> i
         * shape.dtype_bytes
 
 
+def host_bytes_owned(shape: ModelShape, cfg: NosaConfig, tokens: int, host_tokens: int) -> tuple[int, int]:
+    """(host bytes of a request of `tokens` grown to `host_tokens`, the part of them a request that shares
+    another's full prompt blocks still owns: its tail and decode blocks)."""
+    per_request = host_bytes_per_request(shape, cfg, host_tokens)
+    return per_request, per_request - (tokens // cfg.block_size) * host_bytes_per_request(shape, cfg, cfg.block_size)
+
+
 def runtime_gpu_bytes_per_request(shape: ModelShape, cfg: NosaConfig, tokens: int, slots: int, gpu_only: bool,
                                   ck_bytes: int) -> int:
     """Mirror of the runtime's per-row allocations (slot buffers, maps, K~, chunk means, biases)."""
@@ -173,9 +180,8 @@ def synthetic_runtime(shape: ModelShape, cfg: NosaConfig, knobs: OffloadKnobs, t
     pinned buffer of its own. `leaders` (< B): only that many requests own their prompt blocks; the
     others share a leader's full prompt blocks (`begin_request_synthetic(shared_blocks=)`) and own only
     their tail and decode blocks: a host store larger than the pinned one, emulated."""
-    per_request = host_bytes_per_request(shape, cfg, host_tokens or max_seq_len)
+    per_request, own = host_bytes_owned(shape, cfg, tokens, host_tokens or max_seq_len)
     n_shared = tokens // cfg.block_size
-    own = per_request - n_shared * host_bytes_per_request(shape, cfg, cfg.block_size)
     leaders = B if leaders is None else max(1, min(B, leaders))
     host_cap = 0 if gpu_only else leaders * per_request + (B - leaders) * own
     if host_buffer is None and not gpu_only and torch.device(device).type == "cuda":
@@ -202,8 +208,7 @@ def emulated_leaders(args, shape, cfg, tokens, B, host_buffer, gpu_only) -> int 
         return 1
     if not args.emulate_host_gib:
         return None
-    per = host_bytes_per_request(shape, cfg, tokens + args.steps + args.warmup + 1)
-    own = per - (tokens // cfg.block_size) * host_bytes_per_request(shape, cfg, cfg.block_size)
+    per, own = host_bytes_owned(shape, cfg, tokens, tokens + args.steps + args.warmup + 1)
     have = host_buffer.numel() * host_buffer.element_size()
     return max(1, (have - B * own) // (per - own))
 
