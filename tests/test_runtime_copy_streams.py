@@ -102,12 +102,18 @@ def copy_on(t, cuda, compute, layer: int) -> None:
     t._issue(layer, torch.tensor([0]), torch.tensor([0]))
 
 
-def test_one_shared_h2d_stream_carries_every_micro_batchs_copies(fake):
+def two_micro_batches(fake, per_stream: bool):
+    """The engine after micro-batches on compute streams a and b each copied into layer 0."""
     log, cuda, copies = fake
-    t = engine(False, log)
+    t = engine(per_stream, log)
     a, b = FakeStream("a", log), FakeStream("b", log)
     copy_on(t, cuda, a, 0)
     copy_on(t, cuda, b, 0)
+    return log, cuda, copies, t, a, b
+
+
+def test_one_shared_h2d_stream_carries_every_micro_batchs_copies(fake):
+    log, cuda, copies, t, a, b = two_micro_batches(fake, per_stream=False)
     assert copies.on == ["h2d", "h2d"]
     log.clear()
     cuda.current = a
@@ -125,11 +131,7 @@ def test_one_shared_h2d_stream_carries_every_micro_batchs_copies(fake):
 
 
 def test_per_stream_copies_pair_each_compute_stream_with_its_own_h2d_stream(fake):
-    log, cuda, copies = fake
-    t = engine(True, log)
-    a, b = FakeStream("a", log), FakeStream("b", log)
-    copy_on(t, cuda, a, 0)
-    copy_on(t, cuda, b, 0)
+    log, cuda, copies, t, a, b = two_micro_batches(fake, per_stream=True)
     copy_on(t, cuda, a, 1)
     assert copies.on == ["h2d1", "h2d2", "h2d1"]  # made once per compute stream, then reused
     assert ("h2d2", "waits", "b#4") in log  # b's copy waits for b's compute (the diff), not a's
