@@ -149,7 +149,7 @@ def test_row_moves_block_openings_and_knob_changes_on_cuda(graphs):
 @pytest.mark.parametrize("inline, victim, order, delay, parts, per_stream", [
     (False, "lru", None, 0, 1, False), (False, "eviction_score", [1, 2, 0], 0, 1, False), (True, "lru", None, 0, 1, False),
     (False, "lru", [2, 0, 1], SLEEP_CYCLES, 1, False), (False, "lru", None, 0, 2, False),
-    (True, "lru", [1, 0, 2], SLEEP_CYCLES, 2, False), (False, "lru", [2, 0, 1], SLEEP_CYCLES, 2, True),
+    (True, "lru", [1, 0, 2], SLEEP_CYCLES, 2, False), (False, "lru", [1, 0, 2], SLEEP_CYCLES, 2, True),
     (False, "eviction_score", None, SLEEP_CYCLES, 2, True)])
 def test_step_graphs_equal_reference_and_segment_graphs(inline, victim, order, delay, parts, per_stream):
     """Whole steps captured as one graph (copies as fork/join branches, write-backs from padded lists,
