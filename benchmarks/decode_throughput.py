@@ -525,8 +525,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="append() then attend() per layer (results before 2026-11-28 evening) instead of decode()")
     p.add_argument("--ck-bf16", action=argparse.BooleanOptionalAction, default=True,
                    help="store K~ in bf16 (half the memory and selection reads)")
-    p.add_argument("--radix-topk", action="store_true",
-                   help="the top-k kernel finds its cuts by radix select (kernels/topk.py RADIX_SELECT)")
+    p.add_argument("--topk-search", choices=["radix", "binary"], default="radix",
+                   help="how the top-k kernel finds its cuts: radix select (the default, kernels/topk.py "
+                        "RADIX_SELECT) or the 32-step binary search")
     p.add_argument("--pdl", action="store_true",
                    help="the decode chain's kernels as programmatic dependent launches (kernels/pdl.py)")
     p.add_argument("--emulate-host-gib", type=float, default=0.0,
@@ -551,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-gib", type=float, default=0.0, help="device memory budget (0: all but the reserve)")
     args = p.parse_args(argv)
     args.configs = args.configs.split(",")
-    topk_module.RADIX_SELECT = args.radix_topk
+    topk_module.RADIX_SELECT = args.topk_search == "radix"
     pdl_module.ENABLED = args.pdl or pdl_module.ENABLED  # NOTE: NOSA_PDL=1 counts too
     unknown = [c for c in args.configs if c not in ("a", "b", "c", "d", "a*", "a+", "b+")]
     if unknown:
@@ -596,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
           f"steps {args.steps} after {args.warmup} warm-up; gpu_slots {args.gpu_slots}; transfer {args.transfer_mode}; "
           f"prefetch {args.prefetch}; victims {args.victim_policy}; K~ {'bf16' if args.ck_bf16 else 'fp32'}; "
           f"CUDA graphs {'whole steps' if args.step_graphs else args.cuda_graphs}; inline gather {args.inline_gather}; micro-batches {args.micro_batches}; "
-          f"top-k search {'radix' if args.radix_topk else 'binary'}; launches {'pdl' if args.pdl else 'plain'}; "
+          f"top-k search {args.topk_search}; launches {'pdl' if args.pdl else 'plain'}; "
           f"drift rho {args.drift_rho}"
           + (f"; host store {args.emulate_host_gib:g} GiB emulated (requests the pinned store cannot hold share "
              f"prompt blocks with those it does)" if args.emulate_host_gib else ""), ""]

@@ -28,6 +28,7 @@ def search() -> int:
     cfg, dev = NosaConfig(), torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
     rows_out, md = [], []
+    default = topk.RADIX_SELECT
     for tokens in (16384, 65536, 131072):
         nb = cfg.num_blocks(tokens)
         for hkv, B in ((2, 1), (2, 16), (2, 64), (8, 3), (8, 16), (8, 64)):
@@ -43,7 +44,7 @@ def search() -> int:
                     assert torch.equal(out, want), (tokens, B, policy, "radix" if radix else "binary")
                     times.append(round(1e3 * bench_graph(
                         lambda: topk.select_topk(S, E, seq, cfg, policy, impl="triton")), 1))
-            topk.RADIX_SELECT = False
+            topk.RADIX_SELECT = default
             rows_out.append([tokens // 1024, hkv, B, *times, f"{times[0] / times[2]:.2f}x"])
             print(rows_out[-1], flush=True)
     table("top-k us, one row per program (CUDA graph replay, L2 flushed)",
