@@ -260,9 +260,7 @@ def run_runtime(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_mode
         # timed steps that did not replay a step graph (a key first seen, or captured, while timing)
         "unreplayed": (runner.graphs.unreplayed_steps - unreplayed0) if runner else 0,
     }
-    rt = None  # noqa: F841 - release the GPU state before the next configuration
-    free_cache(args)
-    return out
+    return out  # NOTE: the caller frees the GPU state (bench_one: free_cache), once this frame is gone
 
 
 def run_dense(args, shape, tokens, B) -> dict:
@@ -415,6 +413,7 @@ def bench_one(args, name, tokens, host_buffer, host_cap, gpu_cap, ceil, md) -> N
                 continue
             qms = ["-"] if conf in ("c", "d", "a*") else args.query_models
             for qm in qms:
+                free_cache(args)  # NOTE: the previous configuration's runtime is a cycle: only now collectable
                 t0 = time.perf_counter()
                 try:
                     if conf == "d":

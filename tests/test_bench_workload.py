@@ -72,3 +72,34 @@ def test_a_whole_step_into_buffers_equals_per_layer_calls():
         for layer in range(L):
             for x, y in zip(lazy.next(layer), (q[layer], k[layer], v[layer], c[layer])):
                 assert torch.equal(x, y)
+
+
+def test_each_configuration_starts_after_the_previous_runtime_is_collected(monkeypatch):
+    """The runtime is a reference cycle (its CUDA graphs, micro-batches and step closure point back at
+    it), so only the collector frees its GPU memory: with the collector off, a configuration must still
+    start with every earlier runtime gone (the 1B 128K dense run ran out of HBM behind a dead one)."""
+    import gc
+    import weakref
+
+    import decode_throughput as dt
+
+    made = []
+    real = dt.synthetic_runtime
+
+    def spy(*args, **kwargs):
+        assert all(r() is None for r in made), "a configuration started beside a previous one's runtime"
+        rt, ids = real(*args, **kwargs)
+        made.append(weakref.ref(rt))
+        return rt, ids
+
+    monkeypatch.setattr(dt, "synthetic_runtime", spy)
+    monkeypatch.setitem(dt.MODELS, "tiny", (2, 4, 2, 16))
+    monkeypatch.setitem(dt.CONTEXTS, "tiny", 300)
+    gc.disable()
+    try:
+        assert dt.main(["--device", "cpu", "--model", "tiny", "--contexts", "tiny", "--configs", "a,b,a",
+                        "--views", "common", "--query-models", "drift", "--steps", "1", "--warmup", "2",
+                        "--host-gib", "0.01", "--gpu-gib", "0.01", "--max-batch", "2"]) == 0
+    finally:
+        gc.enable()
+    assert len(made) == 3
