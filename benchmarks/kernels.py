@@ -264,7 +264,7 @@ def run_decode(md, bw, batches, contexts):
     table("Split-K and launch sweep (context %dK)" % (contexts[0] // 1024),
           ["shape", "batch", "num_splits", "warps/stages", "us", "% roofline"], sweep_rows, md)
     table("Decode selection (stage-1 + eviction pool + top-k) vs the sparse attention it feeds",
-          ["shape", "ctx K", "batch", "scores us", "E pool us", "topk triton us", "topk triton 4-bit search us",
+          ["shape", "ctx K", "batch", "scores us", "E pool us", "topk triton us", "topk triton binary search us",
            "topk torch (stable sort) us",
            "bare torch.topk x2 us", "selection us",
            "attention us", "selection / attention %", "K~ byte floor / attention %"], sel_rows, md)
@@ -284,10 +284,10 @@ def run_selection(shape, hq, hkv, d, B, ctx, attn_ms, bw):
     S = decode_block_scores(q, ck[0], n, sl, CFG, num_blocks=nb)
     E = eviction_block_scores(ce, n, sl, CFG, num_blocks=nb)
     t_kt = bench(lambda: select_topk(S, E, sl, CFG, impl="triton"))
-    bits = topk_module.SEARCH_BITS
-    topk_module.SEARCH_BITS = 4  # the 16-way search: 8 passes instead of the binary search's 32
+    radix = topk_module.RADIX_SELECT
+    topk_module.RADIX_SELECT = False  # the 32-step binary search the radix select replaced (packed rows use it)
     t_kt4 = bench(lambda: select_topk(S, E, sl, CFG, impl="triton"))
-    topk_module.SEARCH_BITS = bits
+    topk_module.RADIX_SELECT = radix
     t_kp = bench(lambda: select_topk(S, E, sl, CFG, impl="torch"))
     # bare torch.topk twice: a lower bound for any torch glue (it has no tie rule and no masking)
     t_raw = bench(lambda: (torch.topk(S, CFG.query_blocks, dim=-1), torch.topk(E, CFG.topk_blocks, dim=-1)))
