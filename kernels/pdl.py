@@ -6,8 +6,9 @@ graph each one still starts only after its predecessor has fully finished and be
 as a programmatic dependent, a kernel's programs may start while the predecessor's last programs
 drain; each waits (`griddepcontrol.wait`: its predecessor has completed and its writes are visible)
 before its first load or store, so it reads nothing early, then lets its own dependents launch
-(`griddepcontrol.launch_dependents`): they queue for the slots its programs free. Off until timed on a
-GPU: `NOSA_PDL=1` in the environment, or `pdl.ENABLED = True` (the sweeps and
+(`griddepcontrol.launch_dependents`): they queue for the slots its programs free. Off: timed on an
+H200 it changed no kernel or step by more than noise (benchmarks/results/kernels.md, session 7).
+On: `NOSA_PDL=1` in the environment, or `pdl.ENABLED = True` (the sweeps and
 `decode_throughput.py --pdl` set it). PDL needs sm_90; the interpreter runs no PTX, so elsewhere the
 kernels launch plainly.
 """
