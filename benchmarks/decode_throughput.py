@@ -13,7 +13,10 @@ Configurations (same runtime code, same kernels):
   (d) dense attention fully on the GPU: torch SDPA (enable_gqa, FlashAttention backend) over a bf16
       KV cache, K/V never repeated.
   (a*) (a) with enough slots that every block hits: the cost of the runtime itself against (c);
-  (a+), (b+) (a), (b) with one H2D copy stream per micro-batch (`per_stream_copies`) instead of one shared.
+  (a+), (b+) (a), (b) with one H2D copy stream per micro-batch (`per_stream_copies`) instead of one shared;
+  (ac) max view only: (a) at its largest batch, and beside it on a side stream a second runtime holding
+      fully on the GPU as many more requests as the HBM left over holds: a second home tier in spare HBM,
+      emulated (the runtime has one home, the host store).
 Query models (the weights are random, so the query stream is a model choice, stated in the output):
   iid    q ~ N(0, 1) afresh for every step, layer and head;
   drift  q_t = rho * q_{t-1} + sqrt(1 - rho^2) * eps_t per (request, layer, head), eps ~ N(0, 1)
@@ -213,8 +216,10 @@ def emulated_leaders(args, shape, cfg, tokens, B, host_buffer, gpu_only) -> int 
     return max(1, (have - B * own) // (per - own))
 
 
-def run_runtime(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_model, host_buffer,
-                micro_batches: int = 1, per_stream: bool = False) -> dict:
+def runtime_stepper(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_model, host_buffer,
+                    micro_batches: int = 1, per_stream: bool = False):
+    """A synthetic runtime of B requests, its decode step (a StepGraphs replay, or eager) and the
+    StepGraphs runner (None when eager)."""
     victim = "lru" if policy == "infllmv2" else args.victim_policy
     knobs = OffloadKnobs(gpu_slots=slots, transfer_mode=args.transfer_mode, prefetch=args.prefetch,
                          victim_policy=victim)
@@ -235,6 +240,36 @@ def run_runtime(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_mode
         else:
             decode_step(rt, parts, work, args.split_append)
 
+    return rt, step, runner
+
+
+def beside(args, main, side):
+    """One step of `main` with `side` on a stream of its own: both after what came before, joined at the end."""
+    if args.device != "cuda":
+        return lambda: (side(), main())
+    stream = torch.cuda.Stream()
+
+    def step() -> None:
+        now = torch.cuda.current_stream()
+        stream.wait_stream(now)
+        with torch.cuda.stream(stream):
+            side()
+        main()
+        now.wait_stream(stream)
+
+    return step
+
+
+def run_runtime(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_model, host_buffer,
+                micro_batches: int = 1, per_stream: bool = False, resident: int = 0) -> dict:
+    """Time B requests' decode steps. `resident` > 0 (config ac): that many more requests, fully on the
+    GPU in a second runtime, step beside the first on a side stream: what a second home tier in spare
+    HBM would add to (a) (the runtime has one home, the host store; docs/runtime.md "Limits")."""
+    rt, step, runner = runtime_stepper(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_model,
+                                       host_buffer, micro_batches, per_stream)
+    if resident:
+        _, side, _ = runtime_stepper(args, shape, cfg, tokens, resident, "nosa", True, slots, query_model, None)
+        step = beside(args, step, side)
     host_ms = warm_up(args, step)
     rt.step_boundary()
     sync(args)
@@ -251,7 +286,8 @@ def run_runtime(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_mode
     rt.step_boundary()
     snap = rt.snapshot().totals
     out = {
-        "tok_s": B * args.steps / wall, "step_ms": 1e3 * wall / args.steps, "host_ms": host_ms, "hit": snap.hit_rate,
+        "tok_s": (B + resident) * args.steps / wall, "step_ms": 1e3 * wall / args.steps, "host_ms": host_ms,
+        "hit": snap.hit_rate,
         "h2d_gbs": snap.bytes_h2d / wall / 1e9,
         "copy_gbs": snap.bytes_h2d / snap.transfer_time_s / 1e9 if snap.transfer_time_s else 0.0,
         "stall": snap.stall_time_s / wall, "host_wait": snap.host_wait_time_s / wall,
@@ -408,6 +444,12 @@ def bench_one(args, name, tokens, host_buffer, host_cap, gpu_cap, ceil, md) -> N
     for view, batch in views:
         for conf in args.configs:
             B = batch.get(conf.rstrip("*+"), common)
+            resident = 0
+            if conf == "ac":  # NOTE: (a)'s batch, plus the resident requests the HBM (a) leaves still holds
+                if view != "max":
+                    continue
+                B = lim["a"][0]
+                resident = max(0, min(args.max_batch, (gpu_cap - B * plan["off_req"]) // plan["full_req"] - 1))
             if B < 1:
                 rows.append([view, conf, "-", 0, "does not fit", "", "", "", "", "", "", ""])
                 continue
@@ -427,7 +469,8 @@ def bench_one(args, name, tokens, host_buffer, host_cap, gpu_cap, ceil, md) -> N
                         qm_run = qm if qm != "-" else "drift"
                         r = run_runtime(args, shape, cfg, tokens, B, "infllmv2" if conf[0] == "b" else "nosa",
                                         conf == "c", args.gpu_slots, qm_run, host_buffer,
-                                        1 if conf == "c" else args.micro_batches, per_stream=conf.endswith("+"))
+                                        1 if conf == "c" else args.micro_batches, per_stream=conf.endswith("+"),
+                                        resident=resident)
                 except torch.OutOfMemoryError as e:
                     failed = f"OOM: {str(e)[:60]}"
                 except Exception as e:  # noqa: BLE001 - one broken configuration must not end the call
@@ -441,7 +484,7 @@ def bench_one(args, name, tokens, host_buffer, host_cap, gpu_cap, ceil, md) -> N
                     free_cache(args)
                     rows.append([view, conf, qm, B, failed, "", "", "", "", "", "", ""])
                     continue
-                rows.append([view, conf, qm, B, round(r["tok_s"], 1), round(r["step_ms"], 2), round(r["host_ms"], 2),
+                rows.append([view, conf, qm, f"{B}+{resident}" if resident else B, round(r["tok_s"], 1), round(r["step_ms"], 2), round(r["host_ms"], 2),
                              round(r.get("hit", float("nan")), 4), round(r.get("h2d_gbs", 0.0), 2),
                              round(100 * r.get("copy_gbs", 0.0) / ceil["h2d_copy_gbs"], 1) if r.get("copy_gbs") else "",
                              "" if args.step_graphs else round(100 * r.get("stall", 0.0), 1),
@@ -499,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="1b,8b", help="comma list of 1b, 8b")
     p.add_argument("--contexts", default="16k,32k,64k,128k")
     p.add_argument("--configs", default="a,b,c,d,a*",
-                   help="comma list of a, b, c, d, a* (a with every block hit), a+ / b+ (one H2D stream per micro-batch)")
+                   help="comma list of a, b, c, d, a* (a with every block hit), a+ / b+ (one H2D stream per micro-batch), "
+                        "ac (max view: a, and the requests spare HBM holds fully resident beside it)")
     p.add_argument("--views", default="common,max")
     p.add_argument("--query-models", default="iid,drift")
     p.add_argument("--drift-rho", type=float, default=0.9)
@@ -553,9 +597,9 @@ def main(argv: list[str] | None = None) -> int:
     args.configs = args.configs.split(",")
     topk_module.RADIX_SELECT = args.topk_search == "radix"
     pdl_module.ENABLED = args.pdl or pdl_module.ENABLED  # NOTE: NOSA_PDL=1 counts too
-    unknown = [c for c in args.configs if c not in ("a", "b", "c", "d", "a*", "a+", "b+")]
+    unknown = [c for c in args.configs if c not in ("a", "b", "c", "d", "a*", "a+", "b+", "ac")]
     if unknown:
-        p.error(f"--configs: {unknown} not in a, b, c, d, a*, a+, b+")
+        p.error(f"--configs: {unknown} not in a, b, c, d, a*, a+, b+, ac")
     if args.emulate_host_gib < 0:
         p.error(f"--emulate-host-gib={args.emulate_host_gib}: allowed range is >= 0 (0: off)")
     if args.micro_batches < 2 and any(c.endswith("+") for c in args.configs):

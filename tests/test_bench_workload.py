@@ -103,3 +103,32 @@ def test_each_configuration_starts_after_the_previous_runtime_is_collected(monke
     finally:
         gc.enable()
     assert len(made) == 3
+
+
+def test_two_homes_config_steps_an_offload_and_a_resident_runtime(monkeypatch, tmp_path):
+    """Config ac: (a) at its largest batch plus, stepped with it, a GPU-only runtime of the requests the
+    HBM left over holds; the row counts both batches' tokens."""
+    import decode_throughput as dt
+
+    made = []
+    real = dt.synthetic_runtime
+
+    def spy(shape, cfg, knobs, tokens, B, *args, gpu_only=False, **kwargs):
+        rt, ids = real(shape, cfg, knobs, tokens, B, *args, gpu_only=gpu_only, **kwargs)
+        made.append((B, gpu_only, rt))
+        return rt, ids
+
+    monkeypatch.setattr(dt, "synthetic_runtime", spy)
+    monkeypatch.setitem(dt.MODELS, "tiny", (2, 4, 2, 16))
+    monkeypatch.setitem(dt.CONTEXTS, "tiny", 300)
+    out = tmp_path / "ac.md"
+    assert dt.main(["--device", "cpu", "--model", "tiny", "--contexts", "tiny", "--configs", "ac", "--views", "max",
+                    "--query-models", "drift", "--steps", "2", "--warmup", "3", "--host-gib", "0.0005",
+                    "--gpu-gib", "0.002", "--max-batch", "3", "--step-graphs", "--micro-batches", "2",
+                    "--out", str(out)]) == 0
+    (B, offload_gpu_only, offload), (R, resident_gpu_only, resident) = made
+    assert not offload_gpu_only and resident_gpu_only and B >= 1 and R >= 1
+    lengths = {rt.seq_len(f"r{i}") for rt, n in ((offload, B), (resident, R)) for i in range(n)}
+    assert len(lengths) == 1 and lengths.pop() >= 300 + 2 + 3  # both decoded every warm-up and timed step
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| max | ac |"))
+    assert f"| {B}+{R} |" in row
