@@ -450,6 +450,7 @@ def bench_one(args, name, tokens, host_buffer, host_cap, gpu_cap, ceil, md) -> N
                     continue
                 B = lim["a"][0]
                 resident = max(0, min(args.max_batch, (gpu_cap - B * plan["off_req"]) // plan["full_req"] - 1))
+            label = f"{B}+{resident}" if resident else B
             if B < 1:
                 rows.append([view, conf, "-", 0, "does not fit", "", "", "", "", "", "", ""])
                 continue
@@ -482,9 +483,9 @@ def bench_one(args, name, tokens, host_buffer, host_cap, gpu_cap, ceil, md) -> N
                     failed = ""
                 if failed:  # NOTE: outside the except block, so the traceback's frames (and tensors) are gone
                     free_cache(args)
-                    rows.append([view, conf, qm, B, failed, "", "", "", "", "", "", ""])
+                    rows.append([view, conf, qm, label, failed, "", "", "", "", "", "", ""])
                     continue
-                rows.append([view, conf, qm, f"{B}+{resident}" if resident else B, round(r["tok_s"], 1), round(r["step_ms"], 2), round(r["host_ms"], 2),
+                rows.append([view, conf, qm, label, round(r["tok_s"], 1), round(r["step_ms"], 2), round(r["host_ms"], 2),
                              round(r.get("hit", float("nan")), 4), round(r.get("h2d_gbs", 0.0), 2),
                              round(100 * r.get("copy_gbs", 0.0) / ceil["h2d_copy_gbs"], 1) if r.get("copy_gbs") else "",
                              "" if args.step_graphs else round(100 * r.get("stall", 0.0), 1),

@@ -59,8 +59,9 @@ def main() -> int:
     cfg, dev = NosaConfig(), torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
     rows_out, md = [], []
-    default, pack = topk.ROW_ELEMS, topk.PACK_ROWS_PER_SM
+    default, pack, radix = topk.ROW_ELEMS, topk.PACK_ROWS_PER_SM, topk.RADIX_SELECT
     topk.PACK_ROWS_PER_SM = 0  # NOTE: always pack, ROW_ELEMS // blocks rows per program
+    topk.RADIX_SELECT = False  # NOTE: packing alone (radix select runs only at one row per program)
     for tokens in (16384, 65536, 131072):
         nb = cfg.num_blocks(tokens)
         block_nb = max(16, 1 << (nb - 1).bit_length())
@@ -81,7 +82,7 @@ def main() -> int:
             topk.ROW_ELEMS = default
             rows_out.append([tokens // 1024, hkv, B, *times])
             print(rows_out[-1], flush=True)
-    topk.PACK_ROWS_PER_SM = pack
+    topk.PACK_ROWS_PER_SM, topk.RADIX_SELECT = pack, radix
     table("top-k us by rows per program (CUDA graph replay, L2 flushed)",
           ["ctx K", "Hkv", "batch", "1 row", "2 rows", "4 rows", "8 rows", "16 rows"], rows_out, md)
 
