@@ -2,9 +2,9 @@
 
 Ties go to the lower block id, exactly as in the reference (a stable descending sort): max-pooling
 makes ties common (two neighbouring blocks share their boundary chunk), so a tie-agnostic top-k would
-change the selected *set*. The torch path is that stable sort; the Triton path finds each cut by a
-search over the order-preserving integer image of the fp32 scores (`SEARCH_BITS` per pass; 1 = binary),
-takes the lowest-id blocks among those tied at the cut, and writes the ids already ascending — one
+change the selected *set*. The torch path is that stable sort; the Triton path finds each cut over the
+order-preserving integer image of the fp32 scores (a row per program, i.e. decode: radix select,
+`RADIX_SELECT`; packed rows: a binary search), takes the lowest-id blocks among those tied at the cut, and writes the ids already ascending — one
 launch for the whole rule.
 """
 
@@ -27,9 +27,6 @@ MAX_ROWS = 16  # beyond this the per-row vectors of the search spill registers (
 #: rows are packed only beyond this many programs' worth per SM: a decode batch (<= 512 rows measured)
 #: ran 3-4x faster with one row per program (16K: 16-20 us instead of 61; scripts/sweep_topk_rows.py)
 PACK_ROWS_PER_SM = 4
-# bits of the k-th-value search resolved per pass (1 = binary search; 4 = 8 passes of 16 thresholds
-# each: measured 1.3x slower on an H200, benchmarks/results/kernels.md)
-SEARCH_BITS = 1
 #: one row per program (decode): find the k-th value by four 8-bit radix passes, each a histogram of
 #: the remaining candidates' next byte, instead of 32 dependent reductions. Equal results either way;
 #: 1.4-1.8x faster than the binary search on an H200 at every decode shape measured
@@ -124,7 +121,6 @@ def _select_topk_triton(S, E, seq_lens, config, policy):
         INIT=config.init_blocks, LOCAL=config.local_blocks,
         QUERY_K=config.query_blocks, TOP_K=config.topk_blocks,
         PAD_K=next_pow2(config.topk_blocks), NOSA=policy == "nosa",
-        SEARCH_BITS=SEARCH_BITS, PASSES=-(-32 // SEARCH_BITS),
         num_warps=max(4, min(16, rows * block_nb // 256)), **pdl.options(S),
     )
     return out
@@ -138,16 +134,15 @@ def _sortable(x):
 
 
 @triton.jit
-def _top_mask(key, ok, k, SEARCH_BITS: tl.constexpr, PASSES: tl.constexpr, RADIX: tl.constexpr,
-              N: tl.constexpr):
+def _top_mask(key, ok, k, RADIX: tl.constexpr, N: tl.constexpr):
     """Per row of key [ROWS, N] (int32 sortable): mask of its k largest `ok` entries, ties to the lowest
-    column: the k-th largest value (a k-way search, or with RADIX, one row per program, a radix select),
+    column: the k-th largest value (a binary search, or with RADIX, one row per program, a radix select),
     then a prefix count among the ties."""
     key = key.to(tl.int64)  # int64 so that hi - lo cannot overflow
     if RADIX:
         lo = _kth_radix(key, ok, k, N)
     else:
-        lo = _kth_search(key, ok, k, SEARCH_BITS, PASSES)
+        lo = _kth_search(key, ok, k)
     n_ok = tl.sum(ok.to(tl.int32), 1)
     above = ok & (key > lo[:, None])
     need = k - tl.sum(above.to(tl.int32), 1)
@@ -158,20 +153,19 @@ def _top_mask(key, ok, k, SEARCH_BITS: tl.constexpr, PASSES: tl.constexpr, RADIX
 
 
 @triton.jit
-def _kth_search(key, ok, k, SEARCH_BITS: tl.constexpr, PASSES: tl.constexpr):
-    """[ROWS] the k-th largest `ok` entry of each row of key [ROWS, N] (int64 of int32 sortable): each
-    pass splits [lo, hi] at 2**SEARCH_BITS thresholds and counts them all in one reduction (1 bit: a
-    binary search, 32 dependent reductions; 4 bits: 8 wider ones)."""
+def _kth_search(key, ok, k):
+    """[ROWS] the k-th largest `ok` entry of each row of key [ROWS, N] (int64 of int32 sortable): a
+    binary search over the values, 32 dependent reductions of [ROWS, N]. (A 16-way search, 8 passes
+    over [ROWS, 16, N], measured 1.2-1.8x slower; its 2-way form, counting [ROWS, 2, N] a pass, made
+    packed rows 2-2.5x slower than this one: benchmarks/results/kernels.md, session 7.)"""
     lo = tl.min(tl.where(ok, key, 2147483647), 1)  # invariant: count(key >= lo) >= k (or all of ok)
     hi = tl.max(tl.where(ok, key, -2147483648), 1)
-    ways = tl.arange(0, 1 << SEARCH_BITS).to(tl.int64)
-    for _ in range(PASSES):  # each pass leaves ceil(width / 2**SEARCH_BITS) of [lo, hi]
-        step = (hi - lo + (1 << SEARCH_BITS)) // (1 << SEARCH_BITS)
-        t = lo[:, None] + ways[None, :] * step[:, None]
-        cnt = tl.sum((ok[:, None, :] & (key[:, None, :] >= t[:, :, None])).to(tl.int32), 2)
-        best = tl.max(tl.where((cnt >= k) & (t <= hi[:, None]), ways[None, :], 0), 1)
-        lo = lo + best * step
-        hi = tl.minimum(hi, lo + step - 1)
+    for _ in range(32):
+        mid = lo + ((hi - lo + 1) >> 1)
+        cnt = tl.sum((ok & (key >= mid[:, None])).to(tl.int32), 1)
+        take = cnt >= k
+        lo = tl.where(take, mid, lo)
+        hi = tl.where(take, hi, mid - 1)
     return lo
 
 
@@ -202,7 +196,7 @@ def _topk_kernel(
     S, E, SEQ, OUT, n_rows, n_kv_heads, nb,
     ROWS: tl.constexpr, RADIX: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_SIZE: tl.constexpr, INIT: tl.constexpr,
     LOCAL: tl.constexpr, QUERY_K: tl.constexpr, TOP_K: tl.constexpr, PAD_K: tl.constexpr, NOSA: tl.constexpr,
-    SEARCH_BITS: tl.constexpr, PASSES: tl.constexpr, WAIT: tl.constexpr,
+    WAIT: tl.constexpr,
 ):
     pdl.prologue(WAIT)
     row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -217,12 +211,11 @@ def _topk_kernel(
     s = tl.where(forced, float("inf"), tl.where(exists, s, float("-inf")))
     # absent blocks (id > qb) never win: only existing blocks are candidates
     if NOSA:
-        in_q = _top_mask(_sortable(s), exists, QUERY_K, SEARCH_BITS, PASSES, RADIX, BLOCK_NB)
+        in_q = _top_mask(_sortable(s), exists, QUERY_K, RADIX, BLOCK_NB)
         e = tl.load(E + ptr, mask=inb, other=float("-inf"))
-        sel = _top_mask(_sortable(tl.where(in_q, float("inf"), e)), exists, TOP_K, SEARCH_BITS, PASSES, RADIX,
-                        BLOCK_NB)
+        sel = _top_mask(_sortable(tl.where(in_q, float("inf"), e)), exists, TOP_K, RADIX, BLOCK_NB)
     else:
-        sel = _top_mask(_sortable(s), exists, TOP_K, SEARCH_BITS, PASSES, RADIX, BLOCK_NB)
+        sel = _top_mask(_sortable(s), exists, TOP_K, RADIX, BLOCK_NB)
     # ascending compaction: each selected block's rank among the selected
     rank = tl.cumsum(sel.to(tl.int32), 1) - 1
     tl.store(OUT + row[:, None] * TOP_K + rank, tl.broadcast_to(offs[None, :], [ROWS, BLOCK_NB]), mask=sel)

@@ -82,8 +82,10 @@ COMPILE = textwrap.dedent("""
                 "nb": "i32"}
     for nb in (16, 2048):
         consts = dict(ROWS=1, RADIX=True, BLOCK_NB=nb, BLOCK_SIZE=64, INIT=1, LOCAL=2, QUERY_K=16, TOP_K=64,
-                      PAD_K=64, NOSA=True, SEARCH_BITS=1, PASSES=32, WAIT=True)
+                      PAD_K=64, NOSA=True, WAIT=True)
         out[f"topk radix {nb}"] = ptx(T._topk_kernel, topk_sig, consts, num_warps=max(4, min(16, nb // 256)))
+    packed = dict(consts, ROWS=8, RADIX=False, BLOCK_NB=256)  # prefill's packed rows: the binary search
+    out["topk binary packed"] = ptx(T._topk_kernel, topk_sig, packed, num_warps=8)
     merge_sig = {"O_PART": "*fp32", "LSE_PART": "*fp32", "O": "*bf16", "LSE": "*fp32", "n_q_heads": "i32",
                  "n_splits": "i32", "s_ob": "i32", "s_oh": "i32"}
     out["merge"] = ptx(SD._merge_kernel, merge_sig, dict(HEAD_DIM=128, BLOCK_SPLITS=8, WAIT=True), num_warps=4)

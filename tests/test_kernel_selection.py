@@ -124,20 +124,19 @@ def test_decode_selection_equals_reference(gen, impl):
 
 
 def use_search(monkeypatch, search) -> None:
-    """The top-k kernel's k-th-value search: a k-way search of `search` bits a pass, or "radix"."""
+    """The top-k kernel's k-th-value search at one row per program: "binary" or "radix"."""
     monkeypatch.setattr(topk_module, "RADIX_SELECT", search == "radix")
-    monkeypatch.setattr(topk_module, "SEARCH_BITS", 1 if search == "radix" else search)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("policy", ["nosa", "infllmv2"])
-@pytest.mark.parametrize("packed", [False, True, "radix"], ids=["row-per-program", "rows-packed", "radix"])
+@pytest.mark.parametrize("packed", [False, True, "binary"], ids=["row-per-program", "rows-packed", "binary"])
 def test_topk_rule_with_ties_equals_reference(gen, impl, policy, packed, monkeypatch):
     """Scores drawn from a few values (many ties), rows of different lengths (-1 padding); Triton with
-    one row per program (decode batches, binary or radix search) and with rows packed 16 to a program
-    (prefill's many rows)."""
-    if packed == "radix":
-        use_search(monkeypatch, "radix")
+    one row per program (decode batches: radix select, or the binary search) and with rows packed 16 to
+    a program (prefill's many rows: the binary search)."""
+    if packed == "binary":
+        use_search(monkeypatch, "binary")
     elif packed:
         monkeypatch.setattr(topk_module, "PACK_ROWS_PER_SM", 0)
     B, hkv, nb = 5, 3, 40
@@ -153,12 +152,11 @@ def test_topk_rule_with_ties_equals_reference(gen, impl, policy, packed, monkeyp
     assert torch.equal(got.long(), want)
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4, "radix"])
-def test_topk_search_width_changes_nothing(gen, bits, monkeypatch):
-    """Every k-way search (SEARCH_BITS per pass) and the radix select cut where the reference does:
-    ties, -inf, +inf, all-equal rows, rows shorter than k, and the full fp32 range (signs, huge and tiny
-    magnitudes)."""
-    use_search(monkeypatch, bits)
+@pytest.mark.parametrize("search", ["binary", "radix"])
+def test_topk_search_changes_nothing(gen, search, monkeypatch):
+    """The binary search and the radix select cut where the reference does: ties, -inf, +inf,
+    all-equal rows, rows shorter than k, and the full fp32 range (signs, huge and tiny magnitudes)."""
+    use_search(monkeypatch, search)
     B, hkv, nb = 4, 2, 300
     S = torch.randint(0, 4, (B, hkv, nb), generator=gen).float()
     E = torch.randn(B, hkv, nb, generator=gen) * torch.logspace(-30, 30, nb)[torch.randperm(nb, generator=gen)]
@@ -269,7 +267,7 @@ def test_gpu_decode_selection_real_sizes(gen, batch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="needs a CUDA GPU (CPU twin: test_topk_rule_with_ties_equals_reference[radix])")
+                    reason="needs a CUDA GPU (CPU twin: test_topk_rule_with_ties_equals_reference)")
 @pytest.mark.parametrize("nb", [16, 40, 100, 300])
 def test_gpu_radix_select_on_short_rows(gen, nb, monkeypatch):
     """Radix select compiled for sm_90 on rows shorter than a warp's lanes x warps (contexts under ~8K
@@ -291,12 +289,12 @@ def test_gpu_radix_select_on_short_rows(gen, nb, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="needs a CUDA GPU (CPU twin: test_topk_search_width_changes_nothing)")
-@pytest.mark.parametrize("bits", [1, 2, 4, "radix"])
-def test_gpu_topk_search_width_at_128k(gen, bits, monkeypatch):
-    """The k-way searches and the radix select compiled for sm_90 at a 128K context's 2048 blocks: ties
+                    reason="needs a CUDA GPU (CPU twin: test_topk_search_changes_nothing)")
+@pytest.mark.parametrize("search", ["binary", "radix"])
+def test_gpu_topk_search_at_128k(gen, search, monkeypatch):
+    """The binary search and the radix select compiled for sm_90 at a 128K context's 2048 blocks: ties
     and wide ranges."""
-    use_search(monkeypatch, bits)
+    use_search(monkeypatch, search)
     cfg = NosaConfig()
     B, hkv, nb = 16, 8, 2048
     S = torch.randint(0, 50, (B, hkv, nb), generator=gen).float().to(DEVICE) / 7
