@@ -28,9 +28,9 @@ MAX_ROWS = 16  # beyond this the per-row vectors of the search spill registers (
 #: ran 3-4x faster with one row per program (16K: 16-20 us instead of 61; scripts/sweep_topk_rows.py)
 PACK_ROWS_PER_SM = 4
 #: one row per program (decode): find the k-th value by four 8-bit radix passes, each a histogram of
-#: the remaining candidates' next byte, instead of 32 dependent reductions. Equal results either way;
-#: 1.4-1.8x faster than the binary search on an H200 at every decode shape measured
-#: (scripts/sweep_topk_rows.py --search, benchmarks/results/kernels.md)
+#: the remaining candidates' next byte, instead of 32 dependent reductions. Equal results either way.
+#: H200, one row per program at 128K: 18-19 us against 21.5-22 for this binary search (evening run) and
+#: 28-30 for the slower k-way form it was first timed against (benchmarks/results/kernels.md, session 7)
 RADIX_SELECT = True
 
 
