@@ -32,6 +32,12 @@ PACK_ROWS_PER_SM = 4
 #: H200, one row per program at 128K: 18-19 us against 21.5-22 for this binary search (evening run) and
 #: 28-30 for the slower k-way form it was first timed against (benchmarks/results/kernels.md, session 7)
 RADIX_SELECT = True
+#: radix select only while the grid has at most this many programs per SM: it wins where a row's chain of
+#: dependent passes sets the time (B x Hkv <= 128 at 128K: 18-19 against 21.5-22 us), and lost where
+#: several programs share an SM (256-1024 rows: 29-100 against 27.5-89 us), its histograms being more
+#: work than the binary search's compares (two runs compared, evening and session 7: re-time in one run
+#: with benchmarks/kernels.py, whose selection table has both columns)
+RADIX_ROWS_PER_SM = 1
 
 
 def select_topk(
@@ -112,12 +118,13 @@ def _select_topk_triton(S, E, seq_lens, config, policy):
     S = S.contiguous()
     E = E.contiguous()
     block_nb = max(16, next_pow2(nb))
-    rows = 1
-    if B * hkv > PACK_ROWS_PER_SM * num_sms(S.device):
+    rows, sms = 1, num_sms(S.device)
+    if B * hkv > PACK_ROWS_PER_SM * sms:
         rows = max(1, min(ROW_ELEMS // block_nb, MAX_ROWS, next_pow2(B * hkv)))
+    radix = RADIX_SELECT and rows == 1 and B * hkv <= RADIX_ROWS_PER_SM * sms
     _topk_kernel[(triton.cdiv(B * hkv, rows),)](
         S, E, seq_lens, out, B * hkv, hkv, nb,
-        ROWS=rows, RADIX=RADIX_SELECT and rows == 1, BLOCK_NB=block_nb, BLOCK_SIZE=config.block_size,
+        ROWS=rows, RADIX=radix, BLOCK_NB=block_nb, BLOCK_SIZE=config.block_size,
         INIT=config.init_blocks, LOCAL=config.local_blocks,
         QUERY_K=config.query_blocks, TOP_K=config.topk_blocks,
         PAD_K=next_pow2(config.topk_blocks), NOSA=policy == "nosa",

@@ -7,6 +7,7 @@ program won everywhere measured (2026-11-29); rows are now packed only beyond PA
 
     python scripts/sweep_topk_rows.py            # rows per program
     python scripts/sweep_topk_rows.py --search   # one row per program: binary search against radix select
+                                                 # at every batch (for topk.RADIX_ROWS_PER_SM)
 
 Times `select_topk` (CUDA graph replay, L2 flushed: benchmarks/kernels.py's bench_graph) for each
 variant, checks every variant selects the same blocks, and prints one table.
@@ -28,10 +29,11 @@ def search() -> int:
     cfg, dev = NosaConfig(), torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
     rows_out, md = [], []
-    default = topk.RADIX_SELECT
+    default, bound = topk.RADIX_SELECT, topk.RADIX_ROWS_PER_SM
+    topk.RADIX_ROWS_PER_SM = 1 << 20  # NOTE: "radix" at every batch here, past the runtime's bound too
     for tokens in (16384, 65536, 131072):
         nb = cfg.num_blocks(tokens)
-        for hkv, B in ((2, 1), (2, 16), (2, 64), (8, 3), (8, 16), (8, 64)):
+        for hkv, B in ((2, 1), (2, 16), (2, 64), (2, 128), (8, 3), (8, 16), (8, 64)):
             S = torch.randn((B, hkv, nb), generator=g, device=dev)
             E = torch.randn((B, hkv, nb), generator=g, device=dev)
             seq = torch.full((B,), tokens, dtype=torch.long, device=dev)
@@ -47,6 +49,7 @@ def search() -> int:
             topk.RADIX_SELECT = default
             rows_out.append([tokens // 1024, hkv, B, *times, f"{times[0] / times[2]:.2f}x"])
             print(rows_out[-1], flush=True)
+    topk.RADIX_ROWS_PER_SM = bound
     table("top-k us, one row per program (CUDA graph replay, L2 flushed)",
           ["ctx K", "Hkv", "batch", "binary nosa", "binary infllmv2", "radix nosa", "radix infllmv2",
            "radix speed-up (nosa)"], rows_out, md)

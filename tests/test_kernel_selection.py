@@ -124,8 +124,9 @@ def test_decode_selection_equals_reference(gen, impl):
 
 
 def use_search(monkeypatch, search) -> None:
-    """The top-k kernel's k-th-value search at one row per program: "binary" or "radix"."""
+    """The top-k kernel's k-th-value search at one row per program: "binary" or "radix" (at any batch)."""
     monkeypatch.setattr(topk_module, "RADIX_SELECT", search == "radix")
+    monkeypatch.setattr(topk_module, "RADIX_ROWS_PER_SM", 1 << 20)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
