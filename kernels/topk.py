@@ -25,7 +25,9 @@ POS_INF = float("inf")
 ROW_ELEMS = 2048  # scores per Triton program when rows are packed (prefill: many short rows)
 MAX_ROWS = 16  # beyond this the per-row vectors of the search spill registers (sm_90 report)
 #: rows are packed only beyond this many programs' worth per SM: a decode batch (<= 512 rows measured)
-#: ran 3-4x faster with one row per program (16K: 16-20 us instead of 61; scripts/sweep_topk_rows.py)
+#: ran faster with one row per program (16K B 16: 9.7 us with radix select, against 23.5 with 8 rows
+#: packed under the same binary search as now; the sweep that set this, scripts/sweep_topk_rows.py, had
+#: the slower k-way search: 16-20 against 61 us)
 PACK_ROWS_PER_SM = 4
 #: one row per program (decode): find the k-th value by four 8-bit radix passes, each a histogram of
 #: the remaining candidates' next byte, instead of 32 dependent reductions. Equal results either way.
