@@ -11,7 +11,9 @@ Configurations (same runtime code, same kernels):
   (b) InfLLM-V2 selection (top-64 by query score alone) on the same runtime, LRU victims;
   (c) NOSA fully on the GPU (gpu_only: every block resident);
   (d) dense attention fully on the GPU: torch SDPA (enable_gqa, FlashAttention backend) over a bf16
-      KV cache, K/V never repeated.
+      KV cache, K/V never repeated, eager;
+  (dg) the same dense attention as a server runs it: each step one CUDA graph, our decode kernel over
+      every block (zero bias): (d) without its host loop;
   (a*) (a) with enough slots that every block hits: the cost of the runtime itself against (c);
   (a+), (b+) (a), (b) with one H2D copy stream per micro-batch (`per_stream_copies`) instead of one shared;
   (ac) max view only: (a) at its largest batch, and beside it on a side stream a second runtime holding
@@ -45,7 +47,8 @@ from report import table, write_markdown
 from nosa_sglang.config import NosaConfig
 from nosa_sglang.kernels import pdl as pdl_module
 from nosa_sglang.kernels import topk as topk_module
-from nosa_sglang.runtime import MicroBatches, ModelShape, NosaRuntime, OffloadKnobs, StepGraphs
+from nosa_sglang.kernels.sparse_decode import sparse_decode_attention
+from nosa_sglang.runtime import MicroBatches, ModelShape, NosaRuntime, OffloadKnobs, StepGraphs, graph_capture
 from nosa_sglang.runtime.knobs import MAX_GPU_SLOTS
 
 GiB = 1 << 30
@@ -331,6 +334,68 @@ def run_dense(args, shape, tokens, B) -> dict:
     return {"tok_s": B * args.steps / wall, "step_ms": 1e3 * wall / args.steps, "host_ms": host_ms}
 
 
+class DenseGraphed:
+    """(dg) dense decode the way a server runs it: each step one CUDA graph (on CPU the same body, eager)
+    with the position on the device, every layer writing its new k/v and attending over every block of
+    the context through our decode kernel with a zero bias (kernels.md: within 1.0-1.1x of SDPA's GPU
+    time at these shapes). Why beside (d): (d)'s eager SDPA loop ran 1.3-2.0x below its kernels' GPU time
+    (runtime.md, session 7), and a baseline slowed by its host is not the one to beat.
+
+    Cache: per layer [B * Hkv * nb, block_size, d] (request-major, then head, then block), so request b's
+    head h is slots (b * Hkv + h) * nb + [0, nb), listed in order; seq_lens counts the new token."""
+
+    def __init__(self, args, shape: ModelShape, tokens: int, B: int) -> None:
+        L, H, Hq, d, bs = shape.num_layers, shape.num_kv_heads, shape.num_q_heads, shape.head_dim, NosaConfig().block_size
+        dev, self.L, self.H, self.d = args.device, L, H, d
+        nb = -(-(tokens + args.steps + args.warmup + 2) // bs)
+        self.k = torch.zeros((L, B * H * nb, bs, d), dtype=shape.dtype, device=dev)
+        self.v = torch.zeros_like(self.k)
+        self.c = torch.zeros((B * H * nb, bs), device=dev)
+        self.slots = torch.arange(B * H * nb, dtype=torch.int32, device=dev).view(B, H, nb)
+        self.blocks = torch.arange(nb, dtype=torch.int32, device=dev).expand(B, H, nb).contiguous()
+        self.seq = torch.full((B,), tokens + 1, dtype=torch.int32, device=dev)
+        self.first_row = torch.arange(B * H, device=dev) * (nb * bs)  # token 0 of each (request, head)
+        self.work = Workload(shape, B, "iid", args.drift_rho, dev, steps=args.warmup + args.steps)
+        self.q = torch.empty((L, B, Hq, d), dtype=shape.dtype, device=dev)
+        self.kn, self.vn = (torch.empty((L, B, H, d), dtype=shape.dtype, device=dev) for _ in range(2))
+        self.cn = torch.empty((L, B, H), device=dev)
+        self.out = torch.empty_like(self.q)
+        self.graph = None
+
+    def body(self) -> None:
+        """One step: every layer's new k/v at position seq - 1, attention over the context, seq += 1."""
+        at = self.first_row + (self.seq.long() - 1).repeat_interleave(self.H)
+        for layer in range(self.L):
+            self.k[layer].view(-1, self.d).index_copy_(0, at, self.kn[layer].view(-1, self.d))
+            self.v[layer].view(-1, self.d).index_copy_(0, at, self.vn[layer].view(-1, self.d))
+            self.out[layer].copy_(sparse_decode_attention(self.q[layer], self.k[layer], self.v[layer], self.c,
+                                                          self.slots, self.blocks, self.seq))
+        self.seq.add_(1)
+
+    def step(self) -> None:
+        self.work.next_step_into(self.q, self.kn, self.vn, self.cn)
+        if self.k.device.type != "cuda":
+            self.body()
+        elif self.graph is None:  # NOTE: the first step runs eagerly (kernels compile), then is captured
+            self.body()
+            self.graph = torch.cuda.CUDAGraph()
+            with graph_capture.capture(self.graph, None):
+                self.body()
+        else:
+            self.graph.replay()
+
+
+def run_dense_graphed(args, shape, tokens, B) -> dict:
+    dense = DenseGraphed(args, shape, tokens, B)
+    host_ms = warm_up(args, dense.step)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        dense.step()
+    sync(args)
+    wall = time.perf_counter() - t0
+    return {"tok_s": B * args.steps / wall, "step_ms": 1e3 * wall / args.steps, "host_ms": host_ms}
+
+
 def warm_up(args, step) -> float:
     """Run the warm-up steps; return the host's ms to enqueue one step onto an idle GPU (the fastest of
     the warm-up steps after the first two, which capture the graphs). Beside "step ms" it tells a
@@ -443,7 +508,7 @@ def bench_one(args, name, tokens, host_buffer, host_cap, gpu_cap, ceil, md) -> N
         views.append(("max", {k: v[0] for k, v in lim.items()}))
     for view, batch in views:
         for conf in args.configs:
-            B = batch.get(conf.rstrip("*+"), common)
+            B = batch.get("d" if conf == "dg" else conf.rstrip("*+"), common)
             resident = 0
             if conf == "ac":  # NOTE: (a)'s batch, plus the resident requests the HBM (a) leaves still holds
                 if view != "max":
@@ -454,13 +519,15 @@ def bench_one(args, name, tokens, host_buffer, host_cap, gpu_cap, ceil, md) -> N
             if B < 1:
                 rows.append([view, conf, "-", 0, "does not fit", "", "", "", "", "", "", ""])
                 continue
-            qms = ["-"] if conf in ("c", "d", "a*") else args.query_models
+            qms = ["-"] if conf in ("c", "d", "dg", "a*") else args.query_models
             for qm in qms:
                 free_cache(args)  # NOTE: the previous configuration's runtime is a cycle: only now collectable
                 t0 = time.perf_counter()
                 try:
                     if conf == "d":
                         r = run_dense(args, shape, tokens, B)
+                    elif conf == "dg":
+                        r = run_dense_graphed(args, shape, tokens, B)
                     elif conf == "a*":
                         slots = cfg.num_blocks(tokens + args.steps + args.warmup + 2) + 1
                         if slots > MAX_GPU_SLOTS or view != "common":
@@ -543,7 +610,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="1b,8b", help="comma list of 1b, 8b")
     p.add_argument("--contexts", default="16k,32k,64k,128k")
     p.add_argument("--configs", default="a,b,c,d,a*",
-                   help="comma list of a, b, c, d, a* (a with every block hit), a+ / b+ (one H2D stream per micro-batch), "
+                   help="comma list of a, b, c, d, dg (d as one CUDA graph a step, our kernel), a* (a with every block "
+                        "hit), a+ / b+ (one H2D stream per micro-batch), "
                         "ac (max view: a, and the requests spare HBM holds fully resident beside it)")
     p.add_argument("--views", default="common,max")
     p.add_argument("--query-models", default="iid,drift")
@@ -598,9 +666,9 @@ def main(argv: list[str] | None = None) -> int:
     args.configs = args.configs.split(",")
     topk_module.RADIX_SELECT = args.topk_search == "radix"
     pdl_module.ENABLED = args.pdl or pdl_module.ENABLED  # NOTE: NOSA_PDL=1 counts too
-    unknown = [c for c in args.configs if c not in ("a", "b", "c", "d", "a*", "a+", "b+", "ac")]
+    unknown = [c for c in args.configs if c not in ("a", "b", "c", "d", "dg", "a*", "a+", "b+", "ac")]
     if unknown:
-        p.error(f"--configs: {unknown} not in a, b, c, d, a*, a+, b+, ac")
+        p.error(f"--configs: {unknown} not in a, b, c, d, dg, a*, a+, b+, ac")
     if args.emulate_host_gib < 0:
         p.error(f"--emulate-host-gib={args.emulate_host_gib}: allowed range is >= 0 (0: off)")
     if args.micro_batches < 2 and any(c.endswith("+") for c in args.configs):

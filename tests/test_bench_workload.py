@@ -132,3 +132,31 @@ def test_two_homes_config_steps_an_offload_and_a_resident_runtime(monkeypatch, t
     assert len(lengths) == 1 and lengths.pop() >= 300 + 2 + 3  # both decoded every warm-up and timed step
     row = next(line for line in out.read_text().splitlines() if line.startswith("| max | ac |"))
     assert f"| {B}+{R} |" in row
+
+
+def test_graphed_dense_baseline_attends_over_every_token_so_far():
+    """Config dg: each step writes every layer's new k/v at position seq - 1 and attends over every
+    token so far (float64 reference over the same cache: position bookkeeping, GQA, the tail block)."""
+    from decode_throughput import DenseGraphed
+
+    shape = ModelShape(2, 4, 2, 16, torch.float32)
+    args = SimpleNamespace(device="cpu", steps=3, warmup=2, drift_rho=0.9)
+    B, T, bs = 3, 100, 64
+    dense = DenseGraphed(args, shape, T, B)
+    g = torch.Generator().manual_seed(5)
+    dense.k.copy_(torch.randn(dense.k.shape, generator=g))  # never zeros: a wrong position shows
+    dense.v.copy_(torch.randn(dense.v.shape, generator=g))
+    nb = dense.slots.shape[-1]
+    for step in range(3):
+        dense.step()
+        n = T + 1 + step  # tokens attended, the new one included
+        for layer in range(shape.num_layers):
+            K = dense.k[layer].view(B, shape.num_kv_heads, nb * bs, -1)[:, :, :n].double()
+            V = dense.v[layer].view(B, shape.num_kv_heads, nb * bs, -1)[:, :, :n].double()
+            assert torch.equal(K[:, :, n - 1], dense.kn[layer].double())  # the new token, where it belongs
+            G = shape.num_q_heads // shape.num_kv_heads
+            K, V = K.repeat_interleave(G, 1), V.repeat_interleave(G, 1)
+            p = torch.softmax(torch.einsum("bhd,bhtd->bht", dense.q[layer].double(), K) / math.sqrt(16), -1)
+            want = torch.einsum("bht,bhtd->bhd", p, V)
+            torch.testing.assert_close(dense.out[layer].double(), want, atol=1e-4, rtol=1e-4)
+    assert dense.seq.tolist() == [T + 4] * B
