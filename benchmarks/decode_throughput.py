@@ -323,14 +323,17 @@ def run_dense(args, shape, tokens, B) -> dict:
                                            enable_gqa=True)
         pos += 1
 
+    return timed_steps(args, step, B)  # NOTE: bench_one frees the caches before the next configuration
+
+
+def timed_steps(args, step, B: int) -> dict:
+    """Warm up, then time `args.steps` steps of B tokens each (the dense configurations)."""
     host_ms = warm_up(args, step)
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()
     sync(args)
     wall = time.perf_counter() - t0
-    kc = vc = None  # noqa: F841
-    free_cache(args)
     return {"tok_s": B * args.steps / wall, "step_ms": 1e3 * wall / args.steps, "host_ms": host_ms}
 
 
@@ -383,17 +386,6 @@ class DenseGraphed:
                 self.body()
         else:
             self.graph.replay()
-
-
-def run_dense_graphed(args, shape, tokens, B) -> dict:
-    dense = DenseGraphed(args, shape, tokens, B)
-    host_ms = warm_up(args, dense.step)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        dense.step()
-    sync(args)
-    wall = time.perf_counter() - t0
-    return {"tok_s": B * args.steps / wall, "step_ms": 1e3 * wall / args.steps, "host_ms": host_ms}
 
 
 def warm_up(args, step) -> float:
@@ -527,7 +519,7 @@ def bench_one(args, name, tokens, host_buffer, host_cap, gpu_cap, ceil, md) -> N
                     if conf == "d":
                         r = run_dense(args, shape, tokens, B)
                     elif conf == "dg":
-                        r = run_dense_graphed(args, shape, tokens, B)
+                        r = timed_steps(args, DenseGraphed(args, shape, tokens, B).step, B)
                     elif conf == "a*":
                         slots = cfg.num_blocks(tokens + args.steps + args.warmup + 2) + 1
                         if slots > MAX_GPU_SLOTS or view != "common":

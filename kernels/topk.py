@@ -4,8 +4,8 @@ Ties go to the lower block id, exactly as in the reference (a stable descending 
 makes ties common (two neighbouring blocks share their boundary chunk), so a tie-agnostic top-k would
 change the selected *set*. The torch path is that stable sort; the Triton path finds each cut over the
 order-preserving integer image of the fp32 scores (a row per program, i.e. decode: radix select,
-`RADIX_SELECT`; packed rows: a binary search), takes the lowest-id blocks among those tied at the cut, and writes the ids already ascending — one
-launch for the whole rule.
+`RADIX_SELECT`; packed rows: a binary search), takes the lowest-id blocks among those tied at the cut,
+and writes the ids already ascending — one launch for the whole rule.
 """
 
 from __future__ import annotations

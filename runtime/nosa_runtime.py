@@ -75,8 +75,8 @@ class NosaRuntime:
             still are). See docs/runtime.md.
         per_stream_copies: every compute stream that runs layers (each micro-batch's) gets an H2D copy
             stream of its own instead of sharing one, so one micro-batch's copies never queue behind
-            another's (transfer.py). Off: with zero-copy gathers it measured slower (three gathers in flight take
-            SMs without raising the PCIe rate; benchmarks/results/runtime.md, session 7).
+            another's (transfer.py). Off: with zero-copy gathers it measured slower (three gathers in
+            flight take SMs without raising the PCIe rate; benchmarks/results/runtime.md, session 7).
     """
 
     def __init__(

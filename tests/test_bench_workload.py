@@ -74,15 +74,24 @@ def test_a_whole_step_into_buffers_equals_per_layer_calls():
                 assert torch.equal(x, y)
 
 
-def test_each_configuration_starts_after_the_previous_runtime_is_collected(monkeypatch):
+@pytest.fixture
+def dt_tiny(monkeypatch):
+    """decode_throughput with a "tiny" model (2 layers, Hq 4, Hkv 2, d 16) and context (300 tokens)."""
+    import decode_throughput as dt
+
+    monkeypatch.setitem(dt.MODELS, "tiny", (2, 4, 2, 16))
+    monkeypatch.setitem(dt.CONTEXTS, "tiny", 300)
+    return dt
+
+
+def test_each_configuration_starts_after_the_previous_runtime_is_collected(dt_tiny, monkeypatch):
     """The runtime is a reference cycle (its CUDA graphs, micro-batches and step closure point back at
     it), so only the collector frees its GPU memory: with the collector off, a configuration must still
     start with every earlier runtime gone (the 1B 128K dense run ran out of HBM behind a dead one)."""
     import gc
     import weakref
 
-    import decode_throughput as dt
-
+    dt = dt_tiny
     made = []
     real = dt.synthetic_runtime
 
@@ -93,8 +102,6 @@ def test_each_configuration_starts_after_the_previous_runtime_is_collected(monke
         return rt, ids
 
     monkeypatch.setattr(dt, "synthetic_runtime", spy)
-    monkeypatch.setitem(dt.MODELS, "tiny", (2, 4, 2, 16))
-    monkeypatch.setitem(dt.CONTEXTS, "tiny", 300)
     gc.disable()
     try:
         assert dt.main(["--device", "cpu", "--model", "tiny", "--contexts", "tiny", "--configs", "a,b,a",
@@ -105,11 +112,10 @@ def test_each_configuration_starts_after_the_previous_runtime_is_collected(monke
     assert len(made) == 3
 
 
-def test_two_homes_config_steps_an_offload_and_a_resident_runtime(monkeypatch, tmp_path):
+def test_two_homes_config_steps_an_offload_and_a_resident_runtime(dt_tiny, monkeypatch, tmp_path):
     """Config ac: (a) at its largest batch plus, stepped with it, a GPU-only runtime of the requests the
     HBM left over holds; the row counts both batches' tokens."""
-    import decode_throughput as dt
-
+    dt = dt_tiny
     made = []
     real = dt.synthetic_runtime
 
@@ -119,8 +125,6 @@ def test_two_homes_config_steps_an_offload_and_a_resident_runtime(monkeypatch, t
         return rt, ids
 
     monkeypatch.setattr(dt, "synthetic_runtime", spy)
-    monkeypatch.setitem(dt.MODELS, "tiny", (2, 4, 2, 16))
-    monkeypatch.setitem(dt.CONTEXTS, "tiny", 300)
     out = tmp_path / "ac.md"
     assert dt.main(["--device", "cpu", "--model", "tiny", "--contexts", "tiny", "--configs", "ac", "--views", "max",
                     "--query-models", "drift", "--steps", "2", "--warmup", "3", "--host-gib", "0.0005",

@@ -2,9 +2,9 @@
 
 It is NOT the runtime and measures nothing: there are no tensors and no GPU. Its counters follow a
 closed-form model of a decode loop (each `step()` grows every request by one token; the miss rate
-falls with more GPU slots; prefetch changes nothing, as measured on the runtime), just enough for the numbers to
-move the way an operator expects, so the service, `nosa-ctl` and `examples/tune_offload.py` can be
-exercised before (and without) `nosa_sglang.runtime.NosaRuntime`. It uses the same step-boundary
+falls with more GPU slots; prefetch changes nothing, as measured on the runtime), just enough for the
+numbers to move the way an operator expects, so the service, `nosa-ctl` and
+`examples/tune_offload.py` can be exercised before (and without) `nosa_sglang.runtime.NosaRuntime`. It uses the same step-boundary
 knob swap as the runtime (`KnobQueue`), so the UpdateConfig semantics tested against it are real.
 """
 
