@@ -480,6 +480,19 @@ def plan_batches(args, shape, cfg, tokens, host_cap, gpu_cap) -> dict:
     return {"limits": limits, "host_req": host_req, "off_req": off_req, "full_req": full_req, "dense_req": dense_req}
 
 
+def view_runs(args, view, batch, common, lim, plan, gpu_cap):
+    """(config, batch, resident) of each run of one view. Config ac (max view only) runs (a) at each batch
+    of --ac-host-batches (default: its largest) plus the resident requests the HBM left over holds."""
+    for conf in args.configs:
+        if conf != "ac":
+            yield conf, batch.get("d" if conf == "dg" else conf.rstrip("*+"), common), 0
+            continue
+        if view != "max":
+            continue
+        for B in sorted({min(b, lim["a"][0]) for b in args.ac_host_batches or [lim["a"][0]]}):
+            yield conf, B, max(0, min(args.max_batch, (gpu_cap - B * plan["off_req"]) // plan["full_req"] - 1))
+
+
 def bench_one(args, name, tokens, host_buffer, host_cap, gpu_cap, ceil, md) -> None:
     shape = ModelShape(*MODELS[name], torch.bfloat16)
     cfg = NosaConfig()
@@ -499,14 +512,7 @@ def bench_one(args, name, tokens, host_buffer, host_cap, gpu_cap, ceil, md) -> N
     if "max" in args.views:
         views.append(("max", {k: v[0] for k, v in lim.items()}))
     for view, batch in views:
-        for conf in args.configs:
-            B = batch.get("d" if conf == "dg" else conf.rstrip("*+"), common)
-            resident = 0
-            if conf == "ac":  # NOTE: (a)'s batch, plus the resident requests the HBM (a) leaves still holds
-                if view != "max":
-                    continue
-                B = lim["a"][0]
-                resident = max(0, min(args.max_batch, (gpu_cap - B * plan["off_req"]) // plan["full_req"] - 1))
+        for conf, B, resident in view_runs(args, view, batch, common, lim, plan, gpu_cap):
             label = f"{B}+{resident}" if resident else B
             if B < 1:
                 rows.append([view, conf, "-", 0, "does not fit", "", "", "", "", "", "", ""])
@@ -605,6 +611,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma list of a, b, c, d, dg (d as one CUDA graph a step, our kernel), a* (a with every block "
                         "hit), a+ / b+ (one H2D stream per micro-batch), "
                         "ac (max view: a, and the requests spare HBM holds fully resident beside it)")
+    p.add_argument("--ac-host-batches", default="",
+                   help="config ac: comma list of host-homed batches (each capped at (a)'s largest; default: the "
+                        "largest): fewer host-homed requests make the PCIe-bound part as short as the HBM-homed one")
     p.add_argument("--views", default="common,max")
     p.add_argument("--query-models", default="iid,drift")
     p.add_argument("--drift-rho", type=float, default=0.9)
@@ -656,6 +665,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-gib", type=float, default=0.0, help="device memory budget (0: all but the reserve)")
     args = p.parse_args(argv)
     args.configs = args.configs.split(",")
+    try:
+        args.ac_host_batches = [int(b) for b in args.ac_host_batches.split(",") if b]
+    except ValueError:
+        p.error(f"--ac-host-batches={args.ac_host_batches!r}: a comma list of positive ints")
+    if any(b < 1 for b in args.ac_host_batches):
+        p.error(f"--ac-host-batches={args.ac_host_batches}: allowed range is >= 1")
     topk_module.RADIX_SELECT = args.topk_search == "radix"
     pdl_module.ENABLED = args.pdl or pdl_module.ENABLED  # NOTE: NOSA_PDL=1 counts too
     unknown = [c for c in args.configs if c not in ("a", "b", "c", "d", "dg", "a*", "a+", "b+", "ac")]

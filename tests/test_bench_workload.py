@@ -164,3 +164,34 @@ def test_graphed_dense_baseline_attends_over_every_token_so_far():
             want = torch.einsum("bht,bhtd->bhd", p, V)
             torch.testing.assert_close(dense.out[layer].double(), want, atol=1e-4, rtol=1e-4)
     assert dense.seq.tolist() == [T + 4] * B
+
+
+def test_two_homes_config_runs_each_host_batch_with_the_hbm_it_leaves(dt_tiny, monkeypatch, tmp_path):
+    """--ac-host-batches: one ac run per host-homed batch (capped at (a)'s largest); a smaller one leaves
+    more HBM, so at least as many resident requests step beside it."""
+    dt = dt_tiny
+    made = []
+    real = dt.synthetic_runtime
+
+    def spy(shape, cfg, knobs, tokens, B, *args, gpu_only=False, **kwargs):
+        made.append((B, gpu_only))
+        return real(shape, cfg, knobs, tokens, B, *args, gpu_only=gpu_only, **kwargs)
+
+    monkeypatch.setattr(dt, "synthetic_runtime", spy)
+    out = tmp_path / "ac.md"
+    assert dt.main(["--device", "cpu", "--model", "tiny", "--contexts", "tiny", "--configs", "ac", "--views", "max",
+                    "--query-models", "drift", "--steps", "1", "--warmup", "2", "--host-gib", "0.001",
+                    "--gpu-gib", "0.01", "--max-batch", "8", "--ac-host-batches", "1,99", "--out", str(out)]) == 0
+    (b1, g1), (r1, h1), (b2, g2), (r2, h2) = made
+    assert (g1, h1, g2, h2) == (False, True, False, True)
+    assert b1 == 1 < b2 and r1 >= r2 >= 1
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| max | ac |")]
+    assert [f"| {b1}+{r1} |" in rows[0], f"| {b2}+{r2} |" in rows[1]] == [True, True]
+
+
+def test_two_homes_host_batches_are_validated():
+    import decode_throughput as dt
+
+    for bad in ("0", "x"):
+        with pytest.raises(SystemExit):
+            dt.main(["--device", "cpu", "--configs", "ac", "--ac-host-batches", bad])
