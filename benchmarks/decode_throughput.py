@@ -18,7 +18,9 @@ Configurations (same runtime code, same kernels):
   (a+), (b+) (a), (b) with one H2D copy stream per micro-batch (`per_stream_copies`) instead of one shared;
   (ac) max view only: (a) at its largest batch, and beside it on a side stream a second runtime holding
       fully on the GPU as many more requests as the HBM left over holds: a second home tier in spare HBM,
-      emulated (the runtime has one home, the host store).
+      emulated (the runtime has one home, the host store); one step joins both (one scheduler's batch);
+  (ad) as ac, but each runtime steps in a loop of its own (two batches in flight, none waits for the
+      other's copies); tok/s counts both loops' tokens over the time (a) takes for --steps steps.
 Query models (the weights are random, so the query stream is a model choice, stated in the output):
   iid    q ~ N(0, 1) afresh for every step, layer and head;
   drift  q_t = rho * q_{t-1} + sqrt(1 - rho^2) * eps_t per (request, layer, head), eps ~ N(0, 1)
@@ -263,33 +265,77 @@ def beside(args, main, side):
     return step
 
 
+def decoupled_steps(args, main, side) -> tuple[float, int]:
+    """Time args.steps steps of `main` while `side` steps as often as it can: each on a stream of its own
+    with its own step loop (no join per step; at most two steps of each in flight). Returns (wall s, side
+    steps). On a CPU the two alternate (plumbing only)."""
+    if args.device != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            main(), side()
+        return time.perf_counter() - t0, args.steps
+    streams, fns = (torch.cuda.Stream(), torch.cuda.Stream()), (main, side)
+    inflight: tuple[list, list] = ([], [])
+    done = [0, 0]
+    t0 = time.perf_counter()
+    while done[0] < args.steps:
+        for i in (0, 1):
+            if inflight[i] and inflight[i][0].query():
+                inflight[i].pop(0)
+            if len(inflight[i]) < 2 and done[i] < (args.steps if i == 0 else SIDE_STEPS * args.steps):
+                with torch.cuda.stream(streams[i]):
+                    fns[i]()
+                    inflight[i].append(torch.cuda.Event())
+                    inflight[i][-1].record()
+                done[i] += 1
+    torch.cuda.current_stream().wait_stream(streams[0])
+    torch.cuda.current_stream().wait_stream(streams[1])
+    sync(args)
+    return time.perf_counter() - t0, done[1]
+
+
+SIDE_STEPS = 4  # config ad: the resident runtime is sized for this many times args.steps (it outpaces (a))
+
+
 def run_runtime(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_model, host_buffer,
-                micro_batches: int = 1, per_stream: bool = False, resident: int = 0) -> dict:
-    """Time B requests' decode steps. `resident` > 0 (config ac): that many more requests, fully on the
-    GPU in a second runtime, step beside the first on a side stream: what a second home tier in spare
-    HBM would add to (a) (the runtime has one home, the host store; docs/runtime.md "Limits")."""
+                micro_batches: int = 1, per_stream: bool = False, resident: int = 0, decoupled: bool = False) -> dict:
+    """Time B requests' decode steps. `resident` > 0 (configs ac, ad): that many more requests, fully on
+    the GPU in a second runtime, step beside the first on a side stream: what a second home tier in spare
+    HBM would add to (a) (the runtime has one home, the host store; docs/runtime.md "Limits"). ac joins
+    the two every step (one batch, as one scheduler steps it); ad (`decoupled`) lets each run its own
+    step loop, so the resident requests need not wait for (a)'s copies."""
     rt, step, runner = runtime_stepper(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_model,
                                        host_buffer, micro_batches, per_stream)
+    side = None
     if resident:
-        _, side, _ = runtime_stepper(args, shape, cfg, tokens, resident, "nosa", True, slots, query_model, None)
-        step = beside(args, step, side)
+        side_args = argparse.Namespace(**{**vars(args), "steps": SIDE_STEPS * args.steps if decoupled else args.steps})
+        _, side, _ = runtime_stepper(side_args, shape, cfg, tokens, resident, "nosa", True, slots, query_model, None)
+        if not decoupled:
+            step, side = beside(args, step, side), None
     host_ms = warm_up(args, step)
+    if side is not None:
+        warm_up(args, side)
     rt.step_boundary()
     sync(args)
     rt.reset_stats()
     syncs0 = rt.transfer.host_syncs if rt.transfer else 0
     unreplayed0 = runner.graphs.unreplayed_steps if runner else 0
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync(args)
-    wall = time.perf_counter() - t0
+    side_steps = 0
+    if side is not None:
+        wall, side_steps = decoupled_steps(args, step, side)
+    else:
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        sync(args)
+        wall = time.perf_counter() - t0
     rt.step_boundary()
     sync(args)
     rt.step_boundary()
     snap = rt.snapshot().totals
     out = {
-        "tok_s": (B + resident) * args.steps / wall, "step_ms": 1e3 * wall / args.steps, "host_ms": host_ms,
+        "tok_s": (B * args.steps + resident * (side_steps or args.steps)) / wall, "step_ms": 1e3 * wall / args.steps,
+        "host_ms": host_ms, "side_steps": side_steps,
         "hit": snap.hit_rate,
         "h2d_gbs": snap.bytes_h2d / wall / 1e9,
         "copy_gbs": snap.bytes_h2d / snap.transfer_time_s / 1e9 if snap.transfer_time_s else 0.0,
@@ -481,10 +527,10 @@ def plan_batches(args, shape, cfg, tokens, host_cap, gpu_cap) -> dict:
 
 
 def view_runs(args, view, batch, common, lim, plan, gpu_cap):
-    """(config, batch, resident) of each run of one view. Config ac (max view only) runs (a) at each batch
-    of --ac-host-batches (default: its largest) plus the resident requests the HBM left over holds."""
+    """(config, batch, resident) of each run of one view. Configs ac / ad (max view only) run (a) at each
+    batch of --ac-host-batches (default: its largest) plus the resident requests the HBM left over holds."""
     for conf in args.configs:
-        if conf != "ac":
+        if conf not in ("ac", "ad"):
             yield conf, batch.get("d" if conf == "dg" else conf.rstrip("*+"), common), 0
             continue
         if view != "max":
@@ -536,7 +582,7 @@ def bench_one(args, name, tokens, host_buffer, host_cap, gpu_cap, ceil, md) -> N
                         r = run_runtime(args, shape, cfg, tokens, B, "infllmv2" if conf[0] == "b" else "nosa",
                                         conf == "c", args.gpu_slots, qm_run, host_buffer,
                                         1 if conf == "c" else args.micro_batches, per_stream=conf.endswith("+"),
-                                        resident=resident)
+                                        resident=resident, decoupled=conf == "ad")
                 except torch.OutOfMemoryError as e:
                     failed = f"OOM: {str(e)[:60]}"
                 except Exception as e:  # noqa: BLE001 - one broken configuration must not end the call
@@ -555,6 +601,9 @@ def bench_one(args, name, tokens, host_buffer, host_cap, gpu_cap, ceil, md) -> N
                              round(100 * r.get("copy_gbs", 0.0) / ceil["h2d_copy_gbs"], 1) if r.get("copy_gbs") else "",
                              "" if args.step_graphs else round(100 * r.get("stall", 0.0), 1),
                              round(100 * r.get("host_wait", 0.0), 1)])
+                if r.get("side_steps"):
+                    md.append(f"NOTE: {view} {conf} {qm} {label}: the resident loop ran {r['side_steps']} steps while "
+                              f"(a) ran {args.steps}")
                 if r.get("unreplayed"):
                     md.append(f"NOTE: {view} {conf} {qm}: {r['unreplayed']} of the timed steps did not replay a step graph")
                 print(f"  [{name} {tokens} {view} {conf} {qm} B={B}] {rows[-1][4:]} ({time.perf_counter() - t0:.1f} s)",
@@ -610,7 +659,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default="a,b,c,d,a*",
                    help="comma list of a, b, c, d, dg (d as one CUDA graph a step, our kernel), a* (a with every block "
                         "hit), a+ / b+ (one H2D stream per micro-batch), "
-                        "ac (max view: a, and the requests spare HBM holds fully resident beside it)")
+                        "ac (max view: a, and the requests spare HBM holds fully resident beside it, one step for "
+                        "both), ad (the same, each stepping in its own loop)")
     p.add_argument("--ac-host-batches", default="",
                    help="config ac: comma list of host-homed batches (each capped at (a)'s largest; default: the "
                         "largest): fewer host-homed requests make the PCIe-bound part as short as the HBM-homed one")
@@ -673,9 +723,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--ac-host-batches={args.ac_host_batches}: allowed range is >= 1")
     topk_module.RADIX_SELECT = args.topk_search == "radix"
     pdl_module.ENABLED = args.pdl or pdl_module.ENABLED  # NOTE: NOSA_PDL=1 counts too
-    unknown = [c for c in args.configs if c not in ("a", "b", "c", "d", "dg", "a*", "a+", "b+", "ac")]
+    unknown = [c for c in args.configs if c not in ("a", "b", "c", "d", "dg", "a*", "a+", "b+", "ac", "ad")]
     if unknown:
-        p.error(f"--configs: {unknown} not in a, b, c, d, dg, a*, a+, b+, ac")
+        p.error(f"--configs: {unknown} not in a, b, c, d, dg, a*, a+, b+, ac, ad")
     if args.emulate_host_gib < 0:
         p.error(f"--emulate-host-gib={args.emulate_host_gib}: allowed range is >= 0 (0: off)")
     if args.micro_batches < 2 and any(c.endswith("+") for c in args.configs):

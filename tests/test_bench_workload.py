@@ -195,3 +195,28 @@ def test_two_homes_host_batches_are_validated():
     for bad in ("0", "x"):
         with pytest.raises(SystemExit):
             dt.main(["--device", "cpu", "--configs", "ac", "--ac-host-batches", bad])
+
+
+def test_decoupled_two_homes_count_each_loops_tokens(dt_tiny, monkeypatch, tmp_path):
+    """Config ad: the resident runtime runs its own step loop, sized for SIDE_STEPS x --steps; the row's
+    tok/s counts the steps each loop ran (on a CPU the loops alternate, one step each)."""
+    dt = dt_tiny
+    made = []
+    real = dt.synthetic_runtime
+
+    def spy(shape, cfg, knobs, tokens, B, max_seq_len, *args, gpu_only=False, **kwargs):
+        rt, ids = real(shape, cfg, knobs, tokens, B, max_seq_len, *args, gpu_only=gpu_only, **kwargs)
+        made.append((B, gpu_only, max_seq_len, rt))
+        return rt, ids
+
+    monkeypatch.setattr(dt, "synthetic_runtime", spy)
+    out = tmp_path / "ad.md"
+    assert dt.main(["--device", "cpu", "--model", "tiny", "--contexts", "tiny", "--configs", "ad", "--views", "max",
+                    "--query-models", "drift", "--steps", "2", "--warmup", "3", "--host-gib", "0.001",
+                    "--gpu-gib", "0.01", "--max-batch", "3", "--out", str(out)]) == 0
+    (B, off_gpu_only, off_len, offload), (R, res_gpu_only, res_len, resident) = made
+    assert not off_gpu_only and res_gpu_only and res_len - off_len == (dt.SIDE_STEPS - 1) * 2
+    assert {offload.seq_len(f"r{i}") for i in range(B)} == {300 + 3 + 2}
+    assert {resident.seq_len(f"r{i}") for i in range(R)} == {300 + 3 + 2}  # CPU: one side step per (a) step
+    text = out.read_text()
+    assert f"NOTE: max ad drift {B}+{R}: the resident loop ran 2 steps while (a) ran 2" in text
