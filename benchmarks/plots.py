@@ -127,6 +127,25 @@ def step_graph_ratios(tables: list[Table]) -> dict[tuple[str, int, str], dict[in
     return out
 
 
+MAX_BATCH_CONFIGS = ("d", "dg", "a", "ac", "c")
+
+
+def max_batch_series(tables: list[Table]) -> dict[tuple[str, int], dict[str, tuple[float, str]]]:
+    """runtime.md, session 8 calls 2-3 (the max view, all HBM, 64 GiB host): {(model, context):
+    {config: (tok/s, batch)}} for MAX_BATCH_CONFIGS."""
+    out: dict[tuple[str, int], dict[str, tuple[float, str]]] = {}
+    for t in tables:
+        if not t.under("Raw tables, 2026-11-29 session 8") or not (t.under("call 2") or t.under("call 3")):
+            continue
+        model, ctx = next(h for h in t.path if "@" in h).split("@")
+        cfg, tps, batch = t.column("config"), t.column("tok/s"), t.column("batch")
+        for r in t.rows:
+            value = number(r[tps])
+            if r[cfg] in MAX_BATCH_CONFIGS and value is not None:
+                out.setdefault((model.strip(), int(ctx.split()[0])), {})[r[cfg]] = (value, r[batch])
+    return out
+
+
 def grid_bound_rows(tables: list[Table]) -> list[tuple[str, float, float, float]]:
     """kernels_transfer.md table (e): [(programs, GB/s alone, GB/s beside GEMMs, GEMM slowdown x)]."""
     for t in tables:
@@ -219,6 +238,30 @@ def draw(results: Path, out: Path) -> list[Path]:
     ax.set_title("Offloaded decode, 1B-like, H200: NOSA over InfLLM-V2 (target 2.5x)")
     ax.legend(fontsize=7)
     save(fig, "runtime_step_graphs.png")
+
+    largest = max_batch_series(runtime)
+    if not largest:
+        raise ValueError("runtime.md: no session-8 max-view raw tables (calls 2-3)")
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    groups = sorted(largest, key=lambda k: (k[0], k[1]))
+    width = 0.8 / len(MAX_BATCH_CONFIGS)
+    for j, conf in enumerate(MAX_BATCH_CONFIGS):
+        xs = [i + (j - (len(MAX_BATCH_CONFIGS) - 1) / 2) * width for i in range(len(groups))]
+        ys = [largest[g].get(conf, (0.0, ""))[0] for g in groups]
+        bars = ax.bar(xs, ys, width=width, label=conf)
+        for bar, g in zip(bars, groups):
+            if conf in largest[g] and "dg" in largest[g]:
+                ratio = largest[g][conf][0] / largest[g]["dg"][0]
+                ax.annotate(f"{ratio:.1f}x\nB {largest[g][conf][1]}", (bar.get_x() + width / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=6)
+    ax.set_xticks(range(len(groups)), [f"{m.upper()}, {c // 1024}K" for m, c in groups])
+    ax.set_yscale("log")
+    ax.set_ylim(top=2 * max(v[0] for g in groups for v in largest[g].values()))  # NOTE: room for the labels
+    ax.set_ylabel("decode tok/s at each one's largest batch")
+    ax.set_title("H200, 64 GiB host: dense eager (d) / as one graph (dg), NOSA offload (a), "
+                 "+ HBM-homed (ac), on GPU (c); x = over dg", fontsize=9)
+    ax.legend(fontsize=8)
+    save(fig, "runtime_max_batch.png")
 
     rows = grid_bound_rows(read_tables((results / "kernels_transfer.md").read_text()))
     fig, ax = plt.subplots(figsize=(7, 4))

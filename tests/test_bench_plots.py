@@ -44,6 +44,10 @@ def test_the_committed_results_parse():
     assert set(ratios[("step graphs", 2, "drift")]) == {16384, 32768, 65536, 131072}
     assert 2.8 < ratios[("step graphs", 2, "iid")][16384] < 2.9  # run C: 179 / 62.7 ms a step
     assert ratios[("segment graphs", 1, "drift")].keys() == {131072}
+    largest = plots.max_batch_series(runtime)
+    assert set(largest) == {("1b", 65536), ("1b", 131072), ("8b", 65536), ("8b", 131072)}
+    assert largest[("1b", 131072)]["dg"] == (1130.0, "38") and largest[("8b", 131072)]["a"][1] == "3"
+    assert all(set(v) == set(plots.MAX_BATCH_CONFIGS) for v in largest.values())
     rows = plots.grid_bound_rows(plots.read_tables((results / "kernels_transfer.md").read_text()))
     assert [r[0] for r in rows][:3] == ["8", "16", "32"] and all(r[1] > 0 for r in rows)
     assert {r[1] for r in plots.grpc_rows(plots.read_tables((results / "grpc_load.md").read_text()))} >= {
@@ -59,7 +63,8 @@ def test_missing_table_is_a_clear_error(tmp_path):
 def test_draws_every_figure(tmp_path):
     written = plots.draw(BENCH / "results", tmp_path)
     assert {p.name for p in written} == {"runtime_micro_batches.png", "runtime_vs_context.png",
-                                         "runtime_step_graphs.png", "transfer_grid_bound.png", "grpc_load.png"}
+                                         "runtime_step_graphs.png", "transfer_grid_bound.png", "grpc_load.png",
+                                         "runtime_max_batch.png"}
     for p in written:
         data = p.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
