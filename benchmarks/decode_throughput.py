@@ -38,25 +38,24 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
+from decode_workload import Workload, sync, timed_steps, warm_up
+from dense_decode import DenseGraphed, dense_bytes_per_request, run_dense
 from report import table, write_markdown
+from two_homes import SIDE_STEPS, beside, decoupled_steps
 from nosa_sglang.config import NosaConfig
 from nosa_sglang.kernels import pdl as pdl_module
 from nosa_sglang.kernels import topk as topk_module
-from nosa_sglang.kernels.sparse_decode import sparse_decode_attention
-from nosa_sglang.runtime import MicroBatches, ModelShape, NosaRuntime, OffloadKnobs, StepGraphs, graph_capture
+from nosa_sglang.runtime import MicroBatches, ModelShape, NosaRuntime, OffloadKnobs, StepGraphs
 from nosa_sglang.runtime.knobs import MAX_GPU_SLOTS
 
 GiB = 1 << 30
 MODELS = {"1b": (28, 16, 2, 128), "8b": (32, 32, 8, 128)}
 CONTEXTS = {"4k": 4096, "16k": 16384, "32k": 32768, "64k": 65536, "128k": 131072}
-BANK = 8  # distinct random k/v/c tensors cycled through (q draws fresh noise every call)
 
 
 # -- memory model -----------------------------------------------------------------------------------------
@@ -83,73 +82,6 @@ def runtime_gpu_bytes_per_request(shape: ModelShape, cfg: NosaConfig, tokens: in
     chunks = cfg.num_chunks(nb * bs)
     sel = L * (chunks * H * (d * ck_bytes + 4) + H * nb * bs * 4 + cfg.kernel_size * H * d * shape.dtype_bytes)
     return slot_bytes + maps + sel
-
-
-def dense_bytes_per_request(shape: ModelShape, tokens: int) -> int:
-    return 2 * shape.num_layers * shape.num_kv_heads * tokens * shape.head_dim * shape.dtype_bytes
-
-
-# -- workload ---------------------------------------------------------------------------------------------
-class Workload:
-    """Random decode inputs for B requests: k/v/c from a small bank, q from the query model.
-
-    `steps` given: every query of that many steps is drawn up front (q [steps, L, B, Hq, d]), so that a
-    step enqueues nothing but the runtime's own work. Drawing them per call cost four launches per layer
-    (~0.1 ms of host time a layer, 3-4 ms a step at 28 layers, in every configuration alike), which a
-    real model's projections, captured in its CUDA graph, do not; it shrank every ratio. Past `steps`
-    the stream starts over (for drift, one iid-like jump). Without `steps` (the gRPC load test, which
-    runs for minutes) q draws fresh noise on every call.
-
-    NOTE: q must change every call. An earlier version took it from the bank too, and with 28 layers per
-    step the bank index cycled through 2 values per layer, so "iid" alternated between two queries and
-    "drift" settled into a 2-cycle: hit rates far too high (found 2026-11-28)."""
-
-    def __init__(self, shape: ModelShape, B: int, query_model: str, rho: float, device, seed: int = 0,
-                 steps: int | None = None) -> None:
-        g = torch.Generator(device=device).manual_seed(seed)
-        L, Hq, H, d, dt = shape.num_layers, shape.num_q_heads, shape.num_kv_heads, shape.head_dim, shape.dtype
-        self.k = torch.randn((BANK, B, H, d), generator=g, device=device).to(dt)
-        self.v = torch.randn((BANK, B, H, d), generator=g, device=device).to(dt)
-        self.c = torch.rand((BANK, B, H), generator=g, device=device)
-        self.q = torch.randn((L, B, Hq, d), generator=g, device=device).to(dt)
-        self.eps = torch.empty((B, Hq, d), device=device)
-        self.g, self.model, self.rho, self.i = g, query_model, rho, 0
-        self.steps_drawn = None
-        if steps is not None:
-            self.steps_drawn = torch.stack([torch.stack([self._draw(layer).clone() for layer in range(L)])
-                                            for _ in range(steps)])
-            self.calls = [0] * L
-
-    def _draw(self, layer: int) -> torch.Tensor:
-        eps = torch.randn(self.eps.shape, generator=self.g, device=self.eps.device, out=self.eps)
-        if self.model == "iid":
-            return eps.to(self.q.dtype)
-        return self.q[layer].mul_(self.rho).add_(eps.to(self.q.dtype), alpha=math.sqrt(1 - self.rho ** 2))
-
-    def next_step_into(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor) -> None:
-        """Write every layer's next (q, k, v, c) into [L, ...] buffers: what L calls of `next` return,
-        in four copies (a captured step reads its inputs from fixed buffers). Needs `steps`."""
-        L = q.shape[0]
-        step = self.calls[0] % len(self.steps_drawn)
-        assert all(n == self.calls[0] for n in self.calls), "next_step_into: layers were drawn one by one"
-        q.copy_(self.steps_drawn[step])
-        j = torch.arange(self.i + 1, self.i + L + 1, device=self.k.device) % BANK
-        torch.index_select(self.k, 0, j, out=k)
-        torch.index_select(self.v, 0, j, out=v)
-        torch.index_select(self.c, 0, j, out=c)
-        self.i += L
-        self.calls = [n + 1 for n in self.calls]
-
-    def next(self, layer: int):
-        """(q, k, v, c) of `layer` for this step."""
-        self.i += 1
-        j = self.i % BANK
-        if self.steps_drawn is None:
-            q = self._draw(layer)
-        else:
-            q = self.steps_drawn[self.calls[layer] % len(self.steps_drawn), layer]
-            self.calls[layer] += 1
-        return q, self.k[j], self.v[j], self.c[j]
 
 
 def decode_step(rt: NosaRuntime, parts: MicroBatches, work: Workload, split_append: bool = False) -> None:
@@ -248,55 +180,6 @@ def runtime_stepper(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_
     return rt, step, runner
 
 
-def beside(args, main, side):
-    """One step of `main` with `side` on a stream of its own: both after what came before, joined at the end."""
-    if args.device != "cuda":
-        return lambda: (side(), main())
-    stream = torch.cuda.Stream()
-
-    def step() -> None:
-        now = torch.cuda.current_stream()
-        stream.wait_stream(now)
-        with torch.cuda.stream(stream):
-            side()
-        main()
-        now.wait_stream(stream)
-
-    return step
-
-
-def decoupled_steps(args, main, side) -> tuple[float, int]:
-    """Time args.steps steps of `main` while `side` steps as often as it can: each on a stream of its own
-    with its own step loop (no join per step; at most two steps of each in flight). Returns (wall s, side
-    steps). On a CPU the two alternate (plumbing only)."""
-    if args.device != "cuda":
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            main(), side()
-        return time.perf_counter() - t0, args.steps
-    streams, fns = (torch.cuda.Stream(), torch.cuda.Stream()), (main, side)
-    inflight: tuple[list, list] = ([], [])
-    done = [0, 0]
-    t0 = time.perf_counter()
-    while done[0] < args.steps:
-        for i in (0, 1):
-            if inflight[i] and inflight[i][0].query():
-                inflight[i].pop(0)
-            if len(inflight[i]) < 2 and done[i] < (args.steps if i == 0 else SIDE_STEPS * args.steps):
-                with torch.cuda.stream(streams[i]):
-                    fns[i]()
-                    inflight[i].append(torch.cuda.Event())
-                    inflight[i][-1].record()
-                done[i] += 1
-    torch.cuda.current_stream().wait_stream(streams[0])
-    torch.cuda.current_stream().wait_stream(streams[1])
-    sync(args)
-    return time.perf_counter() - t0, done[1]
-
-
-SIDE_STEPS = 4  # config ad: the resident runtime is sized for this many times args.steps (it outpaces (a))
-
-
 def run_runtime(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_model, host_buffer,
                 micro_batches: int = 1, per_stream: bool = False, resident: int = 0, decoupled: bool = False) -> dict:
     """Time B requests' decode steps. `resident` > 0 (configs ac, ad): that many more requests, fully on
@@ -346,114 +229,6 @@ def run_runtime(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_mode
         "unreplayed": (runner.graphs.unreplayed_steps - unreplayed0) if runner else 0,
     }
     return out  # NOTE: the caller frees the GPU state (bench_one: free_cache), once this frame is gone
-
-
-def run_dense(args, shape, tokens, B) -> dict:
-    L, H, d = shape.num_layers, shape.num_kv_heads, shape.head_dim
-    n_max = tokens + args.steps + args.warmup + 1
-    kc = torch.zeros((L, B, H, n_max, d), dtype=shape.dtype, device=args.device)
-    vc = torch.zeros_like(kc)
-    work = Workload(shape, B, "iid", args.drift_rho, args.device, steps=args.warmup + args.steps)
-    pos = tokens
-
-    def step() -> None:
-        nonlocal pos
-        for layer in range(L):
-            q, k, v, _ = work.next(layer)
-            kc[layer, :, :, pos] = k
-            vc[layer, :, :, pos] = v
-            # NOTE: enable_gqa with one query row per head, not a group's heads as G query rows of its KV
-            # head: with B * Hkv rows of work the latter gets no split over the context and ran ~25x
-            # below the byte roofline on an H200 (benchmarks/kernels.py measures this form at roofline)
-            F.scaled_dot_product_attention(q.unsqueeze(2), kc[layer, :, :, : pos + 1], vc[layer, :, :, : pos + 1],
-                                           enable_gqa=True)
-        pos += 1
-
-    return timed_steps(args, step, B)  # NOTE: bench_one frees the caches before the next configuration
-
-
-def timed_steps(args, step, B: int) -> dict:
-    """Warm up, then time `args.steps` steps of B tokens each (the dense configurations)."""
-    host_ms = warm_up(args, step)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync(args)
-    wall = time.perf_counter() - t0
-    return {"tok_s": B * args.steps / wall, "step_ms": 1e3 * wall / args.steps, "host_ms": host_ms}
-
-
-class DenseGraphed:
-    """(dg) dense decode the way a server runs it: each step one CUDA graph (on CPU the same body, eager)
-    with the position on the device, every layer writing its new k/v and attending over every block of
-    the context through our decode kernel with a zero bias (kernels.md: within 1.0-1.1x of SDPA's GPU
-    time at these shapes). Why beside (d): (d)'s eager SDPA loop ran 1.3-2.0x below its kernels' GPU time
-    (runtime.md, session 7), and a baseline slowed by its host is not the one to beat.
-
-    Cache: per layer [B * Hkv * nb, block_size, d] (request-major, then head, then block), so request b's
-    head h is slots (b * Hkv + h) * nb + [0, nb), listed in order; seq_lens counts the new token."""
-
-    def __init__(self, args, shape: ModelShape, tokens: int, B: int) -> None:
-        L, H, Hq, d, bs = shape.num_layers, shape.num_kv_heads, shape.num_q_heads, shape.head_dim, NosaConfig().block_size
-        dev, self.L, self.H, self.d = args.device, L, H, d
-        nb = -(-(tokens + args.steps + args.warmup + 2) // bs)
-        self.k = torch.zeros((L, B * H * nb, bs, d), dtype=shape.dtype, device=dev)
-        self.v = torch.zeros_like(self.k)
-        self.c = torch.zeros((B * H * nb, bs), device=dev)
-        self.slots = torch.arange(B * H * nb, dtype=torch.int32, device=dev).view(B, H, nb)
-        self.blocks = torch.arange(nb, dtype=torch.int32, device=dev).expand(B, H, nb).contiguous()
-        self.seq = torch.full((B,), tokens + 1, dtype=torch.int32, device=dev)
-        self.first_row = torch.arange(B * H, device=dev) * (nb * bs)  # token 0 of each (request, head)
-        self.work = Workload(shape, B, "iid", args.drift_rho, dev, steps=args.warmup + args.steps)
-        self.q = torch.empty((L, B, Hq, d), dtype=shape.dtype, device=dev)
-        self.kn, self.vn = (torch.empty((L, B, H, d), dtype=shape.dtype, device=dev) for _ in range(2))
-        self.cn = torch.empty((L, B, H), device=dev)
-        self.out = torch.empty_like(self.q)
-        self.graph = None
-
-    def body(self) -> None:
-        """One step: every layer's new k/v at position seq - 1, attention over the context, seq += 1."""
-        at = self.first_row + (self.seq.long() - 1).repeat_interleave(self.H)
-        for layer in range(self.L):
-            self.k[layer].view(-1, self.d).index_copy_(0, at, self.kn[layer].view(-1, self.d))
-            self.v[layer].view(-1, self.d).index_copy_(0, at, self.vn[layer].view(-1, self.d))
-            self.out[layer].copy_(sparse_decode_attention(self.q[layer], self.k[layer], self.v[layer], self.c,
-                                                          self.slots, self.blocks, self.seq))
-        self.seq.add_(1)
-
-    def step(self) -> None:
-        self.work.next_step_into(self.q, self.kn, self.vn, self.cn)
-        if self.k.device.type != "cuda":
-            self.body()
-        elif self.graph is None:  # NOTE: the first step runs eagerly (kernels compile), then is captured
-            self.body()
-            self.graph = torch.cuda.CUDAGraph()
-            with graph_capture.capture(self.graph, None):
-                self.body()
-        else:
-            self.graph.replay()
-
-
-def warm_up(args, step) -> float:
-    """Run the warm-up steps; return the host's ms to enqueue one step onto an idle GPU (the fastest of
-    the warm-up steps after the first two, which capture the graphs). Beside "step ms" it tells a
-    host-bound step (about equal) from a GPU-bound one (host well below): timed steps cannot, since a
-    full launch queue blocks the host too."""
-    for _ in range(min(2, args.warmup)):
-        step()
-    host = []
-    for _ in range(args.warmup - 2):
-        sync(args)
-        t0 = time.perf_counter()
-        step()
-        host.append(1e3 * (time.perf_counter() - t0))
-    sync(args)
-    return min(host, default=float("nan"))
-
-
-def sync(args) -> None:
-    if args.device == "cuda":
-        torch.cuda.synchronize()
 
 
 def free_cache(args) -> None:

@@ -80,7 +80,8 @@ def batched_target(args: argparse.Namespace) -> BenchTarget:
     `--prompt-tokens` decoding through NosaRuntime with CUDA graphs (on a GPU), q/k/v/c random. A
     GPU-bound step at a serving batch, where the eager batch-1 model is a Python-bound one."""
     import torch
-    from decode_throughput import MODELS, Workload, decode_step, synthetic_runtime
+    from decode_throughput import MODELS, decode_step, synthetic_runtime
+    from decode_workload import Workload
 
     from nosa_sglang.config import NosaConfig
     from nosa_sglang.control.runtime_provider import RuntimeProvider

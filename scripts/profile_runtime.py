@@ -16,7 +16,8 @@ import time
 import torch
 
 sys.path.insert(0, "benchmarks")
-from decode_throughput import MODELS, Workload, decode_step, step_graph_runner, synthetic_runtime, warm_up  # noqa: E402
+from decode_throughput import MODELS, decode_step, step_graph_runner, synthetic_runtime  # noqa: E402
+from decode_workload import Workload, warm_up  # noqa: E402
 
 from nosa_sglang.config import NosaConfig  # noqa: E402
 from nosa_sglang.runtime import MicroBatches, ModelShape, OffloadKnobs  # noqa: E402

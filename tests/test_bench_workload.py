@@ -1,5 +1,6 @@
-"""benchmarks/decode_throughput.py's query stream: drawn up front, it must be the very stream that
-drawing per call gives (same seed), so that results before and after the change share a query model."""
+"""The decode benchmarks (benchmarks/decode_workload.py, decode_throughput.py, dense_decode.py,
+two_homes.py). The query stream drawn up front must be the very stream that drawing per call gives
+(same seed), so that results before and after the change share a query model."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from decode_throughput import Workload, warm_up  # noqa: E402
+from decode_workload import Workload, warm_up  # noqa: E402
 
 from nosa_sglang.runtime import ModelShape  # noqa: E402
 
@@ -141,7 +142,7 @@ def test_two_homes_config_steps_an_offload_and_a_resident_runtime(dt_tiny, monke
 def test_graphed_dense_baseline_attends_over_every_token_so_far():
     """Config dg: each step writes every layer's new k/v at position seq - 1 and attends over every
     token so far (float64 reference over the same cache: position bookkeeping, GQA, the tail block)."""
-    from decode_throughput import DenseGraphed
+    from dense_decode import DenseGraphed
 
     shape = ModelShape(2, 4, 2, 16, torch.float32)
     args = SimpleNamespace(device="cpu", steps=3, warmup=2, drift_rho=0.9)
