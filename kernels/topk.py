@@ -37,8 +37,8 @@ RADIX_SELECT = True
 #: radix select only while the grid has at most this many programs per SM: it wins where a row's chain of
 #: dependent passes sets the time (B x Hkv <= 128 at 128K: 18-19 against 21.5-22 us), and lost where
 #: several programs share an SM (256-1024 rows: 29-100 against 27.5-89 us), its histograms being more
-#: work than the binary search's compares (two runs compared, evening and session 7: re-time in one run
-#: with benchmarks/kernels.py, whose selection table has both columns)
+#: work than the binary search's compares (that loss from two runs, evening and session 7; the gain up to
+#: 128 rows confirmed in one run, session 8: 18.4-19.8 against 21.3-22.4 us at 128K)
 RADIX_ROWS_PER_SM = 1
 
 
