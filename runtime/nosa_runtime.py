@@ -217,15 +217,7 @@ class NosaRuntime:
             raise GpuSlotsExhausted(self.max_requests)
         host_blocks: list[int] = []
         if not self.gpu_only:
-            n_new = self.config.num_blocks(T) - len(shared)
-            if n_new > self.host.free_blocks:
-                raise HostMemoryExhausted(n_new, self.host.free_blocks, f"request {request_id!r}")
-            self.host.share(shared)  # validates the ids before anything else changes
-            try:
-                host_blocks = shared + self.host.allocate(n_new, f"request {request_id!r}")
-            except HostMemoryExhausted:
-                self.host.release(shared)
-                raise
+            host_blocks = self._take_host_blocks(request_id, self.config.num_blocks(T), shared)
             self.transfer.quiesce()
         row = len(self._row_owner)
         self._prompts.load(row, T, host_blocks, len(shared), prompt_k, prompt_v, prompt_c, self._step)
@@ -255,16 +247,9 @@ class NosaRuntime:
         self._check_fits(num_tokens, self.config.num_blocks(num_tokens) - len(shared))
         if len(self._row_owner) >= self.max_requests:
             raise GpuSlotsExhausted(self.max_requests)
-        host_blocks = [] if self.gpu_only else self.host.allocate(
-            self.config.num_blocks(num_tokens) - len(shared), f"request {request_id!r}")
-        if shared:
-            try:
-                self.host.share(shared)
-            except ValueError:
-                self.host.release(host_blocks)  # NOTE: nothing changed
-                raise
-            host_blocks = shared + host_blocks
-        if self.transfer is not None:
+        host_blocks: list[int] = []
+        if not self.gpu_only:
+            host_blocks = self._take_host_blocks(request_id, self.config.num_blocks(num_tokens), shared)
             self.transfer.quiesce()
         row = len(self._row_owner)
         self._prompts.load_synthetic(row, num_tokens, host_blocks, seed, self._step)
@@ -409,6 +394,20 @@ class NosaRuntime:
         if req is None:
             raise RuntimeUsageError(f"request_id={request_id!r}: not running")
         return req
+
+    def _take_host_blocks(self, request_id: str, n_blocks: int, shared: list[int]) -> list[int]:
+        """A new request's host blocks: `shared` (another request's full prompt blocks, one more reference
+        each), then fresh ones. Raises HostMemoryExhausted, or ValueError for ids that are not allocated
+        blocks, and then nothing changed."""
+        what, n_new = f"request {request_id!r}", n_blocks - len(shared)
+        if n_new > self.host.free_blocks:
+            raise HostMemoryExhausted(n_new, self.host.free_blocks, what)
+        self.host.share(shared)  # validates the ids before anything else changes
+        try:
+            return shared + self.host.allocate(n_new, what)
+        except HostMemoryExhausted:
+            self.host.release(shared)
+            raise
 
     def _check_fits(self, tokens: int, new_blocks: int) -> None:
         """RequestTooLarge when `new_blocks` exceed the whole host store: no wait could make room."""
