@@ -43,7 +43,7 @@ import time
 
 import torch
 
-from decode_workload import Workload, sync, timed_steps, warm_up
+from decode_workload import Workload, sync, timed_steps, wall_of_steps, warm_up
 from dense_decode import DenseGraphed, dense_bytes_per_request, run_dense
 from report import table, write_markdown
 from two_homes import SIDE_STEPS, beside, decoupled_steps
@@ -203,15 +203,7 @@ def run_runtime(args, shape, cfg, tokens, B, policy, gpu_only, slots, query_mode
     rt.reset_stats()
     syncs0 = rt.transfer.host_syncs if rt.transfer else 0
     unreplayed0 = runner.graphs.unreplayed_steps if runner else 0
-    side_steps = 0
-    if side is not None:
-        wall, side_steps = decoupled_steps(args, step, side)
-    else:
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        sync(args)
-        wall = time.perf_counter() - t0
+    wall, side_steps = decoupled_steps(args, step, side) if side is not None else (wall_of_steps(args, step), 0)
     rt.step_boundary()
     sync(args)
     rt.step_boundary()

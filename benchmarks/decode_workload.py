@@ -98,12 +98,17 @@ def sync(args) -> None:
         torch.cuda.synchronize()
 
 
-def timed_steps(args, step, B: int) -> dict:
-    """Warm up, then time `args.steps` steps of B tokens each (the dense configurations)."""
-    host_ms = warm_up(args, step)
+def wall_of_steps(args, step) -> float:
+    """Seconds for `args.steps` steps, until the GPU has finished them."""
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()
     sync(args)
-    wall = time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+def timed_steps(args, step, B: int) -> dict:
+    """Warm up, then time `args.steps` steps of B tokens each (the dense configurations)."""
+    host_ms = warm_up(args, step)
+    wall = wall_of_steps(args, step)
     return {"tok_s": B * args.steps / wall, "step_ms": 1e3 * wall / args.steps, "host_ms": host_ms}
