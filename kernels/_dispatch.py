@@ -61,6 +61,15 @@ def check_index(name: str, t: object, ndim: int) -> torch.Tensor:
     return check_tensor(name, t, ndim, INDEX_DTYPES)
 
 
+def check_extend(name: str, q_start: object, n_queries: int, n_keys: int) -> int:
+    """Queries are the last tokens of the sequence: positions q_start .. n_keys - 1 (an extend)."""
+    if isinstance(q_start, bool) or not isinstance(q_start, int) or q_start < 0 or q_start + n_queries != n_keys:
+        raise KernelArgumentError(
+            f"{name}: must be an int with {name} + {n_queries} (query tokens) == {n_keys} (key tokens), got {q_start!r}"
+        )
+    return q_start
+
+
 def check_devices(**tensors: torch.Tensor) -> torch.device:
     names = list(tensors)
     device = tensors[names[0]].device

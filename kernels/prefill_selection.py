@@ -20,7 +20,7 @@ import triton.language as tl
 from nosa_sglang.config import NosaConfig
 from nosa_sglang.kernels._checks import KernelArgumentError
 from nosa_sglang.kernels._dispatch import (
-    check_devices, check_float, check_gqa, check_head_dim, check_shape, fp32_dot, next_pow2, resolve_impl,
+    check_devices, check_extend, check_float, check_gqa, check_head_dim, check_shape, fp32_dot, next_pow2, resolve_impl,
 )
 from nosa_sglang.kernels.compress import compress_windows
 from nosa_sglang.kernels.selection import pool_chunks_torch
@@ -34,20 +34,23 @@ SCORE_BUDGET_FLOATS = 1 << 25  # per S / E slice (128 MiB each)
 
 
 def select_blocks_prefill(
-    q: torch.Tensor, k: torch.Tensor, c: torch.Tensor, config: NosaConfig, impl: str = "auto"
+    q: torch.Tensor, k: torch.Tensor, c: torch.Tensor, config: NosaConfig, impl: str = "auto", q_start: int = 0
 ) -> torch.Tensor:
     """Per-token NOSA selection of one prompt (each token sees the chunks complete at its position).
 
     Args:
-        q: [T, Hq, d]; k: [T, Hkv, d] post-RoPE keys (q's dtype); c: [T, Hkv] float32 eviction bias.
+        q: [E, Hq, d] queries of the positions q_start .. T - 1 (an extend after a cached prefix or an
+            earlier chunk: q_start = the prefix's length); k: [T, Hkv, d] post-RoPE keys of the whole
+            sequence (q's dtype); c: [T, Hkv] float32 eviction bias.
     Returns:
-        [T, Hkv, topk_blocks] int32 ascending block ids, -1 padded.
+        [E, Hkv, topk_blocks] int32 ascending block ids, -1 padded.
     """
     check_float("q", q, 3)
     check_float("k", k, 3)
-    T, Hq, d = q.shape
-    hkv = k.shape[1]
-    check_shape("k", k, (T, hkv, d), "[T of q, Hkv, head_dim of q]")
+    E, Hq, d = q.shape
+    T, hkv = k.shape[0], k.shape[1]
+    check_extend("q_start", q_start, E, T)
+    check_shape("k", k, (T, hkv, d), "[T, Hkv, head_dim of q]")
     G = check_gqa(Hq, hkv)
     if not isinstance(c, torch.Tensor) or c.dtype != torch.float32:
         raise KernelArgumentError(f"c: expected a float32 tensor [{T}, {hkv}]")
@@ -56,8 +59,8 @@ def select_blocks_prefill(
     use = resolve_impl(impl, device)
     check_head_dim("q", d, use == "triton")
     nb = config.num_blocks(T)
-    out = torch.empty((T, hkv, config.topk_blocks), dtype=torch.int32, device=device)
-    if T == 0:
+    out = torch.empty((E, hkv, config.topk_blocks), dtype=torch.int32, device=device)
+    if E == 0:
         return out
     ck = compress_windows(k, config)  # [n, Hkv, d] float32
     ce = compress_windows(c, config)  # [n, Hkv] float32
@@ -66,14 +69,14 @@ def select_blocks_prefill(
     rows = max(ROWS_PER_TILE, (SCORE_BUDGET_FLOATS // max(1, hkv * nb)) // ROWS_PER_TILE * ROWS_PER_TILE)
     if use == "torch":  # the torch path also holds [rows, Hq, n_chunks] logits
         rows = max(1, min(rows, SCORE_BUDGET_FLOATS // max(1, Hq * ck.shape[0])))
-    for lo in range(0, T, rows):
+    for lo in range(q_start, T, rows):
         hi = min(T, lo + rows)
         if use == "torch":
-            S, E = prefill_block_scores_torch(q[lo:hi], ck, ce, lo, config, nb)
+            S, Ev = prefill_block_scores_torch(q[lo - q_start:hi - q_start], ck, ce, lo, config, nb)
         else:
-            S, E = _prefill_block_scores_triton(q, ck, ce, lo, hi, config, nb, G)
+            S, Ev = _prefill_block_scores_triton(q, q_start, ck, ce, lo, hi, config, nb, G)
         seq_lens = torch.arange(lo + 1, hi + 1, device=device, dtype=torch.int32)
-        out[lo:hi] = select_topk(S, E, seq_lens, config, impl=use)
+        out[lo - q_start:hi - q_start] = select_topk(S, Ev, seq_lens, config, impl=use)
     return out
 
 
@@ -94,8 +97,8 @@ def prefill_block_scores_torch(q, ck, ce, lo: int, config: NosaConfig, nb: int) 
     return S, E
 
 
-def _prefill_block_scores_triton(q, ck, ce, lo, hi, config: NosaConfig, nb: int, G: int):
-    T, Hq, d = q.shape
+def _prefill_block_scores_triton(q, q_start, ck, ce, lo, hi, config: NosaConfig, nb: int, G: int):
+    _, Hq, d = q.shape
     hkv = ck.shape[1]
     g_pad = next_pow2(G)
     block_t = max(1, ROWS_PER_TILE // g_pad)
@@ -103,7 +106,7 @@ def _prefill_block_scores_triton(q, ck, ce, lo, hi, config: NosaConfig, nb: int,
     E = torch.empty_like(S)
     r = config.chunks_per_block
     _prefill_scores_kernel[(triton.cdiv(hi - lo, block_t), hkv)](
-        q, ck, ce, S, E, LOG2E / math.sqrt(d), lo, hi, ck.shape[0], nb,
+        q, ck, ce, S, E, LOG2E / math.sqrt(d), q_start, lo, hi, ck.shape[0], nb,
         q.stride(0), q.stride(1), ck.stride(0), ck.stride(1), ce.stride(0), ce.stride(1),
         G=G, G_PAD=g_pad, BLOCK_T=block_t, HEAD_DIM=d, BLOCK_C=CHUNK_TILE, BLOCK_NB=BLOCK_TILE,
         R=r, R_PAD=next_pow2(r), STRIDE=config.kernel_stride, KSIZE=config.kernel_size,
@@ -135,7 +138,7 @@ def _group_pool(x, lse, vis_rows, vis_tok, BLOCK_T: tl.constexpr, G_PAD: tl.cons
 
 @triton.jit
 def _prefill_scores_kernel(
-    Q, CK, CE, S, E, scale_log2, lo, hi, n_chunks, nb, s_qt, s_qh, s_cn, s_ch, s_en, s_eh,
+    Q, CK, CE, S, E, scale_log2, q_start, lo, hi, n_chunks, nb, s_qt, s_qh, s_cn, s_ch, s_en, s_eh,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_NB: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
     STRIDE: tl.constexpr, KSIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr, INIT: tl.constexpr,
@@ -149,7 +152,7 @@ def _prefill_scores_kernel(
     tok = t0 + rows // G_PAD
     g = rows % G_PAD
     row_ok = (tok < hi) & (g < G)
-    q = tl.load(Q + tok.to(tl.int64)[:, None] * s_qt + (h * G + g)[:, None] * s_qh + tl.arange(0, HEAD_DIM)[None, :],
+    q = tl.load(Q + (tok - q_start).to(tl.int64)[:, None] * s_qt + (h * G + g)[:, None] * s_qh + tl.arange(0, HEAD_DIM)[None, :],
                 mask=row_ok[:, None], other=0.0)
     if IEEE:
         q = q.to(tl.float32)

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from nosa_sglang.kernels._checks import KernelArgumentError
 from nosa_sglang.kernels._dispatch import (
-    check_block_size, check_devices, check_float, check_gqa, check_head_dim, check_index, check_shape,
+    check_block_size, check_devices, check_extend, check_float, check_gqa, check_head_dim, check_index, check_shape,
     default_scale, fp32_dot, next_pow2, resolve_impl,
 )
 from nosa_sglang.kernels.prefill_selection import select_blocks_prefill
@@ -39,21 +39,25 @@ def sparse_prefill_attention(
     block_size: int,
     sm_scale: float | None = None,
     impl: str = "auto",
+    q_start: int = 0,
 ) -> torch.Tensor:
     """Causal NOSA attention of one sequence, each token over its own selected blocks.
 
     Args:
-        q: [T, Hq, d]; k, v: [T, Hkv, d] (q's dtype, last dim contiguous); c: [T, Hkv] float32.
-        block_ids: [T, Hkv, topk] int32/int64 selected blocks of each token (-1 = padding).
+        q: [E, Hq, d] queries of the positions q_start .. T - 1 (q_start > 0: an extend after a cached
+            prefix or an earlier chunk); k, v: [T, Hkv, d] (q's dtype, last dim contiguous); c: [T, Hkv]
+            float32.
+        block_ids: [E, Hkv, topk] int32/int64 selected blocks of each query token (-1 = padding).
         block_size: tokens per block (a power of two >= 16 for the Triton path).
     Returns:
-        [T, Hq, d] in q.dtype; token t attends the keys j <= t of its selected blocks.
+        [E, Hq, d] in q.dtype; the token at position t attends the keys j <= t of its selected blocks.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(name, t, 3)
-    T, Hq, d = q.shape
-    hkv = k.shape[1]
-    check_shape("k", k, (T, hkv, d), "[T of q, Hkv, head_dim of q]")
+    E, Hq, d = q.shape
+    T, hkv = k.shape[0], k.shape[1]
+    check_extend("q_start", q_start, E, T)
+    check_shape("k", k, (T, hkv, d), "[T, Hkv, head_dim of q]")
     check_shape("v", v, tuple(k.shape), "k's shape")
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
@@ -63,38 +67,40 @@ def sparse_prefill_attention(
         raise KernelArgumentError(f"c: expected a float32 tensor [{T}, {hkv}]")
     check_shape("c", c, (T, hkv), "[T, Hkv]")
     check_index("block_ids", block_ids, 3)
-    if tuple(block_ids.shape[:2]) != (T, hkv):
-        raise KernelArgumentError(f"block_ids: expected [{T}, {hkv}, topk], got {list(block_ids.shape)}")
+    if tuple(block_ids.shape[:2]) != (E, hkv):
+        raise KernelArgumentError(f"block_ids: expected [{E}, {hkv}, topk], got {list(block_ids.shape)}")
     device = check_devices(q=q, k=k, v=v, c=c, block_ids=block_ids)
     scale = default_scale(sm_scale, d)
     use = resolve_impl(impl, device)
     check_block_size("block_size", block_size, use == "triton")
     check_head_dim("q", d, use == "triton")
-    if use == "torch" or T == 0:
-        return sparse_prefill_torch(q, k, v, c, block_ids, block_size, scale)
-    return _sparse_prefill_triton(q, k, v, c, block_ids, block_size, scale)
+    if use == "torch" or E == 0:
+        return sparse_prefill_torch(q, k, v, c, block_ids, block_size, scale, q_start)
+    return _sparse_prefill_triton(q, k, v, c, block_ids, block_size, scale, q_start)
 
 
-def sparse_prefill_torch(q, k, v, c, block_ids, block_size: int, sm_scale: float) -> torch.Tensor:
+def sparse_prefill_torch(q, k, v, c, block_ids, block_size: int, sm_scale: float, q_start: int = 0) -> torch.Tensor:
     """Pure torch, query tiles against the causal prefix (memory O(tile x Hq x T))."""
-    T, Hq, d = q.shape
-    hkv = k.shape[1]
+    E, Hq, d = q.shape
+    T, hkv = k.shape[0], k.shape[1]
     G = Hq // hkv
     nb = -(-T // block_size)
     out = torch.empty_like(q)
     tile = max(16, min(256, (1 << 26) // max(1, Hq * T)))
     key_block = torch.arange(T, device=q.device) // block_size
-    for lo in range(0, T, tile):
-        hi = min(lo + tile, T)
+    for lo in range(0, E, tile):
+        hi = min(lo + tile, E)
+        n_keys = q_start + hi  # the tile's last position + 1
         ids = block_ids[lo:hi].long()
         chosen = torch.zeros(hi - lo, hkv, nb + 1, dtype=torch.bool, device=q.device)
         chosen.scatter_(-1, torch.where((ids < 0) | (ids >= nb), nb, ids), True)
-        pos = torch.arange(lo, hi, device=q.device)
-        mask = chosen[:, :, key_block[:hi]] & (torch.arange(hi, device=q.device)[None, :] <= pos[:, None])[:, None]
+        pos = torch.arange(q_start + lo, n_keys, device=q.device)
+        causal = torch.arange(n_keys, device=q.device)[None, :] <= pos[:, None]
+        mask = chosen[:, :, key_block[:n_keys]] & causal[:, None]
         qg = q[lo:hi].float().view(hi - lo, hkv, G, d)
-        logits = torch.einsum("thgd,lhd->thgl", qg, k[:hi].float()) * sm_scale + c[:hi].T[None, :, None, :]
+        logits = torch.einsum("thgd,lhd->thgl", qg, k[:n_keys].float()) * sm_scale + c[:n_keys].T[None, :, None, :]
         p = torch.softmax(logits.masked_fill(~mask[:, :, None], float("-inf")), dim=-1).nan_to_num(0.0)
-        out[lo:hi] = torch.einsum("thgl,lhd->thgd", p, v[:hi].float()).reshape(hi - lo, Hq, d).to(q.dtype)
+        out[lo:hi] = torch.einsum("thgl,lhd->thgd", p, v[:n_keys].float()).reshape(hi - lo, Hq, d).to(q.dtype)
     return out
 
 
@@ -117,8 +123,8 @@ def union_blocks(block_ids: torch.Tensor, tokens_per_tile: int) -> tuple[torch.T
     return ids, (ids != UNION_PAD).sum(dim=-1, dtype=torch.int32)
 
 
-def _sparse_prefill_triton(q, k, v, c, block_ids, block_size, scale):
-    T, Hq, d = q.shape
+def _sparse_prefill_triton(q, k, v, c, block_ids, block_size, scale, q_start):
+    E, Hq, d = q.shape
     hkv, topk = k.shape[1], block_ids.shape[2]
     G = Hq // hkv
     g_pad = next_pow2(G)
@@ -126,7 +132,7 @@ def _sparse_prefill_triton(q, k, v, c, block_ids, block_size, scale):
     union, counts = union_blocks(block_ids, block_t)
     out = torch.empty_like(q)
     _prefill_kernel[(union.shape[0], hkv)](
-        q, k, v, c, block_ids, union, counts, out, scale * LOG2E, T, hkv,
+        q, k, v, c, block_ids, union, counts, out, scale * LOG2E, q_start, E, hkv,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), c.stride(0), c.stride(1),
         block_ids.stride(0), block_ids.stride(1), block_ids.stride(2), out.stride(0), out.stride(1),
         union.shape[2], topk,
@@ -138,7 +144,7 @@ def _sparse_prefill_triton(q, k, v, c, block_ids, block_size, scale):
 
 @triton.jit
 def _prefill_kernel(
-    Q, K, V, C, IDS, UNION, COUNTS, O, scale_log2, T, n_kv_heads,
+    Q, K, V, C, IDS, UNION, COUNTS, O, scale_log2, q_start, n_queries, n_kv_heads,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ct, s_ch, s_it, s_ih, s_in, s_ot, s_oh,
     union_width, topk,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -148,9 +154,9 @@ def _prefill_kernel(
     h = tl.program_id(1)
     M: tl.constexpr = BLOCK_T * G_PAD
     rows = tl.arange(0, M)
-    tok = tile * BLOCK_T + rows // G_PAD
+    tok = tile * BLOCK_T + rows // G_PAD  # query row; its position is q_start + tok
     g = rows % G_PAD
-    row_ok = (tok < T) & (g < G)
+    row_ok = (tok < n_queries) & (g < G)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_k = tl.arange(0, BLOCK_SIZE)
     tok64 = tok.to(tl.int64)
@@ -161,7 +167,9 @@ def _prefill_kernel(
     t_loc = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = tl.arange(0, TOPK_PAD)
     own = tl.load(IDS + t_loc.to(tl.int64)[:, None] * s_it + h * s_ih + offs_n[None, :] * s_in,
-                  mask=(t_loc[:, None] < T) & (offs_n[None, :] < topk), other=-1)
+                  mask=(t_loc[:, None] < n_queries) & (offs_n[None, :] < topk), other=-1)
+    pos64 = tok64 + q_start
+    n_keys = q_start + n_queries
 
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
@@ -173,7 +181,7 @@ def _prefill_kernel(
         member_t = tl.sum((own == blk).to(tl.int32), 1) > 0  # [BLOCK_T]
         member = tl.reshape(tl.broadcast_to(member_t[:, None], [BLOCK_T, G_PAD]), [M])
         key = blk.to(tl.int64) * BLOCK_SIZE + offs_k
-        key_ok = key < T
+        key_ok = key < n_keys
         kk = tl.load(K + key[:, None] * s_kt + h * s_kh + offs_d[None, :], mask=key_ok[:, None], other=0.0)
         cc = tl.load(C + key * s_ct + h * s_ch, mask=key_ok, other=0.0)
         if IEEE:
@@ -181,7 +189,7 @@ def _prefill_kernel(
         else:
             x = tl.dot(q, tl.trans(kk))
         x = x * scale_log2 + cc[None, :] * 1.4426950408889634
-        ok = member[:, None] & (key[None, :] <= tok64[:, None]) & key_ok[None, :]
+        ok = member[:, None] & (key[None, :] <= pos64[:, None]) & key_ok[None, :]
         x = tl.where(ok, x, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(x, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)

@@ -106,6 +106,31 @@ def test_selection_equals_reference(gen, dtype, impl, hq, hkv):
         assert torch.equal(keyed.sort(-1).values, keyed)  # still ascending, -1 padding last
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("q_start", [64, 150])
+def test_extend_after_a_prefix_equals_the_prompt_rows(gen, impl, q_start):
+    """An extend (cached prefix or earlier chunk of q_start tokens) gives the rows q_start.. of the
+    whole prompt's prefill: both the selection and the attention."""
+    T = 203
+    q, k, v, c = inputs(gen, T, 8, 2, 64, torch.float32)
+    blocks = reference_select(q, k, c, SMALL)
+    ref = nosa_prefill_attention(q, k, v, c, SMALL, blocks=blocks)
+    with poisoned_allocations():
+        sel = select_blocks_prefill(q[q_start:], k, c, SMALL, impl=impl, q_start=q_start)
+        out = sparse_prefill_attention(q[q_start:], k, v, c, sel, SMALL.block_size, impl=impl, q_start=q_start)
+    assert torch.equal(sel.long(), blocks[q_start:])
+    assert rel_err(out, ref[q_start:]) <= 1e-4
+
+
+def test_extend_argument_errors():
+    q, k, v, c = (torch.randn(10, 4, 64), torch.randn(12, 2, 64), torch.randn(12, 2, 64), torch.randn(12, 2))
+    for bad in (1, -2, 2.0, True):
+        with pytest.raises(KernelArgumentError, match="q_start"):
+            select_blocks_prefill(q, k, c, SMALL, q_start=bad)
+        with pytest.raises(KernelArgumentError, match="q_start"):
+            sparse_prefill_attention(q, k, v, c, torch.zeros(10, 2, 3, dtype=torch.int32), 16, q_start=bad)
+
+
 def test_union_blocks_is_sorted_dedupe():
     ids = torch.tensor([[[3, -1, 1]], [[1, 5, 3]], [[-1, -1, -1]]], dtype=torch.int32)  # T=3, Hkv=1
     union, counts = union_blocks(ids, 2)
