@@ -1,0 +1,159 @@
+"""NosaAttnBackend: SGLang's attention backend `nosa` — exact NOSA prefill, decode through NosaRuntime.
+
+Data flow per layer (the model passes each token's eviction bias as `nosa_bias`):
+* every new token's k/v go into SGLang's KV pool and its `c` into `bias_pool` (same index): the pool
+  stays the complete record that the radix cache shares, chunked prefill extends and a retracted
+  request is rebuilt from;
+* extend (prefill, a chunk, or the rest of a prompt after a prefix hit): each request's new tokens
+  attend their own NOSA selection over the whole sequence read from the pool (`q_start` = prefix);
+* decode: `RuntimeRequests.sync` has made the runtime hold exactly the batch, then
+  `NosaRuntime.decode` does select -> residency diff -> fetch -> sparse attention, and the last layer
+  closes the step (`step_boundary`, where knob changes from the control API take effect).
+This first version keeps SGLang's GPU KV pool as it is, so the pool (not host memory) still bounds how
+many tokens are admitted; the host store is sized to never run out before it does.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+from nosa_sglang.config import NosaConfig
+from nosa_sglang.kernels.prefill_selection import select_blocks_prefill
+from nosa_sglang.kernels.sparse_prefill import sparse_prefill_attention
+from nosa_sglang.request_sync import RuntimeRequests
+from nosa_sglang.runtime.knobs import OffloadKnobs
+from nosa_sglang.runtime.nosa_runtime import NosaRuntime
+from nosa_sglang.runtime.types import ModelShape
+from nosa_sglang.server_flags import NosaFlagError, NosaServerFlags
+
+logger = logging.getLogger(__name__)
+GiB = 1 << 30
+
+
+def host_bytes_per_block(shape: ModelShape, block_size: int) -> int:
+    """K and V of one block of every layer and KV head."""
+    return 2 * shape.num_layers * shape.num_kv_heads * block_size * shape.head_dim * shape.dtype_bytes
+
+
+def host_capacity_bytes(flags: NosaServerFlags, shape: ModelShape, block_size: int, pool_tokens: int,
+                        max_requests: int) -> int:
+    """The host store: the flag's size, which must hold the KV pool's pages (plus one tail block per
+    request), or exactly that by default."""
+    per_block = host_bytes_per_block(shape, block_size)
+    need = (-(-pool_tokens // block_size) + max_requests) * per_block
+    if flags.host_memory_gb is None:
+        return need
+    got = int(flags.host_memory_gb * GiB)
+    if got < need:
+        tokens = (got // per_block - max_requests) * block_size
+        raise NosaFlagError(
+            f"--nosa-host-memory-gb={flags.host_memory_gb}: allowed range is >= {need / GiB:.3f} (the KV pool holds "
+            f"{pool_tokens} tokens); raise it, or pass --max-total-tokens {max(tokens, 0)}")
+    return got
+
+
+class NosaAttnBackend(AttentionBackend):
+    def __init__(self, model_runner, flags: NosaServerFlags) -> None:
+        super().__init__()
+        mc = model_runner.model_config
+        self.nosa = NosaConfig.from_hf_config(mc.hf_config)
+        page = model_runner.server_args.page_size
+        if page != self.nosa.block_size:
+            raise NosaFlagError(f"--page-size={page}: must equal the model's NOSA block size {self.nosa.block_size}")
+        self.kv_pool = model_runner.token_to_kv_pool
+        self.req_to_token = model_runner.req_to_token_pool.req_to_token
+        tp = model_runner.ps.tp_size
+        self.shape = ModelShape(mc.num_hidden_layers, mc.get_num_attention_heads(tp), mc.get_num_kv_heads(tp),
+                                mc.head_dim, model_runner.dtype)
+        device = torch.device(model_runner.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", model_runner.gpu_id)
+        # c of every pooled token, in the model dtype (the reference rounds c to it before use)
+        self.bias_pool = torch.zeros((self.kv_pool.size + page, self.shape.num_layers, self.shape.num_kv_heads),
+                                     dtype=self.shape.dtype, device=device)
+        max_requests = model_runner.req_to_token_pool.size
+        slots = flags.slots or self.nosa.topk_blocks
+        knobs = OffloadKnobs(gpu_slots=slots, transfer_mode=flags.transfer_mode, prefetch=flags.prefetch,
+                             victim_policy=flags.victim_policy)
+        host = 0 if not flags.offload else host_capacity_bytes(flags, self.shape, page, self.kv_pool.size, max_requests)
+        self.runtime = NosaRuntime(
+            self.shape, self.nosa, knobs, device=device, host_capacity_bytes=host, max_requests=max_requests,
+            max_seq_len=mc.context_len + 1, max_gpu_slots=flags.max_slots or slots, gpu_only=not flags.offload,
+        )
+        self.requests = RuntimeRequests(self.runtime, self.kv_pool, self.bias_pool, self.req_to_token, page)
+        self.flags = flags
+        self._decode_ids: tuple[str, ...] = ()
+        self._extends: list[tuple[int, int, int]] = []  # (req_pool_idx, prefix, new tokens) per request
+        logger.info("NOSA backend: %s, offload %s, %d request rows, host store %.2f GiB", self.shape,
+                    "on" if flags.offload else "off", max_requests, host / GiB)
+
+    # -- metadata ----------------------------------------------------------------------------------------
+    def init_forward_metadata(self, forward_batch) -> None:
+        mode = forward_batch.forward_mode
+        if mode.is_decode():
+            self._decode_ids = self.requests.sync(
+                list(forward_batch.rids), forward_batch.req_pool_indices.tolist(), forward_batch.seq_lens_cpu.tolist())
+        elif mode.is_extend() and not mode.is_idle():
+            self._extends = list(zip(forward_batch.req_pool_indices.tolist(), forward_batch.extend_prefix_lens_cpu,
+                                     forward_batch.extend_seq_lens_cpu))
+
+    def on_idle(self, running_rids: set[str]) -> None:
+        """Scheduler idle: release requests that are gone and apply queued knobs (no step is open)."""
+        self.requests.end_all_but(running_rids)
+        self.runtime.step_boundary()
+
+    # -- forward -----------------------------------------------------------------------------------------
+    def _store(self, layer, forward_batch, k, v, c, save_kv_cache: bool) -> None:
+        if c is None:
+            raise RuntimeError(f"layer {layer.layer_id}: the NOSA backend needs the model's eviction bias "
+                               "(nosa_bias); serve a NosaLlamaForCausalLM / SparseLlamaForCausalLM checkpoint")
+        if save_kv_cache:
+            loc = forward_batch.out_cache_loc
+            self.kv_pool.set_kv_buffer(layer, KVWriteLoc(loc), k, v)
+            self.bias_pool[loc, layer.layer_id] = c.to(self.bias_pool.dtype)
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, nosa_bias=None, **kwargs):
+        self._store(layer, forward_batch, k, v, nosa_bias, save_kv_cache)
+        hq, d, lid = layer.tp_q_head_num, layer.head_dim, layer.layer_id
+        q3 = q.view(-1, hq, d)
+        out = torch.empty_like(q3)
+        keys, values = self.kv_pool.get_key_buffer(lid), self.kv_pool.get_value_buffer(lid)
+        impl = self.runtime.impl
+        start = 0
+        for idx, prefix, n in self._extends:
+            locs = self.req_to_token[idx, : prefix + n].long()
+            kk, vv, cc = keys[locs], values[locs], self.bias_pool[locs, lid].float()
+            qq = q3[start : start + n]
+            sel = select_blocks_prefill(qq, kk, cc, self.nosa, impl=impl, q_start=prefix)
+            out[start : start + n] = sparse_prefill_attention(qq, kk, vv, cc, sel, self.nosa.block_size,
+                                                              sm_scale=layer.scaling, impl=impl, q_start=prefix)
+            start += n
+        return out.view(-1, hq * d)
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, nosa_bias=None, **kwargs):
+        self._store(layer, forward_batch, k, v, nosa_bias, save_kv_cache)
+        hq, hkv, d, lid = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim, layer.layer_id
+        b = q.shape[0]
+        o = self.runtime.decode(lid, self._decode_ids, q.reshape(b, hq, d), k.reshape(b, hkv, d),
+                                v.reshape(b, hkv, d), nosa_bias.float())
+        if lid == self.shape.num_layers - 1:
+            self.runtime.step_boundary()
+        return o.reshape(b, hq * d)
+
+
+def create_nosa_backend(model_runner) -> NosaAttnBackend:
+    """The attention_registry factory (registered by the plugin when NOSA is enabled)."""
+    flags = NosaServerFlags.from_env()
+    if flags is None:
+        raise NosaFlagError("--attention-backend nosa: start the server with "
+                            "`python -m nosa_sglang.launch_server --enable-nosa ...`")
+    backend = NosaAttnBackend(model_runner, flags)
+    from nosa_sglang.scheduler_control import maybe_start_control_server
+
+    maybe_start_control_server(backend, model_runner)
+    return backend

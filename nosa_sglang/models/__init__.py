@@ -1,0 +1,1 @@
+"""NOSA model classes for SGLang (registered by the plugin only when NOSA is enabled)."""

@@ -1,0 +1,41 @@
+"""The SGLang plugin (entry point `nosa` in group `sglang.srt.plugins`).
+
+SGLang calls `register()` in every process that loads plugins (the launcher, each scheduler). It does
+nothing unless `nosa_sglang.launch_server --enable-nosa` put the NOSA flags in the environment, so
+installing this package never changes a plain SGLang server. When active it registers, once per
+process: the attention backend `nosa` (and makes `--attention-backend nosa` parse), the model classes
+`NosaLlamaForCausalLM` / `SparseLlamaForCausalLM`, and the scheduler's idle hook.
+"""
+
+from __future__ import annotations
+
+from nosa_sglang.server_flags import NosaServerFlags
+
+BACKEND_NAME = "nosa"
+_registered = False
+
+
+def register() -> bool:
+    """Register NOSA with SGLang if NOSA is enabled in this process; True when it is registered."""
+    global _registered
+    if _registered:
+        return True
+    if NosaServerFlags.from_env() is None:
+        return False
+    from sglang.srt import server_args
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+    from sglang.srt.models.registry import ModelRegistry
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from nosa_sglang.backend import create_nosa_backend
+    from nosa_sglang.models.nosa_llama import EntryClass
+    from nosa_sglang.scheduler_control import on_scheduler_idle
+
+    if BACKEND_NAME not in server_args.ATTENTION_BACKEND_CHOICES:
+        server_args.add_attention_backend_choices([BACKEND_NAME])
+    ATTENTION_BACKENDS[BACKEND_NAME] = create_nosa_backend
+    for cls in EntryClass:
+        ModelRegistry.models[cls.__name__] = cls
+    HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.on_idle", on_scheduler_idle, HookType.AFTER)
+    _registered = True
+    return True

@@ -1,0 +1,101 @@
+"""RuntimeRequests: keeps the offload runtime's running requests equal to SGLang's decode batch.
+
+SGLang owns a request's lifecycle (admission, prefill in chunks, radix-cache prefix hits, retraction,
+abort, finish); NosaRuntime owns the decode state. Before each decode forward, `sync` makes the runtime
+hold exactly the batch's requests:
+* a runtime request absent from the batch has finished, been aborted or been retracted: it ends (its
+  host block references and GPU row are released; a retracted one comes back as a new request);
+* a request new to decode (or whose length no longer matches: re-prefilled) begins with its prompt's
+  K/V/c read from SGLang's KV pool, which holds every token's K/V and, beside it, `c`;
+* a request's leading full pages that another running request already has in the host store
+  (a radix-cache prefix hit: same pool page, same position) share those host blocks instead of
+  copying them, so the host store never needs more blocks than the pool's distinct pages.
+Ends run before begins, so a page freed by a finished request and reused cannot be mistaken for a
+shared one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nosa_sglang.runtime.nosa_runtime import NosaRuntime
+
+
+class PageBlocks:
+    """Pool page -> host block of the running requests' full prompt blocks, counted per request."""
+
+    def __init__(self) -> None:
+        self._block: dict[int, int] = {}
+        self._users: dict[int, int] = {}
+        self._pages_of: dict[str, list[int]] = {}
+
+    def shared_prefix(self, pages: list[int]) -> list[int]:
+        """Host blocks of the leading pages that are already in the host store."""
+        out = []
+        for p in pages:
+            if p not in self._block:
+                break
+            out.append(self._block[p])
+        return out
+
+    def add(self, rid: str, pages: list[int], host_blocks: tuple[int, ...]) -> None:
+        for p, b in zip(pages, host_blocks):
+            assert self._block.setdefault(p, b) == b, f"page {p}: two host blocks"
+            self._users[p] = self._users.get(p, 0) + 1
+        self._pages_of[rid] = list(pages)
+
+    def remove(self, rid: str) -> None:
+        for p in self._pages_of.pop(rid, []):
+            self._users[p] -= 1
+            if not self._users[p]:
+                del self._users[p], self._block[p]
+
+    def __len__(self) -> int:
+        return len(self._block)
+
+
+class RuntimeRequests:
+    """Begins and ends runtime requests so that they match each decode batch (see the module doc)."""
+
+    def __init__(self, runtime: NosaRuntime, kv_pool, bias_pool: torch.Tensor, req_to_token: torch.Tensor,
+                 page_size: int) -> None:
+        self.runtime, self.kv_pool, self.bias_pool = runtime, kv_pool, bias_pool
+        self.req_to_token, self.page_size = req_to_token, page_size
+        self.pages = PageBlocks()
+        self.begun = 0  # requests begun since start (a retracted request counts again)
+
+    def sync(self, rids: list[str], req_pool_indices: list[int], seq_lens: list[int]) -> tuple[str, ...]:
+        """Make the runtime hold exactly these requests, each with seq_len - 1 tokens (the token being
+        decoded is appended by the forward). Returns the ids in batch order."""
+        rt = self.runtime
+        want = dict(zip(rids, zip(req_pool_indices, seq_lens)))
+        for rid in rt.running_requests:
+            if rid not in want or rt.seq_len(rid) != want[rid][1] - 1:
+                self.end(rid)
+        for rid, (idx, n) in want.items():
+            if rid not in rt.running_requests:
+                self._begin(rid, idx, n - 1)
+        return tuple(rids)
+
+    def end(self, rid: str) -> None:
+        self.runtime.abort_request(rid)  # valid even inside a step an exception interrupted
+        self.pages.remove(rid)
+
+    def end_all_but(self, keep: set[str]) -> None:
+        for rid in self.runtime.running_requests:
+            if rid not in keep:
+                self.end(rid)
+
+    def _begin(self, rid: str, req_pool_idx: int, n_tokens: int) -> None:
+        rt = self.runtime
+        locs = self.req_to_token[req_pool_idx, :n_tokens].long()
+        L = rt.shape.num_layers
+        k = torch.stack([self.kv_pool.get_key_buffer(layer)[locs] for layer in range(L)])
+        v = torch.stack([self.kv_pool.get_value_buffer(layer)[locs] for layer in range(L)])
+        c = self.bias_pool[locs].float().transpose(0, 1)  # [L, T, Hkv]
+        full = n_tokens // self.page_size
+        pages = (locs[: full * self.page_size : self.page_size] // self.page_size).tolist() if not rt.gpu_only else []
+        shared = self.pages.shared_prefix(pages)
+        admitted = rt.begin_request(rid, k, v, c, shared_prefix_blocks=shared)
+        self.pages.add(rid, pages, admitted.host_blocks[:full])
+        self.begun += 1

@@ -1,0 +1,193 @@
+"""The `nosa` attention backend inside SGLang's real KV pool and request pool, against the reference.
+
+A small simulated scheduler drives NosaAttnBackend the way SGLang's ModelRunner does: it allocates
+pages of 64-token-like blocks (here SMALL's 16) from SGLang's MHATokenToKVPool, writes req_to_token
+rows in SGLang's ReqToTokenPool, prefills in chunks and with a radix-cache prefix hit (shared pages),
+and decodes a changing batch (a request finishes, one joins). Every layer's output of every forward is
+checked against the reference NOSA attention over the full sequence. Offloading (and where a request
+decodes) must not change a single value.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kernel_checks import SMALL
+
+from nosa_sglang.reference import nosa_decode_attention, nosa_prefill_attention
+from nosa_sglang.server_flags import NosaFlagError, NosaServerFlags
+
+pytest.importorskip("sglang.srt.mem_cache.memory_pool")
+from sglang.srt.layers.radix_attention import RadixAttention  # noqa: E402
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool  # noqa: E402
+from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
+
+from nosa_sglang.backend import NosaAttnBackend, host_capacity_bytes  # noqa: E402
+from nosa_sglang.runtime.types import ModelShape  # noqa: E402
+
+L, HQ, HKV, D = 2, 4, 2, 16
+PAGE = SMALL.block_size
+POOL_TOKENS = 64 * PAGE
+
+
+def make_runner(pool_tokens: int = POOL_TOKENS, requests: int = 4):
+    kv = MHATokenToKVPool(pool_tokens, PAGE, torch.float32, HKV, D, L, "cpu", False)
+    reqs = ReqToTokenPool(requests, 1024, "cpu", False)
+    hf = SimpleNamespace(nosa=SMALL.to_dict())
+    mc = SimpleNamespace(hf_config=hf, num_hidden_layers=L, head_dim=D, context_len=1024,
+                         get_num_attention_heads=lambda tp: HQ, get_num_kv_heads=lambda tp: HKV)
+    return SimpleNamespace(model_config=mc, server_args=SimpleNamespace(page_size=PAGE), token_to_kv_pool=kv,
+                           req_to_token_pool=reqs, ps=SimpleNamespace(tp_size=1, tp_rank=0), dtype=torch.float32,
+                           device="cpu", gpu_id=0)
+
+
+class Seq:
+    """One request's tokens as the reference sees them: every layer's k, v, c so far."""
+
+    def __init__(self, rid: str, row: int) -> None:
+        self.rid, self.row, self.pages = rid, row, []
+        self.k = [torch.empty(0, HKV, D) for _ in range(L)]
+        self.v = [torch.empty(0, HKV, D) for _ in range(L)]
+        self.c = [torch.empty(0, HKV) for _ in range(L)]
+
+    @property
+    def n(self) -> int:
+        return self.k[0].shape[0]
+
+
+class Scheduler:
+    """Page allocation and forward batches as SGLang makes them (ForwardMode, rids, lens, locations)."""
+
+    def __init__(self, backend, runner, gen) -> None:
+        self.backend, self.runner, self.gen = backend, runner, gen
+        self.free_pages = list(range(1, POOL_TOKENS // PAGE))  # page 0 is SGLang's padding page
+        self.layers = [RadixAttention(HQ, D, D ** -0.5, HKV, layer_id=i) for i in range(L)]
+        self.next_row = 1
+
+    def new(self, rid: str, shared_from: "Seq | None" = None, shared_pages: int = 0) -> Seq:
+        s = Seq(rid, self.next_row)
+        self.next_row += 1
+        if shared_from is not None:  # a radix-cache hit: the same pages, the same K/V/c
+            s.pages = shared_from.pages[:shared_pages]
+            n = shared_pages * PAGE
+            s.k = [t[:n].clone() for t in shared_from.k]
+            s.v = [t[:n].clone() for t in shared_from.v]
+            s.c = [t[:n].clone() for t in shared_from.c]
+            rows = self.runner.req_to_token_pool.req_to_token
+            rows[s.row, :n] = rows[shared_from.row, :n]
+        return s
+
+    def _locs(self, s: Seq, n_new: int) -> torch.Tensor:
+        while len(s.pages) * PAGE < s.n + n_new:
+            s.pages.append(self.free_pages.pop(0))
+        pos = torch.arange(s.n, s.n + n_new)
+        locs = torch.tensor(s.pages)[pos // PAGE] * PAGE + pos % PAGE
+        self.runner.req_to_token_pool.req_to_token[s.row, s.n : s.n + n_new] = locs.int()
+        return locs
+
+    def _rand(self, *shape, scale=1.0):
+        return torch.randn(*shape, generator=self.gen) * scale
+
+    def forward(self, mode: ForwardMode, batch: list[tuple[Seq, int]]) -> None:
+        """One forward of `batch` [(seq, new tokens)], every layer checked against the reference."""
+        locs = torch.cat([self._locs(s, n) for s, n in batch])
+        fb = SimpleNamespace(
+            forward_mode=mode, rids=[s.rid for s, _ in batch], req_pool_indices=torch.tensor([s.row for s, _ in batch]),
+            seq_lens_cpu=torch.tensor([s.n + n for s, n in batch]), extend_prefix_lens_cpu=[s.n for s, _ in batch],
+            extend_seq_lens_cpu=[n for _, n in batch], out_cache_loc=locs)
+        self.backend.init_forward_metadata(fb)
+        total = sum(n for _, n in batch)
+        for layer in self.layers:
+            i = layer.layer_id
+            q, k, v = self._rand(total, HQ, D), self._rand(total, HKV, D), self._rand(total, HKV, D)
+            c = self._rand(total, HKV, scale=0.5)
+            fwd = self.backend.forward_decode if mode.is_decode() else self.backend.forward_extend
+            out = fwd(q.reshape(total, HQ * D), k, v, layer, fb, nosa_bias=c).view(total, HQ, D)
+            start = 0
+            for s, n in batch:
+                s.k[i], s.v[i], s.c[i] = (torch.cat([t, x[start : start + n]]) for t, x in
+                                          ((s.k[i], k), (s.v[i], v), (s.c[i], c)))
+                ref = self._reference(s, i, q[start : start + n], n)
+                torch.testing.assert_close(out[start : start + n], ref, rtol=1e-4, atol=1e-5)
+                start += n
+
+    @staticmethod
+    def _reference(s: Seq, layer: int, q: torch.Tensor, n: int) -> torch.Tensor:
+        k, v, c = s.k[layer], s.v[layer], s.c[layer]
+        if n == 1:
+            return nosa_decode_attention(q, k[None], v[None], c[None], torch.tensor([s.n]), SMALL).float()
+        q_full = torch.cat([torch.zeros(s.n - n, HQ, D), q])  # earlier rows are not compared
+        return nosa_prefill_attention(q_full, k, v, c, SMALL)[s.n - n :].float()
+
+
+@pytest.mark.parametrize("offload", [True, False], ids=["offload", "gpu_only"])
+def test_backend_equals_reference_through_chunks_prefix_hits_and_batch_changes(gen, offload):
+    runner = make_runner()
+    backend = NosaAttnBackend(runner, NosaServerFlags(offload=offload, slots=SMALL.topk_blocks, max_slots=12))
+    rt = backend.runtime
+    free0 = rt.host.free_blocks if offload else 0
+    sched = Scheduler(backend, runner, gen)
+    a = sched.new("a")
+    sched.forward(ForwardMode.EXTEND, [(a, 96)])  # first chunk
+    sched.forward(ForwardMode.EXTEND, [(a, 61)])  # last chunk: a prefix of 96 tokens
+    b = sched.new("b", shared_from=a, shared_pages=4)
+    sched.forward(ForwardMode.EXTEND, [(b, 70)])  # radix hit on a's first 4 pages
+    for _ in range(20):
+        sched.forward(ForwardMode.DECODE, [(a, 1), (b, 1)])
+    assert set(rt.running_requests) == {"a", "b"}
+    if offload:  # b's first 4 blocks are a's host blocks
+        assert rt.host_blocks("b")[:4] == rt.host_blocks("a")[:4]
+        assert rt.host.used_blocks == SMALL.num_blocks(a.n) + SMALL.num_blocks(b.n) - 4
+    c = sched.new("c")
+    sched.forward(ForwardMode.EXTEND, [(c, 40)])
+    for _ in range(20):  # a has finished: absent from the batch, it ends; c joins
+        sched.forward(ForwardMode.DECODE, [(b, 1), (c, 1)])
+    assert set(rt.running_requests) == {"b", "c"}
+    backend.on_idle(set())  # the scheduler went idle: everything is released
+    assert rt.running_requests == ()
+    if offload:
+        assert rt.host.free_blocks == free0
+        assert len(backend.requests.pages) == 0
+
+
+def test_a_request_whose_length_changed_is_rebuilt_from_the_pool(gen):
+    """A retracted request that was prefilled again comes back with another length: it restarts."""
+    runner = make_runner()
+    backend = NosaAttnBackend(runner, NosaServerFlags(slots=SMALL.topk_blocks))
+    sched = Scheduler(backend, runner, gen)
+    a = sched.new("a")
+    sched.forward(ForwardMode.EXTEND, [(a, 50)])
+    sched.forward(ForwardMode.DECODE, [(a, 1)])
+    sched.forward(ForwardMode.EXTEND, [(a, 7)])  # (the re-prefill appends the tokens the retraction dropped)
+    begun = backend.requests.begun
+    sched.forward(ForwardMode.DECODE, [(a, 1)])
+    assert backend.requests.begun == begun + 1 and backend.runtime.seq_len("a") == a.n
+
+
+def test_backend_refuses_a_page_size_other_than_the_block():
+    runner = make_runner()
+    runner.server_args.page_size = 64
+    with pytest.raises(NosaFlagError, match="--page-size=64"):
+        NosaAttnBackend(runner, NosaServerFlags())
+
+
+def test_backend_needs_the_eviction_bias(gen):
+    runner = make_runner()
+    backend = NosaAttnBackend(runner, NosaServerFlags(slots=SMALL.topk_blocks))
+    fb = SimpleNamespace(forward_mode=ForwardMode.EXTEND, req_pool_indices=torch.tensor([1]),
+                         extend_prefix_lens_cpu=[0], extend_seq_lens_cpu=[4], out_cache_loc=torch.arange(16, 20))
+    backend.init_forward_metadata(fb)
+    with pytest.raises(RuntimeError, match="nosa_bias"):
+        backend.forward_extend(torch.randn(4, HQ * D), torch.randn(4, HKV, D), torch.randn(4, HKV, D),
+                               RadixAttention(HQ, D, D ** -0.5, HKV, layer_id=0), fb)
+
+
+def test_host_capacity_covers_the_pool_or_names_the_flag():
+    shape = ModelShape(L, HQ, HKV, D, torch.float32)
+    per_block = 2 * L * HKV * PAGE * D * 4
+    assert host_capacity_bytes(NosaServerFlags(), shape, PAGE, 10 * PAGE, 2) == 12 * per_block
+    with pytest.raises(NosaFlagError, match="--nosa-host-memory-gb=.*--max-total-tokens"):
+        host_capacity_bytes(NosaServerFlags(host_memory_gb=1e-6), shape, PAGE, 10 * PAGE, 2)
