@@ -19,7 +19,8 @@ from nosa_sglang.server_flags import (
 
 #: Added to the user's SGLang arguments. CUDA graphs: the runtime plans each decode step on the host
 #: (selection diff, slot assignment) between layers, which a captured graph cannot hold.
-NOSA_SGLANG_ARGS = ["--attention-backend", "nosa", "--page-size", "64", "--disable-cuda-graph"]
+NOSA_SGLANG_ARGS = ["--attention-backend", "nosa", "--page-size", "64",
+                    "--cuda-graph-backend-decode", "disabled", "--cuda-graph-backend-prefill", "disabled"]
 DEFAULT_MAX_RUNNING_REQUESTS = 32  # each running request holds GPU slots in every layer
 
 

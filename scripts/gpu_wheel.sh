@@ -7,4 +7,5 @@ rm -f .whl/nosa_sglang-*.whl
 # NOTE: the GPU machine has grpcio/protobuf but not these (pure-Python) extras
 .venv/bin/pip download -q --no-deps -d .whl grpcio-health-checking==1.76.0 grpcio-reflection==1.76.0 \
   pytest-timeout 2>&1 | grep -v WARNING || true
+rm -rf nosa_sglang.egg-info  # NOTE: left by the build; in the repo root it shadows the installed entry points
 ls .whl/*.whl

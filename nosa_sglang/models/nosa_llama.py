@@ -68,24 +68,33 @@ class NosaLlamaForCausalLM(LlamaForCausalLM):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]):
         """Llama's loader, after checking that every layer's NOSA tensors are present with their shapes."""
-        params = dict(self.named_parameters())
-        seen: set[str] = set()
+        check = NosaTensorCheck({n: tuple(p.shape) for n, p in self.named_parameters()})
+        out = super().load_weights(check.passing(weights))
+        check.raise_if_missing()
+        return out
 
-        def checked():
-            for name, tensor in weights:
-                if name in params and name.endswith(NOSA_TENSORS):
-                    if tuple(tensor.shape) != tuple(params[name].shape):
-                        raise CheckpointError(f"tensor {name}: shape {list(tensor.shape)}, expected "
-                                              f"{list(params[name].shape)} (from the config)")
-                    seen.add(name)
-                yield name, tensor
 
-        out = super().load_weights(checked())
-        missing = sorted(n for n in params if n.endswith(NOSA_TENSORS) and n not in seen)
+class NosaTensorCheck:
+    """Malformed checkpoints fail by name: a NOSA tensor (A, delta) with a wrong shape, or missing."""
+
+    def __init__(self, param_shapes: dict[str, tuple[int, ...]]) -> None:
+        self.expected = {n: s for n, s in param_shapes.items() if n.endswith(NOSA_TENSORS)}
+        self.seen: set[str] = set()
+
+    def passing(self, weights: Iterable[tuple[str, torch.Tensor]]):
+        for name, tensor in weights:
+            if name in self.expected:
+                if tuple(tensor.shape) != self.expected[name]:
+                    raise CheckpointError(f"tensor {name}: shape {list(tensor.shape)}, expected "
+                                          f"{list(self.expected[name])} (from the config)")
+                self.seen.add(name)
+            yield name, tensor
+
+    def raise_if_missing(self) -> None:
+        missing = sorted(set(self.expected) - self.seen)
         if missing:
             raise CheckpointError(f"tensor {missing[0]}: missing from the checkpoint "
                                   f"({len(missing)} NOSA tensors missing; is this a NOSA checkpoint?)")
-        return out
 
 
 class SparseLlamaForCausalLM(NosaLlamaForCausalLM):

@@ -1,0 +1,188 @@
+"""End to end on the GPU: the real SGLang server with --enable-nosa against the reference model.
+
+Generates a small NOSA checkpoint, launches `python -m nosa_sglang.launch_server --enable-nosa` (offload
+on, then off), sends prompts long enough for sparse selection (> 64 blocks of 64 tokens) as token ids
+with greedy sampling, and compares every output token with the reference model's greedy generation
+(`NosaLlamaForCausalLM.generate` in the server's dtype, plain torch math). While the server runs, it reads the offload
+counters and changes a knob through the control API in the scheduler process (`nosa-ctl`).
+Prints a table and writes it as markdown (--out).
+
+    python3 benchmarks/sglang_e2e.py --prompts 8 --out sglang_e2e.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from nosa_sglang.reference.checkpoint import load_checkpoint, make_tiny_checkpoint
+from nosa_sglang.reference.llama_config import LlamaShape
+
+SHAPE = LlamaShape(vocab_size=259, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=32768)
+
+
+def post(url: str, body: dict, timeout: float = 600) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, limit_s: float) -> float:
+    t0 = time.time()
+    while time.time() - t0 < limit_s:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return time.time() - t0
+        except OSError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"server not healthy after {limit_s} s")
+
+
+def ctl(*args: str) -> str:
+    r = subprocess.run([sys.executable, "-m", "nosa_sglang.control.ctl", *args], capture_output=True, text=True,
+                       timeout=60)
+    return f"$ nosa-ctl {' '.join(args)}  (exit {r.returncode})\n{r.stdout}{r.stderr}"
+
+
+def serve(ckpt: Path, offload: bool, port: int, grpc_port: int, log: Path, dtype: str, extra: list[str]):
+    cmd = [sys.executable, "-m", "nosa_sglang.launch_server", "--enable-nosa", "--nosa-offload",
+           "on" if offload else "off", "--nosa-max-slots", "96", "--nosa-grpc-port", str(grpc_port),
+           "--model-path", str(ckpt), "--dtype", dtype, "--port", str(port), "--skip-tokenizer-init",
+           "--max-total-tokens", "262144", "--mem-fraction-static", "0.3", "--sampling-backend", "pytorch",
+           "--mm-feature-transport", "cpu", *extra]
+    f = open(log, "w")
+    return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True), cmd
+
+
+def run_config(args, ckpt: Path, prompts: list[list[int]], offload: bool, workdir: Path) -> dict:
+    port, grpc_port = args.port, args.grpc_port
+    url = f"http://127.0.0.1:{port}"
+    log = workdir / f"server_{'offload' if offload else 'gpu_only'}.log"
+    proc, cmd = serve(ckpt, offload, port, grpc_port, log, args.dtype, args.extra.split())
+    res = {"offload": offload, "cmd": " ".join(cmd[1:]), "log": log}
+    try:
+        res["startup_s"] = wait_healthy(url, proc, args.startup_s)
+        sp = {"temperature": 0.0, "max_new_tokens": args.new_tokens, "ignore_eos": True}
+        body = {"sampling_params": sp, "return_logprob": True, "top_logprobs_num": 2}
+        target = f"127.0.0.1:{grpc_port}"
+        res["rounds"] = []
+        for r in range(args.rounds):  # the second round hits the radix cache (prefill after a cached prefix)
+            t0 = time.time()
+            with ThreadPoolExecutor(args.concurrency) as pool:
+                outs = list(pool.map(lambda p: post(f"{url}/generate", {**body, "input_ids": p}), prompts))
+            res["rounds"].append({"wall_s": time.time() - t0, "tokens": [o["output_ids"] for o in outs],
+                                  "top2": [o["meta_info"]["output_top_logprobs"] for o in outs],
+                                  "cached": sum(o["meta_info"].get("cached_tokens", 0) for o in outs)})
+        res["ctl"] = [ctl("--target", target, "stats"), ctl("--target", target, "config", "set", "gpu_slots=80"),
+                      ctl("--target", target, "config", "get"), ctl("--target", target, "requests")]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return res
+
+
+def margin(top2) -> float:
+    """top-1 minus top-2 logprob of one step ([(logprob, token id, text), ...])."""
+    lp = sorted((t[0] for t in top2), reverse=True)
+    return lp[0] - lp[1] if len(lp) > 1 else float("inf")
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[int, int, list[int]]:
+    """(requests equal, tokens equal at the same step, (request, first differing step) of each unequal one)."""
+    first = [(i, next((j for j, (x, y) in enumerate(zip(p, q)) if x != y), min(len(p), len(q))))
+             for i, (p, q) in enumerate(zip(a, b)) if p != q]
+    return sum(p == q for p, q in zip(a, b)), sum(x == y for p, q in zip(a, b) for x, y in zip(p, q)), first
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--min-tokens", type=int, default=4200)
+    ap.add_argument("--max-tokens", type=int, default=9000)
+    ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--shared-prefix", type=int, default=4096, help="tokens the last quarter of prompts share")
+    ap.add_argument("--port", type=int, default=31000)
+    ap.add_argument("--grpc-port", type=int, default=50561)
+    ap.add_argument("--startup-s", type=float, default=240)
+    ap.add_argument("--configs", default="offload,gpu_only")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
+                    help="server and reference dtype (sgl_kernel's RMSNorm has no float32)")
+    ap.add_argument("--extra", default="", help="more sglang flags")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--logs", default=None, help="folder for the server logs (default: a temporary one)")
+    args = ap.parse_args()
+
+    workdir = Path(args.logs or tempfile.mkdtemp(prefix="nosa_e2e_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = make_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="nosa_ckpt_")), shape=SHAPE, seed=7)
+    g = torch.Generator().manual_seed(11)
+    lens = torch.randint(args.min_tokens, args.max_tokens + 1, (args.prompts,), generator=g).tolist()
+    prompts = [torch.randint(3, SHAPE.vocab_size, (n,), generator=g).tolist() for n in lens]
+    common = torch.randint(3, SHAPE.vocab_size, (args.shared_prefix,), generator=g).tolist()
+    for i in range(args.prompts - args.prompts // 4, args.prompts):  # radix-cache hits inside one round
+        prompts[i] = common + prompts[i][args.shared_prefix:]
+
+    t0 = time.time()
+    model = load_checkpoint(ckpt, dtype=getattr(torch, args.dtype)).cuda()
+    ref = model.generate(prompts, args.new_tokens).tokens
+    ref_s = time.time() - t0
+    del model
+    torch.cuda.empty_cache()
+
+    lines = [f"prompts: {args.prompts} ({args.prompts // 4} share a {args.shared_prefix}-token prefix), lengths "
+             f"{min(lens)}-{max(lens)} tokens, {args.new_tokens} new tokens each (greedy), concurrency "
+             f"{args.concurrency}, {args.dtype}; reference generate: {ref_s:.1f} s", "",
+             "| config | round | startup s | wall s | cached tokens | requests equal to the reference | tokens equal "
+             "| first divergence (step: server's top-2 logprob margin there) |", "|---|---|---|---|---|---|---|---|"]
+    details, served = [], {}
+    n_tok = sum(map(len, ref))
+    for name in args.configs.split(","):
+        res = run_config(args, ckpt, prompts, name == "offload", workdir)
+        if not res.get("rounds"):
+            lines.append(f"| {name} | | failed | | | | | |")
+            details.append(Path(res["log"]).read_text()[-4000:])
+            continue
+        for r, rd in enumerate(res["rounds"]):
+            served[(name, r)] = rd["tokens"]
+            same_req, same_tok, first = agreement(rd["tokens"], ref)
+            margins = [f"{step}: {margin(rd['top2'][i][step]):.3f}" for i, step in first]
+            lines.append(f"| {name} | {r + 1} | {res['startup_s']:.0f} | {rd['wall_s']:.1f} | {rd['cached']} | "
+                         f"{same_req}/{len(ref)} | {same_tok}/{n_tok} | {', '.join(margins) or '-'} |")
+        details.append(f"### {name}\n\n`{res['cmd']}`\n\n```\n" + "\n".join(res["ctl"]) + "```\n")
+    ok = len(served) == len(args.configs.split(",")) * args.rounds
+    for key in sorted(served):  # offloading, and where a request's prefix came from, must change no token
+        if key != ("gpu_only", 0) and ("gpu_only", 0) in served:
+            same_req, same_tok, first = agreement(served[key], served[("gpu_only", 0)])
+            lines.append(f"| {key[0]} round {key[1] + 1} vs gpu_only round 1 | | | | | {same_req}/{len(ref)} | "
+                         f"{same_tok}/{n_tok} | {[step for _, step in first] or '-'} |")
+            ok &= same_req == len(ref)
+    text = "\n".join(lines) + "\n\n" + "\n".join(details)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The control API as SGLang hosts it: started with the NOSA backend in the scheduler of TP rank 0, over
+that backend's runtime, with knob changes applied when the idle scheduler runs its idle hook."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import grpc
+import pytest
+
+from kernel_checks import SMALL
+
+from nosa_sglang.control.pb import control_pb2 as pb
+from nosa_sglang.control.pb import control_pb2_grpc as pb_grpc
+from nosa_sglang.server_flags import NosaServerFlags
+
+pytest.importorskip("sglang.srt.mem_cache.memory_pool")
+from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
+
+from nosa_sglang import scheduler_control  # noqa: E402
+from nosa_sglang.backend import NosaAttnBackend  # noqa: E402
+from test_control_helpers import update_request  # noqa: E402
+from test_sglang_backend import Scheduler, make_runner  # noqa: E402
+
+
+@pytest.fixture
+def served(gen, monkeypatch):
+    """A NOSA backend in a fake scheduler (real runtime, real SGLang pools) with its control server."""
+    monkeypatch.setattr(scheduler_control, "_server", None)
+    runner = make_runner()
+    backend = NosaAttnBackend(runner, NosaServerFlags(slots=SMALL.topk_blocks, max_slots=12, grpc_port=0))
+    runner.attn_backend = backend
+    server = scheduler_control.maybe_start_control_server(backend, runner)
+    yield backend, runner, server, Scheduler(backend, runner, gen)
+    server.stop(0)
+
+
+def test_only_tp_rank_0_with_a_port_serves(monkeypatch):
+    monkeypatch.setattr(scheduler_control, "_server", None)
+    runner = make_runner()
+    runner.ps.tp_rank = 1
+    backend = NosaAttnBackend(runner, NosaServerFlags(slots=SMALL.topk_blocks, grpc_port=0))
+    assert scheduler_control.maybe_start_control_server(backend, runner) is None
+    runner.ps.tp_rank = 0
+    no_port = NosaAttnBackend(make_runner(), NosaServerFlags(slots=SMALL.topk_blocks))
+    assert scheduler_control.maybe_start_control_server(no_port, runner) is None
+
+
+def test_stats_and_knobs_of_the_scheduler_runtime(served):
+    backend, runner, server, sched = served
+    a = sched.new("a")
+    sched.forward(ForwardMode.EXTEND, [(a, 200)])
+    for _ in range(5):
+        sched.forward(ForwardMode.DECODE, [(a, 1)])
+    with grpc.insecure_channel(server.address) as ch:
+        stub = pb_grpc.NosaControlStub(ch)
+        stats = stub.GetStats(pb.GetStatsRequest(), timeout=10).stats
+        assert stats.totals.hits + stats.totals.misses > 0 and stats.running_requests == 1
+        req = update_request(["gpu_slots"], gpu_slots=12)
+        req.apply_timeout.FromSeconds(10)
+        future = stub.UpdateConfig.future(req, timeout=15)
+        scheduler = SimpleNamespace(tp_worker=SimpleNamespace(model_runner=runner), running_batch=SimpleNamespace(reqs=[]))
+        while not future.done():  # the idle scheduler's hook applies it (and releases the finished request)
+            scheduler_control.on_scheduler_idle(None, scheduler)
+        assert future.result().applied and future.result().config.knobs.gpu_slots == 12
+        assert backend.runtime.knobs().gpu_slots == 12 and backend.runtime.running_requests == ()
+
+
+def test_idle_hook_ignores_other_backends():
+    scheduler = SimpleNamespace(tp_worker=SimpleNamespace(model_runner=SimpleNamespace(attn_backend=object())))
+    assert scheduler_control.on_scheduler_idle("r", scheduler) == "r"
+    assert scheduler_control.nosa_backend_of(SimpleNamespace()) is None
