@@ -36,7 +36,8 @@ SHAPE = LlamaShape(vocab_size=259, hidden_size=256, intermediate_size=512, num_h
 def post(url: str, body: dict, timeout: float = 600) -> dict:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
+        raw = r.read()
+    return json.loads(raw) if raw.strip() else {}  # /abort_request answers with an empty body
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, limit_s: float) -> float:
@@ -60,10 +61,12 @@ def ctl(*args: str) -> str:
     return f"$ nosa-ctl {' '.join(args)}  (exit {r.returncode})\n{r.stdout}{r.stderr}"
 
 
-def serve(ckpt: Path, offload: bool, port: int, grpc_port: int, log: Path, dtype: str, extra: list[str]):
+def serve(ckpt: Path, offload: bool, port: int, grpc_port: int, log: Path, dtype: str, extra: list[str],
+          tokenizer: bool = False):
     cmd = [sys.executable, "-m", "nosa_sglang.launch_server", "--enable-nosa", "--nosa-offload",
            "on" if offload else "off", "--nosa-max-slots", "96", "--nosa-grpc-port", str(grpc_port),
-           "--model-path", str(ckpt), "--dtype", dtype, "--port", str(port), "--skip-tokenizer-init",
+           "--model-path", str(ckpt), "--dtype", dtype, "--port", str(port),
+           *([] if tokenizer else ["--skip-tokenizer-init"]),
            "--max-total-tokens", "262144", "--mem-fraction-static", "0.3", "--sampling-backend", "pytorch",
            "--mm-feature-transport", "cpu", *extra]
     f = open(log, "w")
@@ -113,6 +116,87 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[int, int, list[in
     return sum(p == q for p, q in zip(a, b)), sum(x == y for p, q in zip(a, b) for x, y in zip(p, q)), first
 
 
+def get(url: str, timeout: float = 30) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+class Progress(list):
+    """Lines of the report, each also printed at once (a later failure keeps what came before)."""
+
+    def append(self, line: str) -> None:
+        print(line, flush=True)
+        super().append(line)
+
+    def __iadd__(self, lines):
+        for line in lines:
+            self.append(line)
+        return self
+
+
+def serving_checks(args, ckpt: Path, workdir: Path) -> list[str]:
+    """With the tokenizer: the frontend program, the OpenAI endpoint, N concurrent requests of which some
+    are aborted, then the pools back at their start (NOSA counters in /server_info; SGLang's own idle
+    leak check would have killed the server), and the offline engine example."""
+    port, url = args.port, f"http://127.0.0.1:{args.port}"
+    proc, cmd = serve(ckpt, True, port, args.grpc_port, workdir / "server_serving.log", args.dtype,
+                      args.extra.split(), tokenizer=True)
+    out = Progress([f"`{' '.join(cmd[1:])}`", ""])
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    try:
+        out.append(f"startup: {wait_healthy(url, proc, args.startup_s):.0f} s")
+        r = subprocess.run([sys.executable, str(examples / "frontend_program.py"), "--url", url],
+                           capture_output=True, text=True, timeout=300)
+        out += [f"frontend_program.py: exit {r.returncode}", "```", (r.stdout + r.stderr[-1500:]).strip(), "```"]
+        text = "offload " * 700
+        sp = {"temperature": 0.0, "max_new_tokens": 8, "ignore_eos": True}
+        native = post(f"{url}/generate", {"text": text, "sampling_params": sp})["text"]
+        oai = post(f"{url}/v1/completions", {"model": str(ckpt), "prompt": text, "max_tokens": 8, "temperature": 0,
+                                             "ignore_eos": True})["choices"][0]["text"]
+        out.append(f"/v1/completions == /generate for one {len(text)}-character prompt: {oai == native}")
+        g = torch.Generator().manual_seed(5)
+        n = args.abort_requests
+        lens = torch.randint(args.min_tokens, args.max_tokens + 1, (n,), generator=g).tolist()
+        news = torch.randint(8, 65, (n,), generator=g).tolist()
+        doomed = set(torch.randperm(n, generator=g)[: n * 3 // 10].tolist())
+
+        def one(i: int):
+            ids = torch.randint(3, 259, (lens[i],), generator=g).tolist()
+            body = {"input_ids": ids, "rid": f"r{i}", "sampling_params": {**sp, "max_new_tokens": news[i]}}
+            try:
+                return post(f"{url}/generate", body)["meta_info"]["finish_reason"]["type"]
+            except Exception as e:  # an aborted request may answer with an error status
+                return f"error {type(e).__name__}"
+
+        t0 = time.time()
+        with ThreadPoolExecutor(n) as pool:
+            futures = [pool.submit(one, i) for i in range(n)]
+            time.sleep(1.0)
+            for i in doomed:
+                post(f"{url}/abort_request", {"rid": f"r{i}"})
+            reasons = [f.result() for f in futures]
+        kinds = {k: reasons.count(k) for k in sorted(set(reasons))}
+        out.append(f"{n} concurrent requests, {len(doomed)} aborted after 1 s: finish reasons {kinds} "
+                   f"in {time.time() - t0:.1f} s")
+        time.sleep(3)  # idle: the scheduler's idle hook releases what finished
+        nosa = get(f"{url}/server_info")["internal_states"][0]["nosa"]
+        out.append(f"after: /health {urllib.request.urlopen(f'{url}/health', timeout=5).status}, "
+                   f"NOSA running {nosa['running_requests']}, resident blocks {nosa['resident_blocks']}, host blocks "
+                   f"{nosa['host_blocks_used']}/{nosa['host_blocks_total']}, hit rate {nosa['hit_rate']:.3f}, "
+                   f"steps {nosa['steps']}")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    if args.engine_example:
+        r = subprocess.run([sys.executable, str(examples / "offline_engine.py"), "--model-path", str(ckpt)],
+                           capture_output=True, text=True, timeout=400)
+        out += [f"offline_engine.py: exit {r.returncode}", "```", (r.stdout + r.stderr[-1500:]).strip()[-3000:], "```"]
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=8)
@@ -129,6 +213,9 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
                     help="server and reference dtype (sgl_kernel's RMSNorm has no float32)")
     ap.add_argument("--extra", default="", help="more sglang flags")
+    ap.add_argument("--serving", action="store_true", help="also the serving checks (tokenizer, frontend, aborts)")
+    ap.add_argument("--abort-requests", type=int, default=100)
+    ap.add_argument("--engine-example", action="store_true", help="also run examples/offline_engine.py")
     ap.add_argument("--out", default=None)
     ap.add_argument("--logs", default=None, help="folder for the server logs (default: a temporary one)")
     args = ap.parse_args()
@@ -157,7 +244,8 @@ def main() -> int:
              "| first divergence (step: server's top-2 logprob margin there) |", "|---|---|---|---|---|---|---|---|"]
     details, served = [], {}
     n_tok = sum(map(len, ref))
-    for name in args.configs.split(","):
+    configs = [c for c in args.configs.split(",") if c]
+    for name in configs:
         res = run_config(args, ckpt, prompts, name == "offload", workdir)
         if not res.get("rounds"):
             lines.append(f"| {name} | | failed | | | | | |")
@@ -170,13 +258,15 @@ def main() -> int:
             lines.append(f"| {name} | {r + 1} | {res['startup_s']:.0f} | {rd['wall_s']:.1f} | {rd['cached']} | "
                          f"{same_req}/{len(ref)} | {same_tok}/{n_tok} | {', '.join(margins) or '-'} |")
         details.append(f"### {name}\n\n`{res['cmd']}`\n\n```\n" + "\n".join(res["ctl"]) + "```\n")
-    ok = len(served) == len(args.configs.split(",")) * args.rounds
+    ok = len(served) == len(configs) * args.rounds
     for key in sorted(served):  # offloading, and where a request's prefix came from, must change no token
         if key != ("gpu_only", 0) and ("gpu_only", 0) in served:
             same_req, same_tok, first = agreement(served[key], served[("gpu_only", 0)])
             lines.append(f"| {key[0]} round {key[1] + 1} vs gpu_only round 1 | | | | | {same_req}/{len(ref)} | "
                          f"{same_tok}/{n_tok} | {[step for _, step in first] or '-'} |")
             ok &= same_req == len(ref)
+    if args.serving:
+        details += ["### serving (tokenizer on, offload)", "", *serving_checks(args, ckpt, workdir), ""]
     text = "\n".join(lines) + "\n\n" + "\n".join(details)
     print(text)
     if args.out:

@@ -81,16 +81,24 @@ class NosaAttnBackend(AttentionBackend):
         knobs = OffloadKnobs(gpu_slots=slots, transfer_mode=flags.transfer_mode, prefetch=flags.prefetch,
                              victim_policy=flags.victim_policy)
         host = 0 if not flags.offload else host_capacity_bytes(flags, self.shape, page, self.kv_pool.size, max_requests)
-        self.runtime = NosaRuntime(
-            self.shape, self.nosa, knobs, device=device, host_capacity_bytes=host, max_requests=max_requests,
-            max_seq_len=mc.context_len + 1, max_gpu_slots=flags.max_slots or slots, gpu_only=not flags.offload,
-        )
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        try:
+            self.runtime = NosaRuntime(
+                self.shape, self.nosa, knobs, device=device, host_capacity_bytes=host, max_requests=max_requests,
+                max_seq_len=mc.context_len + 1, max_gpu_slots=flags.max_slots or slots, gpu_only=not flags.offload,
+            )
+        except torch.OutOfMemoryError as e:  # the pool took its fraction first; say which knobs size ours
+            raise NosaFlagError(
+                f"the NOSA runtime's GPU state ({max_requests} request rows x {flags.max_slots or slots} slots, "
+                f"context {mc.context_len}) does not fit next to the KV pool: lower --max-running-requests, "
+                f"--nosa-max-slots, --context-length or --mem-fraction-static") from e
+        self.gpu_bytes = (torch.cuda.memory_allocated(device) if device.type == "cuda" else 0) - before
         self.requests = RuntimeRequests(self.runtime, self.kv_pool, self.bias_pool, self.req_to_token, page)
         self.flags = flags
         self._decode_ids: tuple[str, ...] = ()
         self._extends: list[tuple[int, int, int]] = []  # (req_pool_idx, prefix, new tokens) per request
-        logger.info("NOSA backend: %s, offload %s, %d request rows, host store %.2f GiB", self.shape,
-                    "on" if flags.offload else "off", max_requests, host / GiB)
+        logger.info("NOSA backend: %s, offload %s, %d request rows, host store %.2f GiB, runtime GPU state %.2f GiB",
+                    self.shape, "on" if flags.offload else "off", max_requests, host / GiB, self.gpu_bytes / GiB)
 
     # -- metadata ----------------------------------------------------------------------------------------
     def init_forward_metadata(self, forward_batch) -> None:

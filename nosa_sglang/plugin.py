@@ -4,7 +4,8 @@ SGLang calls `register()` in every process that loads plugins (the launcher, eac
 nothing unless `nosa_sglang.launch_server --enable-nosa` put the NOSA flags in the environment, so
 installing this package never changes a plain SGLang server. When active it registers, once per
 process: the attention backend `nosa` (and makes `--attention-backend nosa` parse), the model classes
-`NosaLlamaForCausalLM` / `SparseLlamaForCausalLM`, and the scheduler's idle hook.
+`NosaLlamaForCausalLM` / `SparseLlamaForCausalLM`, and the scheduler hooks (idle housekeeping, the
+counters in `/server_info`).
 """
 
 from __future__ import annotations
@@ -29,13 +30,15 @@ def register() -> bool:
 
     from nosa_sglang.backend import create_nosa_backend
     from nosa_sglang.models.nosa_llama import EntryClass
-    from nosa_sglang.scheduler_control import on_scheduler_idle
+    from nosa_sglang.scheduler_control import add_internal_state, on_scheduler_idle
 
     if BACKEND_NAME not in server_args.ATTENTION_BACKEND_CHOICES:
         server_args.add_attention_backend_choices([BACKEND_NAME])
     ATTENTION_BACKENDS[BACKEND_NAME] = create_nosa_backend
     for cls in EntryClass:
         ModelRegistry.models[cls.__name__] = cls
-    HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.on_idle", on_scheduler_idle, HookType.AFTER)
+    scheduler = "sglang.srt.managers.scheduler.Scheduler"
+    HookRegistry.register(f"{scheduler}.on_idle", on_scheduler_idle, HookType.AFTER)
+    HookRegistry.register(f"{scheduler}.get_internal_state", add_internal_state, HookType.AFTER)
     _registered = True
     return True

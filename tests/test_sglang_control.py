@@ -3,6 +3,7 @@ that backend's runtime, with knob changes applied when the idle scheduler runs i
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import grpc
@@ -70,3 +71,17 @@ def test_idle_hook_ignores_other_backends():
     scheduler = SimpleNamespace(tp_worker=SimpleNamespace(model_runner=SimpleNamespace(attn_backend=object())))
     assert scheduler_control.on_scheduler_idle("r", scheduler) == "r"
     assert scheduler_control.nosa_backend_of(SimpleNamespace()) is None
+
+
+def test_server_info_carries_the_counters(served):
+    backend, runner, _, sched = served
+    a = sched.new("a")
+    sched.forward(ForwardMode.EXTEND, [(a, 150)])
+    for _ in range(3):
+        sched.forward(ForwardMode.DECODE, [(a, 1)])
+    result = SimpleNamespace(internal_state={"last_gen_throughput": 1.0})
+    scheduler = SimpleNamespace(tp_worker=SimpleNamespace(model_runner=runner))
+    assert scheduler_control.add_internal_state(result, scheduler) is result
+    nosa = json.loads(json.dumps(result.internal_state["nosa"]))  # what /server_info serialises
+    assert nosa["running_requests"] == 1 and nosa["steps"] == 3 and nosa["hits"] + nosa["misses"] > 0
+    assert nosa["knobs"]["gpu_slots"] == SMALL.topk_blocks and nosa["host_blocks_used"] > 0

@@ -83,7 +83,7 @@ def test_launcher_sets_backend_page_and_a_bounded_batch():
 def test_unsupported_sglang_settings_are_refused(field, allowed, flag, why):
     defaults = {f: a for f, a, _, _ in UNSUPPORTED}
     check_server_args(SimpleNamespace(**defaults))
-    bad = {True: False, False: True, 1: 2, "auto": "fp8_e4m3", None: "x"}[allowed]
+    bad = True if allowed is False else 2 if allowed == 1 else "fp8_e4m3" if allowed == "auto" else "x"
     with pytest.raises(NosaFlagError, match=f"{flag}=.*not supported with --enable-nosa"):
         check_server_args(SimpleNamespace(**{**defaults, field: bad}))
 
@@ -154,3 +154,25 @@ def test_nosa_tensor_check_names_the_tensor():
         check.raise_if_missing()
     with pytest.raises(CheckpointError, match=r"tensor model.layers.0.self_attn.A: shape \[3\], expected \[2\]"):
         list(NosaTensorCheck(shapes).passing([("model.layers.0.self_attn.A", torch.zeros(3))]))
+
+
+def test_engine_server_args_set_what_nosa_owns_and_refuse_the_rest(tmp_path):
+    from nosa_sglang.engine import engine_server_args
+    from nosa_sglang.reference.checkpoint import make_tiny_checkpoint
+
+    with pytest.raises(NosaFlagError, match="page_size: not allowed with NOSA"):
+        engine_server_args(model_path="m", page_size=16)
+    make_tiny_checkpoint(tmp_path / "ck")
+    code = (
+        "from nosa_sglang import Engine, NosaServerFlags\n"
+        "from nosa_sglang.engine import engine_server_args\n"
+        f"sa = engine_server_args(NosaServerFlags(offload=False), model_path='{tmp_path / 'ck'}', device='cpu')\n"
+        "print('RESULT', sa.attention_backend, sa.page_size, sa.cuda_graph_backend_decode, sa.max_running_requests)\n"
+        "try:\n"
+        f"    engine_server_args(model_path='{tmp_path / 'ck'}', device='cpu', enable_mixed_chunk=True)\n"
+        "except Exception as e:\n"
+        "    print('ERROR', e)\n"
+    )
+    r = run_python(code)
+    assert f"RESULT nosa 64 disabled {DEFAULT_MAX_RUNNING_REQUESTS}" in r.stdout, r.stderr[-3000:]
+    assert "ERROR --enable-mixed-chunk=True: not supported with --enable-nosa" in r.stdout, r.stderr[-3000:]
