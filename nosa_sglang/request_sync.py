@@ -16,6 +16,8 @@ shared one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from nosa_sglang.runtime.nosa_runtime import NosaRuntime
@@ -54,6 +56,25 @@ class PageBlocks:
         return len(self._block)
 
 
+class LayerGather(Sequence):
+    """One request's tokens of each layer, gathered from that layer's pool buffer when indexed.
+
+    The runtime loads a prompt layer by layer, so only one layer's copy is alive at a time; all layers
+    at once would be L times that (17 GiB of K and V for an 8B model at 128K).
+    """
+
+    def __init__(self, num_layers: int, buffer_of, locs: torch.Tensor) -> None:
+        self.num_layers, self.buffer_of, self.locs = num_layers, buffer_of, locs
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(layer)
+        return self.buffer_of(layer)[self.locs]
+
+
 class RuntimeRequests:
     """Begins and ends runtime requests so that they match each decode batch (see the module doc)."""
 
@@ -90,9 +111,9 @@ class RuntimeRequests:
         rt = self.runtime
         locs = self.req_to_token[req_pool_idx, :n_tokens].long()
         L = rt.shape.num_layers
-        k = torch.stack([self.kv_pool.get_key_buffer(layer)[locs] for layer in range(L)])
-        v = torch.stack([self.kv_pool.get_value_buffer(layer)[locs] for layer in range(L)])
-        c = self.bias_pool[locs].float().transpose(0, 1)  # [L, T, Hkv]
+        k = LayerGather(L, self.kv_pool.get_key_buffer, locs)
+        v = LayerGather(L, self.kv_pool.get_value_buffer, locs)
+        c = LayerGather(L, lambda layer: self.bias_pool[:, layer], locs)
         full = n_tokens // self.page_size
         pages = (locs[: full * self.page_size : self.page_size] // self.page_size).tolist() if not rt.gpu_only else []
         shared = self.pages.shared_prefix(pages)

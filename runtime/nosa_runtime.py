@@ -196,8 +196,9 @@ class NosaRuntime:
 
     def begin_request(self, request_id: str, prompt_k, prompt_v, prompt_c,
                       shared_prefix_blocks: list[int] | None = None) -> Admitted:
-        """Admit a request with its prompt's KV (per layer [T, Hkv, d], bias [T, Hkv]; a list per layer or a
-        stacked [L, T, ...] tensor). The first len(shared_prefix_blocks) full blocks are already in the host
+        """Admit a request with its prompt's KV (per layer [T, Hkv, d], bias [T, Hkv]; any sequence indexed by
+        layer: a list, a stacked [L, T, ...] tensor, or one that builds each layer when indexed, since
+        layers are loaded one at a time). The first len(shared_prefix_blocks) full blocks are already in the host
         store (shared, not rewritten). Raises HostMemoryExhausted / GpuSlotsExhausted and then changes
         nothing; RequestTooLarge (changing nothing either) when the prompt needs more host blocks than
         the store holds at all. The prompt's own attention is the caller's (prefill)."""

@@ -191,3 +191,14 @@ def test_host_capacity_covers_the_pool_or_names_the_flag():
     assert host_capacity_bytes(NosaServerFlags(), shape, PAGE, 10 * PAGE, 2) == 12 * per_block
     with pytest.raises(NosaFlagError, match="--nosa-host-memory-gb=.*--max-total-tokens"):
         host_capacity_bytes(NosaServerFlags(host_memory_gb=1e-6), shape, PAGE, 10 * PAGE, 2)
+
+
+def test_layer_gather_builds_one_layer_at_a_time():
+    from nosa_sglang.request_sync import LayerGather
+
+    calls = []
+    buffers = [torch.arange(10.0) * (i + 1) for i in range(3)]
+    g = LayerGather(3, lambda layer: calls.append(layer) or buffers[layer], torch.tensor([1, 4]))
+    assert len(g) == 3 and torch.equal(g[2], torch.tensor([3.0, 12.0])) and calls == [2]
+    with pytest.raises(IndexError):
+        g[3]

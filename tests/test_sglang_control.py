@@ -85,3 +85,30 @@ def test_server_info_carries_the_counters(served):
     nosa = json.loads(json.dumps(result.internal_state["nosa"]))  # what /server_info serialises
     assert nosa["running_requests"] == 1 and nosa["steps"] == 3 and nosa["hits"] + nosa["misses"] > 0
     assert nosa["knobs"]["gpu_slots"] == SMALL.topk_blocks and nosa["host_blocks_used"] > 0
+
+
+def test_the_token_from_the_launcher_guards_the_scheduler_api(monkeypatch):
+    """The launcher hands the token down in NOSA_GRPC_TOKEN (not in the flags' JSON): the scheduler's
+    server then refuses NosaControl calls without it; Health stays open."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from nosa_sglang.server_flags import ENV_VAR, TOKEN_ENV_VAR
+
+    monkeypatch.setattr(scheduler_control, "_server", None)
+    env = {ENV_VAR: NosaServerFlags(slots=SMALL.topk_blocks, grpc_port=0).to_env(), TOKEN_ENV_VAR: "s3cret"}
+    flags = NosaServerFlags.from_env(env)
+    runner = make_runner()
+    backend = NosaAttnBackend(runner, flags)
+    server = scheduler_control.maybe_start_control_server(backend, runner)
+    try:
+        with grpc.insecure_channel(server.address) as ch:
+            stub = pb_grpc.NosaControlStub(ch)
+            with pytest.raises(grpc.RpcError) as e:
+                stub.GetConfig(pb.GetConfigRequest(), timeout=10)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            ok = stub.GetConfig(pb.GetConfigRequest(), timeout=10, metadata=[("authorization", "Bearer s3cret")])
+            assert ok.config.knobs.gpu_slots == SMALL.topk_blocks
+            health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop(0)
