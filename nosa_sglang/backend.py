@@ -57,6 +57,10 @@ def host_capacity_bytes(flags: NosaServerFlags, shape: ModelShape, block_size: i
     return got
 
 
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
 class NosaAttnBackend(AttentionBackend):
     def __init__(self, model_runner, flags: NosaServerFlags) -> None:
         super().__init__()
@@ -73,26 +77,26 @@ class NosaAttnBackend(AttentionBackend):
         device = torch.device(model_runner.device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", model_runner.gpu_id)
-        # c of every pooled token, in the model dtype (the reference rounds c to it before use)
-        self.bias_pool = torch.zeros((self.kv_pool.size + page, self.shape.num_layers, self.shape.num_kv_heads),
-                                     dtype=self.shape.dtype, device=device)
         max_requests = model_runner.req_to_token_pool.size
         slots = flags.slots or self.nosa.topk_blocks
         knobs = OffloadKnobs(gpu_slots=slots, transfer_mode=flags.transfer_mode, prefetch=flags.prefetch,
                              victim_policy=flags.victim_policy)
         host = 0 if not flags.offload else host_capacity_bytes(flags, self.shape, page, self.kv_pool.size, max_requests)
-        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        before = _allocated(device)
         try:
+            # c of every pooled token, in the model dtype (the reference rounds c to it before use)
+            self.bias_pool = torch.zeros((self.kv_pool.size + page, self.shape.num_layers, self.shape.num_kv_heads),
+                                         dtype=self.shape.dtype, device=device)
             self.runtime = NosaRuntime(
                 self.shape, self.nosa, knobs, device=device, host_capacity_bytes=host, max_requests=max_requests,
                 max_seq_len=mc.context_len + 1, max_gpu_slots=flags.max_slots or slots, gpu_only=not flags.offload,
             )
         except torch.OutOfMemoryError as e:  # the pool took its fraction first; say which knobs size ours
             raise NosaFlagError(
-                f"the NOSA runtime's GPU state ({max_requests} request rows x {flags.max_slots or slots} slots, "
-                f"context {mc.context_len}) does not fit next to the KV pool: lower --max-running-requests, "
-                f"--nosa-max-slots, --context-length or --mem-fraction-static") from e
-        self.gpu_bytes = (torch.cuda.memory_allocated(device) if device.type == "cuda" else 0) - before
+                f"the NOSA GPU state ({max_requests} request rows x {flags.max_slots or slots} slots, context "
+                f"{mc.context_len}, c of {self.kv_pool.size} pooled tokens) does not fit next to the KV pool: lower "
+                "--max-running-requests, --nosa-max-slots, --context-length or --mem-fraction-static") from e
+        self.gpu_bytes = _allocated(device) - before
         self.requests = RuntimeRequests(self.runtime, self.kv_pool, self.bias_pool, self.req_to_token, page)
         self.flags = flags
         self._decode_ids: tuple[str, ...] = ()

@@ -202,3 +202,14 @@ def test_layer_gather_builds_one_layer_at_a_time():
     assert len(g) == 3 and torch.equal(g[2], torch.tensor([3.0, 12.0])) and calls == [2]
     with pytest.raises(IndexError):
         g[3]
+
+
+def test_gpu_state_that_does_not_fit_names_the_flags_that_size_it(monkeypatch):
+    import nosa_sglang.backend as backend_module
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(backend_module, "NosaRuntime", no_memory)
+    with pytest.raises(NosaFlagError, match="--max-running-requests, --nosa-max-slots"):
+        NosaAttnBackend(make_runner(), NosaServerFlags(slots=SMALL.topk_blocks))
