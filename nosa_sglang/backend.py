@@ -99,6 +99,12 @@ class NosaAttnBackend(AttentionBackend):
         self.gpu_bytes = _allocated(device) - before
         self.requests = RuntimeRequests(self.runtime, self.kv_pool, self.bias_pool, self.req_to_token, page)
         self.flags = flags
+        args = model_runner.server_args
+        self.metrics = None
+        if getattr(args, "enable_metrics", False) and model_runner.ps.tp_rank == 0:
+            from nosa_sglang.metrics import NosaMetrics
+
+            self.metrics = NosaMetrics({"model_name": str(args.served_model_name)})
         self._decode_ids: tuple[str, ...] = ()
         self._extends: list[tuple[int, int, int]] = []  # (req_pool_idx, prefix, new tokens) per request
         logger.info("NOSA backend: %s, offload %s, %d request rows, host store %.2f GiB, runtime GPU state %.2f GiB",
@@ -118,6 +124,8 @@ class NosaAttnBackend(AttentionBackend):
         """Scheduler idle: release requests that are gone and apply queued knobs (no step is open)."""
         self.requests.end_all_but(running_rids)
         self.runtime.step_boundary()
+        if self.metrics is not None:
+            self.metrics.update(self.runtime)
 
     # -- forward -----------------------------------------------------------------------------------------
     def _store(self, layer, forward_batch, k, v, c, save_kv_cache: bool) -> None:
@@ -155,6 +163,8 @@ class NosaAttnBackend(AttentionBackend):
                                 v.reshape(b, hkv, d), nosa_bias.float())
         if lid == self.shape.num_layers - 1:
             self.runtime.step_boundary()
+            if self.metrics is not None:
+                self.metrics.update(self.runtime)
         return o.reshape(b, hq * d)
 
 

@@ -112,3 +112,57 @@ def test_the_token_from_the_launcher_guards_the_scheduler_api(monkeypatch):
             assert health.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         server.stop(0)
+
+
+METRICS_PROBE = """
+import sys
+sys.path.insert(0, {tests!r})
+import torch
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
+from kernel_checks import SMALL
+from nosa_sglang.backend import NosaAttnBackend
+from nosa_sglang.server_flags import NosaServerFlags
+from test_sglang_backend import Scheduler, make_runner
+runner = make_runner()
+runner.server_args.enable_metrics, runner.server_args.served_model_name = True, "tiny"
+backend = NosaAttnBackend(runner, NosaServerFlags(slots=SMALL.topk_blocks))
+backend.metrics.interval_s = 0.0
+sched = Scheduler(backend, runner, torch.Generator().manual_seed(0))
+a = sched.new("a")
+sched.forward(ForwardMode.EXTEND, [(a, 150)])
+for _ in range(4):
+    sched.forward(ForwardMode.DECODE, [(a, 1)])
+registry = CollectorRegistry()
+MultiProcessCollector(registry, {path!r})
+print(generate_latest(registry).decode())
+"""
+
+
+def test_prometheus_gauges_in_multiprocess_mode(tmp_path):
+    """With --enable-metrics, SGLang serves every process's prometheus values from the multiprocess
+    directory: the backend's nosa_* gauges must land there (a fresh process: the mode is chosen at import)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = METRICS_PROBE.format(tests=str(Path(__file__).parent), path=str(tmp_path))
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'nosa_decode_steps{model_name="tiny"} 4.0' in r.stdout
+    assert 'nosa_running_requests{model_name="tiny"} 1.0' in r.stdout
+    hits = float(r.stdout.split('nosa_slot_hits{model_name="tiny"} ')[1].split()[0])
+    misses = float(r.stdout.split('nosa_slot_misses{model_name="tiny"} ')[1].split()[0])
+    assert hits + misses > 0
+
+
+def test_metrics_are_refreshed_at_most_every_interval():
+    from nosa_sglang.metrics import NosaMetrics
+
+    backend = NosaAttnBackend(make_runner(), NosaServerFlags(slots=SMALL.topk_blocks))
+    metrics = NosaMetrics({"model_name": "m"}, interval_s=3600)
+    assert metrics.update(backend.runtime) and not metrics.update(backend.runtime)
+    assert metrics.update(backend.runtime, force=True)
