@@ -184,6 +184,10 @@ def serving_checks(args, ckpt: Path, workdir: Path) -> list[str]:
                    f"NOSA running {nosa['running_requests']}, resident blocks {nosa['resident_blocks']}, host blocks "
                    f"{nosa['host_blocks_used']}/{nosa['host_blocks_total']}, hit rate {nosa['hit_rate']:.3f}, "
                    f"steps {nosa['steps']}")
+        if "--enable-metrics" in args.extra.split():
+            with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+                gauges = [ln for ln in r.read().decode().splitlines() if ln.startswith("nosa_")]
+            out += ["/metrics, the nosa_* gauges:", "```", *gauges, "```"]
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
