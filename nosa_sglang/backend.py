@@ -90,12 +90,14 @@ class NosaAttnBackend(AttentionBackend):
             self.runtime = NosaRuntime(
                 self.shape, self.nosa, knobs, device=device, host_capacity_bytes=host, max_requests=max_requests,
                 max_seq_len=mc.context_len + 1, max_gpu_slots=flags.max_slots or slots, gpu_only=not flags.offload,
+                ck_dtype=torch.float32 if flags.ck_dtype == "float32" else self.shape.dtype,
             )
         except torch.OutOfMemoryError as e:  # the pool took its fraction first; say which knobs size ours
             raise NosaFlagError(
                 f"the NOSA GPU state ({max_requests} request rows x {flags.max_slots or slots} slots, context "
                 f"{mc.context_len}, c of {self.kv_pool.size} pooled tokens) does not fit next to the KV pool: lower "
-                "--max-running-requests, --nosa-max-slots, --context-length or --mem-fraction-static") from e
+                "--max-running-requests, --nosa-max-slots, --context-length or --mem-fraction-static, or pass "
+                "--nosa-ck-dtype model") from e
         self.gpu_bytes = _allocated(device) - before
         self.requests = RuntimeRequests(self.runtime, self.kv_pool, self.bias_pool, self.req_to_token, page)
         self.flags = flags

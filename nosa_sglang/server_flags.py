@@ -18,6 +18,7 @@ from nosa_sglang.runtime.knobs import MAX_GPU_SLOTS, TRANSFER_MODES, VICTIM_POLI
 ENV_VAR = "NOSA_SGLANG_FLAGS"
 TOKEN_ENV_VAR = "NOSA_GRPC_TOKEN"  # the token on a command line would show in `ps`
 ON_OFF = ("on", "off")
+CK_DTYPES = ("float32", "model")
 
 #: SGLang flags the launcher sets itself; a user value would break NOSA (page = NOSA block, our backend)
 OWNED_SGLANG_FLAGS = {
@@ -60,6 +61,9 @@ class NosaServerFlags:
             tier never runs out before the scheduler's own admission does).
         transfer_mode, prefetch, victim_policy: the runtime's OffloadKnobs at start.
         grpc_port, grpc_host, grpc_token: the control API in the scheduler process of TP rank 0.
+        ck_dtype: storage of the compressed keys K~ on the GPU: "float32" selects exactly as the reference;
+            "model" (the model dtype) halves their memory, the largest part of a request row's GPU
+            state, at the price of rare near-tie flips in the selection.
     """
 
     offload: bool = True
@@ -72,6 +76,7 @@ class NosaServerFlags:
     grpc_port: int | None = None
     grpc_host: str = "127.0.0.1"
     grpc_token: str | None = None
+    ck_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         for name in ("slots", "max_slots"):
@@ -88,6 +93,8 @@ class NosaServerFlags:
             raise NosaFlagError(f"--nosa-victim-policy={self.victim_policy!r}: allowed values are {list(VICTIM_POLICIES)}")
         if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
             raise NosaFlagError(f"--nosa-grpc-port={self.grpc_port}: allowed range is [0, 65535] (0 picks a free port)")
+        if self.ck_dtype not in CK_DTYPES:
+            raise NosaFlagError(f"--nosa-ck-dtype={self.ck_dtype!r}: allowed values are {list(CK_DTYPES)}")
         if self.grpc_port is None and self.grpc_token:
             raise NosaFlagError("--nosa-grpc-token: needs --nosa-grpc-port (there is no control API to protect)")
 
@@ -116,6 +123,8 @@ def add_nosa_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--nosa-transfer-mode", choices=TRANSFER_MODES, default="zero_copy")
     g.add_argument("--nosa-prefetch", choices=ON_OFF, default="off")
     g.add_argument("--nosa-victim-policy", choices=VICTIM_POLICIES, default="lru")
+    g.add_argument("--nosa-ck-dtype", choices=CK_DTYPES, default="float32",
+                   help="compressed keys on the GPU: float32 (exact selection) or the model dtype (half the memory)")
     g.add_argument("--nosa-grpc-port", type=int, help="serve the NOSA control API (gRPC) on this port")
     g.add_argument("--nosa-grpc-host", default="127.0.0.1", help="address of the control API (default loopback)")
     g.add_argument("--nosa-grpc-token", help=f"bearer token of the control API (or env {TOKEN_ENV_VAR})")
@@ -127,6 +136,7 @@ def flags_from_args(ns: argparse.Namespace) -> NosaServerFlags:
         host_memory_gb=ns.nosa_host_memory_gb, transfer_mode=ns.nosa_transfer_mode,
         prefetch=ns.nosa_prefetch == "on", victim_policy=ns.nosa_victim_policy, grpc_port=ns.nosa_grpc_port,
         grpc_host=ns.nosa_grpc_host, grpc_token=ns.nosa_grpc_token or os.environ.get(TOKEN_ENV_VAR) or None,
+        ck_dtype=ns.nosa_ck_dtype,
     )
 
 

@@ -213,3 +213,16 @@ def test_gpu_state_that_does_not_fit_names_the_flags_that_size_it(monkeypatch):
     monkeypatch.setattr(backend_module, "NosaRuntime", no_memory)
     with pytest.raises(NosaFlagError, match="--max-running-requests, --nosa-max-slots"):
         NosaAttnBackend(make_runner(), NosaServerFlags(slots=SMALL.topk_blocks))
+
+
+@pytest.mark.parametrize("ck_dtype, expected", [("float32", torch.float32), ("model", torch.bfloat16)])
+def test_compressed_keys_are_stored_as_the_flag_says(ck_dtype, expected):
+    runner = make_runner()
+    runner.dtype = torch.bfloat16
+    backend = NosaAttnBackend(runner, NosaServerFlags(slots=SMALL.topk_blocks, ck_dtype=ck_dtype))
+    assert backend.runtime.selection.ck.dtype == expected
+
+
+def test_unknown_ck_dtype_names_the_flag():
+    with pytest.raises(NosaFlagError, match=r"--nosa-ck-dtype='fp8': allowed values are \['float32', 'model'\]"):
+        NosaServerFlags(ck_dtype="fp8")
