@@ -78,27 +78,8 @@ class NosaAttnBackend(AttentionBackend):
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", model_runner.gpu_id)
         max_requests = model_runner.req_to_token_pool.size
-        slots = flags.slots or self.nosa.topk_blocks
-        knobs = OffloadKnobs(gpu_slots=slots, transfer_mode=flags.transfer_mode, prefetch=flags.prefetch,
-                             victim_policy=flags.victim_policy)
         host = 0 if not flags.offload else host_capacity_bytes(flags, self.shape, page, self.kv_pool.size, max_requests)
-        before = _allocated(device)
-        try:
-            # c of every pooled token, in the model dtype (the reference rounds c to it before use)
-            self.bias_pool = torch.zeros((self.kv_pool.size + page, self.shape.num_layers, self.shape.num_kv_heads),
-                                         dtype=self.shape.dtype, device=device)
-            self.runtime = NosaRuntime(
-                self.shape, self.nosa, knobs, device=device, host_capacity_bytes=host, max_requests=max_requests,
-                max_seq_len=mc.context_len + 1, max_gpu_slots=flags.max_slots or slots, gpu_only=not flags.offload,
-                ck_dtype=torch.float32 if flags.ck_dtype == "float32" else self.shape.dtype,
-            )
-        except torch.OutOfMemoryError as e:  # the pool took its fraction first; say which knobs size ours
-            raise NosaFlagError(
-                f"the NOSA GPU state ({max_requests} request rows x {flags.max_slots or slots} slots, context "
-                f"{mc.context_len}, c of {self.kv_pool.size} pooled tokens) does not fit next to the KV pool: lower "
-                "--max-running-requests, --nosa-max-slots, --context-length or --mem-fraction-static, or pass "
-                "--nosa-ck-dtype model") from e
-        self.gpu_bytes = _allocated(device) - before
+        self._allocate_gpu_state(flags, device, host, max_requests, mc.context_len)
         self.requests = RuntimeRequests(self.runtime, self.kv_pool, self.bias_pool, self.req_to_token, page)
         self.flags = flags
         args = model_runner.server_args
@@ -109,8 +90,33 @@ class NosaAttnBackend(AttentionBackend):
             self.metrics = NosaMetrics({"model_name": str(args.served_model_name)})
         self._decode_ids: tuple[str, ...] = ()
         self._extends: list[tuple[int, int, int]] = []  # (req_pool_idx, prefix, new tokens) per request
-        logger.info("NOSA backend: %s, offload %s, %d request rows, host store %.2f GiB, runtime GPU state %.2f GiB",
+        logger.info("NOSA backend: %s, offload %s, %d request rows, host store %.2f GiB, NOSA GPU state %.2f GiB",
                     self.shape, "on" if flags.offload else "off", max_requests, host / GiB, self.gpu_bytes / GiB)
+
+    def _allocate_gpu_state(self, flags: NosaServerFlags, device: torch.device, host_bytes: int, max_requests: int,
+                            context_len: int) -> None:
+        """The bias pool and the runtime, after SGLang sized its KV pool: running out of memory here is a
+        start-up error that names the flags sizing them."""
+        slots = flags.slots or self.nosa.topk_blocks
+        knobs = OffloadKnobs(gpu_slots=slots, transfer_mode=flags.transfer_mode, prefetch=flags.prefetch,
+                             victim_policy=flags.victim_policy)
+        before = _allocated(device)
+        try:
+            # c of every pooled token, in the model dtype (the reference rounds c to it before use)
+            self.bias_pool = torch.zeros((self.kv_pool.size + self.nosa.block_size, self.shape.num_layers,
+                                          self.shape.num_kv_heads), dtype=self.shape.dtype, device=device)
+            self.runtime = NosaRuntime(
+                self.shape, self.nosa, knobs, device=device, host_capacity_bytes=host_bytes,
+                max_requests=max_requests, max_seq_len=context_len + 1, max_gpu_slots=flags.max_slots or slots,
+                gpu_only=not flags.offload, ck_dtype=torch.float32 if flags.ck_dtype == "float32" else self.shape.dtype,
+            )
+        except torch.OutOfMemoryError as e:
+            raise NosaFlagError(
+                f"the NOSA GPU state ({max_requests} request rows x {flags.max_slots or slots} slots, context "
+                f"{context_len}, c of {self.kv_pool.size} pooled tokens) does not fit next to the KV pool: lower "
+                "--max-running-requests, --nosa-max-slots, --context-length or --mem-fraction-static, or pass "
+                "--nosa-ck-dtype model") from e
+        self.gpu_bytes = _allocated(device) - before
 
     # -- metadata ----------------------------------------------------------------------------------------
     def init_forward_metadata(self, forward_batch) -> None:
