@@ -226,3 +226,17 @@ def test_compressed_keys_are_stored_as_the_flag_says(ck_dtype, expected):
 def test_unknown_ck_dtype_names_the_flag():
     with pytest.raises(NosaFlagError, match=r"--nosa-ck-dtype='fp8': allowed values are \['float32', 'model'\]"):
         NosaServerFlags(ck_dtype="fp8")
+
+
+def test_page_blocks_share_only_a_leading_run_of_live_pages():
+    from nosa_sglang.request_sync import PageBlocks
+
+    pages = PageBlocks()
+    pages.add("a", [7, 8, 9], (70, 80, 90))
+    assert pages.shared_prefix([7, 8, 5, 9]) == [70, 80]  # a radix hit is a leading run: stop at page 5
+    assert pages.shared_prefix([5, 7]) == []
+    pages.add("b", [7, 8, 4], (70, 80, 40))
+    pages.remove("a")  # b still holds pages 7 and 8
+    assert pages.shared_prefix([7, 8, 9]) == [70, 80] and len(pages) == 3
+    pages.remove("b")
+    assert len(pages) == 0 and pages.shared_prefix([7]) == []
