@@ -7,12 +7,9 @@ given; SGLang settings NOSA cannot serve are refused before the scheduler starts
 
 from __future__ import annotations
 
-import os
-
-from nosa_sglang.launch_server import DEFAULT_MAX_RUNNING_REQUESTS
-from nosa_sglang.server_flags import ENV_VAR, TOKEN_ENV_VAR, NosaFlagError, NosaServerFlags, check_server_args
-
-OWNED_FIELDS = ("attention_backend", "prefill_attention_backend", "decode_attention_backend", "page_size")
+from nosa_sglang.server_flags import (
+    DEFAULT_MAX_RUNNING_REQUESTS, NOSA_SERVER_ARGS, NosaServerFlags, check_owned_fields, check_server_args,
+)
 
 
 def engine_server_args(nosa: NosaServerFlags | None = None, **kwargs):
@@ -21,18 +18,12 @@ def engine_server_args(nosa: NosaServerFlags | None = None, **kwargs):
 
     from nosa_sglang.plugin import register
 
-    owned = [k for k in OWNED_FIELDS if k in kwargs]
-    if owned:
-        raise NosaFlagError(f"{owned[0]}: not allowed with NOSA (the NOSA engine sets it)")
-    flags = nosa or NosaServerFlags()
-    os.environ[ENV_VAR] = flags.to_env()
-    if flags.grpc_token:
-        os.environ[TOKEN_ENV_VAR] = flags.grpc_token
+    check_owned_fields(kwargs)
+    (nosa or NosaServerFlags()).export()
     register()  # here too: ServerArgs must accept attention_backend="nosa" in this process
     kwargs.setdefault("max_running_requests", DEFAULT_MAX_RUNNING_REQUESTS)
     kwargs.setdefault("log_level", "error")
-    server_args = ServerArgs(attention_backend="nosa", page_size=64, cuda_graph_backend_decode="disabled",
-                             cuda_graph_backend_prefill="disabled", **kwargs)
+    server_args = ServerArgs(**NOSA_SERVER_ARGS, **kwargs)
     check_server_args(server_args)
     return server_args
 

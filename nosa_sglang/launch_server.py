@@ -9,19 +9,14 @@ Without `--enable-nosa` it is plain `sglang.launch_server`.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from nosa_sglang.server_flags import (
-    ENV_VAR, TOKEN_ENV_VAR, NosaFlagError, NosaServerFlags, add_nosa_args, check_owned_flags, check_server_args,
-    flags_from_args,
+    DEFAULT_MAX_RUNNING_REQUESTS, NOSA_SERVER_ARGS, NosaFlagError, NosaServerFlags, add_nosa_args, check_owned_flags,
+    check_server_args, flags_from_args,
 )
 
-#: Added to the user's SGLang arguments. CUDA graphs: the runtime plans each decode step on the host
-#: (selection diff, slot assignment) between layers, which a captured graph cannot hold.
-NOSA_SGLANG_ARGS = ["--attention-backend", "nosa", "--page-size", "64",
-                    "--cuda-graph-backend-decode", "disabled", "--cuda-graph-backend-prefill", "disabled"]
-DEFAULT_MAX_RUNNING_REQUESTS = 32  # each running request holds GPU slots in every layer
+__all__ = ["main", "prepare", "NosaServerFlags", "DEFAULT_MAX_RUNNING_REQUESTS"]
 
 
 def split_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -33,7 +28,7 @@ def split_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def sglang_argv(rest: list[str]) -> list[str]:
     check_owned_flags(rest)
-    extra = list(NOSA_SGLANG_ARGS)
+    extra = [x for field, value in NOSA_SERVER_ARGS.items() for x in (f"--{field.replace('_', '-')}", str(value))]
     if not any(t.split("=", 1)[0] == "--max-running-requests" for t in rest):
         extra += ["--max-running-requests", str(DEFAULT_MAX_RUNNING_REQUESTS)]
     return rest + extra
@@ -52,9 +47,7 @@ def prepare(argv: list[str]):
         load_plugins()
         return prepare_server_args(rest), None
     flags = flags_from_args(ns)
-    os.environ[ENV_VAR] = flags.to_env()  # before the plugins load: they register only when NOSA is on
-    if flags.grpc_token:
-        os.environ[TOKEN_ENV_VAR] = flags.grpc_token
+    flags.export()  # before the plugins load: they register only when NOSA is on
     load_plugins()
     server_args = prepare_server_args(sglang_argv(rest))
     check_server_args(server_args)
@@ -80,5 +73,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-__all__ = ["main", "prepare", "NosaServerFlags"]

@@ -20,6 +20,13 @@ TOKEN_ENV_VAR = "NOSA_GRPC_TOKEN"  # the token on a command line would show in `
 ON_OFF = ("on", "off")
 CK_DTYPES = ("float32", "model")
 
+#: SGLang settings NOSA sets itself (ServerArgs field -> value). CUDA graphs off: the runtime plans each
+#: decode step on the host (selection diff, slot assignment) between layers, which a captured graph
+#: cannot hold.
+NOSA_SERVER_ARGS = {"attention_backend": "nosa", "page_size": 64,
+                    "cuda_graph_backend_decode": "disabled", "cuda_graph_backend_prefill": "disabled"}
+DEFAULT_MAX_RUNNING_REQUESTS = 32  # each running request holds GPU slots in every layer
+
 #: SGLang flags the launcher sets itself; a user value would break NOSA (page = NOSA block, our backend)
 OWNED_SGLANG_FLAGS = {
     "--attention-backend": "NOSA sets it to 'nosa'",
@@ -102,6 +109,12 @@ class NosaServerFlags:
         """JSON for ENV_VAR; the token is left out (it travels in TOKEN_ENV_VAR)."""
         return json.dumps({**dataclasses.asdict(self), "grpc_token": None})
 
+    def export(self, environ=os.environ) -> None:
+        """Hand these flags to the processes started from here (the scheduler): the inverse of from_env."""
+        environ[ENV_VAR] = self.to_env()
+        if self.grpc_token:
+            environ[TOKEN_ENV_VAR] = self.grpc_token
+
     @classmethod
     def from_env(cls, environ=os.environ) -> "NosaServerFlags | None":
         """The flags the launcher handed down, or None when NOSA is not enabled in this process."""
@@ -146,6 +159,18 @@ def check_owned_flags(sglang_argv: list[str]) -> None:
         flag = token.split("=", 1)[0]
         if flag in OWNED_SGLANG_FLAGS:
             raise NosaFlagError(f"{flag}: not allowed with --enable-nosa ({OWNED_SGLANG_FLAGS[flag]})")
+
+
+def field_of(flag: str) -> str:
+    """The ServerArgs field of an SGLang flag: --page-size -> page_size."""
+    return flag.removeprefix("--").replace("-", "_")
+
+
+def check_owned_fields(server_kwargs) -> None:
+    """Reject the ServerArgs fields NOSA owns (the engine's twin of check_owned_flags)."""
+    for flag, why in OWNED_SGLANG_FLAGS.items():
+        if field_of(flag) in server_kwargs:
+            raise NosaFlagError(f"{field_of(flag)}: not allowed with NOSA ({why})")
 
 
 def check_server_args(server_args) -> None:
