@@ -131,6 +131,10 @@ class NosaAttnBackend(AttentionBackend):
     def on_idle(self, running_rids: set[str]) -> None:
         """Scheduler idle: release requests that are gone and apply queued knobs (no step is open)."""
         self.requests.end_all_but(running_rids)
+        self._close_step()
+
+    def _close_step(self) -> None:
+        """The step boundary (queued knobs take effect, counters are published), then the gauges."""
         self.runtime.step_boundary()
         if self.metrics is not None:
             self.metrics.update(self.runtime)
@@ -170,9 +174,7 @@ class NosaAttnBackend(AttentionBackend):
         o = self.runtime.decode(lid, self._decode_ids, q.reshape(b, hq, d), k.reshape(b, hkv, d),
                                 v.reshape(b, hkv, d), nosa_bias.float())
         if lid == self.shape.num_layers - 1:
-            self.runtime.step_boundary()
-            if self.metrics is not None:
-                self.metrics.update(self.runtime)
+            self._close_step()
         return o.reshape(b, hq * d)
 
 

@@ -90,11 +90,11 @@ class RuntimeRequests:
         decoded is appended by the forward). Returns the ids in batch order."""
         rt = self.runtime
         want = dict(zip(rids, zip(req_pool_indices, seq_lens)))
-        for rid in rt.running_requests:
-            if rid not in want or rt.seq_len(rid) != want[rid][1] - 1:
-                self.end(rid)
+        stale = {rid for rid in rt.running_requests if rid in want and rt.seq_len(rid) != want[rid][1] - 1}
+        self.end_all_but(want.keys() - stale)
+        running = set(rt.running_requests)
         for rid, (idx, n) in want.items():
-            if rid not in rt.running_requests:
+            if rid not in running:
                 self._begin(rid, idx, n - 1)
         return tuple(rids)
 
