@@ -44,9 +44,7 @@ class NosaLlamaAttention(nn.Module):
         self.delta = nn.Linear(self.kv_size, self.num_kv_heads, bias=bias)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, forward_batch) -> torch.Tensor:
-        qkv, _ = self.qkv_proj(hidden_states)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary_emb(positions, q, k)
+        q, k, v = LlamaAttention.forward_prepare_native(self, positions, hidden_states)  # the same attributes
         # rounded to the model dtype, as the reference model does (its outputs are the contract)
         c = eviction_bias_of(v.view(-1, self.num_kv_heads, self.head_dim), self.A, self.delta).to(v.dtype)
         out = self.attn(q, k, v, forward_batch, nosa_bias=c)
