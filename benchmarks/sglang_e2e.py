@@ -73,6 +73,15 @@ def serve(ckpt: Path, offload: bool, port: int, grpc_port: int, log: Path, dtype
     return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True), cmd
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (its scheduler and detokenizer too), SIGKILL after 30 s."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 def run_config(args, ckpt: Path, prompts: list[list[int]], offload: bool, workdir: Path) -> dict:
     port, grpc_port = args.port, args.grpc_port
     url = f"http://127.0.0.1:{port}"
@@ -95,11 +104,7 @@ def run_config(args, ckpt: Path, prompts: list[list[int]], offload: bool, workdi
         res["ctl"] = [ctl("--target", target, "stats"), ctl("--target", target, "config", "set", "gpu_slots=80"),
                       ctl("--target", target, "config", "get"), ctl("--target", target, "requests")]
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_server(proc)
     return res
 
 
@@ -189,11 +194,7 @@ def serving_checks(args, ckpt: Path, workdir: Path) -> list[str]:
                 gauges = [ln for ln in r.read().decode().splitlines() if ln.startswith("nosa_")]
             out += ["/metrics, the nosa_* gauges:", "```", *gauges, "```"]
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_server(proc)
     if args.engine_example:
         r = subprocess.run([sys.executable, str(examples / "offline_engine.py"), "--model-path", str(ckpt)],
                            capture_output=True, text=True, timeout=400)

@@ -80,6 +80,14 @@ class Scheduler:
             rows[s.row, :n] = rows[shared_from.row, :n]
         return s
 
+    def serve(self, rid: str, prompt_tokens: int, decode_steps: int) -> Seq:
+        """A new request: its prompt in one extend, then decode steps alone in the batch."""
+        s = self.new(rid)
+        self.forward(ForwardMode.EXTEND, [(s, prompt_tokens)])
+        for _ in range(decode_steps):
+            self.forward(ForwardMode.DECODE, [(s, 1)])
+        return s
+
     def _locs(self, s: Seq, n_new: int) -> torch.Tensor:
         while len(s.pages) * PAGE < s.n + n_new:
             s.pages.append(self.free_pages.pop(0))

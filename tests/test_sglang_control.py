@@ -16,7 +16,6 @@ from nosa_sglang.control.pb import control_pb2_grpc as pb_grpc
 from nosa_sglang.server_flags import NosaServerFlags
 
 pytest.importorskip("sglang.srt.mem_cache.memory_pool")
-from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
 
 from nosa_sglang import scheduler_control  # noqa: E402
 from nosa_sglang.backend import NosaAttnBackend  # noqa: E402
@@ -49,10 +48,7 @@ def test_only_tp_rank_0_with_a_port_serves(monkeypatch):
 
 def test_stats_and_knobs_of_the_scheduler_runtime(served):
     backend, runner, server, sched = served
-    a = sched.new("a")
-    sched.forward(ForwardMode.EXTEND, [(a, 200)])
-    for _ in range(5):
-        sched.forward(ForwardMode.DECODE, [(a, 1)])
+    sched.serve("a", prompt_tokens=200, decode_steps=5)
     with grpc.insecure_channel(server.address) as ch:
         stub = pb_grpc.NosaControlStub(ch)
         stats = stub.GetStats(pb.GetStatsRequest(), timeout=10).stats
@@ -75,10 +71,7 @@ def test_idle_hook_ignores_other_backends():
 
 def test_server_info_carries_the_counters(served):
     backend, runner, _, sched = served
-    a = sched.new("a")
-    sched.forward(ForwardMode.EXTEND, [(a, 150)])
-    for _ in range(3):
-        sched.forward(ForwardMode.DECODE, [(a, 1)])
+    sched.serve("a", prompt_tokens=150, decode_steps=3)
     result = SimpleNamespace(internal_state={"last_gen_throughput": 1.0})
     scheduler = SimpleNamespace(tp_worker=SimpleNamespace(model_runner=runner))
     assert scheduler_control.add_internal_state(result, scheduler) is result
@@ -120,7 +113,6 @@ sys.path.insert(0, {tests!r})
 import torch
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
-from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from kernel_checks import SMALL
 from nosa_sglang.backend import NosaAttnBackend
 from nosa_sglang.server_flags import NosaServerFlags
@@ -130,10 +122,7 @@ runner.server_args.enable_metrics, runner.server_args.served_model_name = True, 
 backend = NosaAttnBackend(runner, NosaServerFlags(slots=SMALL.topk_blocks))
 backend.metrics.interval_s = 0.0
 sched = Scheduler(backend, runner, torch.Generator().manual_seed(0))
-a = sched.new("a")
-sched.forward(ForwardMode.EXTEND, [(a, 150)])
-for _ in range(4):
-    sched.forward(ForwardMode.DECODE, [(a, 1)])
+sched.serve("a", prompt_tokens=150, decode_steps=4)
 registry = CollectorRegistry()
 MultiProcessCollector(registry, {path!r})
 print(generate_latest(registry).decode())
