@@ -123,7 +123,7 @@ class NosaAttnBackend(AttentionBackend):
         mode = forward_batch.forward_mode
         if mode.is_decode():
             self._decode_ids = self.requests.sync(
-                list(forward_batch.rids), forward_batch.req_pool_indices.tolist(), forward_batch.seq_lens_cpu.tolist())
+                list(forward_batch.rids), forward_batch.req_pool_indices, forward_batch.seq_lens_cpu.tolist())
         elif mode.is_extend() and not mode.is_idle():
             self._extends = list(zip(forward_batch.req_pool_indices.tolist(), forward_batch.extend_prefix_lens_cpu,
                                      forward_batch.extend_seq_lens_cpu))

@@ -85,17 +85,22 @@ class RuntimeRequests:
         self.pages = PageBlocks()
         self.begun = 0  # requests begun since start (a retracted request counts again)
 
-    def sync(self, rids: list[str], req_pool_indices: list[int], seq_lens: list[int]) -> tuple[str, ...]:
+    def sync(self, rids: list[str], req_pool_indices: torch.Tensor, seq_lens: list[int]) -> tuple[str, ...]:
         """Make the runtime hold exactly these requests, each with seq_len - 1 tokens (the token being
-        decoded is appended by the forward). Returns the ids in batch order."""
+        decoded is appended by the forward). Returns the ids in batch order.
+
+        `req_pool_indices` (the batch's rows of req_to_token, on the device) is read back only when a
+        request begins: a steady decode step never waits for the GPU here."""
         rt = self.runtime
-        want = dict(zip(rids, zip(req_pool_indices, seq_lens)))
-        stale = {rid for rid in rt.running_requests if rid in want and rt.seq_len(rid) != want[rid][1] - 1}
+        want = dict(zip(rids, seq_lens))
+        stale = {rid for rid in rt.running_requests if rid in want and rt.seq_len(rid) != want[rid] - 1}
         self.end_all_but(want.keys() - stale)
         running = set(rt.running_requests)
-        for rid, (idx, n) in want.items():
-            if rid not in running:
-                self._begin(rid, idx, n - 1)
+        new = [i for i, rid in enumerate(rids) if rid not in running]
+        if new:
+            rows = req_pool_indices.tolist()
+            for i in new:
+                self._begin(rids[i], rows[i], seq_lens[i] - 1)
         return tuple(rids)
 
     def end(self, rid: str) -> None:
