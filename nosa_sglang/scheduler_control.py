@@ -32,7 +32,6 @@ def maybe_start_control_server(backend, model_runner):
                                    token=flags.grpc_token)
     atexit.register(_server.stop, 0.5)
     logger.info("NOSA control API on %s%s", _server.address, " (token required)" if flags.grpc_token else "")
-    print(f"[nosa] control API on {_server.address}", flush=True)
     return _server
 
 
