@@ -44,7 +44,7 @@ import time
 import torch
 
 from decode_workload import Workload, sync, timed_steps, wall_of_steps, warm_up
-from dense_decode import DenseGraphed, dense_bytes_per_request, run_dense
+from dense_decode import DenseGraphed, run_dense
 from report import table, write_markdown
 from two_homes import SIDE_STEPS, beside, decoupled_steps
 from nosa_sglang.config import NosaConfig
@@ -60,8 +60,7 @@ CONTEXTS = {"4k": 4096, "16k": 16384, "32k": 32768, "64k": 65536, "128k": 131072
 
 # -- memory model -----------------------------------------------------------------------------------------
 def host_bytes_per_request(shape: ModelShape, cfg: NosaConfig, tokens: int) -> int:
-    return cfg.num_blocks(tokens) * 2 * shape.num_layers * shape.num_kv_heads * cfg.block_size * shape.head_dim \
-        * shape.dtype_bytes
+    return cfg.num_blocks(tokens) * shape.kv_bytes(cfg.block_size)
 
 
 def host_bytes_owned(shape: ModelShape, cfg: NosaConfig, tokens: int, host_tokens: int) -> tuple[int, int]:
@@ -277,7 +276,7 @@ def plan_batches(args, shape, cfg, tokens, host_cap, gpu_cap) -> dict:
     host_req = host_bytes_per_request(shape, cfg, t)
     off_req = runtime_gpu_bytes_per_request(shape, cfg, t, args.gpu_slots, False, ckb)
     full_req = runtime_gpu_bytes_per_request(shape, cfg, t, 0, True, ckb)
-    dense_req = dense_bytes_per_request(shape, t)
+    dense_req = shape.kv_bytes(t)
     by_host, by_hbm = host_cap // host_req, gpu_cap // off_req
     host_label = "host RAM"
     if args.emulate_host_gib:

@@ -12,10 +12,6 @@ from nosa_sglang.kernels.sparse_decode import sparse_decode_attention
 from nosa_sglang.runtime import ModelShape, graph_capture
 
 
-def dense_bytes_per_request(shape: ModelShape, tokens: int) -> int:
-    return 2 * shape.num_layers * shape.num_kv_heads * tokens * shape.head_dim * shape.dtype_bytes
-
-
 def run_dense(args, shape, tokens, B) -> dict:
     L, H, d = shape.num_layers, shape.num_kv_heads, shape.head_dim
     n_max = tokens + args.steps + args.warmup + 1

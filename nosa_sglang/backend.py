@@ -35,16 +35,11 @@ logger = logging.getLogger(__name__)
 GiB = 1 << 30
 
 
-def host_bytes_per_block(shape: ModelShape, block_size: int) -> int:
-    """K and V of one block of every layer and KV head."""
-    return 2 * shape.num_layers * shape.num_kv_heads * block_size * shape.head_dim * shape.dtype_bytes
-
-
 def host_capacity_bytes(flags: NosaServerFlags, shape: ModelShape, block_size: int, pool_tokens: int,
                         max_requests: int) -> int:
     """The host store: the flag's size, which must hold the KV pool's pages (plus one tail block per
     request), or exactly that by default."""
-    per_block = host_bytes_per_block(shape, block_size)
+    per_block = shape.kv_bytes(block_size)
     need = (-(-pool_tokens // block_size) + max_requests) * per_block
     if flags.host_memory_gb is None:
         return need

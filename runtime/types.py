@@ -41,6 +41,10 @@ class ModelShape:
     def dtype_bytes(self) -> int:
         return torch.empty((), dtype=self.dtype).element_size()
 
+    def kv_bytes(self, tokens: int) -> int:
+        """K and V of `tokens` tokens in every layer and KV head (tokens = block_size: one host block)."""
+        return 2 * self.num_layers * self.num_kv_heads * tokens * self.head_dim * self.dtype_bytes
+
 
 class GpuSlotsExhausted(RuntimeError):
     """Every GPU row (slot cache of one running request) is taken: back-pressure, not a bug."""

@@ -79,7 +79,6 @@ def runtime_for_model(
     max_seq_len = max_seq_len or s.max_position_embeddings
     if host_capacity_bytes is None:
         blocks = max_requests * model.nosa.num_blocks(max_seq_len)
-        run_bytes = model.nosa.block_size * shape.head_dim * shape.dtype_bytes
-        host_capacity_bytes = blocks * 2 * shape.num_layers * shape.num_kv_heads * run_bytes
+        host_capacity_bytes = blocks * shape.kv_bytes(model.nosa.block_size)
     return NosaRuntime(shape, model.nosa, knobs, device=device or p.device, host_capacity_bytes=host_capacity_bytes,
                        max_requests=max_requests, max_seq_len=max_seq_len, **kwargs)
