@@ -254,7 +254,8 @@ class LayerDecoder:
             valid = sel >= 0
             n = valid.sum(dim=(1, 2))
             rt.counters.add_diff(layer, p.rows, p.row_range, torch.stack((n, torch.zeros_like(n)), dim=-1))
-            return sel, torch.where(valid, p.slot_base + sel, -1), None, E  # int32 + int64 slot base: int64
+            slots = rt.host_runs(p, sel) if rt.pool_backed else p.slot_base + sel  # int32 + int64 slot base: int64
+            return sel, torch.where(valid, slots, -1), None, E
         view = rt.slots.rows_view(layer, p.rows, p.row_range)
         if view.rows is not None:
             state["view"] = view  # gathered copies (eager only): committed after attention

@@ -24,7 +24,9 @@ from nosa_sglang.runtime.full_residency import FullResidency
 from nosa_sglang.runtime.host_store import HostKVStore, HostMemoryExhausted
 from nosa_sglang.runtime.knob_queue import KnobQueue, KnobRequest
 from nosa_sglang.runtime.knobs import KnobError, OffloadKnobs
+from nosa_sglang.runtime.page_pool import PagePool
 from nosa_sglang.runtime.plan_streams import PlanStreams
+from nosa_sglang.runtime.pool_residency import PoolResidency
 from nosa_sglang.runtime.prompt import PromptLoader
 from nosa_sglang.runtime.selection_state import SelectionState
 from nosa_sglang.runtime.slot_cache import GpuSlotCache, host_run_ids
@@ -61,6 +63,9 @@ class NosaRuntime:
             range over [topk_blocks, max_gpu_slots]. Default: knobs.gpu_slots.
         selection_policy: "nosa", or "infllmv2" (top-k by query score alone: the benchmark baseline).
         gpu_only: every block resident on the GPU, no host tier (NOSA fully on GPU).
+        page_pool: gpu_only only: decode from this server page pool in place (PoolResidency) instead of
+            a copy of every request's blocks; the caller names each request's pages (`begin_request`'s
+            `pages`) and each decode token's location (`token_locs`).
         host_buffer: optional preallocated host tensor to carve the host store from.
         kernel_impl: "auto" | "triton" | "torch" for the selection and attention kernels
             (default: "auto" on CUDA, "torch" on CPU).
@@ -93,6 +98,7 @@ class NosaRuntime:
         selection_policy: str = "nosa",
         gpu_only: bool = False,
         host_buffer: torch.Tensor | None = None,
+        page_pool: PagePool | None = None,
         kernel_impl: str | None = None,
         ck_dtype: torch.dtype = torch.float32,
         cuda_graphs: bool = False,
@@ -104,6 +110,8 @@ class NosaRuntime:
         knobs = (knobs or OffloadKnobs(gpu_slots=config.topk_blocks)).validate_for(config.topk_blocks)
         if selection_policy not in SELECTION_POLICIES:
             raise ValueError(f"selection_policy={selection_policy!r}: allowed values are {list(SELECTION_POLICIES)}")
+        if page_pool is not None and not gpu_only:
+            raise ValueError("page_pool: only with gpu_only=True (the offload mode keeps its own host store)")
         if max_requests < 1 or max_seq_len < 1:
             raise ValueError(f"max_requests={max_requests}, max_seq_len={max_seq_len}: allowed range is >= 1")
         self.max_gpu_slots = max(knobs.gpu_slots, max_gpu_slots or knobs.gpu_slots)
@@ -114,7 +122,13 @@ class NosaRuntime:
         L, H, d, bs = shape.num_layers, shape.num_kv_heads, shape.head_dim, config.block_size
         self.selection = SelectionState(L, max_requests, H, d, self.max_blocks * bs, config, shape.dtype, self.device,
                                         ck_dtype=ck_dtype)
-        if gpu_only:
+        self.pool_backed = page_pool is not None
+        self._host_table = None  # [rows, max_blocks] int32: host block (offload) or pool page of each block
+        if self.pool_backed:
+            self.slots = PoolResidency(page_pool, max_requests)
+            self.host = None
+            self._host_table = torch.full((max_requests, self.max_blocks), -1, dtype=torch.int32, device=self.device)
+        elif gpu_only:
             self.slots = FullResidency(L, max_requests, H, bs, d, shape.dtype, self.max_blocks, self.device)
             self.host = None
         else:
@@ -195,13 +209,15 @@ class NosaRuntime:
         return Admission(not reason, need, free, rows, reason, never)
 
     def begin_request(self, request_id: str, prompt_k, prompt_v, prompt_c,
-                      shared_prefix_blocks: list[int] | None = None) -> Admitted:
+                      shared_prefix_blocks: list[int] | None = None, pages: list[int] | None = None) -> Admitted:
         """Admit a request with its prompt's KV (per layer [T, Hkv, d], bias [T, Hkv]; any sequence indexed by
         layer: a list, a stacked [L, T, ...] tensor, or one that builds each layer when indexed, since
         layers are loaded one at a time). The first len(shared_prefix_blocks) full blocks are already in the host
         store (shared, not rewritten). Raises HostMemoryExhausted / GpuSlotsExhausted and then changes
         nothing; RequestTooLarge (changing nothing either) when the prompt needs more host blocks than
-        the store holds at all. The prompt's own attention is the caller's (prefill)."""
+        the store holds at all. The prompt's own attention is the caller's (prefill).
+        `pages` (page_pool mode, required there): the pool page of each of the prompt's blocks, which
+        already holds its K/V/c (prompt_v is not read)."""
         self._require_no_open_step("begin_request")
         if request_id in self._requests:
             raise RuntimeUsageError(f"request_id={request_id!r}: already running")
@@ -213,10 +229,16 @@ class NosaRuntime:
             raise ValueError(f"shared_prefix_blocks: {len(shared)} blocks; allowed range is "
                              f"[0, {T // self.config.block_size}]"
                              " full prompt blocks (and none in gpu_only mode)")
+        if self.pool_backed != (pages is not None):
+            raise ValueError("pages: " + ("required with a page_pool" if self.pool_backed else "only with a page_pool"))
+        if pages is not None and (len(pages) != self.config.num_blocks(T)
+                                  or not all(0 <= b < self.slots.pool.num_pages for b in pages)):
+            raise ValueError(f"pages: expected {self.config.num_blocks(T)} page ids in [0, {self.slots.pool.num_pages}),"
+                             f" got {len(pages)}")
         self._check_fits(T, self.config.num_blocks(T) - len(shared))
         if len(self._row_owner) >= self.max_requests:
             raise GpuSlotsExhausted(self.max_requests)
-        host_blocks: list[int] = []
+        host_blocks: list[int] = list(pages or [])
         if not self.gpu_only:
             host_blocks = self._take_host_blocks(request_id, self.config.num_blocks(T), shared)
             self.transfer.quiesce()
@@ -237,6 +259,8 @@ class NosaRuntime:
         benchmark can run more requests than the pinned store holds: the copies move the same bytes,
         from host addresses that several requests share."""
         self._require_no_open_step("begin_request_synthetic")
+        if self.pool_backed:
+            raise RuntimeUsageError("begin_request_synthetic: not with a page_pool (its pages hold the server's KV)")
         if request_id in self._requests:
             raise RuntimeUsageError(f"request_id={request_id!r}: already running")
         if not 1 <= num_tokens < self.max_seq_len:
@@ -278,7 +302,7 @@ class NosaRuntime:
                 self.slots.move_row(last, req.row)
                 self.selection.move_row(last, req.row)
                 self.counters.move_row(last, req.row)
-                if not self.gpu_only:
+                if self._host_table is not None:
                     self._host_table[req.row] = self._host_table[last]
                 mover.row = req.row
                 self._row_owner[req.row] = mover.request_id
@@ -312,10 +336,13 @@ class NosaRuntime:
         return self._req(request_id).seq_len
 
     # -- decode ----------------------------------------------------------------------------------------
-    def append(self, layer: int, request_ids, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor) -> None:
+    def append(self, layer: int, request_ids, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor,
+               token_locs: torch.Tensor | None = None) -> None:
         """Store one new token per request in `layer`: k, v [B, Hkv, d] (post-RoPE k), c [B, Hkv].
+        token_locs (page_pool mode, required there): [B] pool location of each new token (page *
+        block_size + offset; its offset must be the token's position modulo block_size).
         The first append of a step may raise HostMemoryExhausted (a new block) and then changes nothing."""
-        p = self._plan_for(tuple(request_ids), layer)
+        p = self._plan_for(tuple(request_ids), layer, token_locs)
         self._enter(p)
         self._decoder.append(layer, p, k, v, c)
         p.appended.add(layer)
@@ -332,7 +359,7 @@ class NosaRuntime:
         return o
 
     def decode(self, layer: int, request_ids, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               c: torch.Tensor) -> torch.Tensor:
+               c: torch.Tensor, token_locs: torch.Tensor | None = None) -> torch.Tensor:
         """`append(layer, ids, k, v, c)` then `attend(layer, ids, q)` in one call, the shape of an attention
         backend's decode (q, k, v come out of one projection): the same results, and with cuda_graphs
         one captured segment fewer per layer. Raises as append does, and then changes nothing.
@@ -344,14 +371,14 @@ class NosaRuntime:
         that micro-batch's step plan (built after the last admission, release or step boundary), and
         `step_boundary()` orders the calling stream after every stream that ran a layer (PlanStreams).
         The layer's inputs stay the caller's to order."""
-        p = self._plan_for(tuple(request_ids), layer)
+        p = self._plan_for(tuple(request_ids), layer, token_locs)
         self._enter(p)
         o = self._decoder.decode(layer, p, q, k, v, c)
         p.appended.add(layer)
         p.attended.add(layer)
         return o
 
-    def begin_step(self, request_ids) -> StepPlan:
+    def begin_step(self, request_ids, token_locs: torch.Tensor | None = None) -> StepPlan:
         """Open this step for the batch: its host side (new blocks, the step plan and its upload) before
         any layer runs. The first append()/decode() of a step does this itself; a caller that runs whole
         steps as one CUDA graph (StepGraphs) calls it before the replay, since a capture cannot hold it.
@@ -362,7 +389,7 @@ class NosaRuntime:
             if not self._step_complete():
                 raise RuntimeUsageError(f"begin_step: layers {sorted(p.appended)} of batch {ids} already ran this step")
             self.step_boundary()
-        return self._plan_for(ids, 0)
+        return self._plan_for(ids, 0, token_locs)
 
     def last_selection(self, layer: int) -> torch.Tensor | None:
         """[B, Hkv, topk_blocks] int32 blocks the last attend of `layer` selected (caller order)."""
@@ -469,7 +496,7 @@ class NosaRuntime:
         if self._ordered is not None:
             self._ordered.record()
 
-    def _plan_for(self, request_ids: tuple[str, ...], layer: int) -> StepPlan:
+    def _plan_for(self, request_ids: tuple[str, ...], layer: int, token_locs: torch.Tensor | None = None) -> StepPlan:
         p = self._plans.get(request_ids)
         if p is not None and layer in p.appended and self._step_complete():
             self.step_boundary()  # a new step began without an explicit boundary
@@ -495,10 +522,23 @@ class NosaRuntime:
         if self._ordered is not None:
             self._refuse_foreign_capture(f"batch {request_ids}")
             torch.cuda.current_stream().wait_event(self._ordered)
-        p = self._plans[request_ids] = self._build_plan(request_ids, reqs)
+        if self.pool_backed and (token_locs is None or tuple(token_locs.shape) != (len(reqs),)):
+            got = None if token_locs is None else list(token_locs.shape)
+            raise ValueError(f"token_locs: expected [{len(reqs)}] pool locations of the new tokens, got {got}")
+        p = self._plans[request_ids] = self._build_plan(request_ids, reqs, token_locs)
         return p
 
-    def _build_plan(self, request_ids, reqs) -> StepPlan:
+    def _map_token_pages(self, p: StepPlan, token_locs: torch.Tensor) -> None:
+        """page_pool mode: the table maps each new token's block to its page, and the token is written to
+        that page's run (device ops: the server chose the pages on the device)."""
+        locs = token_locs.to(self.device, torch.long)
+        if p.perm is not None:
+            locs = locs[p.perm]
+        pages = torch.div(locs, self.config.block_size, rounding_mode="floor")
+        self._host_table[p.rows, p.tail_blocks] = pages.int()
+        p.token_slots.copy_(pages[:, None] * self.shape.num_kv_heads + self._heads)
+
+    def _build_plan(self, request_ids, reqs, token_locs: torch.Tensor | None) -> StepPlan:
         bs, H = self.config.block_size, self.shape.num_kv_heads
         tails: list[int | None] = [None] * len(reqs)
         updates: list[tuple[int, int, int]] = []
@@ -527,7 +567,9 @@ class NosaRuntime:
         if self.gpu_only:
             for r in reqs:
                 self.slots.set_blocks(r.row, self.config.num_blocks(r.seq_len + 1))
-        if self._ordered is not None:
+        if self.pool_backed:
+            self._map_token_pages(p, token_locs)
+        if self._ordered is not None:  # NOTE: after every upload and table write of the plan
             uploaded = torch.cuda.Event()
             uploaded.record()
             p.streams = PlanStreams(torch.cuda.current_stream(), uploaded)
@@ -540,7 +582,8 @@ class NosaRuntime:
 
     @property
     def host_table(self) -> torch.Tensor:
-        """[rows, max_blocks] int32 host block of each (request row, logical block), -1 unmapped."""
+        """[rows, max_blocks] int32 host block (offload) or pool page (page_pool) of each (request row,
+        logical block), -1 unmapped; None in gpu_only mode without a page pool."""
         return self._host_table
 
     def _apply_knobs(self, new: OffloadKnobs) -> None:

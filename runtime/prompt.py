@@ -6,7 +6,8 @@
 - a warm start of the GPU slots straight from the device copy of the prompt (no PCIe): the partial
   tail block into the tail slot, then the blocks the first decode step will most likely select
   (forced sink/local blocks, then the highest eviction scores) into the regular slots.
-In gpu_only mode every block goes to its slot instead.
+In gpu_only mode every block goes to its slot instead, or, over a server's page pool, nowhere: the
+pages hold it, and the block table maps the request's blocks to them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,16 @@ if TYPE_CHECKING:
     from nosa_sglang.runtime.nosa_runtime import NosaRuntime
 
 
+def _layer_shape(seq, layer: int):
+    """A layer's shape (or its type's name if it is no tensor). A sequence that builds each layer when
+    indexed declares `layer_shape` instead: checking must not build every layer once more."""
+    shape = getattr(seq, "layer_shape", None)
+    if shape is not None:
+        return tuple(shape)
+    t = seq[layer]
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
 class PromptLoader:
     """Admission-time loading for one NosaRuntime (not the decode hot path)."""
 
@@ -34,13 +45,14 @@ class PromptLoader:
         for name, seq in (("prompt_k", prompt_k), ("prompt_v", prompt_v), ("prompt_c", prompt_c)):
             if len(seq) != s.num_layers:
                 raise ValueError(f"{name}: expected {s.num_layers} layers, got {len(seq)}")
-        T = int(prompt_k[0].shape[0])
+        first = _layer_shape(prompt_k, 0)
+        T = int(first[0]) if isinstance(first, tuple) and first else 0
         for layer in range(s.num_layers):
-            for name, t, shape in (("prompt_k", prompt_k[layer], (T, s.num_kv_heads, s.head_dim)),
-                                   ("prompt_v", prompt_v[layer], (T, s.num_kv_heads, s.head_dim)),
-                                   ("prompt_c", prompt_c[layer], (T, s.num_kv_heads))):
-                if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
-                    got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            for name, seq, shape in (("prompt_k", prompt_k, (T, s.num_kv_heads, s.head_dim)),
+                                     ("prompt_v", prompt_v, (T, s.num_kv_heads, s.head_dim)),
+                                     ("prompt_c", prompt_c, (T, s.num_kv_heads))):
+                got = _layer_shape(seq, layer)
+                if got != shape:
                     raise ValueError(f"{name}[{layer}]: expected shape {list(shape)}, got {got}")
         return T
 
@@ -53,9 +65,11 @@ class PromptLoader:
         self._reset_row(row, host_blocks, nb)
         for layer in range(rt.shape.num_layers):
             k = prompt_k[layer].to(dev, rt.shape.dtype)
-            v = prompt_v[layer].to(dev, rt.shape.dtype)
+            v = None if rt.pool_backed else prompt_v[layer].to(dev, rt.shape.dtype)
             c = prompt_c[layer].to(dev, torch.float32)
             rt.selection.load_prompt(layer, row, k, c)
+            if rt.pool_backed:
+                continue  # the pool's pages hold the prompt already
             runs = [self._stage(x, nb, bs) for x in (k, v, c)]
             if rt.gpu_only:
                 gids = rt.slots.slot_base(torch.tensor([row], device=dev))[0] + torch.arange(nb, device=dev)
@@ -93,7 +107,7 @@ class PromptLoader:
         rt = self.rt
         rt.slots.clear_row(row)
         rt.counters.clear_row(row)
-        if not rt.gpu_only:
+        if rt.host_table is not None:
             table = torch.full((rt.max_blocks,), -1, dtype=torch.int32)
             table[:nb] = torch.tensor(host_blocks, dtype=torch.int32)
             rt._host_table[row] = table.to(rt.device)

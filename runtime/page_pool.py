@@ -1,0 +1,75 @@
+"""PagePool: a serving engine's paged KV pool in NOSA's run layout, which the runtime decodes from in place.
+
+Why: a server (SGLang) keeps every token's K/V in a pool of pages, and a NOSA block is one page of
+`block_size` tokens. With the pool laid out as runs (per layer `kv[2, num_pages * Hkv + 1, block_size
+* head_dim]`, run id = page * Hkv + kv_head, as the host store and the slot cache are), the decode kernel
+reads a selected block straight from its page: NOSA fully on the GPU needs no second copy of the KV
+cache. `c` (the eviction bias, float32) sits beside each token in the same layout. The last run is the
+trash run (padding writes land there). A token's *location* is page * block_size + offset, SGLang's
+`out_cache_loc`.
+
+The same storage may live in pinned host memory (the host tier's layout); this class only indexes it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class PagePool:
+    """K/V/c of `num_pages` pages of every layer, in the run layout.
+
+    Args:
+        num_layers, num_kv_heads, head_dim, block_size, dtype: the KV shape.
+        num_pages: pages (page 0 included: SGLang writes padding tokens to location 0).
+        device: where the storage lives.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+                 num_pages: int, device: torch.device | str) -> None:
+        if num_pages < 1:
+            raise ValueError(f"num_pages={num_pages}: allowed range is >= 1")
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.block_size, self.dtype, self.num_pages = block_size, dtype, num_pages
+        self.device = torch.device(device)
+        runs = num_pages * num_kv_heads + 1
+        # NOTE: zero-filled so that a never-written token can never leak NaN/Inf through a masked load
+        self.kv = torch.zeros((2, num_layers, runs, block_size * head_dim), dtype=dtype, device=self.device)
+        self.c = torch.zeros((num_layers, runs, block_size), dtype=torch.float32, device=self.device)
+        self.trash_run = runs - 1
+        self._heads = torch.arange(num_kv_heads, device=self.device)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_pages * self.block_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size() + self.c.numel() * 4
+
+    def _runs_and_offsets(self, locs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[n, Hkv] run of each (token, head) and [n, 1] token offset in its run, in elements."""
+        locs = locs.to(self.device, torch.long)
+        page = torch.div(locs, self.block_size, rounding_mode="floor")
+        return page[:, None] * self.num_kv_heads + self._heads, (locs % self.block_size)[:, None]
+
+    def write_tokens(self, layer: int, locs: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     c: torch.Tensor | None = None) -> None:
+        """Store tokens at `locs` [n]: k, v [n, Hkv, d] (cast to the pool dtype), c [n, Hkv] (float32)."""
+        runs, off = self._runs_and_offsets(locs)
+        d = self.head_dim
+        for i, x in enumerate((k, v)):
+            self.kv[i, layer].view(-1, self.block_size, d)[runs, off] = x.to(self.dtype)
+        if c is not None:
+            self.c[layer][runs, off] = c.to(torch.float32)
+
+    def read_tokens(self, layer: int, locs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(k, v [n, Hkv, d], c [n, Hkv] float32) of the tokens at `locs` [n]."""
+        runs, off = self._runs_and_offsets(locs)
+        d = self.head_dim
+        k, v = (self.kv[i, layer].view(-1, self.block_size, d)[runs, off] for i in range(2))
+        return k, v, self.c[layer][runs, off]
+
+    def layer_views(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(k, v [runs, block_size * d], c [runs, block_size]) of one layer: the decode kernel's slots."""
+        return self.kv[0, layer], self.kv[1, layer], self.c[layer]

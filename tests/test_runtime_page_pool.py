@@ -1,0 +1,155 @@
+"""gpu_only decode from a server's page pool in place (PagePool + PoolResidency) equals gpu_only decode over
+the runtime's own copy, bit for bit, with pages scattered over the pool, requests ending in the middle of
+the batch (rows move) and the batch in another order than the rows; the pool holds every token's K/V/c
+where the server put it; and the API refuses what this mode cannot do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernel_checks import SMALL
+from test_runtime_equivalence import fresh_seed, random_prompt
+
+from nosa_sglang.runtime import ModelShape, NosaRuntime, OffloadKnobs, RuntimeUsageError
+from nosa_sglang.runtime.page_pool import PagePool
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SHAPE = ModelShape(2, 4, 2, 16, torch.float32)
+BS = SMALL.block_size
+
+
+class Server:
+    """What SGLang does around the runtime: pages from a shuffled free list, every prompt token written
+    to its page, a page for each decode token that opens a block."""
+
+    def __init__(self, pool: PagePool, g: torch.Generator) -> None:
+        self.pool = pool
+        self.free = torch.randperm(pool.num_pages - 1, generator=g).add(1).tolist()  # page 0: padding
+        self.pages: dict[str, list[int]] = {}
+        self.lens: dict[str, int] = {}
+
+    def admit(self, rid: str, ks, vs, cs) -> tuple[list[int], list[torch.Tensor]]:
+        T = ks[0].shape[0]
+        pages = [self.free.pop() for _ in range(SMALL.num_blocks(T))]
+        self.pages[rid], self.lens[rid] = pages, T
+        locs = self.locs(rid, T)
+        for layer in range(SHAPE.num_layers):
+            self.pool.write_tokens(layer, locs, ks[layer], vs[layer], cs[layer])
+        return pages, locs
+
+    def locs(self, rid: str, n: int) -> torch.Tensor:
+        pos = torch.arange(n)
+        return torch.tensor(self.pages[rid])[pos // BS] * BS + pos % BS
+
+    def decode_locs(self, rids: list[str]) -> torch.Tensor:
+        out = []
+        for rid in rids:
+            pos = self.lens[rid]
+            if pos % BS == 0:
+                self.pages[rid].append(self.free.pop())
+            out.append(self.pages[rid][pos // BS] * BS + pos % BS)
+            self.lens[rid] += 1
+        return torch.tensor(out)
+
+    def finish(self, rid: str) -> None:
+        self.free += self.pages.pop(rid)
+        del self.lens[rid]
+
+
+def runtimes(pool: PagePool | None, device: str = "cpu") -> NosaRuntime:
+    return NosaRuntime(SHAPE, SMALL, OffloadKnobs(gpu_slots=SMALL.topk_blocks), device=device, max_requests=4,
+                       max_seq_len=1024, gpu_only=True, page_pool=pool)
+
+
+def drive_both(seed: int, prompt_lens: list[int], steps: int, end_at: dict[int, str], order_every: int = 3,
+               device: str = "cpu"):
+    """Step a pool-backed and a copy-backed gpu_only runtime on the same inputs; return both outputs and
+    selections per (step, layer), and the pool, the server and the token mirror."""
+    g = torch.Generator().manual_seed(seed)
+    pool = PagePool(SHAPE.num_layers, SHAPE.num_kv_heads, SHAPE.head_dim, BS, SHAPE.dtype, num_pages=160,
+                    device=device)
+    server = Server(pool, g)
+    pooled, copied = runtimes(pool, device), runtimes(None, device)
+    mirror: dict[str, list[list[torch.Tensor]]] = {}
+    ids = [f"r{i}" for i in range(len(prompt_lens))]
+    for rid, T in zip(ids, prompt_lens):
+        ks, vs, cs = random_prompt(SHAPE, T, g, device)
+        pages, locs = server.admit(rid, ks, vs, cs)
+        read = [pool.read_tokens(layer, locs) for layer in range(SHAPE.num_layers)]
+        pooled.begin_request(rid, [r[0] for r in read], [r[1] for r in read], [r[2] for r in read], pages=pages)
+        copied.begin_request(rid, ks, vs, cs)
+        mirror[rid] = [[ks[layer], vs[layer], cs[layer]] for layer in range(SHAPE.num_layers)]
+    results = []
+    for step in range(steps):
+        if step in end_at:
+            rid = end_at[step]
+            for rt in (pooled, copied):
+                rt.end_request(rid)
+            server.finish(rid)
+            ids.remove(rid)
+        batch = ids[::-1] if step % order_every == 0 else list(ids)
+        locs = server.decode_locs(batch)
+        for layer in range(SHAPE.num_layers):
+            H, Hq, d = SHAPE.num_kv_heads, SHAPE.num_q_heads, SHAPE.head_dim
+            k, v = (torch.randn(len(batch), H, d, generator=g).to(device) for _ in range(2))
+            c = (0.1 + 2 * torch.rand(len(batch), H, generator=g)).to(device)
+            q = torch.randn(len(batch), Hq, d, generator=g).to(device)
+            outs = [rt.decode(layer, batch, q, k, v, c, token_locs=tl) for rt, tl in ((pooled, locs), (copied, None))]
+            sels = [rt.last_selection(layer).clone() for rt in (pooled, copied)]
+            results.append((outs, sels))
+            for j, rid in enumerate(batch):
+                m = mirror[rid][layer]
+                for i, x in enumerate((k, v, c)):
+                    m[i] = torch.cat((m[i], x[j : j + 1]))
+        for rt in (pooled, copied):
+            rt.step_boundary()
+    return results, pool, server, mirror, pooled
+
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_pool_backed_decode_equals_the_copy_bit_for_bit(device):
+    """On CUDA through the Triton kernels (the CPU run uses the torch statements)."""
+    results, pool, server, mirror, pooled = drive_both(fresh_seed(), [150, 161, 40, 97], steps=90,
+                                                       end_at={30: "r1", 60: "r0"}, device=device)
+    for (o_pool, o_copy), (s_pool, s_copy) in results:
+        assert torch.equal(s_pool, s_copy), "selections differ"
+        assert torch.equal(o_pool, o_copy), "outputs differ"
+    assert pooled.snapshot().totals.misses == 0
+    for rid, layers in mirror.items():
+        if rid not in server.lens:
+            continue
+        locs = server.locs(rid, server.lens[rid]).to(device)
+        for layer, (k, v, c) in enumerate(layers):
+            pk, pv, pc = pool.read_tokens(layer, locs)
+            assert torch.equal(pk, k) and torch.equal(pv, v) and torch.equal(pc, c), f"{rid} layer {layer}: pool"
+
+
+def test_pool_backed_mode_refuses_what_it_cannot_do():
+    g = torch.Generator().manual_seed(fresh_seed())
+    pool = PagePool(SHAPE.num_layers, SHAPE.num_kv_heads, SHAPE.head_dim, BS, SHAPE.dtype, num_pages=40, device="cpu")
+    with pytest.raises(ValueError, match="page_pool: only with gpu_only"):
+        NosaRuntime(SHAPE, SMALL, max_requests=2, host_capacity_bytes=1 << 20, page_pool=pool)
+    rt = runtimes(pool)
+    ks, vs, cs = random_prompt(SHAPE, 40, g, "cpu")
+    with pytest.raises(ValueError, match="pages: required"):
+        rt.begin_request("a", ks, vs, cs)
+    with pytest.raises(ValueError, match=r"pages: expected 3 page ids in \[0, 40\)"):
+        rt.begin_request("a", ks, vs, cs, pages=[1, 2, 40])
+    with pytest.raises(RuntimeUsageError, match="begin_request_synthetic"):
+        rt.begin_request_synthetic("a", 40)
+    assert rt.running_requests == ()
+    rt.begin_request("a", ks, vs, cs, pages=[1, 2, 3])
+    x = torch.randn(1, SHAPE.num_kv_heads, SHAPE.head_dim, generator=g)
+    q = torch.randn(1, SHAPE.num_q_heads, SHAPE.head_dim, generator=g)
+    c = torch.rand(1, SHAPE.num_kv_heads, generator=g) + 0.1
+    with pytest.raises(ValueError, match=r"token_locs: expected \[1\] pool locations"):
+        rt.decode(0, ["a"], q, x, x, c)
+    copied = runtimes(None)
+    with pytest.raises(ValueError, match="pages: only with a page_pool"):
+        copied.begin_request("a", ks, vs, cs, pages=[1, 2, 3])
