@@ -1,16 +1,19 @@
 """NosaAttnBackend: SGLang's attention backend `nosa` — exact NOSA prefill, decode through NosaRuntime.
 
 Data flow per layer (the model passes each token's eviction bias as `nosa_bias`):
-* every new token's k/v go into SGLang's KV pool and its `c` into `bias_pool` (same index): the pool
-  stays the complete record that the radix cache shares, chunked prefill extends and a retracted
-  request is rebuilt from;
+* every new token's k/v/c go into SGLang's KV pool, a NosaKVPool (NOSA's run layout, `c` beside each
+  token): the pool stays the complete record that the radix cache shares, chunked prefill extends and
+  a retracted request is rebuilt from;
 * extend (prefill, a chunk, or the rest of a prompt after a prefix hit): each request's new tokens
   attend their own NOSA selection over the whole sequence read from the pool (`q_start` = prefix);
 * decode: `RuntimeRequests.sync` has made the runtime hold exactly the batch, then
   `NosaRuntime.decode` does select -> residency diff -> fetch -> sparse attention, and the last layer
   closes the step (`step_boundary`, where knob changes from the control API take effect).
-This first version keeps SGLang's GPU KV pool as it is, so the pool (not host memory) still bounds how
-many tokens are admitted; the host store is sized to never run out before it does.
+  Fully on the GPU (`--nosa-offload off`) the runtime decodes from the pool's pages in place and writes
+  the decode token there itself; offloaded, it keeps the batch's KV in its host store and slot cache,
+  and the token also goes to the pool.
+The pool lives in GPU memory, so it (not host memory) still bounds how many tokens are admitted; the
+host store is sized to never run out before it does.
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ import logging
 import torch
 
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
-from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from nosa_sglang.config import NosaConfig
 from nosa_sglang.kernels.prefill_selection import select_blocks_prefill
 from nosa_sglang.kernels.sparse_prefill import sparse_prefill_attention
+from nosa_sglang.kv_pool import NosaKVPool
 from nosa_sglang.request_sync import RuntimeRequests
 from nosa_sglang.runtime.knobs import OffloadKnobs
 from nosa_sglang.runtime.nosa_runtime import NosaRuntime
@@ -65,6 +68,9 @@ class NosaAttnBackend(AttentionBackend):
         if page != self.nosa.block_size:
             raise NosaFlagError(f"--page-size={page}: must equal the model's NOSA block size {self.nosa.block_size}")
         self.kv_pool = model_runner.token_to_kv_pool
+        if not isinstance(self.kv_pool, NosaKVPool):
+            raise NosaFlagError(f"the KV pool is a {type(self.kv_pool).__name__}, not a NosaKVPool: start the server "
+                                "with `python -m nosa_sglang.launch_server --enable-nosa ...` (its plugin builds it)")
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
         tp = model_runner.ps.tp_size
         self.shape = ModelShape(mc.num_hidden_layers, mc.get_num_attention_heads(tp), mc.get_num_kv_heads(tp),
@@ -75,7 +81,7 @@ class NosaAttnBackend(AttentionBackend):
         max_requests = model_runner.req_to_token_pool.size
         host = 0 if not flags.offload else host_capacity_bytes(flags, self.shape, page, self.kv_pool.size, max_requests)
         self._allocate_gpu_state(flags, device, host, max_requests, mc.context_len)
-        self.requests = RuntimeRequests(self.runtime, self.kv_pool, self.bias_pool, self.req_to_token, page)
+        self.requests = RuntimeRequests(self.runtime, self.kv_pool, self.req_to_token, page)
         self.flags = flags
         args = model_runner.server_args
         self.metrics = None
@@ -90,27 +96,24 @@ class NosaAttnBackend(AttentionBackend):
 
     def _allocate_gpu_state(self, flags: NosaServerFlags, device: torch.device, host_bytes: int, max_requests: int,
                             context_len: int) -> None:
-        """The bias pool and the runtime, after SGLang sized its KV pool: running out of memory here is a
-        start-up error that names the flags sizing them."""
+        """The runtime, after SGLang sized its KV pool: running out of memory here is a start-up error that
+        names the flags sizing it."""
         slots = flags.slots or self.nosa.topk_blocks
         knobs = OffloadKnobs(gpu_slots=slots, transfer_mode=flags.transfer_mode, prefetch=flags.prefetch,
                              victim_policy=flags.victim_policy)
         before = _allocated(device)
         try:
-            # c of every pooled token, in the model dtype (the reference rounds c to it before use)
-            self.bias_pool = torch.zeros((self.kv_pool.size + self.nosa.block_size, self.shape.num_layers,
-                                          self.shape.num_kv_heads), dtype=self.shape.dtype, device=device)
             self.runtime = NosaRuntime(
                 self.shape, self.nosa, knobs, device=device, host_capacity_bytes=host_bytes,
                 max_requests=max_requests, max_seq_len=context_len + 1, max_gpu_slots=flags.max_slots or slots,
-                gpu_only=not flags.offload, ck_dtype=torch.float32 if flags.ck_dtype == "float32" else self.shape.dtype,
+                gpu_only=not flags.offload, page_pool=None if flags.offload else self.kv_pool.pages,
+                ck_dtype=torch.float32 if flags.ck_dtype == "float32" else self.shape.dtype,
             )
         except torch.OutOfMemoryError as e:
             raise NosaFlagError(
                 f"the NOSA GPU state ({max_requests} request rows x {flags.max_slots or slots} slots, context "
-                f"{context_len}, c of {self.kv_pool.size} pooled tokens) does not fit next to the KV pool: lower "
-                "--max-running-requests, --nosa-max-slots, --context-length or --mem-fraction-static, or pass "
-                "--nosa-ck-dtype model") from e
+                f"{context_len}) does not fit next to the KV pool: lower --max-running-requests, --nosa-max-slots, "
+                "--context-length or --mem-fraction-static, or pass --nosa-ck-dtype model") from e
         self.gpu_bytes = _allocated(device) - before
 
     # -- metadata ----------------------------------------------------------------------------------------
@@ -140,21 +143,18 @@ class NosaAttnBackend(AttentionBackend):
             raise RuntimeError(f"layer {layer.layer_id}: the NOSA backend needs the model's eviction bias "
                                "(nosa_bias); serve a NosaLlamaForCausalLM / SparseLlamaForCausalLM checkpoint")
         if save_kv_cache:
-            loc = forward_batch.out_cache_loc
-            self.kv_pool.set_kv_buffer(layer, KVWriteLoc(loc), k, v)
-            self.bias_pool[loc, layer.layer_id] = c.to(self.bias_pool.dtype)
+            hkv, d = layer.tp_k_head_num, layer.head_dim
+            self.kv_pool.store(layer.layer_id, forward_batch.out_cache_loc, k.view(-1, hkv, d), v.view(-1, hkv, d), c)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, nosa_bias=None, **kwargs):
         self._store(layer, forward_batch, k, v, nosa_bias, save_kv_cache)
         hq, d, lid = layer.tp_q_head_num, layer.head_dim, layer.layer_id
         q3 = q.view(-1, hq, d)
         out = torch.empty_like(q3)
-        keys, values = self.kv_pool.get_key_buffer(lid), self.kv_pool.get_value_buffer(lid)
         impl = self.runtime.impl
         start = 0
         for idx, prefix, n in self._extends:
-            locs = self.req_to_token[idx, : prefix + n].long()
-            kk, vv, cc = keys[locs], values[locs], self.bias_pool[locs, lid].float()
+            kk, vv, cc = self.kv_pool.read(lid, self.req_to_token[idx, : prefix + n])
             qq = q3[start : start + n]
             sel = select_blocks_prefill(qq, kk, cc, self.nosa, impl=impl, q_start=prefix)
             out[start : start + n] = sparse_prefill_attention(qq, kk, vv, cc, sel, self.nosa.block_size,
@@ -163,11 +163,16 @@ class NosaAttnBackend(AttentionBackend):
         return out.view(-1, hq * d)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, nosa_bias=None, **kwargs):
-        self._store(layer, forward_batch, k, v, nosa_bias, save_kv_cache)
+        pool_backed = self.runtime.pool_backed
+        if not pool_backed:  # NOTE: pool-backed, the runtime writes the token to its page itself
+            self._store(layer, forward_batch, k, v, nosa_bias, save_kv_cache)
+        elif nosa_bias is None or not save_kv_cache:
+            raise RuntimeError(f"layer {layer.layer_id}: decode needs the eviction bias and the KV write")
         hq, hkv, d, lid = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim, layer.layer_id
         b = q.shape[0]
         o = self.runtime.decode(lid, self._decode_ids, q.reshape(b, hq, d), k.reshape(b, hkv, d),
-                                v.reshape(b, hkv, d), nosa_bias.float())
+                                v.reshape(b, hkv, d), nosa_bias.float(),
+                                token_locs=forward_batch.out_cache_loc if pool_backed else None)
         if lid == self.shape.num_layers - 1:
             self._close_step()
         return o.reshape(b, hq * d)

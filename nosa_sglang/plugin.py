@@ -4,7 +4,8 @@ SGLang calls `register()` in every process that loads plugins (the launcher, eac
 nothing unless `nosa_sglang.launch_server --enable-nosa` put the NOSA flags in the environment, so
 installing this package never changes a plain SGLang server. When active it registers, once per
 process: the attention backend `nosa` (and makes `--attention-backend nosa` parse), the model classes
-`NosaLlamaForCausalLM` / `SparseLlamaForCausalLM`, and the scheduler hooks (idle housekeeping, the
+`NosaLlamaForCausalLM` / `SparseLlamaForCausalLM`, the KV pool in NOSA's layout (`kv_pool.NosaKVPool`,
+built where SGLang builds its MHA pool) and the scheduler hooks (idle housekeeping, the
 counters in `/server_info`).
 """
 
@@ -29,6 +30,7 @@ def register() -> bool:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     from nosa_sglang.backend import create_nosa_backend
+    from nosa_sglang.kv_pool import BUILD_MHA_POOL, build_mha_pool
     from nosa_sglang.models.nosa_llama import EntryClass
     from nosa_sglang.scheduler_control import add_internal_state, on_scheduler_idle
 
@@ -37,6 +39,7 @@ def register() -> bool:
     ATTENTION_BACKENDS[BACKEND_NAME] = create_nosa_backend
     for cls in EntryClass:
         ModelRegistry.models[cls.__name__] = cls
+    HookRegistry.register(BUILD_MHA_POOL, build_mha_pool, HookType.AROUND)
     scheduler = "sglang.srt.managers.scheduler.Scheduler"
     HookRegistry.register(f"{scheduler}.on_idle", on_scheduler_idle, HookType.AFTER)
     HookRegistry.register(f"{scheduler}.get_internal_state", add_internal_state, HookType.AFTER)

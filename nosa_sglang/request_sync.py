@@ -56,31 +56,44 @@ class PageBlocks:
         return len(self._block)
 
 
-class LayerGather(Sequence):
-    """One request's tokens of each layer, gathered from that layer's pool buffer when indexed.
+class PoolPrompt:
+    """One request's tokens in the pool, read one layer at a time: `.k`, `.v`, `.c` are sequences over
+    layers (what `NosaRuntime.begin_request` takes) that read a layer's k, v and c together when one of
+    them is indexed and keep only that layer. The runtime loads a prompt layer by layer; all layers at
+    once would be L times one layer (17 GiB of K and V for an 8B model at 128K)."""
 
-    The runtime loads a prompt layer by layer, so only one layer's copy is alive at a time; all layers
-    at once would be L times that (17 GiB of K and V for an 8B model at 128K).
-    """
+    def __init__(self, num_layers: int, read, locs: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
+        self.num_layers, self.read, self.locs = num_layers, read, locs
+        n = int(locs.shape[0])
+        self._layer, self._kvc = -1, ()
+        self.k, self.v = (_LayerView(self, i, (n, num_kv_heads, head_dim)) for i in range(2))
+        self.c = _LayerView(self, 2, (n, num_kv_heads))
 
-    def __init__(self, num_layers: int, buffer_of, locs: torch.Tensor) -> None:
-        self.num_layers, self.buffer_of, self.locs = num_layers, buffer_of, locs
-
-    def __len__(self) -> int:
-        return self.num_layers
-
-    def __getitem__(self, layer: int) -> torch.Tensor:
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not 0 <= layer < self.num_layers:
             raise IndexError(layer)
-        return self.buffer_of(layer)[self.locs]
+        if layer != self._layer:
+            self._layer, self._kvc = layer, ()  # NOTE: drop the previous layer before reading the next
+            self._kvc = self.read(layer, self.locs)
+        return self._kvc
+
+
+class _LayerView(Sequence):
+    def __init__(self, prompt: PoolPrompt, index: int, layer_shape: tuple[int, ...]) -> None:
+        self.prompt, self.index, self.layer_shape = prompt, index, layer_shape
+
+    def __len__(self) -> int:
+        return self.prompt.num_layers
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        return self.prompt.layer(layer)[self.index]
 
 
 class RuntimeRequests:
     """Begins and ends runtime requests so that they match each decode batch (see the module doc)."""
 
-    def __init__(self, runtime: NosaRuntime, kv_pool, bias_pool: torch.Tensor, req_to_token: torch.Tensor,
-                 page_size: int) -> None:
-        self.runtime, self.kv_pool, self.bias_pool = runtime, kv_pool, bias_pool
+    def __init__(self, runtime: NosaRuntime, kv_pool, req_to_token: torch.Tensor, page_size: int) -> None:
+        self.runtime, self.kv_pool = runtime, kv_pool
         self.req_to_token, self.page_size = req_to_token, page_size
         self.pages = PageBlocks()
         self.begun = 0  # requests begun since start (a retracted request counts again)
@@ -115,13 +128,14 @@ class RuntimeRequests:
     def _begin(self, rid: str, req_pool_idx: int, n_tokens: int) -> None:
         rt = self.runtime
         locs = self.req_to_token[req_pool_idx, :n_tokens].long()
-        L = rt.shape.num_layers
-        k = LayerGather(L, self.kv_pool.get_key_buffer, locs)
-        v = LayerGather(L, self.kv_pool.get_value_buffer, locs)
-        c = LayerGather(L, lambda layer: self.bias_pool[:, layer], locs)
-        full = n_tokens // self.page_size
-        pages = (locs[: full * self.page_size : self.page_size] // self.page_size).tolist() if not rt.gpu_only else []
-        shared = self.pages.shared_prefix(pages)
-        admitted = rt.begin_request(rid, k, v, c, shared_prefix_blocks=shared)
-        self.pages.add(rid, pages, admitted.host_blocks[:full])
+        s = rt.shape
+        prompt = PoolPrompt(s.num_layers, self.kv_pool.read, locs, s.num_kv_heads, s.head_dim)
+        pages = (locs[:: self.page_size] // self.page_size).tolist()
+        if rt.pool_backed:
+            rt.begin_request(rid, prompt.k, prompt.v, prompt.c, pages=pages)
+        else:
+            full = n_tokens // self.page_size
+            shared = self.pages.shared_prefix(pages[:full])
+            admitted = rt.begin_request(rid, prompt.k, prompt.v, prompt.c, shared_prefix_blocks=shared)
+            self.pages.add(rid, pages[:full], admitted.host_blocks[:full])
         self.begun += 1

@@ -1,7 +1,7 @@
 """The `nosa` attention backend inside SGLang's real KV pool and request pool, against the reference.
 
 A small simulated scheduler drives NosaAttnBackend the way SGLang's ModelRunner does: it allocates
-pages of 64-token-like blocks (here SMALL's 16) from SGLang's MHATokenToKVPool, writes req_to_token
+pages of 64-token-like blocks (here SMALL's 16) from the NosaKVPool SGLang builds, writes req_to_token
 rows in SGLang's ReqToTokenPool, prefills in chunks and with a radix-cache prefix hit (shared pages),
 and decodes a changing batch (a request finishes, one joins). Every layer's output of every forward is
 checked against the reference NOSA attention over the full sequence. Offloading (and where a request
@@ -26,6 +26,7 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool  #
 from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
 
 from nosa_sglang.backend import NosaAttnBackend, host_capacity_bytes  # noqa: E402
+from nosa_sglang.kv_pool import NosaKVPool  # noqa: E402
 from nosa_sglang.runtime.types import ModelShape  # noqa: E402
 
 L, HQ, HKV, D = 2, 4, 2, 16
@@ -33,8 +34,8 @@ PAGE = SMALL.block_size
 POOL_TOKENS = 64 * PAGE
 
 
-def make_runner(pool_tokens: int = POOL_TOKENS, requests: int = 4):
-    kv = MHATokenToKVPool(pool_tokens, PAGE, torch.float32, HKV, D, L, "cpu", False)
+def make_runner(pool_tokens: int = POOL_TOKENS, requests: int = 4, pool_class=NosaKVPool):
+    kv = pool_class(pool_tokens, PAGE, torch.float32, HKV, D, L, "cpu", False)
     reqs = ReqToTokenPool(requests, 1024, "cpu", False)
     hf = SimpleNamespace(nosa=SMALL.to_dict())
     mc = SimpleNamespace(hf_config=hf, num_hidden_layers=L, head_dim=D, context_len=1024,
@@ -146,6 +147,9 @@ def test_backend_equals_reference_through_chunks_prefix_hits_and_batch_changes(g
     for _ in range(20):
         sched.forward(ForwardMode.DECODE, [(a, 1), (b, 1)])
     assert set(rt.running_requests) == {"a", "b"}
+    assert rt.pool_backed == (not offload)
+    if not offload:  # decoding from the pool's pages: a's and b's first 4 blocks are the same pages
+        assert torch.equal(rt.host_table[rt._req("a").row, :4], rt.host_table[rt._req("b").row, :4])
     if offload:  # b's first 4 blocks are a's host blocks
         assert rt.host_blocks("b")[:4] == rt.host_blocks("a")[:4]
         assert rt.host.used_blocks == SMALL.num_blocks(a.n) + SMALL.num_blocks(b.n) - 4
@@ -201,15 +205,48 @@ def test_host_capacity_covers_the_pool_or_names_the_flag():
         host_capacity_bytes(NosaServerFlags(host_memory_gb=1e-6), shape, PAGE, 10 * PAGE, 2)
 
 
-def test_layer_gather_builds_one_layer_at_a_time():
-    from nosa_sglang.request_sync import LayerGather
+def test_pool_prompt_reads_one_layer_at_a_time():
+    from nosa_sglang.request_sync import PoolPrompt
 
     calls = []
-    buffers = [torch.arange(10.0) * (i + 1) for i in range(3)]
-    g = LayerGather(3, lambda layer: calls.append(layer) or buffers[layer], torch.tensor([1, 4]))
-    assert len(g) == 3 and torch.equal(g[2], torch.tensor([3.0, 12.0])) and calls == [2]
+
+    def read(layer, locs):
+        calls.append(layer)
+        return tuple(torch.full((len(locs), HKV, D)[: 3 - (i == 2)], float(layer * 10 + i)) for i in range(3))
+
+    p = PoolPrompt(3, read, torch.tensor([1, 4]), HKV, D)
+    assert len(p.k) == 3 and p.k.layer_shape == (2, HKV, D) and p.c.layer_shape == (2, HKV)
+    assert float(p.v[2][0, 0, 0]) == 21.0 and float(p.k[2][0, 0, 0]) == 20.0 and float(p.c[2][0, 0]) == 22.0
+    assert calls == [2]  # k, v and c of a layer come from one read
+    assert float(p.k[0][0, 0, 0]) == 0.0 and calls == [2, 0]
     with pytest.raises(IndexError):
-        g[3]
+        p.k[3]
+
+
+def test_backend_refuses_sglangs_own_pool():
+    with pytest.raises(NosaFlagError, match="MHATokenToKVPool, not a NosaKVPool"):
+        NosaAttnBackend(make_runner(pool_class=MHATokenToKVPool), NosaServerFlags())
+
+
+def test_nosa_pool_keeps_tokens_where_sglang_puts_them(gen):
+    """set_kv_buffer (SGLang's write) and store (with c) land in the run of the token's page, at its offset;
+    read returns them; get_kv_size_bytes counts K, V and c."""
+    pool = NosaKVPool(8 * PAGE, PAGE, torch.float32, HKV, D, L, "cpu", False)
+    locs = torch.tensor([PAGE + 3, 5 * PAGE, 8 * PAGE + PAGE - 1])
+    k, v = torch.randn(3, HKV, D, generator=gen), torch.randn(3, HKV, D, generator=gen)
+    c = torch.rand(3, HKV, generator=gen) + 0.1
+    pool.set_kv_buffer(RadixAttention(HQ, D, D ** -0.5, HKV, layer_id=1), locs, k.view(3, -1), v)
+    rk, rv, rc = pool.read(1, locs)
+    assert torch.equal(rk, k) and torch.equal(rv, v) and not rc.any()
+    pool.store(0, locs, v, k, c)
+    rk, rv, rc = pool.read(0, locs)
+    assert torch.equal(rk, v) and torch.equal(rv, k) and torch.equal(rc, c)
+    runs = pool.get_key_buffer(1).view(-1, PAGE, D)
+    assert torch.equal(runs[1 * HKV + 1, 3], k[0, 1]) and torch.equal(runs[8 * HKV + 0, PAGE - 1], k[2, 0])
+    runs = 9 * HKV + 1  # pages 0..8 and the trash run
+    assert pool.get_kv_size_bytes() == (L * runs * PAGE * D * 4, L * runs * PAGE * (D + 1) * 4)
+    with pytest.raises(ValueError, match="size=20: must be a multiple of page_size"):
+        NosaKVPool(20, PAGE, torch.float32, HKV, D, L, "cpu", False)
 
 
 def test_gpu_state_that_does_not_fit_names_the_flags_that_size_it(monkeypatch):

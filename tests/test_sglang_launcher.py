@@ -121,7 +121,8 @@ PLUGIN_PROBE = (
     "from sglang.srt import server_args\n"
     "from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS\n"
     "from sglang.srt.models.registry import ModelRegistry\n"
-    "hooked = 'sglang.srt.managers.scheduler.Scheduler.on_idle' in HookRegistry._hooks\n"
+    "hooked = all(t in HookRegistry._hooks for t in ('sglang.srt.managers.scheduler.Scheduler.on_idle',\n"
+    "    'sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_mha_kv_pool'))\n"
     "print('RESULT', 'nosa' in ATTENTION_BACKENDS, 'nosa' in server_args.ATTENTION_BACKEND_CHOICES,"
     " getattr(ModelRegistry.models.get('NosaLlamaForCausalLM'), '__module__', None), hooked,"
     " ModelRegistry.models['LlamaForCausalLM'].__module__)\n"
@@ -136,6 +137,16 @@ def test_plugin_is_inactive_unless_nosa_is_enabled():
 def test_plugin_registers_through_the_entry_point_when_enabled():
     r = run_python(PLUGIN_PROBE, env={ENV_VAR: NosaServerFlags().to_env()})
     assert "RESULT True True nosa_sglang.models.nosa_llama True sglang.srt.models.llama" in r.stdout, r.stderr[-3000:]
+
+
+def test_the_pool_hook_builds_a_nosa_pool_with_sglangs_sizes():
+    from nosa_sglang.kv_pool import NosaKVPool, build_mha_pool
+
+    seen = []
+    out = build_mha_pool(lambda cfg, **kw: seen.append((cfg, kw)) or "pool", "configurator",
+                         max_total_num_tokens=4096, mha_pool_class=object)
+    assert out == "pool" and seen == [("configurator", {"max_total_num_tokens": 4096, "mha_pool_class": NosaKVPool,
+                                                         "quant_method": None})]
 
 
 def test_nosa_tensor_check_names_the_tensor():
