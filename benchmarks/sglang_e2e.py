@@ -114,6 +114,23 @@ def margin(top2) -> float:
     return lp[0] - lp[1] if len(lp) > 1 else float("inf")
 
 
+#: a top-2 logprob margin (nats) under which bf16 rounding may decide the greedy token
+NEAR_TIE = 0.05
+NEAR_TIE_NOTE = "near tie after other prefill batching"
+
+
+def near_tie_after_other_batching(a: dict, b: dict, i: int, step: int) -> str:
+    """Why two runs' request i first differs at `step`. Accepted only when the runs prefilled in other
+    batches (the radix cache served a different number of tokens: concurrent arrivals are timed by the
+    OS), which rounds bf16 activations differently, and both runs' top-2 margins there are near ties.
+    Runs with the same batching must agree token for token."""
+    margins = [margin(r["top2"][i][step]) for r in (a, b) if step < len(r["top2"][i])]
+    note = f"request {i} step {step} (margins {', '.join(f'{m:.3f}' for m in margins)}; cached {a['cached']} vs {b['cached']})"
+    if a["cached"] != b["cached"] and margins and max(margins) <= NEAR_TIE:
+        return f"{note}: {NEAR_TIE_NOTE}"
+    return note
+
+
 def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[int, int, list[int]]:
     """(requests equal, tokens equal at the same step, (request, first differing step) of each unequal one)."""
     first = [(i, next((j for j, (x, y) in enumerate(zip(p, q)) if x != y), min(len(p), len(q))))
@@ -257,19 +274,22 @@ def main() -> int:
             details.append(Path(res["log"]).read_text()[-4000:])
             continue
         for r, rd in enumerate(res["rounds"]):
-            served[(name, r)] = rd["tokens"]
+            served[(name, r)] = rd
             same_req, same_tok, first = agreement(rd["tokens"], ref)
             margins = [f"{step}: {margin(rd['top2'][i][step]):.3f}" for i, step in first]
             lines.append(f"| {name} | {r + 1} | {res['startup_s']:.0f} | {rd['wall_s']:.1f} | {rd['cached']} | "
                          f"{same_req}/{len(ref)} | {same_tok}/{n_tok} | {', '.join(margins) or '-'} |")
         details.append(f"### {name}\n\n`{res['cmd']}`\n\n```\n" + "\n".join(res["ctl"]) + "```\n")
     ok = len(served) == len(configs) * args.rounds
+    base = ("gpu_only", 0)
     for key in sorted(served):  # offloading, and where a request's prefix came from, must change no token
-        if key != ("gpu_only", 0) and ("gpu_only", 0) in served:
-            same_req, same_tok, first = agreement(served[key], served[("gpu_only", 0)])
+        if key != base and base in served:
+            a, b = served[key], served[base]
+            same_req, same_tok, first = agreement(a["tokens"], b["tokens"])
+            excused = [near_tie_after_other_batching(a, b, i, step) for i, step in first]
             lines.append(f"| {key[0]} round {key[1] + 1} vs gpu_only round 1 | | | | | {same_req}/{len(ref)} | "
-                         f"{same_tok}/{n_tok} | {[step for _, step in first] or '-'} |")
-            ok &= same_req == len(ref)
+                         f"{same_tok}/{n_tok} | {'; '.join(excused) or '-'} |")
+            ok &= all(e.endswith(NEAR_TIE_NOTE) for e in excused)
     if args.serving:
         details += ["### serving (tokenizer on, offload)", "", *serving_checks(args, ckpt, workdir), ""]
     text = "\n".join(lines) + "\n\n" + "\n".join(details)
