@@ -108,6 +108,7 @@ class NosaAttnBackend(AttentionBackend):
                 max_requests=max_requests, max_seq_len=context_len + 1, max_gpu_slots=flags.max_slots or slots,
                 gpu_only=not flags.offload, page_pool=None if flags.offload else self.kv_pool.pages,
                 ck_dtype=torch.float32 if flags.ck_dtype == "float32" else self.shape.dtype,
+                cuda_graphs=flags.graphs and device.type == "cuda",
             )
         except torch.OutOfMemoryError as e:
             raise NosaFlagError(
@@ -154,7 +155,7 @@ class NosaAttnBackend(AttentionBackend):
         impl = self.runtime.impl
         start = 0
         for idx, prefix, n in self._extends:
-            kk, vv, cc = self.kv_pool.read(lid, self.req_to_token[idx, : prefix + n])
+            kk, vv, cc = self.kv_pool.read_sequence(lid, self.req_to_token[idx, : prefix + n])
             qq = q3[start : start + n]
             sel = select_blocks_prefill(qq, kk, cc, self.nosa, impl=impl, q_start=prefix)
             out[start : start + n] = sparse_prefill_attention(qq, kk, vv, cc, sel, self.nosa.block_size,
