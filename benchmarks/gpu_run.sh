@@ -62,5 +62,10 @@ for what in "$@"; do case $what in
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl-sglang/*.whl 2>&1 \
       | grep -v -i warning
     PYTHONSAFEPATH=1 step sglang_e2e ${E2E_LIMIT:-500} python3 benchmarks/sglang_e2e.py ${E2E_ARGS:-} --logs $OUT/e2e_logs --out $OUT/sglang_e2e.md ;;
+  serve)  # serving throughput, NOSA server vs stock SGLang on the same weights (needs .whl-sglang, as sglang-e2e)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl-sglang/*.whl 2>&1 \
+      | grep -v -i warning
+    PYTHONSAFEPATH=1 step serve ${SERVE_LIMIT:-560} python3 benchmarks/serve_throughput.py ${SERVE_ARGS:-} --logs $OUT/serve_logs ${SERVE_PROFILE:+--profile-dir $OUT/profiles} \
+      --out $OUT/serve_throughput.md ;;
   *) echo "unknown step $what"; exit 2 ;;
 esac; done

@@ -1,0 +1,189 @@
+"""Serving throughput: the NOSA SGLang server against the same weights served densely by stock SGLang.
+
+One generated NOSA checkpoint (random weights, nonzero `A`; a Llama-3.2-1B-like shape by default) is
+served by, one after the other on the same GPU:
+  dense         stock `python -m sglang.launch_server`, the weights loaded as plain Llama (the eviction
+                head's tensors are ignored), triton attention, CUDA graphs on: SGLang as users run it;
+  nosa          `python -m nosa_sglang.launch_server --enable-nosa --nosa-offload off`: NOSA decoding from
+                the KV pool's pages (SGLang's CUDA graphs off; the runtime replays each layer's work as
+                graphs, `--nosa-graphs on`);
+  nosa_offload  the same with the host tier (`--nosa-offload on`).
+For each prompt length, N concurrent requests of random token ids (no shared prefix) are sent several
+times: with one output token (prefill; it also fills the radix cache), with 4 (warm-up: kernel compiles
+and graph captures for this batch), then timed with 2 and with `--output-tokens` tokens (greedy,
+ignore_eos). The cached passes prefill only each prompt's last page. Output tokens/s of the whole pass
+= N * output_tokens / wall; it includes what each request pays once (the extend of its last page over
+the cached prefix and its first decode step, which admits it to the NOSA runtime), which the 2-token
+pass measures, so the steady decode step is (t_all - t_2) / (output_tokens - 2). GPU memory is read from
+nvidia-smi while the server idles after the passes; NOSA's hit rate and H2D bytes of the timed pass
+from /server_info.
+
+    python3 benchmarks/serve_throughput.py --prompt-tokens 16384,32768 --requests 32 --out serve.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sglang_e2e import get, post, stop_server, wait_healthy  # noqa: E402 (PYTHONSAFEPATH drops this folder)
+
+from nosa_sglang.reference.checkpoint import make_tiny_checkpoint  # noqa: E402
+from nosa_sglang.reference.llama_config import LlamaShape  # noqa: E402
+
+SHAPES = {
+    # Llama-3.2-1B's attention and MLP (16 layers, 32 query / 8 KV heads of 64), a byte-sized vocabulary
+    "1b": LlamaShape(vocab_size=259, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072),
+    "small": LlamaShape(vocab_size=259, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                        num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=131072),
+}
+CONFIGS = ("dense", "nosa", "nosa_offload")
+
+
+def server_cmd(config: str, ckpt: Path, port: int, args) -> list[str]:
+    common = ["--model-path", str(ckpt), "--dtype", "bfloat16", "--port", str(port), "--skip-tokenizer-init",
+              "--mem-fraction-static", str(args.mem_fraction), "--max-running-requests", str(args.requests),
+              # NOTE: one KV capacity for every configuration (the host store of nosa_offload is sized by it)
+              "--max-total-tokens", str(int(1.1 * args.requests * (max(args.prompt_tokens) + args.output_tokens + 64))),
+              "--context-length", str(max(args.prompt_tokens) + args.output_tokens + 64),
+              "--sampling-backend", "pytorch", "--mm-feature-transport", "cpu", *args.extra.split()]
+    if config == "dense":
+        override = json.dumps({"architectures": ["LlamaForCausalLM"]})
+        return [sys.executable, "-m", "sglang.launch_server", "--attention-backend", "triton",
+                "--json-model-override-args", override, *common]
+    offload = "on" if config == "nosa_offload" else "off"
+    return [sys.executable, "-m", "nosa_sglang.launch_server", "--enable-nosa", "--nosa-offload", offload, *common]
+
+
+def gpu_memory_used_mib() -> int:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, timeout=30).stdout.split()
+    return int(out[0]) if out else -1
+
+
+def nosa_counters(url: str) -> dict:
+    """NOSA's cumulative hits, misses and H2D bytes ({} on the dense server)."""
+    nosa = get(f"{url}/server_info")["internal_states"][0].get("nosa", {})
+    return {k: nosa[k] for k in ("hits", "misses", "bytes_h2d") if k in nosa}
+
+
+def send(url: str, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[dict]]:
+    sp = {"temperature": 0.0, "max_new_tokens": new_tokens, "ignore_eos": True}
+    t0 = time.time()
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        outs = list(pool.map(lambda p: post(f"{url}/generate", {"input_ids": p, "sampling_params": sp}, 1800),
+                             prompts))
+    return time.time() - t0, outs
+
+
+def run_config(config: str, ckpt: Path, args, workdir: Path) -> list[dict]:
+    url = f"http://127.0.0.1:{args.port}"
+    cmd = server_cmd(config, ckpt, args.port, args)
+    log = open(workdir / f"server_{config}.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    rows = []
+    try:
+        startup = wait_healthy(url, proc, args.startup_s)
+        info = get(f"{url}/server_info")
+        pool_tokens = info.get("max_total_num_tokens")
+        print(f"{config}: up in {startup:.0f} s, KV pool {pool_tokens} tokens", flush=True)
+        for P in args.prompt_tokens:
+            g = torch.Generator().manual_seed(P)
+            prompts = [torch.randint(3, 259, (P,), generator=g).tolist() for _ in range(args.requests)]
+            prefill_s, _ = send(url, prompts, 1)
+            send(url, prompts, 4)  # NOTE: a short decode first: kernel compiles and graph captures of this batch
+            fixed_s, _ = send(url, prompts, 2)  # the tail's extend, the first decode step (admission) and one more
+            before = nosa_counters(url)
+            decode_s, outs = send(url, prompts, args.output_tokens)
+            step_s = (decode_s - fixed_s) / (args.output_tokens - 2)
+            cached = sum(o["meta_info"].get("cached_tokens", 0) for o in outs)
+            nosa = {k: v - before.get(k, 0) for k, v in nosa_counters(url).items()}  # the decode pass's
+            looked_up = nosa.get("hits", 0) + nosa.get("misses", 0)
+            row = {"config": config, "P": P, "N": args.requests, "pool_tokens": pool_tokens, "prefill_s": prefill_s,
+                   "decode_s": decode_s, "cached": cached, "tok_s": args.requests * args.output_tokens / decode_s,
+                   "tpot_ms": 1e3 * decode_s / args.output_tokens, "fixed_s": fixed_s, "step_ms": 1e3 * step_s,
+                   "steady_tok_s": args.requests / step_s, "gpu_mib": gpu_memory_used_mib(),
+                   "hit_rate": nosa["hits"] / looked_up if looked_up else None, "h2d_bytes": nosa.get("bytes_h2d")}
+            print(row, flush=True)
+            rows.append(row)
+            if args.profile_dir:  # torch profiler traces of a few decode steps (SGLang writes them, gzipped)
+                out_dir = Path(args.profile_dir) / f"{config}_{P}"
+                body = json.dumps({"output_dir": str(out_dir), "num_steps": 4, "activities": ["CPU", "GPU"]}).encode()
+                urllib.request.urlopen(urllib.request.Request(f"{url}/start_profile", data=body, headers={
+                    "Content-Type": "application/json"}), timeout=60).read()  # NOTE: answers in plain text
+                send(url, prompts, 8)
+    except Exception as e:  # noqa: BLE001 - report the failure and the log tail, keep the other configs
+        rows.append({"config": config, "error": f"{type(e).__name__}: {e}",
+                     "log": (workdir / f"server_{config}.log").read_text()[-3000:]})
+    finally:
+        stop_server(proc)
+        log.close()
+    rows.append({"config": config, "cmd": " ".join(cmd[1:])})
+    return rows
+
+
+def table(rows: list[dict], args) -> str:
+    lines = ["| prompt tokens | config | requests | KV pool tokens | prefill pass s | 2-token pass s | decode pass s "
+             "| cached tokens | output tok/s | vs dense | steady step ms | steady tok/s | vs dense | GPU MiB used "
+             "| NOSA hit rate | H2D GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    dense = {r["P"]: r for r in rows if r.get("config") == "dense" and "tok_s" in r}
+    for r in sorted((r for r in rows if "tok_s" in r), key=lambda r: (r["P"], CONFIGS.index(r["config"]))):
+        ratios = [f"{r[key] / dense[r['P']][key]:.2f}x" if r["P"] in dense else "-" for key in ("tok_s", "steady_tok_s")]
+        hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
+        h2d = "-" if r["h2d_bytes"] is None else f"{r['h2d_bytes'] / 2**30:.2f}"
+        lines.append(f"| {r['P']} | {r['config']} | {r['N']} | {r['pool_tokens']} | {r['prefill_s']:.1f} | "
+                     f"{r['fixed_s']:.2f} | {r['decode_s']:.2f} | {r['cached']} | {r['tok_s']:.0f} | {ratios[0]} | "
+                     f"{r['step_ms']:.1f} | {r['steady_tok_s']:.0f} | {ratios[1]} | {r['gpu_mib']} | {hit} | {h2d} |")
+    extra = [f"- {r['config']}: `{r['cmd']}`" for r in rows if "cmd" in r]
+    errors = [f"- {r['config']} failed: {r['error']}\n```\n{r['log']}\n```" for r in rows if "error" in r]
+    return "\n".join(lines + [""] + extra + errors)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="1b", choices=sorted(SHAPES))
+    ap.add_argument("--prompt-tokens", default="16384,32768", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--output-tokens", type=int, default=128, help="> 2")
+    ap.add_argument("--requests", type=int, default=32, help="concurrent requests (also --max-running-requests)")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--mem-fraction", type=float, default=0.85)
+    ap.add_argument("--extra", default="", help="more flags for every server")
+    ap.add_argument("--port", type=int, default=31100)
+    ap.add_argument("--startup-s", type=float, default=300)
+    ap.add_argument("--profile-dir", default=None, help="also write torch profiler traces of 4 decode steps here")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--logs", default=None)
+    args = ap.parse_args()
+    configs = [c for c in args.configs.split(",") if c]
+    bad = [c for c in configs if c not in CONFIGS]
+    if bad:
+        ap.error(f"--configs: {bad} not in {list(CONFIGS)}")
+    workdir = Path(args.logs or tempfile.mkdtemp(prefix="nosa_serve_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    ckpt = make_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="nosa_ckpt_")), shape=SHAPES[args.shape], seed=3)
+    print(f"checkpoint ({args.shape}) in {time.time() - t0:.0f} s", flush=True)
+    rows = []
+    for config in configs:
+        rows += run_config(config, ckpt, args, workdir)
+    text = (f"shape {args.shape}: {SHAPES[args.shape]}\n{args.requests} concurrent requests, "
+            f"{args.output_tokens} output tokens each (greedy, ignore_eos)\n\n" + table(rows, args))
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

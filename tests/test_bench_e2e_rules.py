@@ -1,0 +1,43 @@
+"""The end-to-end check's equality rule (benchmarks/sglang_e2e.py): two served runs must agree token for
+token, unless they prefilled in other batches and first differ at a near tie in both."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import sglang_e2e  # noqa: E402
+
+
+def run(cached: int, lp1: float, lp2: float) -> dict:
+    return {"cached": cached, "tokens": [[1]], "top2": [[[(lp1, 5, "a"), (lp2, 6, "b")]]]}
+
+
+def test_a_near_tie_is_excused_only_after_other_batching():
+    rule, note = sglang_e2e.near_tie_after_other_batching, sglang_e2e.NEAR_TIE_NOTE
+    assert rule(run(4096, -0.10, -0.12), run(3328, -0.20, -0.20), 0, 0).endswith(note)
+    assert not rule(run(4096, -0.10, -0.12), run(4096, -0.20, -0.20), 0, 0).endswith(note)  # same batching
+    assert not rule(run(4096, -0.10, -0.50), run(3328, -0.20, -0.20), 0, 0).endswith(note)  # no near tie
+    assert "request 0 step 0 (margins 0.020, 0.000; cached 4096 vs 3328)" in rule(
+        run(4096, -0.10, -0.12), run(3328, -0.20, -0.20), 0, 0)
+
+
+def test_serve_throughput_gives_every_configuration_one_capacity_and_compares_with_dense():
+    from types import SimpleNamespace
+
+    import serve_throughput as st
+
+    args = SimpleNamespace(mem_fraction=0.85, requests=4, prompt_tokens=[1024, 2048], output_tokens=8, extra="")
+    cmds = {c: st.server_cmd(c, "/ck", 1, args) for c in st.CONFIGS}
+    assert cmds["dense"][1:3] == ["-m", "sglang.launch_server"] and "LlamaForCausalLM" in " ".join(cmds["dense"])
+    assert cmds["nosa"][1:5] == ["-m", "nosa_sglang.launch_server", "--enable-nosa", "--nosa-offload"]
+    capacity = {c: cmd[cmd.index("--max-total-tokens") + 1] for c, cmd in cmds.items()}
+    assert len(set(capacity.values())) == 1 and int(capacity["dense"]) >= 4 * (2048 + 8)
+    base = {"N": 4, "pool_tokens": 9000, "prefill_s": 1.0, "cached": 8000, "gpu_mib": 1, "P": 2048, "fixed_s": 0.5,
+            "decode_s": 1.0, "tpot_ms": 1.0, "hit_rate": None, "h2d_bytes": None}
+    rows = [{**base, "config": "dense", "tok_s": 100.0, "step_ms": 10.0, "steady_tok_s": 400.0},
+            {**base, "config": "nosa", "tok_s": 50.0, "step_ms": 5.0, "steady_tok_s": 800.0}]
+    nosa_line = [x for x in st.table(rows, args).splitlines() if "| nosa |" in x][0]
+    assert "| 0.50x |" in nosa_line and "| 2.00x |" in nosa_line
