@@ -46,6 +46,13 @@ class NosaKVPool(KVCache):
         """(k, v [n, Hkv, d], c [n, Hkv] float32) of the tokens at loc [n]."""
         return self.pages.read_tokens(layer_id - self.start_layer, loc)
 
+    def read_sequence(self, layer_id: int, loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`read` of a request's first n tokens, loc = its req_to_token row [:n]: SGLang's paged allocator
+        places token i at offset i % page_size of the request's (i // page_size)-th page, so whole pages
+        are gathered (PagePool.read_pages)."""
+        pages = torch.div(loc[:: self.page_size], self.page_size, rounding_mode="floor")
+        return self.pages.read_pages(layer_id - self.start_layer, pages, int(loc.shape[0]))
+
     # -- SGLang's KVCache interface ----------------------------------------------------------------------
     def get_key_buffer(self, layer_id: int) -> torch.Tensor:
         """[num_pages * Hkv + 1, page_size * head_dim]: K runs (run id = page * Hkv + head), not SGLang's

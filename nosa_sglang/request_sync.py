@@ -129,7 +129,7 @@ class RuntimeRequests:
         rt = self.runtime
         locs = self.req_to_token[req_pool_idx, :n_tokens].long()
         s = rt.shape
-        prompt = PoolPrompt(s.num_layers, self.kv_pool.read, locs, s.num_kv_heads, s.head_dim)
+        prompt = PoolPrompt(s.num_layers, self.kv_pool.read_sequence, locs, s.num_kv_heads, s.head_dim)
         pages = (locs[:: self.page_size] // self.page_size).tolist()
         if rt.pool_backed:
             rt.begin_request(rid, prompt.k, prompt.v, prompt.c, pages=pages)

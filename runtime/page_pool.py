@@ -70,6 +70,20 @@ class PagePool:
         k, v = (self.kv[i, layer].view(-1, self.block_size, d)[runs, off] for i in range(2))
         return k, v, self.c[layer][runs, off]
 
+    def read_pages(self, layer: int, pages: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                  torch.Tensor]:
+        """(k, v [n, Hkv, d], c [n, Hkv] float32) of the first `n_tokens` tokens of a sequence laid out
+        on `pages` [>= ceil(n / block_size)] in order (token i at page i // block_size, offset i % block_size:
+        how a paged allocator places a request). Whole runs are gathered: far fewer, longer reads than
+        `read_tokens` over the same tokens."""
+        bs, hkv, d = self.block_size, self.num_kv_heads, self.head_dim
+        nb = -(-n_tokens // bs)
+        runs = (pages[:nb].to(self.device, torch.long)[:, None] * hkv + self._heads).flatten()
+        k, v = (self.kv[i, layer][runs].view(nb, hkv, bs, d).transpose(1, 2).reshape(nb * bs, hkv, d)[:n_tokens]
+                for i in range(2))
+        c = self.c[layer][runs].view(nb, hkv, bs).transpose(1, 2).reshape(nb * bs, hkv)[:n_tokens]
+        return k, v, c
+
     def layer_views(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(k, v [runs, block_size * d], c [runs, block_size]) of one layer: the decode kernel's slots."""
         return self.kv[0, layer], self.kv[1, layer], self.c[layer]

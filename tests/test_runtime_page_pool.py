@@ -153,3 +153,17 @@ def test_pool_backed_mode_refuses_what_it_cannot_do():
     copied = runtimes(None)
     with pytest.raises(ValueError, match="pages: only with a page_pool"):
         copied.begin_request("a", ks, vs, cs, pages=[1, 2, 3])
+
+
+def test_reading_a_sequence_by_pages_equals_reading_its_tokens():
+    g = torch.Generator().manual_seed(fresh_seed())
+    pool = PagePool(SHAPE.num_layers, SHAPE.num_kv_heads, SHAPE.head_dim, BS, SHAPE.dtype, num_pages=40, device="cpu")
+    server = Server(pool, g)
+    for T in (1, BS, 3 * BS + 5):
+        ks, vs, cs = random_prompt(SHAPE, T, g, "cpu")
+        _, locs = server.admit(f"r{T}", ks, vs, cs)
+        pages = torch.tensor(server.pages[f"r{T}"])
+        for layer in range(SHAPE.num_layers):
+            by_pages = pool.read_pages(layer, pages, T)
+            assert all(torch.equal(a, b) for a, b in zip(by_pages, pool.read_tokens(layer, locs)))
+            assert torch.equal(by_pages[0], ks[layer]) and torch.equal(by_pages[2], cs[layer])
