@@ -7,6 +7,9 @@ the same for V (the layout contract of `kernels.block_copy`). A block id names t
 every layer, so a request owns one list of block ids, and prefix sharing (the radix cache) maps
 several requests onto the same ids through reference counts.
 
+The store may also be a server's page pool in pinned memory (`storage=`): then the server allocates
+its blocks and the store only counts the runtime's references (`adopt`).
+
 Allocation is all-or-nothing: `allocate` either returns every block asked for or raises
 `HostMemoryExhausted` (back-pressure for the scheduler) and changes nothing. On a machine without CUDA
 the store lives in plain memory (named CPU mode, `pinned_mode() == "cpu"`): same logic, tested in CI.
@@ -45,6 +48,10 @@ class HostKVStore:
         capacity_bytes: bytes of K + V to allocate; num_blocks = capacity_bytes // block_bytes.
         buffer: optional preallocated flat host tensor (any dtype, >= the bytes needed) to carve the
             store from, e.g. one pinned allocation reused by several benchmark configurations.
+        storage: optional [2, num_layers, R, block_size * head_dim] host tensor that *is* the store (a
+            server's page pool in pinned memory, `PagePool(host=True).kv`): num_blocks = R // Hkv, and
+            its blocks belong to the server's allocator: `allocate` refuses, `adopt` / `release` only
+            count the references the runtime holds (capacity_bytes ignored).
     """
 
     def __init__(
@@ -56,6 +63,7 @@ class HostKVStore:
         dtype: torch.dtype,
         capacity_bytes: int,
         buffer: torch.Tensor | None = None,
+        storage: torch.Tensor | None = None,
     ) -> None:
         self.num_layers, self.num_kv_heads = num_layers, num_kv_heads
         self.head_dim, self.block_size, self.dtype = head_dim, block_size, dtype
@@ -64,6 +72,15 @@ class HostKVStore:
         self.run_bytes = self.run_elems * elem
         #: bytes one block occupies over all layers, K and V
         self.block_bytes = 2 * num_layers * num_kv_heads * self.run_bytes
+        self.external = storage is not None
+        if self.external:
+            shape = (2, num_layers, storage.shape[2] if storage.dim() == 4 else -1, self.run_elems)
+            if storage.dim() != 4 or tuple(storage.shape) != shape or storage.dtype != dtype \
+                    or storage.device.type != "cpu" or storage.shape[2] < num_kv_heads:
+                raise ValueError(f"storage: expected a host tensor [2, {num_layers}, >= {num_kv_heads}, "
+                                 f"{self.run_elems}] of {dtype}, got {list(storage.shape)} {storage.dtype} on "
+                                 f"{storage.device}")
+            capacity_bytes = storage.shape[2] // num_kv_heads * self.block_bytes
         if capacity_bytes < self.block_bytes:
             raise ValueError(
                 f"capacity_bytes={capacity_bytes}: allowed range is >= one block of every layer "
@@ -71,7 +88,9 @@ class HostKVStore:
             )
         self.num_blocks = capacity_bytes // self.block_bytes
         shape = (2, num_layers, self.num_blocks * num_kv_heads, self.run_elems)
-        if buffer is None:
+        if self.external:
+            self._kv = storage
+        elif buffer is None:
             self._kv = alloc_pinned(shape, dtype)
         else:
             need = self.num_blocks * self.block_bytes
@@ -84,7 +103,9 @@ class HostKVStore:
         self.mode = pinned_mode()  # "cupy" | "torch" | "cpu" (named CPU mode: plain memory)
         self._lock = threading.Lock()
         self._refcount = [0] * self.num_blocks
-        self._free = list(range(self.num_blocks - 1, -1, -1))  # a stack: block 0 is handed out first
+        # a stack: block 0 is handed out first (external storage: the server allocates, nothing is free here)
+        self._free = [] if self.external else list(range(self.num_blocks - 1, -1, -1))
+        self._adopted = 0  # external storage: blocks the runtime holds references to
         self._limit_blocks = self.num_blocks
 
     # -- memory ------------------------------------------------------------------------------------
@@ -121,7 +142,7 @@ class HostKVStore:
 
     @property
     def used_blocks(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self._adopted if self.external else self.num_blocks - len(self._free)
 
     @property
     def free_blocks(self) -> int:
@@ -137,6 +158,9 @@ class HostKVStore:
         """`n` fresh blocks (refcount 1), or None when they do not fit; nothing changes on None."""
         if n < 0:
             raise ValueError(f"n={n}: allowed range is >= 0")
+        if self.external and n:
+            raise ValueError("allocate: the blocks of an external storage belong to the server's allocator "
+                             "(adopt the ones it hands out)")
         with self._lock:
             if n > self._free_under_limit():
                 return None
@@ -162,6 +186,18 @@ class HostKVStore:
             for b in block_ids:
                 self._refcount[b] += 1
 
+    def adopt(self, block_ids: list[int]) -> None:
+        """External storage: one more reference to each of the server's blocks `block_ids`."""
+        if not self.external:
+            raise ValueError("adopt: only for an external storage (allocate or share this store's blocks)")
+        with self._lock:
+            for b in block_ids:
+                if not 0 <= b < self.num_blocks:
+                    raise ValueError(f"block_ids: {b} is not a block of [0, {self.num_blocks})")
+            for b in block_ids:
+                self._adopted += self._refcount[b] == 0
+                self._refcount[b] += 1
+
     def release(self, block_ids: list[int]) -> int:
         """Drop one reference to each block; blocks reaching zero return to the pool. Returns how many."""
         freed = 0
@@ -170,7 +206,10 @@ class HostKVStore:
                 assert 0 <= b < self.num_blocks and self._refcount[b] > 0, f"release of unowned block {b}"
                 self._refcount[b] -= 1
                 if self._refcount[b] == 0:
-                    self._free.append(b)
+                    if self.external:
+                        self._adopted -= 1
+                    else:
+                        self._free.append(b)
                     freed += 1
         return freed
 
