@@ -63,9 +63,12 @@ class NosaRuntime:
             range over [topk_blocks, max_gpu_slots]. Default: knobs.gpu_slots.
         selection_policy: "nosa", or "infllmv2" (top-k by query score alone: the benchmark baseline).
         gpu_only: every block resident on the GPU, no host tier (NOSA fully on GPU).
-        page_pool: gpu_only only: decode from this server page pool in place (PoolResidency) instead of
-            a copy of every request's blocks; the caller names each request's pages (`begin_request`'s
-            `pages`) and each decode token's location (`token_locs`).
+        page_pool: a server's page pool whose pages hold every token (the caller names each request's
+            pages, `begin_request`'s `pages`, and each decode token's location, `token_locs`). With
+            gpu_only (device storage): decode from its pages in place (PoolResidency) instead of a
+            copy of every request's blocks. Offloading (host storage, `PagePool(host=True)`): it is the
+            host store; the server allocates its blocks and writes every token to them, so the runtime
+            allocates and writes back nothing.
         host_buffer: optional preallocated host tensor to carve the host store from.
         kernel_impl: "auto" | "triton" | "torch" for the selection and attention kernels
             (default: "auto" on CUDA, "torch" on CPU).
@@ -110,8 +113,9 @@ class NosaRuntime:
         knobs = (knobs or OffloadKnobs(gpu_slots=config.topk_blocks)).validate_for(config.topk_blocks)
         if selection_policy not in SELECTION_POLICIES:
             raise ValueError(f"selection_policy={selection_policy!r}: allowed values are {list(SELECTION_POLICIES)}")
-        if page_pool is not None and not gpu_only:
-            raise ValueError("page_pool: only with gpu_only=True (the offload mode keeps its own host store)")
+        if page_pool is not None and page_pool.host == gpu_only:
+            raise ValueError("page_pool: gpu_only decodes from device storage, offloading needs host storage "
+                             f"(got host={page_pool.host} with gpu_only={gpu_only})")
         if max_requests < 1 or max_seq_len < 1:
             raise ValueError(f"max_requests={max_requests}, max_seq_len={max_seq_len}: allowed range is >= 1")
         self.max_gpu_slots = max(knobs.gpu_slots, max_gpu_slots or knobs.gpu_slots)
@@ -122,7 +126,8 @@ class NosaRuntime:
         L, H, d, bs = shape.num_layers, shape.num_kv_heads, shape.head_dim, config.block_size
         self.selection = SelectionState(L, max_requests, H, d, self.max_blocks * bs, config, shape.dtype, self.device,
                                         ck_dtype=ck_dtype)
-        self.pool_backed = page_pool is not None
+        self.paged = page_pool is not None  # the server's pages hold every token (its allocator, its writes)
+        self.pool_backed = self.paged and gpu_only  # decoding from the pages in place
         self._host_table = None  # [rows, max_blocks] int32: host block (offload) or pool page of each block
         if self.pool_backed:
             self.slots = PoolResidency(page_pool, max_requests)
@@ -135,7 +140,8 @@ class NosaRuntime:
             self.slots = GpuSlotCache(L, max_requests, H, self.max_gpu_slots, bs, d, shape.dtype, self.max_blocks,
                                       self.device)
             self.slots.set_active(knobs.gpu_slots)
-            self.host = HostKVStore(L, H, d, bs, shape.dtype, host_capacity_bytes, buffer=host_buffer)
+            self.host = HostKVStore(L, H, d, bs, shape.dtype, host_capacity_bytes, buffer=host_buffer,
+                                    storage=page_pool.kv if self.paged else None)
             self.host.set_limit_bytes(knobs.host_capacity_bytes)
             self._host_table = torch.full((max_requests, self.max_blocks), -1, dtype=torch.int32, device=self.device)
         run_bytes = bs * d * shape.dtype_bytes
@@ -194,13 +200,14 @@ class NosaRuntime:
     # -- admission -------------------------------------------------------------------------------------
     def can_admit(self, prompt_tokens: int, shared_prefix_blocks: int = 0) -> Admission:
         """Whether begin_request for a prompt of `prompt_tokens` would succeed now (a value, no raise)."""
-        need = 0 if self.gpu_only else self.config.num_blocks(prompt_tokens) - shared_prefix_blocks
-        free = 0 if self.gpu_only else self.host.free_blocks
+        own = self.gpu_only or self.paged  # NOTE: paged, the server's allocator admits the blocks
+        need = 0 if own else self.config.num_blocks(prompt_tokens) - shared_prefix_blocks
+        free = 0 if own else self.host.free_blocks
         rows = self.max_requests - len(self._row_owner)
         reason, never = "", False
         if prompt_tokens + 1 > self.max_seq_len:
             reason, never = f"prompt of {prompt_tokens} tokens exceeds max_seq_len={self.max_seq_len}", True
-        elif not self.gpu_only and need > self.host.num_blocks:
+        elif not own and need > self.host.num_blocks:
             reason, never = str(RequestTooLarge(prompt_tokens, need, self.host.num_blocks)), True
         elif rows < 1:
             reason = f"no GPU slots: all {self.max_requests} request rows in use"
@@ -229,21 +236,27 @@ class NosaRuntime:
             raise ValueError(f"shared_prefix_blocks: {len(shared)} blocks; allowed range is "
                              f"[0, {T // self.config.block_size}]"
                              " full prompt blocks (and none in gpu_only mode)")
-        if self.pool_backed != (pages is not None):
-            raise ValueError("pages: " + ("required with a page_pool" if self.pool_backed else "only with a page_pool"))
-        if pages is not None and (len(pages) != self.config.num_blocks(T)
-                                  or not all(0 <= b < self.slots.pool.num_pages for b in pages)):
-            raise ValueError(f"pages: expected {self.config.num_blocks(T)} page ids in [0, {self.slots.pool.num_pages}),"
-                             f" got {len(pages)}")
+        if self.paged != (pages is not None):
+            raise ValueError("pages: " + ("required with a page_pool" if self.paged else "only with a page_pool"))
+        if pages is not None:
+            n_pages = self.slots.pool.num_pages if self.pool_backed else self.host.num_blocks
+            if len(pages) != self.config.num_blocks(T) or not all(0 <= b < n_pages for b in pages):
+                raise ValueError(f"pages: expected {self.config.num_blocks(T)} page ids in [0, {n_pages}), "
+                                 f"got {len(pages)}")
         self._check_fits(T, self.config.num_blocks(T) - len(shared))
         if len(self._row_owner) >= self.max_requests:
             raise GpuSlotsExhausted(self.max_requests)
         host_blocks: list[int] = list(pages or [])
+        n_written = len(shared)  # full blocks already in the host store
         if not self.gpu_only:
-            host_blocks = self._take_host_blocks(request_id, self.config.num_blocks(T), shared)
+            if self.paged:
+                self.host.adopt(host_blocks)
+                n_written = T // self.config.block_size
+            else:
+                host_blocks = self._take_host_blocks(request_id, self.config.num_blocks(T), shared)
             self.transfer.quiesce()
         row = len(self._row_owner)
-        self._prompts.load(row, T, host_blocks, len(shared), prompt_k, prompt_v, prompt_c, self._step)
+        self._prompts.load(row, T, host_blocks, n_written, prompt_k, prompt_v, prompt_c, self._step)
         with self._lock:
             self._requests[request_id] = _Request(request_id, row, T, host_blocks)
             self._row_owner.append(request_id)
@@ -259,7 +272,7 @@ class NosaRuntime:
         benchmark can run more requests than the pinned store holds: the copies move the same bytes,
         from host addresses that several requests share."""
         self._require_no_open_step("begin_request_synthetic")
-        if self.pool_backed:
+        if self.paged:
             raise RuntimeUsageError("begin_request_synthetic: not with a page_pool (its pages hold the server's KV)")
         if request_id in self._requests:
             raise RuntimeUsageError(f"request_id={request_id!r}: already running")
@@ -439,7 +452,7 @@ class NosaRuntime:
 
     def _check_fits(self, tokens: int, new_blocks: int) -> None:
         """RequestTooLarge when `new_blocks` exceed the whole host store: no wait could make room."""
-        if not self.gpu_only and new_blocks > self.host.num_blocks:
+        if not (self.gpu_only or self.paged) and new_blocks > self.host.num_blocks:
             raise RequestTooLarge(tokens, new_blocks, self.host.num_blocks)
 
     def _step_complete(self) -> bool:
@@ -522,33 +535,35 @@ class NosaRuntime:
         if self._ordered is not None:
             self._refuse_foreign_capture(f"batch {request_ids}")
             torch.cuda.current_stream().wait_event(self._ordered)
-        if self.pool_backed and (token_locs is None or tuple(token_locs.shape) != (len(reqs),)):
+        if self.paged and (token_locs is None or tuple(token_locs.shape) != (len(reqs),)):
             got = None if token_locs is None else list(token_locs.shape)
             raise ValueError(f"token_locs: expected [{len(reqs)}] pool locations of the new tokens, got {got}")
         p = self._plans[request_ids] = self._build_plan(request_ids, reqs, token_locs)
         return p
 
     def _map_token_pages(self, p: StepPlan, token_locs: torch.Tensor) -> None:
-        """page_pool mode: the table maps each new token's block to its page, and the token is written to
-        that page's run (device ops: the server chose the pages on the device)."""
+        """page_pool mode: the table maps each new token's block to its page (device ops: the server chose
+        the pages on the device); decoding in place, the token is written to that page's run."""
         locs = token_locs.to(self.device, torch.long)
         if p.perm is not None:
             locs = locs[p.perm]
         pages = torch.div(locs, self.config.block_size, rounding_mode="floor")
         self._host_table[p.rows, p.tail_blocks] = pages.int()
-        p.token_slots.copy_(pages[:, None] * self.shape.num_kv_heads + self._heads)
+        if self.pool_backed:
+            p.token_slots.copy_(pages[:, None] * self.shape.num_kv_heads + self._heads)
 
     def _build_plan(self, request_ids, reqs, token_locs: torch.Tensor | None) -> StepPlan:
         bs, H = self.config.block_size, self.shape.num_kv_heads
         tails: list[int | None] = [None] * len(reqs)
         updates: list[tuple[int, int, int]] = []
         if not self.gpu_only:
-            opening = [r for r in reqs if r.seq_len // bs == len(r.host_blocks)]
-            ids = self.host.allocate(len(opening), "a decode step") if opening else []
-            for r, b in zip(opening, ids):
-                r.host_blocks.append(b)
-                updates.append((r.row, r.seq_len // bs, b))
-            tails = [r.host_blocks[r.seq_len // bs] for r in reqs]
+            if not self.paged:  # NOTE: paged, the server allocated the page and writes the token to it
+                opening = [r for r in reqs if r.seq_len // bs == len(r.host_blocks)]
+                ids = self.host.allocate(len(opening), "a decode step") if opening else []
+                for r, b in zip(opening, ids):
+                    r.host_blocks.append(b)
+                    updates.append((r.row, r.seq_len // bs, b))
+                tails = [r.host_blocks[r.seq_len // bs] for r in reqs]
             token_slot = lambda row, h, blk: self.slots.tail_slot_id(row, h)  # noqa: E731
             tail_slot = self.slots.tail_slot_id
         else:
@@ -567,7 +582,7 @@ class NosaRuntime:
         if self.gpu_only:
             for r in reqs:
                 self.slots.set_blocks(r.row, self.config.num_blocks(r.seq_len + 1))
-        if self.pool_backed:
+        if self.paged:
             self._map_token_pages(p, token_locs)
         if self._ordered is not None:  # NOTE: after every upload and table write of the plan
             uploaded = torch.cuda.Event()

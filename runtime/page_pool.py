@@ -8,12 +8,20 @@ cache. `c` (the eviction bias, float32) sits beside each token in the same layou
 trash run (padding writes land there). A token's *location* is page * block_size + offset, SGLang's
 `out_cache_loc`.
 
-The same storage may live in pinned host memory (the host tier's layout); this class only indexes it.
+With `host=True` the K/V storage lives in pinned host memory instead (`alloc_pinned`): then the pool is
+the offload runtime's host store (the same run layout), the server's page allocator hands out host
+blocks, and GPU memory holds only `c` and what the runtime caches. Tokens reach their host pages through
+a zero-copy store (`kernels.token_store`), and sequences come back through the zero-copy gather of whole
+runs (`kernels.block_copy`).
 """
 
 from __future__ import annotations
 
 import torch
+
+from nosa_sglang.kernels.block_copy import gather_runs
+from nosa_sglang.kernels.pinned import alloc_pinned
+from nosa_sglang.kernels.token_store import store_tokens
 
 
 class PagePool:
@@ -22,19 +30,22 @@ class PagePool:
     Args:
         num_layers, num_kv_heads, head_dim, block_size, dtype: the KV shape.
         num_pages: pages (page 0 included: SGLang writes padding tokens to location 0).
-        device: where the storage lives.
+        device: where the storage lives (with host=True: where `c` lives and the tokens come from).
+        host: K/V in pinned host memory (plain memory on a machine without CUDA).
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
-                 num_pages: int, device: torch.device | str) -> None:
+                 num_pages: int, device: torch.device | str, host: bool = False) -> None:
         if num_pages < 1:
             raise ValueError(f"num_pages={num_pages}: allowed range is >= 1")
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.block_size, self.dtype, self.num_pages = block_size, dtype, num_pages
         self.device = torch.device(device)
+        self.host = host
         runs = num_pages * num_kv_heads + 1
+        shape = (2, num_layers, runs, block_size * head_dim)
         # NOTE: zero-filled so that a never-written token can never leak NaN/Inf through a masked load
-        self.kv = torch.zeros((2, num_layers, runs, block_size * head_dim), dtype=dtype, device=self.device)
+        self.kv = alloc_pinned(shape, dtype).zero_() if host else torch.zeros(shape, dtype=dtype, device=self.device)
         self.c = torch.zeros((num_layers, runs, block_size), dtype=torch.float32, device=self.device)
         self.trash_run = runs - 1
         self._heads = torch.arange(num_kv_heads, device=self.device)
@@ -57,17 +68,17 @@ class PagePool:
                      c: torch.Tensor | None = None) -> None:
         """Store tokens at `locs` [n]: k, v [n, Hkv, d] (cast to the pool dtype), c [n, Hkv] (float32)."""
         runs, off = self._runs_and_offsets(locs)
-        d = self.head_dim
-        for i, x in enumerate((k, v)):
-            self.kv[i, layer].view(-1, self.block_size, d)[runs, off] = x.to(self.dtype)
+        store_tokens(self.kv[0, layer], self.kv[1, layer], runs, off.view(-1), k, v)
         if c is not None:
             self.c[layer][runs, off] = c.to(torch.float32)
 
     def read_tokens(self, layer: int, locs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(k, v [n, Hkv, d], c [n, Hkv] float32) of the tokens at `locs` [n]."""
+        """(k, v [n, Hkv, d], c [n, Hkv] float32) of the tokens at `locs` [n], on `device` (host storage: a
+        synchronous host-side gather, for tests and debugging; sequences go through `read_pages`)."""
         runs, off = self._runs_and_offsets(locs)
-        d = self.head_dim
-        k, v = (self.kv[i, layer].view(-1, self.block_size, d)[runs, off] for i in range(2))
+        d, where = self.head_dim, self.kv.device
+        k, v = (self.kv[i, layer].view(-1, self.block_size, d)[runs.to(where), off.to(where)].to(self.device)
+                for i in range(2))
         return k, v, self.c[layer][runs, off]
 
     def read_pages(self, layer: int, pages: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor,
@@ -79,11 +90,17 @@ class PagePool:
         bs, hkv, d = self.block_size, self.num_kv_heads, self.head_dim
         nb = -(-n_tokens // bs)
         runs = (pages[:nb].to(self.device, torch.long)[:, None] * hkv + self._heads).flatten()
-        k, v = (self.kv[i, layer][runs].view(nb, hkv, bs, d).transpose(1, 2).reshape(nb * bs, hkv, d)[:n_tokens]
-                for i in range(2))
+        if self.host and self.device.type == "cuda":  # zero-copy gather of the runs over PCIe
+            staged = torch.empty((2, nb * hkv, bs * d), dtype=self.dtype, device=self.device)
+            gather_runs(self.kv[0, layer], self.kv[1, layer], runs, staged[0], staged[1],
+                        torch.arange(nb * hkv, device=self.device), mode="zero_copy", validate_ids=False)
+        else:
+            staged = self.kv[:, layer, runs]
+        k, v = (staged[i].view(nb, hkv, bs, d).transpose(1, 2).reshape(nb * bs, hkv, d)[:n_tokens] for i in range(2))
         c = self.c[layer][runs].view(nb, hkv, bs).transpose(1, 2).reshape(nb * bs, hkv)[:n_tokens]
         return k, v, c
 
     def layer_views(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(k, v [runs, block_size * d], c [runs, block_size]) of one layer: the decode kernel's slots."""
+        """(k, v [runs, block_size * d], c [runs, block_size]) of one layer: the decode kernel's slots
+        (device storage)."""
         return self.kv[0, layer], self.kv[1, layer], self.c[layer]

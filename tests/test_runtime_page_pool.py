@@ -58,20 +58,23 @@ class Server:
         del self.lens[rid]
 
 
-def runtimes(pool: PagePool | None, device: str = "cpu") -> NosaRuntime:
-    return NosaRuntime(SHAPE, SMALL, OffloadKnobs(gpu_slots=SMALL.topk_blocks), device=device, max_requests=4,
-                       max_seq_len=1024, gpu_only=True, page_pool=pool)
+def runtimes(pool: PagePool | None, device: str = "cpu", gpu_only: bool = True) -> NosaRuntime:
+    knobs = OffloadKnobs(gpu_slots=SMALL.topk_blocks, transfer_mode="copy_engine" if device == "cpu" else "zero_copy")
+    return NosaRuntime(SHAPE, SMALL, knobs, device=device, max_requests=4, max_seq_len=1024, gpu_only=gpu_only,
+                       page_pool=pool)
 
 
 def drive_both(seed: int, prompt_lens: list[int], steps: int, end_at: dict[int, str], order_every: int = 3,
-               device: str = "cpu"):
-    """Step a pool-backed and a copy-backed gpu_only runtime on the same inputs; return both outputs and
-    selections per (step, layer), and the pool, the server and the token mirror."""
+               device: str = "cpu", host: bool = False):
+    """Step a paged runtime (pool-backed gpu_only, or with `host` offloading over a host pool that the
+    server writes every token to) and a copy-backed gpu_only runtime on the same inputs; return both
+    outputs and selections per (step, layer), and the pool, the server, the token mirror and the paged
+    runtime."""
     g = torch.Generator().manual_seed(seed)
     pool = PagePool(SHAPE.num_layers, SHAPE.num_kv_heads, SHAPE.head_dim, BS, SHAPE.dtype, num_pages=160,
-                    device=device)
+                    device=device, host=host)
     server = Server(pool, g)
-    pooled, copied = runtimes(pool, device), runtimes(None, device)
+    pooled, copied = runtimes(pool, device, gpu_only=not host), runtimes(None, device)
     mirror: dict[str, list[list[torch.Tensor]]] = {}
     ids = [f"r{i}" for i in range(len(prompt_lens))]
     for rid, T in zip(ids, prompt_lens):
@@ -96,6 +99,8 @@ def drive_both(seed: int, prompt_lens: list[int], steps: int, end_at: dict[int, 
             k, v = (torch.randn(len(batch), H, d, generator=g).to(device) for _ in range(2))
             c = (0.1 + 2 * torch.rand(len(batch), H, generator=g)).to(device)
             q = torch.randn(len(batch), Hq, d, generator=g).to(device)
+            if host:  # offloading, the server writes the token to its page (SGLang's backend: `store`)
+                pool.write_tokens(layer, locs, k, v, c)
             outs = [rt.decode(layer, batch, q, k, v, c, token_locs=tl) for rt, tl in ((pooled, locs), (copied, None))]
             sels = [rt.last_selection(layer).clone() for rt in (pooled, copied)]
             results.append((outs, sels))
@@ -130,10 +135,35 @@ def test_pool_backed_decode_equals_the_copy_bit_for_bit(device):
             assert torch.equal(pk, k) and torch.equal(pv, v) and torch.equal(pc, c), f"{rid} layer {layer}: pool"
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_offloading_over_a_host_page_pool_equals_gpu_only_bit_for_bit(device):
+    """The pool in host memory is the host store: the server's pages, the server's writes, no block
+    allocated or written back by the runtime; blocks still miss and are fetched from the pages. On CUDA:
+    pinned pages, the zero-copy token store, gathers and fetches."""
+    results, pool, server, mirror, paged = drive_both(fresh_seed(), [150, 161, 40, 97], steps=90,
+                                                      end_at={30: "r1", 60: "r0"}, host=True, device=device)
+    if device == "cuda":
+        assert pool.kv.is_pinned()
+        for rid in server.lens:  # sequences come back whole from the pinned pages
+            T = server.lens[rid]
+            for layer, (k, v, c) in enumerate(mirror[rid]):
+                got = pool.read_pages(layer, torch.tensor(server.pages[rid]), T)
+                assert all(torch.equal(a, b) for a, b in zip(got, (k, v, c)))
+    for (o_paged, o_copy), (s_paged, s_copy) in results:
+        assert torch.equal(s_paged, s_copy), "selections differ"
+        assert torch.equal(o_paged, o_copy), "outputs differ"
+    totals = paged.snapshot().totals
+    assert totals.misses > 0 and totals.bytes_d2h == 0, "blocks must miss, and nothing is written back"
+    assert paged.host.used_blocks == sum(SMALL.num_blocks(T) for T in (40, 97))  # the prompts' pages adopted
+    for rid in list(paged.running_requests):
+        paged.end_request(rid)
+    assert paged.host.used_blocks == 0
+
+
 def test_pool_backed_mode_refuses_what_it_cannot_do():
     g = torch.Generator().manual_seed(fresh_seed())
     pool = PagePool(SHAPE.num_layers, SHAPE.num_kv_heads, SHAPE.head_dim, BS, SHAPE.dtype, num_pages=40, device="cpu")
-    with pytest.raises(ValueError, match="page_pool: only with gpu_only"):
+    with pytest.raises(ValueError, match="page_pool: gpu_only decodes from device storage, offloading needs host"):
         NosaRuntime(SHAPE, SMALL, max_requests=2, host_capacity_bytes=1 << 20, page_pool=pool)
     rt = runtimes(pool)
     ks, vs, cs = random_prompt(SHAPE, 40, g, "cpu")
