@@ -10,10 +10,9 @@ Data flow per layer (the model passes each token's eviction bias as `nosa_bias`)
   `NosaRuntime.decode` does select -> residency diff -> fetch -> sparse attention, and the last layer
   closes the step (`step_boundary`, where knob changes from the control API take effect).
   Fully on the GPU (`--nosa-offload off`) the runtime decodes from the pool's pages in place and writes
-  the decode token there itself; offloaded, it keeps the batch's KV in its host store and slot cache,
-  and the token also goes to the pool.
-The pool lives in GPU memory, so it (not host memory) still bounds how many tokens are admitted; the
-host store is sized to never run out before it does.
+  the decode token there itself. Offloaded, the pool lives in pinned host memory and is the runtime's
+  host store (SGLang's allocator hands out its blocks, SGLang's KV budget is host memory): the token
+  goes to its host page, and the runtime caches the blocks it selects in GPU slots.
 """
 
 from __future__ import annotations
@@ -38,23 +37,6 @@ logger = logging.getLogger(__name__)
 GiB = 1 << 30
 
 
-def host_capacity_bytes(flags: NosaServerFlags, shape: ModelShape, block_size: int, pool_tokens: int,
-                        max_requests: int) -> int:
-    """The host store: the flag's size, which must hold the KV pool's pages (plus one tail block per
-    request), or exactly that by default."""
-    per_block = shape.kv_bytes(block_size)
-    need = (-(-pool_tokens // block_size) + max_requests) * per_block
-    if flags.host_memory_gb is None:
-        return need
-    got = int(flags.host_memory_gb * GiB)
-    if got < need:
-        tokens = (got // per_block - max_requests) * block_size
-        raise NosaFlagError(
-            f"--nosa-host-memory-gb={flags.host_memory_gb}: allowed range is >= {need / GiB:.3f} (the KV pool holds "
-            f"{pool_tokens} tokens); raise it, or pass --max-total-tokens {max(tokens, 0)}")
-    return got
-
-
 def _allocated(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
@@ -71,6 +53,9 @@ class NosaAttnBackend(AttentionBackend):
         if not isinstance(self.kv_pool, NosaKVPool):
             raise NosaFlagError(f"the KV pool is a {type(self.kv_pool).__name__}, not a NosaKVPool: start the server "
                                 "with `python -m nosa_sglang.launch_server --enable-nosa ...` (its plugin builds it)")
+        if self.kv_pool.pages.host != flags.offload:
+            raise NosaFlagError(f"--nosa-offload={'on' if flags.offload else 'off'}: the KV pool was built "
+                                f"{'in host' if self.kv_pool.pages.host else 'in GPU'} memory")
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
         tp = model_runner.ps.tp_size
         self.shape = ModelShape(mc.num_hidden_layers, mc.get_num_attention_heads(tp), mc.get_num_kv_heads(tp),
@@ -79,8 +64,7 @@ class NosaAttnBackend(AttentionBackend):
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", model_runner.gpu_id)
         max_requests = model_runner.req_to_token_pool.size
-        host = 0 if not flags.offload else host_capacity_bytes(flags, self.shape, page, self.kv_pool.size, max_requests)
-        self._allocate_gpu_state(flags, device, host, max_requests, mc.context_len)
+        self._allocate_gpu_state(flags, device, max_requests, mc.context_len)
         self.requests = RuntimeRequests(self.runtime, self.kv_pool, self.req_to_token, page)
         self.flags = flags
         args = model_runner.server_args
@@ -91,10 +75,12 @@ class NosaAttnBackend(AttentionBackend):
             self.metrics = NosaMetrics({"model_name": str(args.served_model_name)})
         self._decode_ids: tuple[str, ...] = ()
         self._extends: list[tuple[int, int, int]] = []  # (req_pool_idx, prefix, new tokens) per request
-        logger.info("NOSA backend: %s, offload %s, %d request rows, host store %.2f GiB, NOSA GPU state %.2f GiB",
-                    self.shape, "on" if flags.offload else "off", max_requests, host / GiB, self.gpu_bytes / GiB)
+        kv = self.kv_pool.pages
+        logger.info("NOSA backend: %s, offload %s, %d request rows, KV pool %.2f GiB in %s memory, NOSA GPU state "
+                    "%.2f GiB", self.shape, "on" if flags.offload else "off", max_requests,
+                    kv.kv.numel() * kv.kv.element_size() / GiB, "host" if kv.host else "GPU", self.gpu_bytes / GiB)
 
-    def _allocate_gpu_state(self, flags: NosaServerFlags, device: torch.device, host_bytes: int, max_requests: int,
+    def _allocate_gpu_state(self, flags: NosaServerFlags, device: torch.device, max_requests: int,
                             context_len: int) -> None:
         """The runtime, after SGLang sized its KV pool: running out of memory here is a start-up error that
         names the flags sizing it."""
@@ -104,9 +90,9 @@ class NosaAttnBackend(AttentionBackend):
         before = _allocated(device)
         try:
             self.runtime = NosaRuntime(
-                self.shape, self.nosa, knobs, device=device, host_capacity_bytes=host_bytes,
-                max_requests=max_requests, max_seq_len=context_len + 1, max_gpu_slots=flags.max_slots or slots,
-                gpu_only=not flags.offload, page_pool=None if flags.offload else self.kv_pool.pages,
+                self.shape, self.nosa, knobs, device=device, max_requests=max_requests,
+                max_seq_len=context_len + 1, max_gpu_slots=flags.max_slots or slots,
+                gpu_only=not flags.offload, page_pool=self.kv_pool.pages,
                 ck_dtype=torch.float32 if flags.ck_dtype == "float32" else self.shape.dtype,
                 cuda_graphs=flags.graphs and device.type == "cuda",
             )
@@ -164,16 +150,14 @@ class NosaAttnBackend(AttentionBackend):
         return out.view(-1, hq * d)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, nosa_bias=None, **kwargs):
-        pool_backed = self.runtime.pool_backed
-        if not pool_backed:  # NOTE: pool-backed, the runtime writes the token to its page itself
+        if not self.runtime.pool_backed:  # NOTE: decoding from the pages in place, the runtime writes the token
             self._store(layer, forward_batch, k, v, nosa_bias, save_kv_cache)
         elif nosa_bias is None or not save_kv_cache:
             raise RuntimeError(f"layer {layer.layer_id}: decode needs the eviction bias and the KV write")
         hq, hkv, d, lid = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim, layer.layer_id
         b = q.shape[0]
         o = self.runtime.decode(lid, self._decode_ids, q.reshape(b, hq, d), k.reshape(b, hkv, d),
-                                v.reshape(b, hkv, d), nosa_bias.float(),
-                                token_locs=forward_batch.out_cache_loc if pool_backed else None)
+                                v.reshape(b, hkv, d), nosa_bias.float(), token_locs=forward_batch.out_cache_loc)
         if lid == self.shape.num_layers - 1:
             self._close_step()
         return o.reshape(b, hq * d)

@@ -11,6 +11,10 @@ backend reads it.
 The plugin swaps it in for MHATokenToKVPool when NOSA is enabled (`build_mha_pool`); it sizes itself from
 SGLang's token budget, so `c` (4 bytes per token, layer and KV head: 1/128 of the K/V at d = 128 in
 bf16) comes out of the memory SGLang leaves free.
+
+Offloading (`--nosa-offload on`), the K/V storage is pinned host memory: the pool is the runtime's host
+store, SGLang's page allocator hands out host blocks, and the token budget is host memory
+(`host_kv_budget`, SGLang's KV sizing hook), not GPU memory: GPU memory is then the runtime's cache.
 """
 
 from __future__ import annotations
@@ -18,23 +22,34 @@ from __future__ import annotations
 import torch
 from sglang.srt.mem_cache.memory_pool import KVCache, unwrap_write_loc
 
+import os
+
 from nosa_sglang.runtime.page_pool import PagePool
+from nosa_sglang.server_flags import NosaServerFlags
+
+GiB = 1 << 30
 
 
 class NosaKVPool(KVCache):
     """MHATokenToKVPool's constructor arguments (the ones NOSA uses; the rest are accepted and ignored:
-    alternate streams, KV copies for speculative decoding and FP4 are refused by the launcher)."""
+    alternate streams, KV copies for speculative decoding and FP4 are refused by the launcher), and
+    `host`: K/V in pinned host memory (default: whether the NOSA flags offload)."""
 
     def __init__(self, size: int, page_size: int, dtype: torch.dtype, head_num: int, head_dim: int, layer_num: int,
                  device: str, enable_memory_saver: bool, v_head_dim: int | None = None,
-                 start_layer: int | None = None, end_layer: int | None = None, **_ignored) -> None:
+                 start_layer: int | None = None, end_layer: int | None = None, host: bool | None = None,
+                 **_ignored) -> None:
         super().__init__(size, page_size, dtype, layer_num, device, enable_memory_saver, start_layer, end_layer)
         if v_head_dim not in (None, head_dim):
             raise ValueError(f"v_head_dim={v_head_dim}: NOSA needs K and V of one head_dim ({head_dim})")
         if size % page_size:
             raise ValueError(f"size={size}: must be a multiple of page_size={page_size}")
         self.head_num, self.head_dim = head_num, head_dim
-        self.pages = PagePool(layer_num, head_num, head_dim, page_size, dtype, size // page_size + 1, device)
+        if host is None:
+            flags = NosaServerFlags.from_env()
+            host = flags is not None and flags.offload
+        self.pages = PagePool(layer_num, head_num, head_dim, page_size, dtype, size // page_size + 1, device,
+                              host=host)
         self._finalize_allocation_log(size)
 
     # -- NOSA's access ---------------------------------------------------------------------------------
@@ -86,3 +101,26 @@ def build_mha_pool(original, configurator, *, max_total_num_tokens: int, mha_poo
     """An AROUND hook: SGLang builds a NosaKVPool where it would build its MHA pool, with the same sizes."""
     return original(configurator, max_total_num_tokens=max_total_num_tokens, mha_pool_class=NosaKVPool,
                     quant_method=quant_method)
+
+
+#: the SGLang method that sizes the KV pool in bytes of GPU memory (the plugin wraps it with `host_kv_budget`)
+KV_BUDGET = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._profile_available_bytes"
+#: offloading without --nosa-host-memory-gb: at most this share of the machine's RAM for the pool
+DEFAULT_HOST_SHARE = 0.5
+
+
+def physical_ram_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def host_kv_budget(original, configurator, *args, **kwargs) -> int:
+    """An AROUND hook: offloading, SGLang's KV budget is the host pool: --nosa-host-memory-gb, or by default
+    what SGLang would have given the KV cache in GPU memory, capped at half of the machine's RAM. The GPU
+    memory SGLang sized for KV is left to the runtime's slot caches and selection state."""
+    gpu_budget = original(configurator, *args, **kwargs)
+    flags = NosaServerFlags.from_env()
+    if flags is None or not flags.offload:
+        return gpu_budget
+    if flags.host_memory_gb is not None:
+        return int(flags.host_memory_gb * GiB)
+    return min(gpu_budget, int(DEFAULT_HOST_SHARE * physical_ram_bytes()))

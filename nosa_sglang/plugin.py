@@ -5,7 +5,7 @@ nothing unless `nosa_sglang.launch_server --enable-nosa` put the NOSA flags in t
 installing this package never changes a plain SGLang server. When active it registers, once per
 process: the attention backend `nosa` (and makes `--attention-backend nosa` parse), the model classes
 `NosaLlamaForCausalLM` / `SparseLlamaForCausalLM`, the KV pool in NOSA's layout (`kv_pool.NosaKVPool`,
-built where SGLang builds its MHA pool) and the scheduler hooks (idle housekeeping, the
+built where SGLang builds its MHA pool; offloading, sized by host memory) and the scheduler hooks (idle housekeeping, the
 counters in `/server_info`).
 """
 
@@ -30,7 +30,7 @@ def register() -> bool:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     from nosa_sglang.backend import create_nosa_backend
-    from nosa_sglang.kv_pool import BUILD_MHA_POOL, build_mha_pool
+    from nosa_sglang.kv_pool import BUILD_MHA_POOL, KV_BUDGET, build_mha_pool, host_kv_budget
     from nosa_sglang.models.nosa_llama import EntryClass
     from nosa_sglang.scheduler_control import add_internal_state, on_scheduler_idle
 
@@ -40,6 +40,7 @@ def register() -> bool:
     for cls in EntryClass:
         ModelRegistry.models[cls.__name__] = cls
     HookRegistry.register(BUILD_MHA_POOL, build_mha_pool, HookType.AROUND)
+    HookRegistry.register(KV_BUDGET, host_kv_budget, HookType.AROUND)
     scheduler = "sglang.srt.managers.scheduler.Scheduler"
     HookRegistry.register(f"{scheduler}.on_idle", on_scheduler_idle, HookType.AFTER)
     HookRegistry.register(f"{scheduler}.get_internal_state", add_internal_state, HookType.AFTER)

@@ -1,17 +1,16 @@
-"""RuntimeRequests: keeps the offload runtime's running requests equal to SGLang's decode batch.
+"""RuntimeRequests: keeps the NOSA runtime's running requests equal to SGLang's decode batch.
 
 SGLang owns a request's lifecycle (admission, prefill in chunks, radix-cache prefix hits, retraction,
-abort, finish); NosaRuntime owns the decode state. Before each decode forward, `sync` makes the runtime
-hold exactly the batch's requests:
+abort, finish) and its pages; NosaRuntime owns the decode state. Before each decode forward, `sync`
+makes the runtime hold exactly the batch's requests:
 * a runtime request absent from the batch has finished, been aborted or been retracted: it ends (its
-  host block references and GPU row are released; a retracted one comes back as a new request);
-* a request new to decode (or whose length no longer matches: re-prefilled) begins with its prompt's
-  K/V/c read from SGLang's KV pool, which holds every token's K/V and, beside it, `c`;
-* a request's leading full pages that another running request already has in the host store
-  (a radix-cache prefix hit: same pool page, same position) share those host blocks instead of
-  copying them, so the host store never needs more blocks than the pool's distinct pages.
-Ends run before begins, so a page freed by a finished request and reused cannot be mistaken for a
-shared one.
+  GPU row and page references are released; a retracted one comes back as a new request);
+* a request new to decode (or whose length no longer matches: re-prefilled) begins with its pages
+  (its req_to_token row, page by page) and its prompt's K/c read from the pool for its compressed keys
+  (and, offloaded, the warm start of its slots).
+The pages are the runtime's blocks in both modes (fully on the GPU it decodes from them; offloaded they
+are its host store), so requests that share a radix-cache prefix share its blocks with no bookkeeping
+here. Ends run before begins.
 """
 
 from __future__ import annotations
@@ -21,39 +20,6 @@ from collections.abc import Sequence
 import torch
 
 from nosa_sglang.runtime.nosa_runtime import NosaRuntime
-
-
-class PageBlocks:
-    """Pool page -> host block of the running requests' full prompt blocks, counted per request."""
-
-    def __init__(self) -> None:
-        self._block: dict[int, int] = {}
-        self._users: dict[int, int] = {}
-        self._pages_of: dict[str, list[int]] = {}
-
-    def shared_prefix(self, pages: list[int]) -> list[int]:
-        """Host blocks of the leading pages that are already in the host store."""
-        out = []
-        for p in pages:
-            if p not in self._block:
-                break
-            out.append(self._block[p])
-        return out
-
-    def add(self, rid: str, pages: list[int], host_blocks: tuple[int, ...]) -> None:
-        for p, b in zip(pages, host_blocks):
-            assert self._block.setdefault(p, b) == b, f"page {p}: two host blocks"
-            self._users[p] = self._users.get(p, 0) + 1
-        self._pages_of[rid] = list(pages)
-
-    def remove(self, rid: str) -> None:
-        for p in self._pages_of.pop(rid, []):
-            self._users[p] -= 1
-            if not self._users[p]:
-                del self._users[p], self._block[p]
-
-    def __len__(self) -> int:
-        return len(self._block)
 
 
 class PoolPrompt:
@@ -95,7 +61,6 @@ class RuntimeRequests:
     def __init__(self, runtime: NosaRuntime, kv_pool, req_to_token: torch.Tensor, page_size: int) -> None:
         self.runtime, self.kv_pool = runtime, kv_pool
         self.req_to_token, self.page_size = req_to_token, page_size
-        self.pages = PageBlocks()
         self.begun = 0  # requests begun since start (a retracted request counts again)
 
     def sync(self, rids: list[str], req_pool_indices: torch.Tensor, seq_lens: list[int]) -> tuple[str, ...]:
@@ -118,7 +83,6 @@ class RuntimeRequests:
 
     def end(self, rid: str) -> None:
         self.runtime.abort_request(rid)  # valid even inside a step an exception interrupted
-        self.pages.remove(rid)
 
     def end_all_but(self, keep: set[str]) -> None:
         for rid in self.runtime.running_requests:
@@ -131,11 +95,5 @@ class RuntimeRequests:
         s = rt.shape
         prompt = PoolPrompt(s.num_layers, self.kv_pool.read_sequence, locs, s.num_kv_heads, s.head_dim)
         pages = (locs[:: self.page_size] // self.page_size).tolist()
-        if rt.pool_backed:
-            rt.begin_request(rid, prompt.k, prompt.v, prompt.c, pages=pages)
-        else:
-            full = n_tokens // self.page_size
-            shared = self.pages.shared_prefix(pages[:full])
-            admitted = rt.begin_request(rid, prompt.k, prompt.v, prompt.c, shared_prefix_blocks=shared)
-            self.pages.add(rid, pages[:full], admitted.host_blocks[:full])
+        rt.begin_request(rid, prompt.k, prompt.v, prompt.c, pages=pages)
         self.begun += 1

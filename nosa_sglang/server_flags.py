@@ -64,8 +64,9 @@ class NosaServerFlags:
         slots: GPU slots per (request, layer, KV head) at start (None: the model's topk_blocks).
         max_slots: slots allocated per (request, layer, KV head); `nosa-ctl config set gpu_slots=N`
             may go up to it (None: `slots`).
-        host_memory_gb: pinned host KV store (None: sized to hold SGLang's whole KV pool, so the host
-            tier never runs out before the scheduler's own admission does).
+        host_memory_gb: offloading, the KV pool lives in pinned host memory and this is its size, SGLang's
+            token budget (None: what SGLang would give the KV cache in GPU memory, at most half of the
+            machine's RAM). Running out is SGLang's own back-pressure (requests wait for pages).
         transfer_mode, prefetch, victim_policy: the runtime's OffloadKnobs at start.
         grpc_port, grpc_host, grpc_token: the control API in the scheduler process of TP rank 0.
         ck_dtype: storage of the compressed keys K~ on the GPU: "float32" selects exactly as the reference;
@@ -135,7 +136,9 @@ def add_nosa_args(parser: argparse.ArgumentParser) -> None:
                    help="keep the KV cache in pinned host memory, GPU slots as its cache (default on)")
     g.add_argument("--nosa-slots", type=int, help="GPU slots per request, layer and KV head (default: topk_blocks)")
     g.add_argument("--nosa-max-slots", type=int, help="slots allocated, the ceiling of the gpu_slots knob")
-    g.add_argument("--nosa-host-memory-gb", type=float, help="pinned host KV store (default: the KV pool's size)")
+    g.add_argument("--nosa-host-memory-gb", type=float,
+                   help="offloading: the KV pool in pinned host memory, SGLang's token budget (default: SGLang's "
+                        "GPU KV budget, at most half the RAM)")
     g.add_argument("--nosa-transfer-mode", choices=TRANSFER_MODES, default="zero_copy")
     g.add_argument("--nosa-prefetch", choices=ON_OFF, default="off")
     g.add_argument("--nosa-victim-policy", choices=VICTIM_POLICIES, default="lru")

@@ -25,7 +25,7 @@ from sglang.srt.layers.radix_attention import RadixAttention  # noqa: E402
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool  # noqa: E402
 from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
 
-from nosa_sglang.backend import NosaAttnBackend, host_capacity_bytes  # noqa: E402
+from nosa_sglang.backend import NosaAttnBackend  # noqa: E402
 from nosa_sglang.kv_pool import NosaKVPool  # noqa: E402
 from nosa_sglang.runtime.types import ModelShape  # noqa: E402
 
@@ -34,14 +34,17 @@ PAGE = SMALL.block_size
 POOL_TOKENS = 64 * PAGE
 
 
-def make_runner(pool_tokens: int = POOL_TOKENS, requests: int = 4, pool_class=NosaKVPool):
-    kv = pool_class(pool_tokens, PAGE, torch.float32, HKV, D, L, "cpu", False)
+def make_runner(pool_tokens: int = POOL_TOKENS, requests: int = 4, pool_class=NosaKVPool, offload: bool = True,
+                dtype: torch.dtype = torch.float32):
+    """The pool as SGLang's plugin hook builds it: in host memory when offloading."""
+    extra = {"host": offload} if pool_class is NosaKVPool else {}
+    kv = pool_class(pool_tokens, PAGE, dtype, HKV, D, L, "cpu", False, **extra)
     reqs = ReqToTokenPool(requests, 1024, "cpu", False)
     hf = SimpleNamespace(nosa=SMALL.to_dict())
     mc = SimpleNamespace(hf_config=hf, num_hidden_layers=L, head_dim=D, context_len=1024,
                          get_num_attention_heads=lambda tp: HQ, get_num_kv_heads=lambda tp: HKV)
     return SimpleNamespace(model_config=mc, server_args=SimpleNamespace(page_size=PAGE), token_to_kv_pool=kv,
-                           req_to_token_pool=reqs, ps=SimpleNamespace(tp_size=1, tp_rank=0), dtype=torch.float32,
+                           req_to_token_pool=reqs, ps=SimpleNamespace(tp_size=1, tp_rank=0), dtype=dtype,
                            device="cpu", gpu_id=0)
 
 
@@ -134,10 +137,10 @@ class Scheduler:
 
 @pytest.mark.parametrize("offload", [True, False], ids=["offload", "gpu_only"])
 def test_backend_equals_reference_through_chunks_prefix_hits_and_batch_changes(gen, offload):
-    runner = make_runner()
+    runner = make_runner(offload=offload)
     backend = NosaAttnBackend(runner, NosaServerFlags(offload=offload, slots=SMALL.topk_blocks, max_slots=12))
     rt = backend.runtime
-    free0 = rt.host.free_blocks if offload else 0
+    assert rt.paged and rt.pool_backed == (not offload) and backend.kv_pool.pages.host == offload
     sched = Scheduler(backend, runner, gen)
     a = sched.new("a")
     sched.forward(ForwardMode.EXTEND, [(a, 96)])  # first chunk
@@ -147,22 +150,25 @@ def test_backend_equals_reference_through_chunks_prefix_hits_and_batch_changes(g
     for _ in range(20):
         sched.forward(ForwardMode.DECODE, [(a, 1), (b, 1)])
     assert set(rt.running_requests) == {"a", "b"}
-    assert rt.pool_backed == (not offload)
-    if not offload:  # decoding from the pool's pages: a's and b's first 4 blocks are the same pages
-        assert torch.equal(rt.host_table[rt._req("a").row, :4], rt.host_table[rt._req("b").row, :4])
-    if offload:  # b's first 4 blocks are a's host blocks
-        assert rt.host_blocks("b")[:4] == rt.host_blocks("a")[:4]
-        assert rt.host.used_blocks == SMALL.num_blocks(a.n) + SMALL.num_blocks(b.n) - 4
+    # the pages are the runtime's blocks: a's and b's first 4 are the same pages
+    assert torch.equal(rt.host_table[rt._req("a").row, :4], rt.host_table[rt._req("b").row, :4])
+    if offload:  # the host store is the pool: the runtime holds references to the prompts' distinct pages
+        assert rt.host.used_blocks == SMALL.num_blocks(157) + SMALL.num_blocks(134) - 4
+        assert rt.snapshot().totals.misses > 0 and rt.snapshot().totals.bytes_d2h == 0
     c = sched.new("c")
     sched.forward(ForwardMode.EXTEND, [(c, 40)])
     for _ in range(20):  # a has finished: absent from the batch, it ends; c joins
         sched.forward(ForwardMode.DECODE, [(b, 1), (c, 1)])
     assert set(rt.running_requests) == {"b", "c"}
+    rows = runner.req_to_token_pool.req_to_token
+    for s in (a, b, c):  # the pool is the complete record: every token, prompt and decoded, on its page
+        for layer in range(L):
+            k, v, cc = backend.kv_pool.read_sequence(layer, rows[s.row, : s.n])
+            assert torch.equal(k, s.k[layer]) and torch.equal(v, s.v[layer]) and torch.equal(cc, s.c[layer])
     backend.on_idle(set())  # the scheduler went idle: everything is released
     assert rt.running_requests == ()
     if offload:
-        assert rt.host.free_blocks == free0
-        assert len(backend.requests.pages) == 0
+        assert rt.host.used_blocks == 0
 
 
 def test_a_request_whose_length_changed_is_rebuilt_from_the_pool(gen):
@@ -197,14 +203,6 @@ def test_backend_needs_the_eviction_bias(gen):
                                RadixAttention(HQ, D, D ** -0.5, HKV, layer_id=0), fb)
 
 
-def test_host_capacity_covers_the_pool_or_names_the_flag():
-    shape = ModelShape(L, HQ, HKV, D, torch.float32)
-    per_block = 2 * L * HKV * PAGE * D * 4
-    assert host_capacity_bytes(NosaServerFlags(), shape, PAGE, 10 * PAGE, 2) == 12 * per_block
-    with pytest.raises(NosaFlagError, match="--nosa-host-memory-gb=.*--max-total-tokens"):
-        host_capacity_bytes(NosaServerFlags(host_memory_gb=1e-6), shape, PAGE, 10 * PAGE, 2)
-
-
 def test_pool_prompt_reads_one_layer_at_a_time():
     from nosa_sglang.request_sync import PoolPrompt
 
@@ -223,9 +221,11 @@ def test_pool_prompt_reads_one_layer_at_a_time():
         p.k[3]
 
 
-def test_backend_refuses_sglangs_own_pool():
+def test_backend_refuses_sglangs_own_pool_and_a_pool_in_the_wrong_memory():
     with pytest.raises(NosaFlagError, match="MHATokenToKVPool, not a NosaKVPool"):
         NosaAttnBackend(make_runner(pool_class=MHATokenToKVPool), NosaServerFlags())
+    with pytest.raises(NosaFlagError, match="--nosa-offload=on: the KV pool was built in GPU memory"):
+        NosaAttnBackend(make_runner(offload=False), NosaServerFlags(offload=True))
 
 
 def test_nosa_pool_keeps_tokens_where_sglang_puts_them(gen):
@@ -262,8 +262,7 @@ def test_gpu_state_that_does_not_fit_names_the_flags_that_size_it(monkeypatch):
 
 @pytest.mark.parametrize("ck_dtype, expected", [("float32", torch.float32), ("model", torch.bfloat16)])
 def test_compressed_keys_are_stored_as_the_flag_says(ck_dtype, expected):
-    runner = make_runner()
-    runner.dtype = torch.bfloat16
+    runner = make_runner(dtype=torch.bfloat16)
     backend = NosaAttnBackend(runner, NosaServerFlags(slots=SMALL.topk_blocks, ck_dtype=ck_dtype))
     assert backend.runtime.selection.ck.dtype == expected
 
@@ -271,17 +270,3 @@ def test_compressed_keys_are_stored_as_the_flag_says(ck_dtype, expected):
 def test_unknown_ck_dtype_names_the_flag():
     with pytest.raises(NosaFlagError, match=r"--nosa-ck-dtype='fp8': allowed values are \['float32', 'model'\]"):
         NosaServerFlags(ck_dtype="fp8")
-
-
-def test_page_blocks_share_only_a_leading_run_of_live_pages():
-    from nosa_sglang.request_sync import PageBlocks
-
-    pages = PageBlocks()
-    pages.add("a", [7, 8, 9], (70, 80, 90))
-    assert pages.shared_prefix([7, 8, 5, 9]) == [70, 80]  # a radix hit is a leading run: stop at page 5
-    assert pages.shared_prefix([5, 7]) == []
-    pages.add("b", [7, 8, 4], (70, 80, 40))
-    pages.remove("a")  # b still holds pages 7 and 8
-    assert pages.shared_prefix([7, 8, 9]) == [70, 80] and len(pages) == 3
-    pages.remove("b")
-    assert len(pages) == 0 and pages.shared_prefix([7]) == []

@@ -122,7 +122,8 @@ PLUGIN_PROBE = (
     "from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS\n"
     "from sglang.srt.models.registry import ModelRegistry\n"
     "hooked = all(t in HookRegistry._hooks for t in ('sglang.srt.managers.scheduler.Scheduler.on_idle',\n"
-    "    'sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_mha_kv_pool'))\n"
+    "    'sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_mha_kv_pool',\n"
+    "    'sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._profile_available_bytes'))\n"
     "print('RESULT', 'nosa' in ATTENTION_BACKENDS, 'nosa' in server_args.ATTENTION_BACKEND_CHOICES,"
     " getattr(ModelRegistry.models.get('NosaLlamaForCausalLM'), '__module__', None), hooked,"
     " ModelRegistry.models['LlamaForCausalLM'].__module__)\n"
@@ -147,6 +148,24 @@ def test_the_pool_hook_builds_a_nosa_pool_with_sglangs_sizes():
                          max_total_num_tokens=4096, mha_pool_class=object)
     assert out == "pool" and seen == [("configurator", {"max_total_num_tokens": 4096, "mha_pool_class": NosaKVPool,
                                                          "quant_method": None})]
+
+
+def test_the_kv_budget_is_host_memory_when_offloading(monkeypatch):
+    import nosa_sglang.kv_pool as kv_pool
+
+    gib = 1 << 30
+    gpu = lambda cfg, pre: 40 * gib  # noqa: E731 - what SGLang would give the KV cache in GPU memory
+    monkeypatch.setattr(kv_pool, "physical_ram_bytes", lambda: 128 * gib)
+    cases = [(None, 40 * gib), (NosaServerFlags(offload=False, host_memory_gb=200), 40 * gib),
+             (NosaServerFlags(host_memory_gb=200), 200 * gib), (NosaServerFlags(), 40 * gib)]
+    for flags, want in cases:
+        if flags is None:
+            monkeypatch.delenv(ENV_VAR, raising=False)
+        else:
+            monkeypatch.setenv(ENV_VAR, flags.to_env())
+        assert kv_pool.host_kv_budget(gpu, "configurator", 0) == want, flags
+    monkeypatch.setattr(kv_pool, "physical_ram_bytes", lambda: 64 * gib)  # default: at most half the RAM
+    assert kv_pool.host_kv_budget(gpu, "configurator", 0) == 32 * gib
 
 
 def test_nosa_tensor_check_names_the_tensor():
