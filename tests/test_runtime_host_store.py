@@ -90,3 +90,24 @@ def test_preallocated_buffer_is_carved():
     assert s.num_blocks == 4
     s.layer_k(0).fill_(1.0)
     assert buf[:512].view(torch.float32).eq(1.0).all()
+
+
+def test_a_server_page_pool_as_storage_counts_references_and_allocates_nothing():
+    from nosa_sglang.runtime.page_pool import PagePool
+
+    pool = PagePool(2, 2, 4, 4, torch.float32, num_pages=6, device="cpu", host=True)
+    s = HostKVStore(2, 2, 4, 4, torch.float32, 0, storage=pool.kv)
+    assert s.external and s.num_blocks == 6 and s.used_blocks == 0
+    assert s.layer_k(1).data_ptr() == pool.kv[0, 1].data_ptr()  # the pool's memory, not a copy
+    with pytest.raises(ValueError, match="allocate: the blocks of an external storage belong to the server"):
+        s.allocate(1)
+    s.adopt([1, 2, 2])
+    assert s.used_blocks == 2 and s.refcount(2) == 2
+    with pytest.raises(ValueError, match=r"block_ids: 6 is not a block of \[0, 6\)"):
+        s.adopt([3, 6])
+    assert s.used_blocks == 2 and s.refcount(3) == 0  # a refused adopt changes nothing
+    assert s.release([2]) == 0 and s.release([1, 2]) == 2 and s.used_blocks == 0
+    with pytest.raises(ValueError, match="storage: expected a host tensor"):
+        HostKVStore(2, 2, 4, 4, torch.bfloat16, 0, storage=pool.kv)
+    with pytest.raises(ValueError, match="adopt: only for an external storage"):
+        store().adopt([0])
