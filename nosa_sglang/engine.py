@@ -1,8 +1,9 @@
-"""`nosa_sglang.Engine(...)`: SGLang's offline engine with NOSA, for scripts and the frontend language.
+"""`nosa_sglang.Engine(...)` / `nosa_sglang.Runtime(...)`: SGLang's offline engine and its frontend-language
+runtime (a server in a child process, `sgl.set_default_backend(runtime)`) with NOSA.
 
 The same contract as the launcher: NOSA settings as NosaServerFlags, any other ServerArgs field as a
 keyword; the fields NOSA owns (attention backend, page size, CUDA graphs) are set here and refused when
-given; SGLang settings NOSA cannot serve are refused before the scheduler starts.
+given; SGLang settings NOSA cannot serve are refused before anything starts.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from nosa_sglang.server_flags import (
 )
 
 
-def engine_server_args(nosa: NosaServerFlags | None = None, **kwargs):
-    """The ServerArgs of a NOSA engine (also exports the NOSA settings for its scheduler process)."""
+def server_arg_fields(nosa: NosaServerFlags | None = None, **kwargs) -> dict:
+    """The ServerArgs fields of a NOSA server, validated (a ServerArgs is built and checked), and the NOSA
+    settings exported for the processes it starts."""
     from sglang.srt.server_args import ServerArgs
 
     from nosa_sglang.plugin import register
@@ -21,11 +23,16 @@ def engine_server_args(nosa: NosaServerFlags | None = None, **kwargs):
     check_owned_fields(kwargs)
     (nosa or NosaServerFlags()).export()
     register()  # here too: ServerArgs must accept attention_backend="nosa" in this process
-    kwargs.setdefault("max_running_requests", DEFAULT_MAX_RUNNING_REQUESTS)
-    kwargs.setdefault("log_level", "error")
-    server_args = ServerArgs(**NOSA_SERVER_ARGS, **kwargs)
-    check_server_args(server_args)
-    return server_args
+    fields = {**NOSA_SERVER_ARGS, "max_running_requests": DEFAULT_MAX_RUNNING_REQUESTS, "log_level": "error", **kwargs}
+    check_server_args(ServerArgs(**fields))
+    return fields
+
+
+def engine_server_args(nosa: NosaServerFlags | None = None, **kwargs):
+    """The ServerArgs of a NOSA engine (also exports the NOSA settings for its scheduler process)."""
+    from sglang.srt.server_args import ServerArgs
+
+    return ServerArgs(**server_arg_fields(nosa, **kwargs))
 
 
 def Engine(nosa: NosaServerFlags | None = None, **kwargs):
@@ -33,3 +40,12 @@ def Engine(nosa: NosaServerFlags | None = None, **kwargs):
     import sglang
 
     return sglang.Engine(server_args=engine_server_args(nosa, **kwargs))
+
+
+def Runtime(nosa: NosaServerFlags | None = None, launch_timeout: float = 300.0, **kwargs):
+    """A started `sglang.Runtime` (an HTTP server in a child process, for the frontend language:
+    `sgl.set_default_backend(runtime)` or `runtime.endpoint`) serving a NOSA checkpoint; `shutdown()` ends it."""
+    from sglang.lang.backend.runtime_endpoint import Runtime as SGLangRuntime
+
+    fields = server_arg_fields(nosa, **kwargs)
+    return SGLangRuntime(launch_timeout=launch_timeout, **fields)

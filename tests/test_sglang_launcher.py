@@ -206,3 +206,28 @@ def test_engine_server_args_set_what_nosa_owns_and_refuse_the_rest(tmp_path):
     r = run_python(code)
     assert f"RESULT nosa 64 disabled {DEFAULT_MAX_RUNNING_REQUESTS}" in r.stdout, r.stderr[-3000:]
     assert "ERROR --enable-mixed-chunk=True: not supported with --enable-nosa" in r.stdout, r.stderr[-3000:]
+
+
+def test_runtime_for_the_frontend_language_starts_sglangs_runtime_with_nosa_or_refuses_first(tmp_path):
+    from nosa_sglang.reference.checkpoint import make_tiny_checkpoint
+
+    ck = make_tiny_checkpoint(tmp_path / "ck")
+    code = (
+        "import sglang.lang.backend.runtime_endpoint as endpoint\n"
+        "started = []\n"
+        "endpoint.Runtime = lambda **kw: started.append(kw) or 'runtime'\n"  # records instead of launching
+        "from nosa_sglang import NosaServerFlags, Runtime\n"
+        f"rt = Runtime(NosaServerFlags(offload=False), model_path='{ck}', device='cpu', launch_timeout=5)\n"
+        "kw = started[0]\n"
+        "import os, json\n"
+        "print('RESULT', rt, kw['attention_backend'], kw['page_size'], kw['launch_timeout'], kw['log_level'],"
+        " json.loads(os.environ['NOSA_SGLANG_FLAGS'])['offload'])\n"
+        "try:\n"
+        f"    Runtime(model_path='{ck}', device='cpu', enable_mixed_chunk=True)\n"
+        "except Exception as e:\n"
+        "    print('ERROR', e, len(started))\n"
+    )
+    r = run_python(code)
+    assert "RESULT runtime nosa 64 5 error False" in r.stdout, r.stderr[-3000:]
+    assert "ERROR --enable-mixed-chunk=True: not supported with --enable-nosa" in r.stdout and r.stdout.strip().endswith(
+        " 1"), r.stdout + r.stderr[-3000:]
