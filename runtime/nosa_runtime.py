@@ -613,17 +613,22 @@ class NosaRuntime:
             self._drop_graphs()
         self._knobs = new
 
+    def _blocks_of(self, r: _Request) -> int:
+        """Host blocks a request spans: paged, its prompt's pages plus one per block opened since (the
+        server's pages; the runtime never learns their ids on the host)."""
+        return self.config.num_blocks(r.seq_len) if self.paged else len(r.host_blocks)
+
     def _publish(self) -> None:
         with self._lock:
-            running = tuple(
-                RunningRequest(r.request_id, r.row, r.seq_len, len(r.host_blocks))
-                for r in (self._requests[rid] for rid in self._row_owner)
-            )
+            reqs = [self._requests[rid] for rid in self._row_owner]
+            running = tuple(RunningRequest(r.request_id, r.row, r.seq_len, self._blocks_of(r)) for r in reqs)
+            opened = sum(self._blocks_of(r) - len(r.host_blocks) for r in reqs)  # NOTE: decode pages are private
         h = self.host
+        used = h.used_blocks + opened if h else 0
         info = BoundaryInfo(
             steps=self._step, running=running,
-            host_blocks_used=h.used_blocks if h else 0, host_blocks_total=h.num_blocks if h else 0,
-            host_bytes_used=h.used_blocks * h.block_bytes if h else 0,
+            host_blocks_used=used, host_blocks_total=h.num_blocks if h else 0,
+            host_bytes_used=used * h.block_bytes if h else 0,
             host_capacity_bytes=h.capacity_bytes if h else 0,
             gpu_slot_capacity=self.max_requests * self.shape.num_layers * self.shape.num_kv_heads
             * (self.max_blocks if self.gpu_only else self.slots.active + 1),

@@ -155,6 +155,9 @@ def test_offloading_over_a_host_page_pool_equals_gpu_only_bit_for_bit(device):
     totals = paged.snapshot().totals
     assert totals.misses > 0 and totals.bytes_d2h == 0, "blocks must miss, and nothing is written back"
     assert paged.host.used_blocks == sum(SMALL.num_blocks(T) for T in (40, 97))  # the prompts' pages adopted
+    snap = paged.snapshot()  # the pages each running request spans, prompt and decoded: the server's count
+    assert snap.host_blocks_used == sum(len(server.pages[rid]) for rid in ("r2", "r3"))
+    assert sorted(r.host_blocks for r in snap.requests) == sorted(len(server.pages[rid]) for rid in ("r2", "r3"))
     for rid in list(paged.running_requests):
         paged.end_request(rid)
     assert paged.host.used_blocks == 0
