@@ -78,7 +78,7 @@ class NosaAttnBackend(AttentionBackend):
         kv = self.kv_pool.pages
         logger.info("NOSA backend: %s, offload %s, %d request rows, KV pool %.2f GiB in %s memory, NOSA GPU state "
                     "%.2f GiB", self.shape, "on" if flags.offload else "off", max_requests,
-                    kv.kv.numel() * kv.kv.element_size() / GiB, "host" if kv.host else "GPU", self.gpu_bytes / GiB)
+                    kv.kv_bytes / GiB, "host" if kv.host else "GPU", self.gpu_bytes / GiB)
 
     def _allocate_gpu_state(self, flags: NosaServerFlags, device: torch.device, max_requests: int,
                             context_len: int) -> None:

@@ -89,7 +89,7 @@ class NosaKVPool(KVCache):
         self.pages.write_tokens(layer_id - self.start_layer, loc, cache_k.view(-1, hkv, d), cache_v.view(-1, hkv, d))
 
     def get_kv_size_bytes(self) -> tuple[int, int]:
-        half = self.pages.kv[0].numel() * self.pages.kv.element_size()
+        half = self.pages.kv_bytes // 2
         return half, half + self.pages.c.numel() * 4  # c counted with V
 
 

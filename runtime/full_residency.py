@@ -44,7 +44,13 @@ class FullResidency(SlotBuffers):
         self.move_row_data(src_row, dst_row)
 
     def resident_per_row(self) -> torch.Tensor:
-        n = torch.tensor(self._blocks_per_row, dtype=torch.long) * (self.num_layers * self.num_kv_heads)
-        if self.device.type == "cuda":
-            n = n.pin_memory().to(self.device, non_blocking=True)  # NOTE: pageable H2D would sync
-        return n
+        return resident_triples(self._blocks_per_row, self.num_layers * self.num_kv_heads, self.device)
+
+
+def resident_triples(blocks_per_row: list[int], layers_x_heads: int, device: torch.device) -> torch.Tensor:
+    """[rows] (layer, KV head, block) triples resident per row when every block of a row is, on `device`
+    (the counters' unit), uploaded without a sync."""
+    n = torch.tensor(blocks_per_row, dtype=torch.long) * layers_x_heads
+    if device.type == "cuda":
+        n = n.pin_memory().to(device, non_blocking=True)  # NOTE: pageable H2D would sync
+    return n

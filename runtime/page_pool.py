@@ -51,12 +51,9 @@ class PagePool:
         self._heads = torch.arange(num_kv_heads, device=self.device)
 
     @property
-    def num_tokens(self) -> int:
-        return self.num_pages * self.block_size
-
-    @property
-    def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size() + self.c.numel() * 4
+    def kv_bytes(self) -> int:
+        """Bytes of the K/V storage (host memory when host=True)."""
+        return self.kv.numel() * self.kv.element_size()
 
     def _runs_and_offsets(self, locs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[n, Hkv] run of each (token, head) and [n, 1] token offset in its run, in elements."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from nosa_sglang.runtime.full_residency import resident_triples
 from nosa_sglang.runtime.page_pool import PagePool
 
 
@@ -58,7 +59,4 @@ class PoolResidency:
         self._blocks_per_row[dst_row] = self._blocks_per_row[src_row]
 
     def resident_per_row(self) -> torch.Tensor:
-        n = torch.tensor(self._blocks_per_row, dtype=torch.long) * (self.num_layers * self.num_kv_heads)
-        if self.device.type == "cuda":
-            n = n.pin_memory().to(self.device, non_blocking=True)  # NOTE: pageable H2D would sync
-        return n
+        return resident_triples(self._blocks_per_row, self.num_layers * self.num_kv_heads, self.device)
