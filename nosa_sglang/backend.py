@@ -135,17 +135,22 @@ class NosaAttnBackend(AttentionBackend):
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, nosa_bias=None, **kwargs):
         self._store(layer, forward_batch, k, v, nosa_bias, save_kv_cache)
-        hq, d, lid = layer.tp_q_head_num, layer.head_dim, layer.layer_id
-        q3 = q.view(-1, hq, d)
+        hq, hkv, d, lid = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim, layer.layer_id
+        q3, k3, v3 = q.view(-1, hq, d), k.view(-1, hkv, d), v.view(-1, hkv, d)
+        c = nosa_bias.float()  # NOTE: what the pool holds (the model rounded c to its dtype)
         out = torch.empty_like(q3)
         impl = self.runtime.impl
         start = 0
         for idx, prefix, n in self._extends:
-            kk, vv, cc = self.kv_pool.read_sequence(lid, self.req_to_token[idx, : prefix + n])
-            qq = q3[start : start + n]
+            new = slice(start, start + n)
+            kk, vv, cc = k3[new].to(self.kv_pool.dtype), v3[new].to(self.kv_pool.dtype), c[new]  # as stored
+            if prefix:  # NOTE: only the cached or earlier part comes from the pool (PCIe when it lives on the host)
+                pk, pv, pc = self.kv_pool.read_sequence(lid, self.req_to_token[idx, :prefix])
+                kk, vv, cc = torch.cat((pk, kk)), torch.cat((pv, vv)), torch.cat((pc, cc))
+            qq = q3[new]
             sel = select_blocks_prefill(qq, kk, cc, self.nosa, impl=impl, q_start=prefix)
-            out[start : start + n] = sparse_prefill_attention(qq, kk, vv, cc, sel, self.nosa.block_size,
-                                                              sm_scale=layer.scaling, impl=impl, q_start=prefix)
+            out[new] = sparse_prefill_attention(qq, kk, vv, cc, sel, self.nosa.block_size, sm_scale=layer.scaling,
+                                                impl=impl, q_start=prefix)
             start += n
         return out.view(-1, hq * d)
 
