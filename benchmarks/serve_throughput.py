@@ -8,6 +8,8 @@ served by, one after the other on the same GPU:
                 the KV pool's pages (SGLang's CUDA graphs off; the runtime replays each layer's work as
                 graphs, `--nosa-graphs on`);
   nosa_offload  the same with the host tier (`--nosa-offload on`).
+  nosa_graphs   nosa with the model's other decode work as SGLang's breakable CUDA graphs
+                (`--nosa-model-graphs on`, experimental).
 For each prompt length, N concurrent requests of random token ids (no shared prefix) are sent several
 times: with one output token (prefill; it also fills the radix cache), with 4 (warm-up: kernel compiles
 and graph captures for this batch), then timed with 2 and with `--output-tokens` tokens (greedy,
@@ -48,7 +50,7 @@ SHAPES = {
     "small": LlamaShape(vocab_size=259, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
                         num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=131072),
 }
-CONFIGS = ("dense", "nosa", "nosa_offload")
+CONFIGS = ("dense", "nosa", "nosa_offload", "nosa_graphs")
 
 
 def server_cmd(config: str, ckpt: Path, port: int, args) -> list[str]:
@@ -63,7 +65,9 @@ def server_cmd(config: str, ckpt: Path, port: int, args) -> list[str]:
         return [sys.executable, "-m", "sglang.launch_server", "--attention-backend", "triton",
                 "--json-model-override-args", override, *common]
     offload = "on" if config == "nosa_offload" else "off"
-    return [sys.executable, "-m", "nosa_sglang.launch_server", "--enable-nosa", "--nosa-offload", offload, *common]
+    graphs = ["--nosa-model-graphs", "on"] if config == "nosa_graphs" else []
+    return [sys.executable, "-m", "nosa_sglang.launch_server", "--enable-nosa", "--nosa-offload", offload, *graphs,
+            *common]
 
 
 def gpu_memory_used_mib() -> int:
@@ -156,7 +160,7 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", default="16384,32768", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--output-tokens", type=int, default=128, help="> 2")
     ap.add_argument("--requests", type=int, default=32, help="concurrent requests (also --max-running-requests)")
-    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--configs", default="dense,nosa,nosa_offload")
     ap.add_argument("--mem-fraction", type=float, default=0.85)
     ap.add_argument("--extra", default="", help="more flags for every server")
     ap.add_argument("--port", type=int, default=31100)

@@ -22,6 +22,7 @@ import logging
 import torch
 
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+from sglang.srt.model_executor.runner_backend_utils.breakable_cuda_graph import eager_on_graph
 
 from nosa_sglang.config import NosaConfig
 from nosa_sglang.kernels.prefill_selection import select_blocks_prefill
@@ -74,7 +75,13 @@ class NosaAttnBackend(AttentionBackend):
 
             self.metrics = NosaMetrics({"model_name": str(args.served_model_name)})
         self._decode_ids: tuple[str, ...] = ()
+        self._token_locs = None  # the decode batch's out_cache_loc (its real rows)
         self._extends: list[tuple[int, int, int]] = []  # (req_pool_idx, prefix, new tokens) per request
+        self._layers: dict[int, object] = {}  # layer_id -> RadixAttention (head counts, for decode_break)
+        self._capturing = False  # SGLang is capturing its decode graphs on a dummy batch
+        self.pending_rids: list[str] | None = None  # a graph replay's rids (model_graphs.stash_decode_rids)
+        # NOTE: a graph break under SGLang's breakable decode graphs; a plain call otherwise
+        self.decode_break = eager_on_graph(True)(self._decode_rows)
         kv = self.kv_pool.pages
         logger.info("NOSA backend: %s, offload %s, %d request rows, KV pool %.2f GiB in %s memory, NOSA GPU state "
                     "%.2f GiB", self.shape, "on" if flags.offload else "off", max_requests,
@@ -106,9 +113,11 @@ class NosaAttnBackend(AttentionBackend):
     # -- metadata ----------------------------------------------------------------------------------------
     def init_forward_metadata(self, forward_batch) -> None:
         mode = forward_batch.forward_mode
+        self._capturing = False
         if mode.is_decode():
             self._decode_ids = self.requests.sync(
                 list(forward_batch.rids), forward_batch.req_pool_indices, forward_batch.seq_lens_cpu.tolist())
+            self._token_locs = forward_batch.out_cache_loc
         elif mode.is_extend() and not mode.is_idle():
             self._extends = list(zip(forward_batch.req_pool_indices.tolist(), forward_batch.extend_prefix_lens_cpu,
                                      forward_batch.extend_seq_lens_cpu))
@@ -155,17 +164,55 @@ class NosaAttnBackend(AttentionBackend):
         return out.view(-1, hq * d)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, nosa_bias=None, **kwargs):
+        if nosa_bias is None or not save_kv_cache:
+            raise RuntimeError(f"layer {layer.layer_id}: decode needs the model's eviction bias (nosa_bias) and "
+                               "the KV write")
+        self._layers[layer.layer_id] = layer
+        return self.decode_break(q, k, v, nosa_bias, layer.layer_id)
+
+    def _decode_rows(self, q, k, v, c, layer_id: int):
+        """One layer's decode of the batch's real rows (the first len(rids)); padded rows answer zeros.
+        Under SGLang's breakable graphs this runs eagerly at every replay (`decode_break`), and on the
+        capture's dummy batch it touches no runtime state."""
+        layer = self._layers[layer_id]
+        hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
+        if self._capturing:
+            return q.new_zeros((q.shape[0], hq * d))
+        B, locs = len(self._decode_ids), self._token_locs
+        q3, k3, v3, c2 = q.view(-1, hq, d)[:B], k.view(-1, hkv, d)[:B], v.view(-1, hkv, d)[:B], c[:B]
         if not self.runtime.pool_backed:  # NOTE: decoding from the pages in place, the runtime writes the token
-            self._store(layer, forward_batch, k, v, nosa_bias, save_kv_cache)
-        elif nosa_bias is None or not save_kv_cache:
-            raise RuntimeError(f"layer {layer.layer_id}: decode needs the eviction bias and the KV write")
-        hq, hkv, d, lid = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim, layer.layer_id
-        b = q.shape[0]
-        o = self.runtime.decode(lid, self._decode_ids, q.reshape(b, hq, d), k.reshape(b, hkv, d),
-                                v.reshape(b, hkv, d), nosa_bias.float(), token_locs=forward_batch.out_cache_loc)
-        if lid == self.shape.num_layers - 1:
+            self.kv_pool.store(layer_id, locs, k3, v3, c2)
+        o = self.runtime.decode(layer_id, self._decode_ids, q3, k3, v3, c2.float(), token_locs=locs)
+        if layer_id == self.shape.num_layers - 1:
             self._close_step()
-        return o.reshape(b, hq * d)
+        o = o.reshape(B, hq * d)
+        if B == q.shape[0]:
+            return o
+        out = q.new_zeros((q.shape[0], hq * d))
+        out[:B] = o
+        return out
+
+    # -- SGLang's breakable decode graphs (--nosa-model-graphs on; model_graphs.py) ---------------------------
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
+        """Nothing to preallocate: the runtime's state is sized at start-up."""
+
+    def get_cuda_graph_seq_len_fill_value(self) -> int:
+        return 1
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False) -> None:
+        """Before a capture (a dummy batch: decode answers zeros) or a replay (the padded batch view: sync
+        the runtime to the real rows, whose rids the runner's load_batch hook stashed)."""
+        self._capturing = in_capture
+        if in_capture:
+            return
+        rids, self.pending_rids = self.pending_rids, None
+        if rids is None:
+            raise RuntimeError("a decode graph replay without the batch's request ids: the NOSA plugin's hook on "
+                               "DecodeCudaGraphRunner.load_batch did not run (start with --nosa-model-graphs on)")
+        n = len(rids)
+        self._decode_ids = self.requests.sync(rids, forward_batch.req_pool_indices[:n],
+                                              forward_batch.seq_lens_cpu[:n].tolist())
+        self._token_locs = forward_batch.out_cache_loc[:n]
 
 
 def create_nosa_backend(model_runner) -> NosaAttnBackend:

@@ -12,8 +12,8 @@ import argparse
 import sys
 
 from nosa_sglang.server_flags import (
-    DEFAULT_MAX_RUNNING_REQUESTS, NOSA_SERVER_ARGS, NosaFlagError, NosaServerFlags, add_nosa_args, check_owned_flags,
-    check_server_args, flags_from_args,
+    DEFAULT_MAX_RUNNING_REQUESTS, NosaFlagError, NosaServerFlags, add_nosa_args, check_owned_flags,
+    check_server_args, flags_from_args, nosa_server_args,
 )
 
 __all__ = ["main", "prepare", "NosaServerFlags", "DEFAULT_MAX_RUNNING_REQUESTS"]
@@ -26,9 +26,10 @@ def split_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_known_args(argv)
 
 
-def sglang_argv(rest: list[str]) -> list[str]:
+def sglang_argv(rest: list[str], flags: NosaServerFlags) -> list[str]:
     check_owned_flags(rest)
-    extra = [x for field, value in NOSA_SERVER_ARGS.items() for x in (f"--{field.replace('_', '-')}", str(value))]
+    extra = [x for field, value in nosa_server_args(flags).items()
+             for x in (f"--{field.replace('_', '-')}", str(value))]
     if not any(t.split("=", 1)[0] == "--max-running-requests" for t in rest):
         extra += ["--max-running-requests", str(DEFAULT_MAX_RUNNING_REQUESTS)]
     return rest + extra
@@ -49,7 +50,7 @@ def prepare(argv: list[str]):
     flags = flags_from_args(ns)
     flags.export()  # before the plugins load: they register only when NOSA is on
     load_plugins()
-    server_args = prepare_server_args(sglang_argv(rest))
+    server_args = prepare_server_args(sglang_argv(rest, flags))
     check_server_args(server_args)
     return server_args, flags
 

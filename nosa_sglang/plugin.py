@@ -22,7 +22,8 @@ def register() -> bool:
     global _registered
     if _registered:
         return True
-    if NosaServerFlags.from_env() is None:
+    flags = NosaServerFlags.from_env()
+    if flags is None:
         return False
     from sglang.srt import server_args
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
@@ -41,6 +42,10 @@ def register() -> bool:
         ModelRegistry.models[cls.__name__] = cls
     HookRegistry.register(BUILD_MHA_POOL, build_mha_pool, HookType.AROUND)
     HookRegistry.register(KV_BUDGET, host_kv_budget, HookType.AROUND)
+    if flags.model_graphs:
+        from nosa_sglang.model_graphs import LOAD_BATCH, stash_decode_rids
+
+        HookRegistry.register(LOAD_BATCH, stash_decode_rids, HookType.AROUND)
     scheduler = "sglang.srt.managers.scheduler.Scheduler"
     HookRegistry.register(f"{scheduler}.on_idle", on_scheduler_idle, HookType.AFTER)
     HookRegistry.register(f"{scheduler}.get_internal_state", add_internal_state, HookType.AFTER)

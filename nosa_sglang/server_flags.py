@@ -20,11 +20,14 @@ TOKEN_ENV_VAR = "NOSA_GRPC_TOKEN"  # the token on a command line would show in `
 ON_OFF = ("on", "off")
 CK_DTYPES = ("float32", "model")
 
-#: SGLang settings NOSA sets itself (ServerArgs field -> value). CUDA graphs off: the runtime plans each
-#: decode step on the host (selection diff, slot assignment) between layers, which a captured graph
-#: cannot hold.
-NOSA_SERVER_ARGS = {"attention_backend": "nosa", "page_size": 64,
-                    "cuda_graph_backend_decode": "disabled", "cuda_graph_backend_prefill": "disabled"}
+def nosa_server_args(flags: "NosaServerFlags") -> dict:
+    """SGLang settings NOSA sets itself (ServerArgs field -> value). A whole-step CUDA graph cannot hold
+    the runtime's host-side plan (selection diff, slot assignment), so SGLang's decode graphs are off, or,
+    with --nosa-model-graphs on, SGLang's *breakable* graphs, which break at the NOSA attention
+    (`model_graphs.py`); prefill graphs are off."""
+    return {"attention_backend": "nosa", "page_size": 64,
+            "cuda_graph_backend_decode": "breakable" if flags.model_graphs else "disabled",
+            "cuda_graph_backend_prefill": "disabled"}
 DEFAULT_MAX_RUNNING_REQUESTS = 32  # each running request holds GPU slots in every layer
 
 #: SGLang flags the launcher sets itself; a user value would break NOSA (page = NOSA block, our backend)
@@ -74,6 +77,8 @@ class NosaServerFlags:
             state, at the price of rare near-tie flips in the selection.
         graphs: replay each decode layer's runtime work as CUDA graphs (segments captured once per batch
             shape; CUDA only): an eager layer is dozens of small launches. Results are the same.
+        model_graphs: experimental, not yet run on a GPU: the rest of each decode step (norms,
+            projections, MLP) as SGLang's breakable CUDA graphs, broken at the NOSA attention.
     """
 
     offload: bool = True
@@ -88,6 +93,7 @@ class NosaServerFlags:
     grpc_token: str | None = None
     ck_dtype: str = "float32"
     graphs: bool = True
+    model_graphs: bool = False
 
     def __post_init__(self) -> None:
         for name in ("slots", "max_slots"):
@@ -146,6 +152,8 @@ def add_nosa_args(parser: argparse.ArgumentParser) -> None:
                    help="compressed keys on the GPU: float32 (exact selection) or the model dtype (half the memory)")
     g.add_argument("--nosa-graphs", choices=ON_OFF, default="on",
                    help="replay each decode layer's runtime work as CUDA graphs (default on; CUDA only)")
+    g.add_argument("--nosa-model-graphs", choices=ON_OFF, default="off",
+                   help="experimental: the model's other decode work as SGLang's breakable CUDA graphs")
     g.add_argument("--nosa-grpc-port", type=int, help="serve the NOSA control API (gRPC) on this port")
     g.add_argument("--nosa-grpc-host", default="127.0.0.1", help="address of the control API (default loopback)")
     g.add_argument("--nosa-grpc-token", help=f"bearer token of the control API (or env {TOKEN_ENV_VAR})")
@@ -157,7 +165,7 @@ def flags_from_args(ns: argparse.Namespace) -> NosaServerFlags:
         host_memory_gb=ns.nosa_host_memory_gb, transfer_mode=ns.nosa_transfer_mode,
         prefetch=ns.nosa_prefetch == "on", victim_policy=ns.nosa_victim_policy, grpc_port=ns.nosa_grpc_port,
         grpc_host=ns.nosa_grpc_host, grpc_token=ns.nosa_grpc_token or os.environ.get(TOKEN_ENV_VAR) or None,
-        ck_dtype=ns.nosa_ck_dtype, graphs=ns.nosa_graphs == "on",
+        ck_dtype=ns.nosa_ck_dtype, graphs=ns.nosa_graphs == "on", model_graphs=ns.nosa_model_graphs == "on",
     )
 
 

@@ -107,8 +107,11 @@ class Scheduler:
     def _rand(self, *shape, scale=1.0):
         return torch.randn(*shape, generator=self.gen) * scale
 
-    def forward(self, mode: ForwardMode, batch: list[tuple[Seq, int]]) -> None:
-        """One forward of `batch` [(seq, new tokens)], every layer checked against the reference."""
+    def forward(self, mode: ForwardMode, batch: list[tuple[Seq, int]], pad: int = 0) -> None:
+        """One forward of `batch` [(seq, new tokens)], every layer checked against the reference.
+        `pad` (decode): as a replay of SGLang's breakable decode graphs does it: the rids handed over by
+        the runner hook, a metadata view padded with `pad` dummy rows, inputs with `pad` garbage rows,
+        whose outputs must be zeros."""
         locs = torch.cat([self._locs(s, n) for s, n in batch])
         dev = self.device
         fb = SimpleNamespace(
@@ -116,15 +119,25 @@ class Scheduler:
             req_pool_indices=torch.tensor([s.row for s, _ in batch], device=dev),
             seq_lens_cpu=torch.tensor([s.n + n for s, n in batch]), extend_prefix_lens_cpu=[s.n for s, _ in batch],
             extend_seq_lens_cpu=[n for _, n in batch], out_cache_loc=locs.to(dev))
-        self.backend.init_forward_metadata(fb)
+        if pad:
+            assert mode.is_decode()
+            self.backend.pending_rids = fb.rids
+            fb = SimpleNamespace(forward_mode=mode, out_cache_loc=fb.out_cache_loc, num_padding=pad,
+                                 req_pool_indices=torch.cat([fb.req_pool_indices, fb.req_pool_indices.new_zeros(pad)]),
+                                 seq_lens_cpu=torch.cat([fb.seq_lens_cpu, torch.ones(pad, dtype=torch.long)]))
+            self.backend.init_forward_metadata_out_graph(fb)
+        else:
+            self.backend.init_forward_metadata(fb)
         total = sum(n for _, n in batch)
         for layer in self.layers:
             i = layer.layer_id
-            q, k, v = self._rand(total, HQ, D), self._rand(total, HKV, D), self._rand(total, HKV, D)
-            c = self._rand(total, HKV, scale=0.5)
+            q, k, v = self._rand(total + pad, HQ, D), self._rand(total + pad, HKV, D), self._rand(total + pad, HKV, D)
+            c = self._rand(total + pad, HKV, scale=0.5)
             fwd = self.backend.forward_decode if mode.is_decode() else self.backend.forward_extend
-            out = fwd(*(x.to(dev) for x in (q.reshape(total, HQ * D), k, v)), layer, fb, nosa_bias=c.to(dev))
-            out = out.view(total, HQ, D).cpu()
+            out = fwd(*(x.to(dev) for x in (q.reshape(-1, HQ * D), k, v)), layer, fb, nosa_bias=c.to(dev))
+            out = out.view(total + pad, HQ, D).cpu()
+            assert not out[total:].any(), "padded rows must answer zeros"
+            out = out[:total]
             self.outputs.append(out)
             start = 0
             for s, n in batch:
@@ -195,6 +208,46 @@ def test_cuda_backend_offloaded_equals_fully_on_gpu_bit_for_bit():
     runs = [scenario(torch.Generator().manual_seed(5), offload, device="cuda", check=False).outputs
             for offload in (True, False)]
     assert len(runs[0]) == len(runs[1]) and all(torch.equal(x, y) for x, y in zip(*runs))
+
+
+@pytest.mark.parametrize("offload", [True, False], ids=["offload", "gpu_only"])
+def test_breakable_graph_capture_touches_nothing_and_padded_replays_equal_the_reference(gen, offload):
+    """SGLang's breakable decode graphs (--nosa-model-graphs): the capture's dummy batch leaves the runtime
+    as it was and answers zeros; replays see padded views and padded inputs, decode the real rows
+    exactly, answer zeros in the padded ones, and need the rids the runner hook hands over."""
+    runner = make_runner(offload=offload)
+    backend = NosaAttnBackend(runner, NosaServerFlags(offload=offload, slots=SMALL.topk_blocks, max_slots=12))
+    sched = Scheduler(backend, runner, gen)
+    a, b = sched.new("a"), sched.new("b")
+    sched.forward(ForwardMode.EXTEND, [(a, 150), (b, 90)])
+    dummy = SimpleNamespace(forward_mode=ForwardMode.DECODE, req_pool_indices=torch.zeros(4, dtype=torch.long),
+                            seq_lens_cpu=torch.ones(4, dtype=torch.long), out_cache_loc=torch.zeros(4, dtype=torch.long))
+    backend.init_forward_metadata_out_graph(dummy, in_capture=True)
+    for layer in sched.layers:
+        out = backend.forward_decode(torch.randn(4, HQ * D, generator=gen), torch.randn(4, HKV, D, generator=gen),
+                                     torch.randn(4, HKV, D, generator=gen), layer, dummy,
+                                     nosa_bias=torch.randn(4, HKV, generator=gen))
+        assert out.shape == (4, HQ * D) and not out.any()
+    assert backend.runtime.running_requests == () and backend.runtime.snapshot().steps == 0
+    for step in range(12):
+        sched.forward(ForwardMode.DECODE, [(a, 1), (b, 1)], pad=2 if step % 2 else 6)
+    sched.forward(ForwardMode.DECODE, [(b, 1)], pad=3)  # a finished: the padded view holds only b
+    assert backend.runtime.running_requests == ("b",)
+    with pytest.raises(RuntimeError, match="without the batch's request ids"):
+        backend.init_forward_metadata_out_graph(dummy)
+
+
+def test_the_load_batch_hook_hands_the_real_rids_to_the_nosa_backend():
+    from nosa_sglang.model_graphs import stash_decode_rids
+
+    backend = NosaAttnBackend(make_runner(), NosaServerFlags(slots=SMALL.topk_blocks))
+    runner = SimpleNamespace(attn_backend=backend)
+    seen = []
+    out = stash_decode_rids(lambda r, fb, *a, **kw: seen.append((r, fb)) or "loaded", runner,
+                            SimpleNamespace(rids=("x", "y")))
+    assert out == "loaded" and backend.pending_rids == ["x", "y"] and seen[0][0] is runner
+    other = SimpleNamespace(attn_backend=object())  # another backend: untouched, the call passes through
+    assert stash_decode_rids(lambda r, fb: "loaded", other, SimpleNamespace(rids=("z",))) == "loaded"
 
 
 def test_a_request_whose_length_changed_is_rebuilt_from_the_pool(gen):

@@ -69,14 +69,18 @@ def test_flags_travel_through_the_environment_without_the_token(monkeypatch):
 def test_flags_the_launcher_owns_are_refused(flag, form):
     rest = [flag, "16"] if form == "separate" else [f"{flag}=16"]
     with pytest.raises(NosaFlagError, match=f"{flag}: not allowed with --enable-nosa"):
-        sglang_argv(["--model-path", "m", *rest])
+        sglang_argv(["--model-path", "m", *rest], NosaServerFlags())
 
 
-def test_launcher_sets_backend_page_and_a_bounded_batch():
-    argv = sglang_argv(["--model-path", "m"])
+def test_launcher_sets_backend_page_graphs_and_a_bounded_batch():
+    argv = sglang_argv(["--model-path", "m"], NosaServerFlags())
     assert argv[argv.index("--attention-backend") + 1] == "nosa" and argv[argv.index("--page-size") + 1] == "64"
     assert argv[argv.index("--max-running-requests") + 1] == str(DEFAULT_MAX_RUNNING_REQUESTS)
-    assert sglang_argv(["--max-running-requests=4"]).count("--max-running-requests") == 0
+    assert argv[argv.index("--cuda-graph-backend-decode") + 1] == "disabled"
+    assert sglang_argv(["--max-running-requests=4"], NosaServerFlags()).count("--max-running-requests") == 0
+    breakable = sglang_argv(["--model-path", "m"], NosaServerFlags(model_graphs=True))
+    assert breakable[breakable.index("--cuda-graph-backend-decode") + 1] == "breakable"
+    assert breakable[breakable.index("--cuda-graph-backend-prefill") + 1] == "disabled"
 
 
 @pytest.mark.parametrize("field, allowed, flag, why", UNSUPPORTED)
@@ -136,8 +140,13 @@ def test_plugin_is_inactive_unless_nosa_is_enabled():
 
 
 def test_plugin_registers_through_the_entry_point_when_enabled():
-    r = run_python(PLUGIN_PROBE, env={ENV_VAR: NosaServerFlags().to_env()})
+    probe = PLUGIN_PROBE + ("print('LOAD_BATCH', 'sglang.srt.model_executor.runner.decode_cuda_graph_runner."
+                            "DecodeCudaGraphRunner.load_batch' in HookRegistry._hooks)\n")
+    r = run_python(probe, env={ENV_VAR: NosaServerFlags().to_env()})
     assert "RESULT True True nosa_sglang.models.nosa_llama True sglang.srt.models.llama" in r.stdout, r.stderr[-3000:]
+    assert "LOAD_BATCH False" in r.stdout  # only with --nosa-model-graphs on
+    r = run_python(probe, env={ENV_VAR: NosaServerFlags(model_graphs=True).to_env()})
+    assert "LOAD_BATCH True" in r.stdout, r.stderr[-3000:]
 
 
 def test_the_pool_hook_builds_a_nosa_pool_with_sglangs_sizes():
