@@ -68,9 +68,11 @@ def stats_dict(runtime) -> dict:
 
 
 def add_internal_state(result, scheduler, *args, **kwargs):
-    """AFTER hook of Scheduler.get_internal_state."""
+    """AFTER hook of Scheduler.get_internal_state: the counters, and where the KV pool lives and its size."""
     backend = nosa_backend_of(scheduler)
     state = getattr(result, "internal_state", None)
     if backend is not None and isinstance(state, dict):
-        state["nosa"] = stats_dict(backend.runtime)
+        pages = backend.kv_pool.pages
+        state["nosa"] = {**stats_dict(backend.runtime), "kv_pool": {
+            "memory": "host" if pages.host else "gpu", "pages": pages.num_pages, "kv_bytes": pages.kv_bytes}}
     return result

@@ -78,6 +78,9 @@ def test_server_info_carries_the_counters(served):
     nosa = json.loads(json.dumps(result.internal_state["nosa"]))  # what /server_info serialises
     assert nosa["running_requests"] == 1 and nosa["steps"] == 3 and nosa["hits"] + nosa["misses"] > 0
     assert nosa["knobs"]["gpu_slots"] == SMALL.topk_blocks and nosa["host_blocks_used"] > 0
+    pool = backend.kv_pool.pages  # offloading: the pool is in host memory, all its pages the host store
+    assert nosa["kv_pool"] == {"memory": "host", "pages": pool.num_pages, "kv_bytes": pool.kv_bytes}
+    assert nosa["host_blocks_total"] == pool.num_pages
 
 
 def test_the_token_from_the_launcher_guards_the_scheduler_api(monkeypatch):
