@@ -7,7 +7,7 @@ with greedy sampling, and compares every output token with the reference model's
 counters and changes a knob through the control API in the scheduler process (`nosa-ctl`).
 Prints a table and writes it as markdown (--out).
 
-    python3 benchmarks/sglang_e2e.py --prompts 8 --out sglang_e2e.md
+    python3 benchmarks/sglang_e2e.py --out sglang_e2e.md
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def serving_checks(args, ckpt: Path, workdir: Path) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--prompts", type=int, default=20, help="the roadmap checks 20")
     ap.add_argument("--min-tokens", type=int, default=4200)
     ap.add_argument("--max-tokens", type=int, default=9000)
     ap.add_argument("--new-tokens", type=int, default=24)
