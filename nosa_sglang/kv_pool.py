@@ -19,10 +19,10 @@ store, SGLang's page allocator hands out host blocks, and the token budget is ho
 
 from __future__ import annotations
 
+import os
+
 import torch
 from sglang.srt.mem_cache.memory_pool import KVCache, unwrap_write_loc
-
-import os
 
 from nosa_sglang.runtime.page_pool import PagePool
 from nosa_sglang.server_flags import NosaServerFlags
