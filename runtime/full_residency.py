@@ -12,7 +12,31 @@ import torch
 from nosa_sglang.runtime.slot_buffers import SlotBuffers
 
 
-class FullResidency(SlotBuffers):
+class WholeRows:
+    """Residency bookkeeping when every block of a row is resident: blocks per row, known on the host.
+    A subclass sets `_blocks_per_row`, `num_layers`, `num_kv_heads` and `device`."""
+
+    _blocks_per_row: list[int]
+
+    def set_blocks(self, row: int, n_blocks: int) -> None:
+        self._blocks_per_row[row] = n_blocks
+
+    def clear_row(self, row: int) -> None:
+        self._blocks_per_row[row] = 0
+
+    def move_row(self, src_row: int, dst_row: int) -> None:
+        self._blocks_per_row[dst_row] = self._blocks_per_row[src_row]
+
+    def resident_per_row(self) -> torch.Tensor:
+        """[rows] (layer, KV head, block) triples resident per row (the counters' unit), uploaded without
+        a sync."""
+        n = torch.tensor(self._blocks_per_row, dtype=torch.long) * (self.num_layers * self.num_kv_heads)
+        if self.device.type == "cuda":
+            n = n.pin_memory().to(self.device, non_blocking=True)  # NOTE: pageable H2D would sync
+        return n
+
+
+class FullResidency(WholeRows, SlotBuffers):
     """All `max_blocks` blocks of each (layer, row, KV head) resident."""
 
     def __init__(
@@ -33,24 +57,6 @@ class FullResidency(SlotBuffers):
     def block_slot_id(self, row: int, head: int, block: int) -> int:
         return self.slot_id(row, head, block)
 
-    def set_blocks(self, row: int, n_blocks: int) -> None:
-        self._blocks_per_row[row] = n_blocks
-
-    def clear_row(self, row: int) -> None:
-        self._blocks_per_row[row] = 0
-
     def move_row(self, src_row: int, dst_row: int) -> None:
-        self._blocks_per_row[dst_row] = self._blocks_per_row[src_row]
+        super().move_row(src_row, dst_row)
         self.move_row_data(src_row, dst_row)
-
-    def resident_per_row(self) -> torch.Tensor:
-        return resident_triples(self._blocks_per_row, self.num_layers * self.num_kv_heads, self.device)
-
-
-def resident_triples(blocks_per_row: list[int], layers_x_heads: int, device: torch.device) -> torch.Tensor:
-    """[rows] (layer, KV head, block) triples resident per row when every block of a row is, on `device`
-    (the counters' unit), uploaded without a sync."""
-    n = torch.tensor(blocks_per_row, dtype=torch.long) * layers_x_heads
-    if device.type == "cuda":
-        n = n.pin_memory().to(device, non_blocking=True)  # NOTE: pageable H2D would sync
-    return n

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from nosa_sglang.runtime.full_residency import resident_triples
+from nosa_sglang.runtime.full_residency import WholeRows
 from nosa_sglang.runtime.page_pool import PagePool
 
 
-class PoolResidency:
+class PoolResidency(WholeRows):
     """The slot interface of FullResidency over a PagePool."""
 
     def __init__(self, pool: PagePool, max_rows: int) -> None:
@@ -46,17 +46,5 @@ class PoolResidency:
 
     def slot_id(self, row: int, head: int, block: int) -> int:
         """Not known on the host (the page is in the device table): the trash slot, which the runtime
-        replaces by the table's run before any write (NosaRuntime._pool_token_slots)."""
+        replaces by the table's run before any write (NosaRuntime._map_token_pages)."""
         return self.trash_slot
-
-    def set_blocks(self, row: int, n_blocks: int) -> None:
-        self._blocks_per_row[row] = n_blocks
-
-    def clear_row(self, row: int) -> None:
-        self._blocks_per_row[row] = 0
-
-    def move_row(self, src_row: int, dst_row: int) -> None:
-        self._blocks_per_row[dst_row] = self._blocks_per_row[src_row]
-
-    def resident_per_row(self) -> torch.Tensor:
-        return resident_triples(self._blocks_per_row, self.num_layers * self.num_kv_heads, self.device)
