@@ -66,7 +66,7 @@ class NosaAttnBackend(AttentionBackend):
             device = torch.device("cuda", model_runner.gpu_id)
         max_requests = model_runner.req_to_token_pool.size
         self._allocate_gpu_state(flags, device, max_requests, mc.context_len)
-        self.requests = RuntimeRequests(self.runtime, self.kv_pool, self.req_to_token, page)
+        self.requests = RuntimeRequests(self.runtime, self.kv_pool, self.req_to_token)
         self.flags = flags
         args = model_runner.server_args
         self.metrics = None
@@ -76,7 +76,7 @@ class NosaAttnBackend(AttentionBackend):
             self.metrics = NosaMetrics({"model_name": str(args.served_model_name)})
         self._decode_ids: tuple[str, ...] = ()
         self._token_locs = None  # the decode batch's out_cache_loc (its real rows)
-        self._extends: list[tuple[int, int, int]] = []  # (req_pool_idx, prefix, new tokens) per request
+        self._extends: list[tuple] = []  # (prefix, new tokens, prefix pages or None) per request
         self._layers: dict[int, object] = {}  # layer_id -> RadixAttention (head counts, for decode_break)
         self._capturing = False  # SGLang is capturing its decode graphs on a dummy batch
         self.pending_rids: list[str] | None = None  # a graph replay's rids (model_graphs.stash_decode_rids)
@@ -115,12 +115,21 @@ class NosaAttnBackend(AttentionBackend):
         mode = forward_batch.forward_mode
         self._capturing = False
         if mode.is_decode():
-            self._decode_ids = self.requests.sync(
-                list(forward_batch.rids), forward_batch.req_pool_indices, forward_batch.seq_lens_cpu.tolist())
-            self._token_locs = forward_batch.out_cache_loc
+            self._sync_decode(list(forward_batch.rids), forward_batch)
         elif mode.is_extend() and not mode.is_idle():
-            self._extends = list(zip(forward_batch.req_pool_indices.tolist(), forward_batch.extend_prefix_lens_cpu,
-                                     forward_batch.extend_seq_lens_cpu))
+            # NOTE: each request's prefix pages once per forward, not once per layer
+            rows = forward_batch.req_pool_indices.tolist()
+            self._extends = [(prefix, n, self.kv_pool.sequence_pages(self.req_to_token[row, :prefix]) if prefix else None)
+                             for row, prefix, n in zip(rows, forward_batch.extend_prefix_lens_cpu,
+                                                       forward_batch.extend_seq_lens_cpu)]
+
+    def _sync_decode(self, rids: list[str], forward_batch) -> None:
+        """The runtime holds exactly the batch's requests: its first len(rids) rows (a graph replay's view
+        is padded past them)."""
+        n = len(rids)
+        self._decode_ids = self.requests.sync(rids, forward_batch.req_pool_indices[:n],
+                                              forward_batch.seq_lens_cpu[:n].tolist())
+        self._token_locs = forward_batch.out_cache_loc[:n]
 
     def on_idle(self, running_rids: set[str]) -> None:
         """Scheduler idle: release requests that are gone and apply queued knobs (no step is open)."""
@@ -150,11 +159,11 @@ class NosaAttnBackend(AttentionBackend):
         out = torch.empty_like(q3)
         impl = self.runtime.impl
         start = 0
-        for idx, prefix, n in self._extends:
+        for prefix, n, pages in self._extends:
             new = slice(start, start + n)
             kk, vv, cc = k3[new].to(self.kv_pool.dtype), v3[new].to(self.kv_pool.dtype), c[new]  # as stored
             if prefix:  # NOTE: only the cached or earlier part comes from the pool (PCIe when it lives on the host)
-                pk, pv, pc = self.kv_pool.read_sequence(lid, self.req_to_token[idx, :prefix])
+                pk, pv, pc = self.kv_pool.read_pages(lid, pages, prefix)
                 kk, vv, cc = torch.cat((pk, kk)), torch.cat((pv, vv)), torch.cat((pc, cc))
             qq = q3[new]
             sel = select_blocks_prefill(qq, kk, cc, self.nosa, impl=impl, q_start=prefix)
@@ -209,10 +218,7 @@ class NosaAttnBackend(AttentionBackend):
         if rids is None:
             raise RuntimeError("a decode graph replay without the batch's request ids: the NOSA plugin's hook on "
                                "DecodeCudaGraphRunner.load_batch did not run (start with --nosa-model-graphs on)")
-        n = len(rids)
-        self._decode_ids = self.requests.sync(rids, forward_batch.req_pool_indices[:n],
-                                              forward_batch.seq_lens_cpu[:n].tolist())
-        self._token_locs = forward_batch.out_cache_loc[:n]
+        self._sync_decode(rids, forward_batch)
 
 
 def create_nosa_backend(model_runner) -> NosaAttnBackend:

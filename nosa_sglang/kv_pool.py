@@ -57,16 +57,16 @@ class NosaKVPool(KVCache):
         """Tokens' k, v [n, Hkv, d] and eviction bias c [n, Hkv] at locations loc [n]."""
         self.pages.write_tokens(layer_id - self.start_layer, loc, k, v, c)
 
-    def read(self, layer_id: int, loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(k, v [n, Hkv, d], c [n, Hkv] float32) of the tokens at loc [n]."""
-        return self.pages.read_tokens(layer_id - self.start_layer, loc)
+    def sequence_pages(self, loc: torch.Tensor) -> torch.Tensor:
+        """The pages of a request's first n tokens, loc = its req_to_token row [:n]: SGLang's paged
+        allocator places token i at offset i % page_size of the request's (i // page_size)-th page."""
+        return torch.div(loc[:: self.page_size], self.page_size, rounding_mode="floor")
 
-    def read_sequence(self, layer_id: int, loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`read` of a request's first n tokens, loc = its req_to_token row [:n]: SGLang's paged allocator
-        places token i at offset i % page_size of the request's (i // page_size)-th page, so whole pages
-        are gathered (PagePool.read_pages)."""
-        pages = torch.div(loc[:: self.page_size], self.page_size, rounding_mode="floor")
-        return self.pages.read_pages(layer_id - self.start_layer, pages, int(loc.shape[0]))
+    def read_pages(self, layer_id: int, pages: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                     torch.Tensor]:
+        """(k, v [n, Hkv, d], c [n, Hkv] float32) of the first n_tokens of the sequence on `pages` (whole page
+        runs gathered, PagePool.read_pages)."""
+        return self.pages.read_pages(layer_id - self.start_layer, pages, n_tokens)
 
     # -- SGLang's KVCache interface ----------------------------------------------------------------------
     def get_key_buffer(self, layer_id: int) -> torch.Tensor:

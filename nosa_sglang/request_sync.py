@@ -28,9 +28,9 @@ class PoolPrompt:
     them is indexed and keep only that layer. The runtime loads a prompt layer by layer; all layers at
     once would be L times one layer (17 GiB of K and V for an 8B model at 128K)."""
 
-    def __init__(self, num_layers: int, read, locs: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
-        self.num_layers, self.read, self.locs = num_layers, read, locs
-        n = int(locs.shape[0])
+    def __init__(self, num_layers: int, read, n: int, num_kv_heads: int, head_dim: int) -> None:
+        """read(layer) -> (k, v, c) of the request's n tokens in that layer."""
+        self.num_layers, self.read = num_layers, read
         self._layer, self._kvc = -1, ()
         self.k, self.v = (_LayerView(self, i, (n, num_kv_heads, head_dim)) for i in range(2))
         self.c = _LayerView(self, 2, (n, num_kv_heads))
@@ -40,7 +40,7 @@ class PoolPrompt:
             raise IndexError(layer)
         if layer != self._layer:
             self._layer, self._kvc = layer, ()  # NOTE: drop the previous layer before reading the next
-            self._kvc = self.read(layer, self.locs)
+            self._kvc = self.read(layer)
         return self._kvc
 
 
@@ -58,9 +58,8 @@ class _LayerView(Sequence):
 class RuntimeRequests:
     """Begins and ends runtime requests so that they match each decode batch (see the module doc)."""
 
-    def __init__(self, runtime: NosaRuntime, kv_pool, req_to_token: torch.Tensor, page_size: int) -> None:
-        self.runtime, self.kv_pool = runtime, kv_pool
-        self.req_to_token, self.page_size = req_to_token, page_size
+    def __init__(self, runtime: NosaRuntime, kv_pool, req_to_token: torch.Tensor) -> None:
+        self.runtime, self.kv_pool, self.req_to_token = runtime, kv_pool, req_to_token
         self.begun = 0  # requests begun since start (a retracted request counts again)
 
     def sync(self, rids: list[str], req_pool_indices: torch.Tensor, seq_lens: list[int]) -> tuple[str, ...]:
@@ -91,9 +90,9 @@ class RuntimeRequests:
 
     def _begin(self, rid: str, req_pool_idx: int, n_tokens: int) -> None:
         rt = self.runtime
-        locs = self.req_to_token[req_pool_idx, :n_tokens].long()
+        pages = self.kv_pool.sequence_pages(self.req_to_token[req_pool_idx, :n_tokens])
         s = rt.shape
-        prompt = PoolPrompt(s.num_layers, self.kv_pool.read_sequence, locs, s.num_kv_heads, s.head_dim)
-        pages = (locs[:: self.page_size] // self.page_size).tolist()
-        rt.begin_request(rid, prompt.k, prompt.v, prompt.c, pages=pages)
+        prompt = PoolPrompt(s.num_layers, lambda layer: self.kv_pool.read_pages(layer, pages, n_tokens), n_tokens,
+                            s.num_kv_heads, s.head_dim)
+        rt.begin_request(rid, prompt.k, prompt.v, prompt.c, pages=pages.tolist())
         self.begun += 1

@@ -186,7 +186,7 @@ def scenario(gen, offload: bool, device: str = "cpu", check: bool = True) -> Sch
     rows = runner.req_to_token_pool.req_to_token
     for s in (a, b, c):  # the pool is the complete record: every token, prompt and decoded, on its page
         for layer in range(L):
-            got = backend.kv_pool.read_sequence(layer, rows[s.row, : s.n])
+            got = backend.kv_pool.read_pages(layer, backend.kv_pool.sequence_pages(rows[s.row, : s.n]), s.n)
             assert all(torch.equal(x.cpu(), y) for x, y in zip(got, (s.k[layer], s.v[layer], s.c[layer])))
     backend.on_idle(set())  # the scheduler went idle: everything is released
     assert rt.running_requests == ()
@@ -287,11 +287,11 @@ def test_pool_prompt_reads_one_layer_at_a_time():
 
     calls = []
 
-    def read(layer, locs):
+    def read(layer):
         calls.append(layer)
-        return tuple(torch.full((len(locs), HKV, D)[: 3 - (i == 2)], float(layer * 10 + i)) for i in range(3))
+        return tuple(torch.full((2, HKV, D)[: 3 - (i == 2)], float(layer * 10 + i)) for i in range(3))
 
-    p = PoolPrompt(3, read, torch.tensor([1, 4]), HKV, D)
+    p = PoolPrompt(3, read, 2, HKV, D)
     assert len(p.k) == 3 and p.k.layer_shape == (2, HKV, D) and p.c.layer_shape == (2, HKV)
     assert float(p.v[2][0, 0, 0]) == 21.0 and float(p.k[2][0, 0, 0]) == 20.0 and float(p.c[2][0, 0]) == 22.0
     assert calls == [2]  # k, v and c of a layer come from one read
@@ -309,16 +309,16 @@ def test_backend_refuses_sglangs_own_pool_and_a_pool_in_the_wrong_memory():
 
 def test_nosa_pool_keeps_tokens_where_sglang_puts_them(gen):
     """set_kv_buffer (SGLang's write) and store (with c) land in the run of the token's page, at its offset;
-    read returns them; get_kv_size_bytes counts K, V and c."""
+    the pool pages read them back; get_kv_size_bytes counts K, V and c."""
     pool = NosaKVPool(8 * PAGE, PAGE, torch.float32, HKV, D, L, "cpu", False)
     locs = torch.tensor([PAGE + 3, 5 * PAGE, 8 * PAGE + PAGE - 1])
     k, v = torch.randn(3, HKV, D, generator=gen), torch.randn(3, HKV, D, generator=gen)
     c = torch.rand(3, HKV, generator=gen) + 0.1
     pool.set_kv_buffer(RadixAttention(HQ, D, D ** -0.5, HKV, layer_id=1), locs, k.view(3, -1), v)
-    rk, rv, rc = pool.read(1, locs)
+    rk, rv, rc = pool.pages.read_tokens(1, locs)
     assert torch.equal(rk, k) and torch.equal(rv, v) and not rc.any()
     pool.store(0, locs, v, k, c)
-    rk, rv, rc = pool.read(0, locs)
+    rk, rv, rc = pool.pages.read_tokens(0, locs)
     assert torch.equal(rk, v) and torch.equal(rv, k) and torch.equal(rc, c)
     runs = pool.get_key_buffer(1).view(-1, PAGE, D)
     assert torch.equal(runs[1 * HKV + 1, 3], k[0, 1]) and torch.equal(runs[8 * HKV + 0, PAGE - 1], k[2, 0])
