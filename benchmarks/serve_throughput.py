@@ -5,11 +5,12 @@ served by, one after the other on the same GPU:
   dense         stock `python -m sglang.launch_server`, the weights loaded as plain Llama (the eviction
                 head's tensors are ignored), triton attention, CUDA graphs on: SGLang as users run it;
   nosa          `python -m nosa_sglang.launch_server --enable-nosa --nosa-offload off`: NOSA decoding from
-                the KV pool's pages (SGLang's CUDA graphs off; the runtime replays each layer's work as
-                graphs, `--nosa-graphs on`);
-  nosa_offload  the same with the host tier (`--nosa-offload on`).
-  nosa_graphs   nosa with the model's other decode work as SGLang's breakable CUDA graphs
-                (`--nosa-model-graphs on`, experimental).
+                the KV pool's pages with its defaults there: the runtime replays each layer's work as
+                graphs (`--nosa-graphs on`), the model's other decode work replays as SGLang's breakable
+                CUDA graphs (`--nosa-model-graphs auto` = on without offloading);
+  nosa_eager_model      the same with the model's other decode work eager (`--nosa-model-graphs off`);
+  nosa_offload          the host tier (`--nosa-offload on`, model graphs off by default);
+  nosa_offload_graphs   the host tier with the model graphs on.
 For each prompt length, N concurrent requests of random token ids (no shared prefix) are sent several
 times: with one output token (prefill; it also fills the radix cache), with 4 (warm-up: kernel compiles
 and graph captures for this batch), then timed with 2 and with `--output-tokens` tokens (greedy,
@@ -50,7 +51,10 @@ SHAPES = {
     "small": LlamaShape(vocab_size=259, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
                         num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=131072),
 }
-CONFIGS = ("dense", "nosa", "nosa_offload", "nosa_graphs")
+#: config -> the NOSA launcher's flags (dense: stock SGLang); "nosa" and "nosa_offload" are the defaults
+CONFIGS = {"dense": None, "nosa": ["--nosa-offload", "off"],
+           "nosa_eager_model": ["--nosa-offload", "off", "--nosa-model-graphs", "off"],
+           "nosa_offload": ["--nosa-offload", "on"], "nosa_offload_graphs": ["--nosa-offload", "on", "--nosa-model-graphs", "on"]}
 
 
 def server_cmd(config: str, ckpt: Path, port: int, args) -> list[str]:
@@ -64,10 +68,7 @@ def server_cmd(config: str, ckpt: Path, port: int, args) -> list[str]:
         override = json.dumps({"architectures": ["LlamaForCausalLM"]})
         return [sys.executable, "-m", "sglang.launch_server", "--attention-backend", "triton",
                 "--json-model-override-args", override, *common]
-    offload = "on" if config == "nosa_offload" else "off"
-    graphs = ["--nosa-model-graphs", "on"] if config == "nosa_graphs" else []
-    return [sys.executable, "-m", "nosa_sglang.launch_server", "--enable-nosa", "--nosa-offload", offload, *graphs,
-            *common]
+    return [sys.executable, "-m", "nosa_sglang.launch_server", "--enable-nosa", *CONFIGS[config], *common]
 
 
 def gpu_memory_used_mib() -> int:
@@ -142,7 +143,7 @@ def table(rows: list[dict], args) -> str:
              "| cached tokens | output tok/s | vs dense | steady step ms | steady tok/s | vs dense | GPU MiB used "
              "| NOSA hit rate | H2D GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     dense = {r["P"]: r for r in rows if r.get("config") == "dense" and "tok_s" in r}
-    for r in sorted((r for r in rows if "tok_s" in r), key=lambda r: (r["P"], CONFIGS.index(r["config"]))):
+    for r in sorted((r for r in rows if "tok_s" in r), key=lambda r: (r["P"], list(CONFIGS).index(r["config"]))):
         ratios = [f"{r[key] / dense[r['P']][key]:.2f}x" if r["P"] in dense else "-" for key in ("tok_s", "steady_tok_s")]
         hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
         h2d = "-" if r["h2d_bytes"] is None else f"{r['h2d_bytes'] / 2**30:.2f}"

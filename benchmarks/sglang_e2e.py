@@ -1,7 +1,7 @@
 """End to end on the GPU: the real SGLang server with --enable-nosa against the reference model.
 
-Generates a small NOSA checkpoint, launches `python -m nosa_sglang.launch_server --enable-nosa` (offload
-on, then off), sends prompts long enough for sparse selection (> 64 blocks of 64 tokens) as token ids
+Generates a small NOSA checkpoint, launches `python -m nosa_sglang.launch_server --enable-nosa` in each
+configuration of `--configs` (default: offload on, then off; `CONFIGS`), sends prompts long enough for sparse selection (> 64 blocks of 64 tokens) as token ids
 with greedy sampling, and compares every output token with the reference model's greedy generation
 (`NosaLlamaForCausalLM.generate` in the server's dtype, plain torch math). While the server runs, it reads the offload
 counters and changes a knob through the control API in the scheduler process (`nosa-ctl`).
@@ -82,11 +82,18 @@ def stop_server(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def run_config(args, ckpt: Path, prompts: list[list[int]], offload: bool, workdir: Path) -> dict:
+#: config name -> (offloaded, NOSA flags beside --nosa-offload); gpu_only is the base every other is held to.
+#: By default the model graphs are on without offloading and off with it (--nosa-model-graphs auto).
+CONFIGS = {"offload": (True, []), "gpu_only": (False, []), "eager_model": (False, ["--nosa-model-graphs", "off"]),
+           "offload_graphs": (True, ["--nosa-model-graphs", "on"])}
+
+
+def run_config(args, ckpt: Path, prompts: list[list[int]], name: str, workdir: Path) -> dict:
     port, grpc_port = args.port, args.grpc_port
     url = f"http://127.0.0.1:{port}"
-    log = workdir / f"server_{'offload' if offload else 'gpu_only'}.log"
-    proc, cmd = serve(ckpt, offload, port, grpc_port, log, args.dtype, args.extra.split())
+    log = workdir / f"server_{name}.log"
+    offload, flags = CONFIGS[name]
+    proc, cmd = serve(ckpt, offload, port, grpc_port, log, args.dtype, [*flags, *args.extra.split()])
     res = {"offload": offload, "cmd": " ".join(cmd[1:]), "log": log}
     try:
         res["startup_s"] = wait_healthy(url, proc, args.startup_s)
@@ -231,7 +238,7 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=31000)
     ap.add_argument("--grpc-port", type=int, default=50561)
     ap.add_argument("--startup-s", type=float, default=240)
-    ap.add_argument("--configs", default="offload,gpu_only")
+    ap.add_argument("--configs", default="offload,gpu_only", help=f"of {', '.join(CONFIGS)}")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
                     help="server and reference dtype (sgl_kernel's RMSNorm has no float32)")
     ap.add_argument("--extra", default="", help="more sglang flags")
@@ -241,6 +248,9 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--logs", default=None, help="folder for the server logs (default: a temporary one)")
     args = ap.parse_args()
+    bad = [c for c in args.configs.split(",") if c and c not in CONFIGS]
+    if bad:
+        ap.error(f"--configs: {bad} not in {list(CONFIGS)}")
 
     workdir = Path(args.logs or tempfile.mkdtemp(prefix="nosa_e2e_"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -268,7 +278,7 @@ def main() -> int:
     n_tok = sum(map(len, ref))
     configs = [c for c in args.configs.split(",") if c]
     for name in configs:
-        res = run_config(args, ckpt, prompts, name == "offload", workdir)
+        res = run_config(args, ckpt, prompts, name, workdir)
         if not res.get("rounds"):
             lines.append(f"| {name} | | failed | | | | | |")
             details.append(Path(res["log"]).read_text()[-4000:])

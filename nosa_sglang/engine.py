@@ -9,7 +9,7 @@ given; SGLang settings NOSA cannot serve are refused before anything starts.
 from __future__ import annotations
 
 from nosa_sglang.server_flags import (
-    DEFAULT_MAX_RUNNING_REQUESTS, NosaServerFlags, check_owned_fields, check_server_args, nosa_server_args,
+    DECODE_GRAPHS_OFF, DEFAULT_MAX_RUNNING_REQUESTS, NosaServerFlags, check_owned_fields, check_server_args, nosa_server_args,
 )
 
 
@@ -21,7 +21,7 @@ def server_arg_fields(nosa: NosaServerFlags | None = None, **kwargs) -> dict:
     from nosa_sglang.plugin import register
 
     check_owned_fields(kwargs)
-    nosa = nosa or NosaServerFlags()
+    nosa = (nosa or NosaServerFlags()).under_sglang_graph_switch(any(kwargs.get(f) for _, f in DECODE_GRAPHS_OFF))
     nosa.export()
     register()  # here too: ServerArgs must accept attention_backend="nosa" in this process
     fields = {**nosa_server_args(nosa), "max_running_requests": DEFAULT_MAX_RUNNING_REQUESTS, "log_level": "error",

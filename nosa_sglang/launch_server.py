@@ -1,7 +1,7 @@
 """`python -m nosa_sglang.launch_server --enable-nosa [--nosa-* ...] <any sglang.launch_server args>`.
 
 Parses the NOSA flags, refuses SGLang flags NOSA cannot run with (before any GPU work), sets the SGLang
-flags NOSA needs (attention backend `nosa`, page size 64, no CUDA graphs), hands the NOSA settings to
+flags NOSA needs (attention backend `nosa`, page size 64, its decode graph backend), hands the NOSA settings to
 the scheduler processes through the environment, loads the plugins and runs SGLang's own server.
 Without `--enable-nosa` it is plain `sglang.launch_server`.
 """
@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from nosa_sglang.server_flags import (
-    DEFAULT_MAX_RUNNING_REQUESTS, NosaFlagError, NosaServerFlags, add_nosa_args, check_owned_flags,
+    DECODE_GRAPHS_OFF, DEFAULT_MAX_RUNNING_REQUESTS, NosaFlagError, NosaServerFlags, add_nosa_args, check_owned_flags,
     check_server_args, flags_from_args, nosa_server_args,
 )
 
@@ -47,7 +47,8 @@ def prepare(argv: list[str]):
             raise NosaFlagError(f"{nosa_given[0].split('=', 1)[0]}: needs --enable-nosa")
         load_plugins()
         return prepare_server_args(rest), None
-    flags = flags_from_args(ns)
+    off = {flag for flag, _ in DECODE_GRAPHS_OFF}
+    flags = flags_from_args(ns).under_sglang_graph_switch(any(t.split("=", 1)[0] in off for t in rest))
     flags.export()  # before the plugins load: they register only when NOSA is on
     load_plugins()
     server_args = prepare_server_args(sglang_argv(rest, flags))

@@ -1,4 +1,4 @@
-"""`--nosa-model-graphs on` (experimental, not yet run on a GPU): SGLang's breakable decode graphs with NOSA.
+"""`--nosa-model-graphs` (default on without offloading): SGLang's breakable decode graphs with NOSA.
 
 Why: without SGLang's decode graphs every decode step runs the model's norms, projections and MLP eagerly
 (the dense server replays them as one graph). A whole-step graph cannot hold the NOSA runtime's
@@ -12,12 +12,22 @@ What the replay needs and SGLang does not hand to attention backends: the batch'
 replay metadata view has the padded `req_pool_indices` and `seq_lens` but no rids, and req_pool_indices
 are reused by later requests). `stash_decode_rids` (an AROUND hook on the runner's `load_batch`, which
 sees the real batch first) gives them to the backend.
+
+What SGLang 0.5.17's breakable backend cannot hold: a causal LM's decode output. It keeps a captured
+output in a shared buffer of tensors, tuples or PP proxies, and raises on the `LogitsProcessorOutput`
+every causal LM returns (the first GPU run stopped there). `capture_logits_as_tuple` hands it the
+output's tensors as a tuple; `replay_logits_output` builds the `LogitsProcessorOutput` back.
 """
 
 from __future__ import annotations
 
 #: the SGLang method that loads a decode batch into the graph runner's buffers before a replay
 LOAD_BATCH = "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.load_batch"
+_BCG = "sglang.srt.model_executor.runner_backend.breakable_cuda_graph_backend.BreakableCudaGraphBackend"
+#: the breakable backend's capture of one batch size, and its replay
+CAPTURE_ONE, REPLAY = f"{_BCG}.capture_one", f"{_BCG}.replay"
+#: the LogitsProcessorOutput fields a decode replay hands on (DecodeCudaGraphRunner.execute slices these)
+_TENSOR_FIELDS = ("next_token_logits", "hidden_states", "full_logits")
 
 
 def stash_decode_rids(original, runner, forward_batch, *args, **kwargs):
@@ -28,3 +38,32 @@ def stash_decode_rids(original, runner, forward_batch, *args, **kwargs):
     if isinstance(backend, NosaAttnBackend):
         backend.pending_rids = list(forward_batch.rids)
     return original(runner, forward_batch, *args, **kwargs)
+
+
+def capture_logits_as_tuple(original, backend, shape_key, forward_fn, *args, **kwargs):
+    """AROUND hook of BreakableCudaGraphBackend.capture_one: the captured forward answers the tensors of
+    its LogitsProcessorOutput as a tuple (None where unset), which the backend's output buffer holds."""
+    from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+
+    def forward_tensors():
+        out = forward_fn()
+        if not isinstance(out, LogitsProcessorOutput):
+            return out
+        if out.customized_info is not None:
+            raise RuntimeError("--nosa-model-graphs: a decode output with customized_info cannot be captured")
+        tuple_keys.add(shape_key)
+        return tuple(getattr(out, f) for f in _TENSOR_FIELDS)
+
+    tuple_keys = backend.__dict__.setdefault("nosa_tuple_keys", set())
+    return original(backend, shape_key, forward_tensors, *args, **kwargs)
+
+
+def replay_logits_output(original, backend, shape_key, *args, **kwargs):
+    """AROUND hook of BreakableCudaGraphBackend.replay: a graph captured by `capture_logits_as_tuple`
+    answers a LogitsProcessorOutput again."""
+    out = original(backend, shape_key, *args, **kwargs)
+    if shape_key not in backend.__dict__.get("nosa_tuple_keys", ()):
+        return out
+    from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+
+    return LogitsProcessorOutput(**dict(zip(_TENSOR_FIELDS, out)))

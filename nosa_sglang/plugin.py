@@ -43,9 +43,11 @@ def register() -> bool:
     HookRegistry.register(BUILD_MHA_POOL, build_mha_pool, HookType.AROUND)
     HookRegistry.register(KV_BUDGET, host_kv_budget, HookType.AROUND)
     if flags.model_graphs:
-        from nosa_sglang.model_graphs import LOAD_BATCH, stash_decode_rids
+        from nosa_sglang import model_graphs as mg
 
-        HookRegistry.register(LOAD_BATCH, stash_decode_rids, HookType.AROUND)
+        HookRegistry.register(mg.LOAD_BATCH, mg.stash_decode_rids, HookType.AROUND)
+        HookRegistry.register(mg.CAPTURE_ONE, mg.capture_logits_as_tuple, HookType.AROUND)
+        HookRegistry.register(mg.REPLAY, mg.replay_logits_output, HookType.AROUND)
     scheduler = "sglang.srt.managers.scheduler.Scheduler"
     HookRegistry.register(f"{scheduler}.on_idle", on_scheduler_idle, HookType.AFTER)
     HookRegistry.register(f"{scheduler}.get_internal_state", add_internal_state, HookType.AFTER)

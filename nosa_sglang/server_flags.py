@@ -18,6 +18,7 @@ from nosa_sglang.runtime.knobs import MAX_GPU_SLOTS, TRANSFER_MODES, VICTIM_POLI
 ENV_VAR = "NOSA_SGLANG_FLAGS"
 TOKEN_ENV_VAR = "NOSA_GRPC_TOKEN"  # the token on a command line would show in `ps`
 ON_OFF = ("on", "off")
+AUTO_ON_OFF = ("auto", "on", "off")
 CK_DTYPES = ("float32", "model")
 
 def nosa_server_args(flags: "NosaServerFlags") -> dict:
@@ -29,6 +30,9 @@ def nosa_server_args(flags: "NosaServerFlags") -> dict:
             "cuda_graph_backend_decode": "breakable" if flags.model_graphs else "disabled",
             "cuda_graph_backend_prefill": "disabled"}
 DEFAULT_MAX_RUNNING_REQUESTS = 32  # each running request holds GPU slots in every layer
+#: SGLang's switches that turn its decode graphs off (flag, ServerArgs field)
+DECODE_GRAPHS_OFF = (("--disable-cuda-graph", "disable_cuda_graph"),
+                     ("--disable-decode-cuda-graph", "disable_decode_cuda_graph"))
 
 #: SGLang flags the launcher sets itself; a user value would break NOSA (page = NOSA block, our backend)
 OWNED_SGLANG_FLAGS = {
@@ -77,8 +81,10 @@ class NosaServerFlags:
             state, at the price of rare near-tie flips in the selection.
         graphs: replay each decode layer's runtime work as CUDA graphs (segments captured once per batch
             shape; CUDA only): an eager layer is dozens of small launches. Results are the same.
-        model_graphs: experimental, not yet run on a GPU: the rest of each decode step (norms,
-            projections, MLP) as SGLang's breakable CUDA graphs, broken at the NOSA attention.
+        model_graphs: the rest of each decode step (norms, projections, MLP) as SGLang's breakable CUDA
+            graphs, broken at the NOSA attention (`model_graphs.py`). None (auto): on when not offloading
+            (run on the GPU: the same tokens, half the decode step), off when offloading (its transfers
+            inside a graph break have not run on a GPU yet).
     """
 
     offload: bool = True
@@ -93,9 +99,11 @@ class NosaServerFlags:
     grpc_token: str | None = None
     ck_dtype: str = "float32"
     graphs: bool = True
-    model_graphs: bool = False
+    model_graphs: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.model_graphs is None:
+            object.__setattr__(self, "model_graphs", not self.offload)
         for name in ("slots", "max_slots"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_GPU_SLOTS):
@@ -114,6 +122,11 @@ class NosaServerFlags:
             raise NosaFlagError(f"--nosa-ck-dtype={self.ck_dtype!r}: allowed values are {list(CK_DTYPES)}")
         if self.grpc_port is None and self.grpc_token:
             raise NosaFlagError("--nosa-grpc-token: needs --nosa-grpc-port (there is no control API to protect)")
+
+    def under_sglang_graph_switch(self, decode_graphs_off: bool) -> "NosaServerFlags":
+        """SGLang's own off-switch (`--disable-cuda-graph`, `--disable-decode-cuda-graph`) also turns the
+        model graphs off: NOSA passes `--cuda-graph-backend-decode`, which would otherwise win over it."""
+        return dataclasses.replace(self, model_graphs=False) if decode_graphs_off and self.model_graphs else self
 
     def to_env(self) -> str:
         """JSON for ENV_VAR; the token is left out (it travels in TOKEN_ENV_VAR)."""
@@ -152,8 +165,9 @@ def add_nosa_args(parser: argparse.ArgumentParser) -> None:
                    help="compressed keys on the GPU: float32 (exact selection) or the model dtype (half the memory)")
     g.add_argument("--nosa-graphs", choices=ON_OFF, default="on",
                    help="replay each decode layer's runtime work as CUDA graphs (default on; CUDA only)")
-    g.add_argument("--nosa-model-graphs", choices=ON_OFF, default="off",
-                   help="experimental: the model's other decode work as SGLang's breakable CUDA graphs")
+    g.add_argument("--nosa-model-graphs", choices=AUTO_ON_OFF, default="auto",
+                   help="the model's other decode work as SGLang's breakable CUDA graphs (default auto: on when "
+                        "--nosa-offload off)")
     g.add_argument("--nosa-grpc-port", type=int, help="serve the NOSA control API (gRPC) on this port")
     g.add_argument("--nosa-grpc-host", default="127.0.0.1", help="address of the control API (default loopback)")
     g.add_argument("--nosa-grpc-token", help=f"bearer token of the control API (or env {TOKEN_ENV_VAR})")
@@ -165,7 +179,7 @@ def flags_from_args(ns: argparse.Namespace) -> NosaServerFlags:
         host_memory_gb=ns.nosa_host_memory_gb, transfer_mode=ns.nosa_transfer_mode,
         prefetch=ns.nosa_prefetch == "on", victim_policy=ns.nosa_victim_policy, grpc_port=ns.nosa_grpc_port,
         grpc_host=ns.nosa_grpc_host, grpc_token=ns.nosa_grpc_token or os.environ.get(TOKEN_ENV_VAR) or None,
-        ck_dtype=ns.nosa_ck_dtype, graphs=ns.nosa_graphs == "on", model_graphs=ns.nosa_model_graphs == "on",
+        ck_dtype=ns.nosa_ck_dtype, graphs=ns.nosa_graphs == "on", model_graphs=None if ns.nosa_model_graphs == "auto" else ns.nosa_model_graphs == "on",
     )
 
 

@@ -33,7 +33,8 @@ def test_serve_throughput_gives_every_configuration_one_capacity_and_compares_wi
     cmds = {c: st.server_cmd(c, "/ck", 1, args) for c in st.CONFIGS}
     assert cmds["dense"][1:3] == ["-m", "sglang.launch_server"] and "LlamaForCausalLM" in " ".join(cmds["dense"])
     assert cmds["nosa"][1:5] == ["-m", "nosa_sglang.launch_server", "--enable-nosa", "--nosa-offload"]
-    assert "--nosa-model-graphs" in cmds["nosa_graphs"] and "--nosa-model-graphs" not in cmds["nosa"]
+    assert "--nosa-model-graphs" not in cmds["nosa"]  # the launcher's defaults (model graphs on without offloading)
+    assert cmds["nosa_eager_model"][5:9] == ["off", "--nosa-model-graphs", "off", "--model-path"]
     capacity = {c: cmd[cmd.index("--max-total-tokens") + 1] for c, cmd in cmds.items()}
     assert len(set(capacity.values())) == 1 and int(capacity["dense"]) >= 4 * (2048 + 8)
     base = {"N": 4, "pool_tokens": 9000, "prefill_s": 1.0, "cached": 8000, "gpu_mib": 1, "P": 2048, "fixed_s": 0.5,

@@ -250,6 +250,40 @@ def test_the_load_batch_hook_hands_the_real_rids_to_the_nosa_backend():
     assert stash_decode_rids(lambda r, fb: "loaded", other, SimpleNamespace(rids=("z",))) == "loaded"
 
 
+def test_breakable_graphs_hold_and_replay_a_logits_output(gen):
+    """SGLang 0.5.17's breakable backend keeps a captured output in buffers of tensors and tuples only, and
+    raised on the LogitsProcessorOutput of a causal LM (the first GPU run): the capture hook hands it the
+    output's tensors, the replay hook answers a LogitsProcessorOutput with the replayed buffers' rows."""
+    from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+    from sglang.srt.model_executor.runner_backend.breakable_cuda_graph_backend import BreakableCudaGraphBackend
+
+    from nosa_sglang.model_graphs import capture_logits_as_tuple, replay_logits_output
+
+    bcg = BreakableCudaGraphBackend.__new__(BreakableCudaGraphBackend)  # its buffer helpers, without a GPU
+    bcg._outputs = {}
+
+    def capture_one(backend, key, forward_fn):  # what capture_one does with the output (CUDA parts left out)
+        out = forward_fn()
+        buffer = backend._alloc_full_buffer(out, 8)
+        backend._copy_output_to_buffer(out, buffer, backend._output_rows(out, 8))
+        backend._outputs[key] = backend._slice_output(buffer, 8)
+
+    logits, hidden = torch.randn(8, 259, generator=gen), torch.randn(8, 16, generator=gen)
+    with pytest.raises(TypeError, match="Unsupported BCG output type"):  # SGLang's backend alone
+        capture_one(bcg, "bs8", lambda: LogitsProcessorOutput(next_token_logits=logits))
+    capture_logits_as_tuple(capture_one, bcg, "bs8", lambda: LogitsProcessorOutput(next_token_logits=logits,
+                                                                                     hidden_states=hidden))
+    out = replay_logits_output(lambda backend, key, *a: backend._outputs[key], bcg, "bs8", "static_batch")
+    assert isinstance(out, LogitsProcessorOutput) and out.full_logits is None
+    assert torch.equal(out.next_token_logits, logits) and torch.equal(out.hidden_states, hidden)
+    assert out.next_token_logits.data_ptr() != logits.data_ptr()  # the backend's buffer, not the capture's
+    capture_logits_as_tuple(capture_one, bcg, "proxy", lambda: logits)  # other outputs pass through untouched
+    assert torch.is_tensor(replay_logits_output(lambda backend, key, *a: backend._outputs[key], bcg, "proxy"))
+    with pytest.raises(RuntimeError, match="customized_info"):
+        capture_logits_as_tuple(capture_one, bcg, "bs4", lambda: LogitsProcessorOutput(
+            next_token_logits=logits, customized_info={"x": [1]}))
+
+
 def test_a_request_whose_length_changed_is_rebuilt_from_the_pool(gen):
     """A retracted request that was prefilled again comes back with another length: it restarts."""
     runner = make_runner()

@@ -76,11 +76,21 @@ def test_launcher_sets_backend_page_graphs_and_a_bounded_batch():
     argv = sglang_argv(["--model-path", "m"], NosaServerFlags())
     assert argv[argv.index("--attention-backend") + 1] == "nosa" and argv[argv.index("--page-size") + 1] == "64"
     assert argv[argv.index("--max-running-requests") + 1] == str(DEFAULT_MAX_RUNNING_REQUESTS)
-    assert argv[argv.index("--cuda-graph-backend-decode") + 1] == "disabled"
+    assert argv[argv.index("--cuda-graph-backend-decode") + 1] == "disabled"  # offloading: model graphs off
     assert sglang_argv(["--max-running-requests=4"], NosaServerFlags()).count("--max-running-requests") == 0
-    breakable = sglang_argv(["--model-path", "m"], NosaServerFlags(model_graphs=True))
-    assert breakable[breakable.index("--cuda-graph-backend-decode") + 1] == "breakable"
-    assert breakable[breakable.index("--cuda-graph-backend-prefill") + 1] == "disabled"
+    for flags in (NosaServerFlags(model_graphs=True), NosaServerFlags(offload=False)):  # on, and auto without offloading
+        breakable = sglang_argv(["--model-path", "m"], flags)
+        assert breakable[breakable.index("--cuda-graph-backend-decode") + 1] == "breakable"
+        assert breakable[breakable.index("--cuda-graph-backend-prefill") + 1] == "disabled"
+
+
+@pytest.mark.parametrize("argv, want", [([], False), (["--nosa-offload", "off"], True),
+                                        (["--nosa-offload", "off", "--nosa-model-graphs", "off"], False),
+                                        (["--nosa-model-graphs", "on"], True)])
+def test_model_graphs_are_on_by_default_only_without_offloading(argv, want):
+    flags = flags_from_args(split_args(["--enable-nosa", *argv])[0])
+    assert flags.model_graphs is want
+    assert NosaServerFlags.from_env({ENV_VAR: flags.to_env()}).model_graphs is want  # resolved once, travels so
 
 
 @pytest.mark.parametrize("field, allowed, flag, why", UNSUPPORTED)
@@ -104,10 +114,18 @@ def test_launcher_prepares_sglang_args_in_a_fresh_process(tmp_path):
         "from sglang.srt.models.registry import ModelRegistry\n"
         "print('RESULT', sa.attention_backend, sa.page_size, sa.cuda_graph_backend_decode, sa.max_running_requests,"
         " flags.grpc_port, 'nosa' in ATTENTION_BACKENDS, ModelRegistry.models['SparseLlamaForCausalLM'].__name__)\n"
+        "for off in ([], ['--disable-cuda-graph'], ['--disable-decode-cuda-graph']):\n"
+        f"    sa, flags = prepare(['--enable-nosa', '--nosa-offload', 'off', '--model-path', '{tmp_path / 'ck'}',"
+        " '--device', 'cpu', *off])\n"
+        "    print('GRAPHS', off, flags.model_graphs, sa.cuda_graph_config.decode.backend)\n"
     )
     r = run_python(code)
     line = [x for x in r.stdout.splitlines() if x.startswith("RESULT")]
     assert line == [f"RESULT nosa 64 disabled {DEFAULT_MAX_RUNNING_REQUESTS} 0 True SparseLlamaForCausalLM"], r.stderr[-3000:]
+    # without offloading the model graphs are on, unless SGLang's own off-switch is given
+    graphs = [x.split(" ", 1)[1] for x in r.stdout.splitlines() if x.startswith("GRAPHS")]
+    assert [g.split("] ")[1].split()[0] for g in graphs] == ["True", "False", "False"], r.stdout
+    assert "reakable" in graphs[0].split("] ")[1] and all("reakable" not in g.split("] ")[1] for g in graphs[1:]), graphs
 
 
 def test_launcher_exits_2_with_one_line_naming_the_flag():
@@ -140,13 +158,14 @@ def test_plugin_is_inactive_unless_nosa_is_enabled():
 
 
 def test_plugin_registers_through_the_entry_point_when_enabled():
-    probe = PLUGIN_PROBE + ("print('LOAD_BATCH', 'sglang.srt.model_executor.runner.decode_cuda_graph_runner."
-                            "DecodeCudaGraphRunner.load_batch' in HookRegistry._hooks)\n")
+    probe = PLUGIN_PROBE + ("from nosa_sglang import model_graphs as mg\n"
+                            "print('GRAPH_HOOKS', [t in HookRegistry._hooks for t in (mg.LOAD_BATCH, mg.CAPTURE_ONE, "
+                            "mg.REPLAY)])\n")
     r = run_python(probe, env={ENV_VAR: NosaServerFlags().to_env()})
     assert "RESULT True True nosa_sglang.models.nosa_llama True sglang.srt.models.llama" in r.stdout, r.stderr[-3000:]
-    assert "LOAD_BATCH False" in r.stdout  # only with --nosa-model-graphs on
+    assert "GRAPH_HOOKS [False, False, False]" in r.stdout  # only with --nosa-model-graphs on
     r = run_python(probe, env={ENV_VAR: NosaServerFlags(model_graphs=True).to_env()})
-    assert "LOAD_BATCH True" in r.stdout, r.stderr[-3000:]
+    assert "GRAPH_HOOKS [True, True, True]" in r.stdout, r.stderr[-3000:]
 
 
 def test_the_pool_hook_builds_a_nosa_pool_with_sglangs_sizes():
@@ -206,14 +225,16 @@ def test_engine_server_args_set_what_nosa_owns_and_refuse_the_rest(tmp_path):
         "from nosa_sglang import Engine, NosaServerFlags\n"
         "from nosa_sglang.engine import engine_server_args\n"
         f"sa = engine_server_args(NosaServerFlags(offload=False), model_path='{tmp_path / 'ck'}', device='cpu')\n"
-        "print('RESULT', sa.attention_backend, sa.page_size, sa.cuda_graph_backend_decode, sa.max_running_requests)\n"
+        "print('RESULT', sa.attention_backend, sa.page_size, sa.cuda_graph_backend_decode, sa.max_running_requests,\n"
+        f"      engine_server_args(NosaServerFlags(offload=False), model_path='{tmp_path / 'ck'}', device='cpu',\n"
+        "                         disable_cuda_graph=True).cuda_graph_backend_decode)\n"
         "try:\n"
         f"    engine_server_args(model_path='{tmp_path / 'ck'}', device='cpu', enable_mixed_chunk=True)\n"
         "except Exception as e:\n"
         "    print('ERROR', e)\n"
     )
     r = run_python(code)
-    assert f"RESULT nosa 64 disabled {DEFAULT_MAX_RUNNING_REQUESTS}" in r.stdout, r.stderr[-3000:]
+    assert f"RESULT nosa 64 breakable {DEFAULT_MAX_RUNNING_REQUESTS} disabled" in r.stdout, r.stderr[-3000:]
     assert "ERROR --enable-mixed-chunk=True: not supported with --enable-nosa" in r.stdout, r.stderr[-3000:]
 
 
