@@ -19,9 +19,12 @@ ignore_eos). The cached passes prefill only each prompt's last page. Output toke
 the cached prefix and its first decode step, which admits it to the NOSA runtime), which the 2-token
 pass measures, so the steady decode step is (t_all - t_2) / (output_tokens - 2). GPU memory is read from
 nvidia-smi while the server idles after the passes; NOSA's hit rate and H2D bytes of the timed pass
-from /server_info.
+from /server_info. N is --requests with one KV pool size for all, or with `--requests max` as many
+as each configuration's own pool holds to the end (the roadmap's "as many concurrent requests as each
+configuration admits": SGLang sizes the pool from --mem-fraction-static, offloaded NOSA from host memory).
 
     python3 benchmarks/serve_throughput.py --prompt-tokens 16384,32768 --requests 32 --out serve.md
+    python3 benchmarks/serve_throughput.py --prompt-tokens 32768 --requests max --configs dense,nosa
 """
 
 from __future__ import annotations
@@ -57,12 +60,20 @@ CONFIGS = {"dense": None, "nosa": ["--nosa-offload", "off"],
            "nosa_offload": ["--nosa-offload", "on"], "nosa_offload_graphs": ["--nosa-offload", "on", "--nosa-model-graphs", "on"]}
 
 
+def request_tokens(P: int, args) -> int:
+    """KV tokens one request holds at its end: prompt, output, and a page of slack for page rounding."""
+    return P + args.output_tokens + 64
+
+
 def server_cmd(config: str, ckpt: Path, port: int, args) -> list[str]:
+    if args.requests == "max":  # each configuration sizes its own KV pool (GPU memory, or host memory offloaded)
+        capacity = ["--max-running-requests", str(args.max_requests)]
+    else:  # NOTE: one KV capacity for every configuration (the host pool of nosa_offload is sized by it)
+        capacity = ["--max-running-requests", str(args.requests), "--max-total-tokens",
+                    str(int(1.1 * args.requests * request_tokens(max(args.prompt_tokens), args)))]
     common = ["--model-path", str(ckpt), "--dtype", "bfloat16", "--port", str(port), "--skip-tokenizer-init",
-              "--mem-fraction-static", str(args.mem_fraction), "--max-running-requests", str(args.requests),
-              # NOTE: one KV capacity for every configuration (the host store of nosa_offload is sized by it)
-              "--max-total-tokens", str(int(1.1 * args.requests * (max(args.prompt_tokens) + args.output_tokens + 64))),
-              "--context-length", str(max(args.prompt_tokens) + args.output_tokens + 64),
+              "--mem-fraction-static", str(args.mem_fraction), *capacity,
+              "--context-length", str(request_tokens(max(args.prompt_tokens), args)),
               "--sampling-backend", "pytorch", "--mm-feature-transport", "cpu", *args.extra.split()]
     if config == "dense":
         override = json.dumps({"architectures": ["LlamaForCausalLM"]})
@@ -81,6 +92,20 @@ def nosa_counters(url: str) -> dict:
     """NOSA's cumulative hits, misses and H2D bytes ({} on the dense server)."""
     nosa = get(f"{url}/server_info")["internal_states"][0].get("nosa", {})
     return {k: nosa[k] for k in ("hits", "misses", "bytes_h2d") if k in nosa}
+
+
+def admitted(pool_tokens: int, P: int, args) -> int:
+    """Requests sent at prompt length P: --requests, or with `max` as many as the KV pool holds to their
+    end (at most --max-requests, the server's --max-running-requests)."""
+    if args.requests != "max":
+        return args.requests
+    return max(1, min(args.max_requests, pool_tokens // request_tokens(P, args)))
+
+
+def host_pool_gib(info: dict) -> float | None:
+    """The KV pool's size when it lives in host memory (NOSA offloaded), else None."""
+    pool = info["internal_states"][0].get("nosa", {}).get("kv_pool", {})
+    return pool["kv_bytes"] / 2**30 if pool.get("memory") == "host" else None
 
 
 def send(url: str, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[dict]]:
@@ -103,9 +128,11 @@ def run_config(config: str, ckpt: Path, args, workdir: Path) -> list[dict]:
         info = get(f"{url}/server_info")
         pool_tokens = info.get("max_total_num_tokens")
         print(f"{config}: up in {startup:.0f} s, KV pool {pool_tokens} tokens", flush=True)
+        host_gib = host_pool_gib(info)
         for P in args.prompt_tokens:
             g = torch.Generator().manual_seed(P)
-            prompts = [torch.randint(3, 259, (P,), generator=g).tolist() for _ in range(args.requests)]
+            n = admitted(pool_tokens, P, args)
+            prompts = [torch.randint(3, 259, (P,), generator=g).tolist() for _ in range(n)]
             prefill_s, _ = send(url, prompts, 1)
             send(url, prompts, 4)  # NOTE: a short decode first: kernel compiles and graph captures of this batch
             fixed_s, _ = send(url, prompts, 2)  # the tail's extend, the first decode step (admission) and one more
@@ -115,10 +142,10 @@ def run_config(config: str, ckpt: Path, args, workdir: Path) -> list[dict]:
             cached = sum(o["meta_info"].get("cached_tokens", 0) for o in outs)
             nosa = {k: v - before.get(k, 0) for k, v in nosa_counters(url).items()}  # the decode pass's
             looked_up = nosa.get("hits", 0) + nosa.get("misses", 0)
-            row = {"config": config, "P": P, "N": args.requests, "pool_tokens": pool_tokens, "prefill_s": prefill_s,
-                   "decode_s": decode_s, "cached": cached, "tok_s": args.requests * args.output_tokens / decode_s,
+            row = {"config": config, "P": P, "N": n, "pool_tokens": pool_tokens, "prefill_s": prefill_s,
+                   "decode_s": decode_s, "cached": cached, "tok_s": n * args.output_tokens / decode_s,
                    "tpot_ms": 1e3 * decode_s / args.output_tokens, "fixed_s": fixed_s, "step_ms": 1e3 * step_s,
-                   "steady_tok_s": args.requests / step_s, "gpu_mib": gpu_memory_used_mib(),
+                   "steady_tok_s": n / step_s, "gpu_mib": gpu_memory_used_mib(), "host_gib": host_gib,
                    "hit_rate": nosa["hits"] / looked_up if looked_up else None, "h2d_bytes": nosa.get("bytes_h2d")}
             print(row, flush=True)
             rows.append(row)
@@ -141,18 +168,25 @@ def run_config(config: str, ckpt: Path, args, workdir: Path) -> list[dict]:
 def table(rows: list[dict], args) -> str:
     lines = ["| prompt tokens | config | requests | KV pool tokens | prefill pass s | 2-token pass s | decode pass s "
              "| cached tokens | output tok/s | vs dense | steady step ms | steady tok/s | vs dense | GPU MiB used "
-             "| NOSA hit rate | H2D GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| host KV pool GiB | NOSA hit rate | H2D GiB |", "|" + "---|" * 17]
     dense = {r["P"]: r for r in rows if r.get("config") == "dense" and "tok_s" in r}
     for r in sorted((r for r in rows if "tok_s" in r), key=lambda r: (r["P"], list(CONFIGS).index(r["config"]))):
         ratios = [f"{r[key] / dense[r['P']][key]:.2f}x" if r["P"] in dense else "-" for key in ("tok_s", "steady_tok_s")]
         hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
         h2d = "-" if r["h2d_bytes"] is None else f"{r['h2d_bytes'] / 2**30:.2f}"
+        host = "-" if r.get("host_gib") is None else f"{r['host_gib']:.1f}"
         lines.append(f"| {r['P']} | {r['config']} | {r['N']} | {r['pool_tokens']} | {r['prefill_s']:.1f} | "
                      f"{r['fixed_s']:.2f} | {r['decode_s']:.2f} | {r['cached']} | {r['tok_s']:.0f} | {ratios[0]} | "
-                     f"{r['step_ms']:.1f} | {r['steady_tok_s']:.0f} | {ratios[1]} | {r['gpu_mib']} | {hit} | {h2d} |")
+                     f"{r['step_ms']:.1f} | {r['steady_tok_s']:.0f} | {ratios[1]} | {r['gpu_mib']} | {host} | {hit} | {h2d} |")
     extra = [f"- {r['config']}: `{r['cmd']}`" for r in rows if "cmd" in r]
     errors = [f"- {r['config']} failed: {r['error']}\n```\n{r['log']}\n```" for r in rows if "error" in r]
     return "\n".join(lines + [""] + extra + errors)
+
+
+def requests_arg(text: str) -> int | str:
+    if text == "max" or (text.isdigit() and int(text) > 0):
+        return text if text == "max" else int(text)
+    raise argparse.ArgumentTypeError(f"{text!r}: a positive integer or 'max'")
 
 
 def main() -> int:
@@ -160,7 +194,10 @@ def main() -> int:
     ap.add_argument("--shape", default="1b", choices=sorted(SHAPES))
     ap.add_argument("--prompt-tokens", default="16384,32768", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--output-tokens", type=int, default=128, help="> 2")
-    ap.add_argument("--requests", type=int, default=32, help="concurrent requests (also --max-running-requests)")
+    ap.add_argument("--requests", type=requests_arg, default=32,
+                    help="concurrent requests (also --max-running-requests), or `max`: as many as each "
+                         "configuration's KV pool holds (the roadmap's view), at most --max-requests")
+    ap.add_argument("--max-requests", type=int, default=128, help="with --requests max: the servers' batch limit")
     ap.add_argument("--configs", default="dense,nosa,nosa_offload")
     ap.add_argument("--mem-fraction", type=float, default=0.85)
     ap.add_argument("--extra", default="", help="more flags for every server")

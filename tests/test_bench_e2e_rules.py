@@ -29,7 +29,8 @@ def test_serve_throughput_gives_every_configuration_one_capacity_and_compares_wi
 
     import serve_throughput as st
 
-    args = SimpleNamespace(mem_fraction=0.85, requests=4, prompt_tokens=[1024, 2048], output_tokens=8, extra="")
+    args = SimpleNamespace(mem_fraction=0.85, requests=4, prompt_tokens=[1024, 2048], output_tokens=8, extra="",
+                           max_requests=128)
     cmds = {c: st.server_cmd(c, "/ck", 1, args) for c in st.CONFIGS}
     assert cmds["dense"][1:3] == ["-m", "sglang.launch_server"] and "LlamaForCausalLM" in " ".join(cmds["dense"])
     assert cmds["nosa"][1:5] == ["-m", "nosa_sglang.launch_server", "--enable-nosa", "--nosa-offload"]
@@ -43,3 +44,23 @@ def test_serve_throughput_gives_every_configuration_one_capacity_and_compares_wi
             {**base, "config": "nosa", "tok_s": 50.0, "step_ms": 5.0, "steady_tok_s": 800.0}]
     nosa_line = [x for x in st.table(rows, args).splitlines() if "| nosa |" in x][0]
     assert "| 0.50x |" in nosa_line and "| 2.00x |" in nosa_line
+    assert st.admitted(10**6, 2048, args) == 4  # a fixed batch whatever the pool
+
+
+def test_serve_throughput_max_batch_lets_each_configuration_size_its_pool_and_fills_it():
+    from types import SimpleNamespace
+
+    import serve_throughput as st
+
+    args = SimpleNamespace(mem_fraction=0.85, requests="max", prompt_tokens=[32768], output_tokens=128, extra="",
+                           max_requests=128)
+    for config in st.CONFIGS:
+        cmd = st.server_cmd(config, "/ck", 1, args)
+        assert "--max-total-tokens" not in cmd and cmd[cmd.index("--max-running-requests") + 1] == "128"
+    per_request = 32768 + 128 + 64
+    assert st.admitted(110 * per_request + per_request - 1, 32768, args) == 110  # whole requests only
+    assert st.admitted(10**9, 32768, args) == 128 and st.admitted(1000, 32768, args) == 1
+    info = lambda nosa: {"internal_states": [nosa]}  # noqa: E731
+    assert st.host_pool_gib(info({})) is None  # dense
+    assert st.host_pool_gib(info({"nosa": {"kv_pool": {"memory": "gpu", "kv_bytes": 2**30}}})) is None
+    assert st.host_pool_gib(info({"nosa": {"kv_pool": {"memory": "host", "kv_bytes": 3 * 2**30}}})) == 3.0
