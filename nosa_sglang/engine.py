@@ -9,7 +9,8 @@ given; SGLang settings NOSA cannot serve are refused before anything starts.
 from __future__ import annotations
 
 from nosa_sglang.server_flags import (
-    DECODE_GRAPHS_OFF, DEFAULT_MAX_RUNNING_REQUESTS, NosaServerFlags, check_owned_fields, check_server_args, nosa_server_args,
+    DECODE_GRAPHS_OFF, DEFAULT_MAX_RUNNING_REQUESTS, NosaServerFlags, check_owned_fields, check_server_args,
+    nosa_server_args,
 )
 
 

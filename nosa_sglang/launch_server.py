@@ -1,8 +1,8 @@
 """`python -m nosa_sglang.launch_server --enable-nosa [--nosa-* ...] <any sglang.launch_server args>`.
 
 Parses the NOSA flags, refuses SGLang flags NOSA cannot run with (before any GPU work), sets the SGLang
-flags NOSA needs (attention backend `nosa`, page size 64, its decode graph backend), hands the NOSA settings to
-the scheduler processes through the environment, loads the plugins and runs SGLang's own server.
+flags NOSA needs (attention backend `nosa`, page size 64, its decode graph backend), hands the NOSA
+settings to the scheduler processes through the environment, loads the plugins and runs SGLang's own server.
 Without `--enable-nosa` it is plain `sglang.launch_server`.
 """
 
@@ -12,8 +12,8 @@ import argparse
 import sys
 
 from nosa_sglang.server_flags import (
-    DECODE_GRAPHS_OFF, DEFAULT_MAX_RUNNING_REQUESTS, NosaFlagError, NosaServerFlags, add_nosa_args, check_owned_flags,
-    check_server_args, flags_from_args, nosa_server_args,
+    DECODE_GRAPHS_OFF, DEFAULT_MAX_RUNNING_REQUESTS, NosaFlagError, NosaServerFlags, add_nosa_args,
+    check_owned_flags, check_server_args, flags_from_args, nosa_server_args,
 )
 
 __all__ = ["main", "prepare", "NosaServerFlags", "DEFAULT_MAX_RUNNING_REQUESTS"]

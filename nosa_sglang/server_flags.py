@@ -21,14 +21,6 @@ ON_OFF = ("on", "off")
 AUTO_ON_OFF = ("auto", "on", "off")
 CK_DTYPES = ("float32", "model")
 
-def nosa_server_args(flags: "NosaServerFlags") -> dict:
-    """SGLang settings NOSA sets itself (ServerArgs field -> value). A whole-step CUDA graph cannot hold
-    the runtime's host-side plan (selection diff, slot assignment), so SGLang's decode graphs are off, or,
-    with --nosa-model-graphs on, SGLang's *breakable* graphs, which break at the NOSA attention
-    (`model_graphs.py`); prefill graphs are off."""
-    return {"attention_backend": "nosa", "page_size": 64,
-            "cuda_graph_backend_decode": "breakable" if flags.model_graphs else "disabled",
-            "cuda_graph_backend_prefill": "disabled"}
 DEFAULT_MAX_RUNNING_REQUESTS = 32  # each running request holds GPU slots in every layer
 #: SGLang's switches that turn its decode graphs off (flag, ServerArgs field)
 DECODE_GRAPHS_OFF = (("--disable-cuda-graph", "disable_cuda_graph"),
@@ -56,6 +48,15 @@ UNSUPPORTED = (
     ("enable_lora", None, "--enable-lora", "not supported"),
     ("kv_cache_dtype", "auto", "--kv-cache-dtype", "the NOSA kernels read the model dtype"),
 )
+
+
+def nosa_server_args(flags: "NosaServerFlags") -> dict:
+    """SGLang settings NOSA sets itself (ServerArgs field -> value). A whole-step CUDA graph cannot hold
+    the runtime's host-side plan (selection diff, slot assignment), so SGLang's decode graphs are its
+    *breakable* ones, which break at the NOSA attention (`model_graphs.py`), or off; prefill graphs are off."""
+    return {"attention_backend": "nosa", "page_size": 64,
+            "cuda_graph_backend_decode": "breakable" if flags.model_graphs else "disabled",
+            "cuda_graph_backend_prefill": "disabled"}
 
 
 class NosaFlagError(ValueError):
@@ -179,7 +180,8 @@ def flags_from_args(ns: argparse.Namespace) -> NosaServerFlags:
         host_memory_gb=ns.nosa_host_memory_gb, transfer_mode=ns.nosa_transfer_mode,
         prefetch=ns.nosa_prefetch == "on", victim_policy=ns.nosa_victim_policy, grpc_port=ns.nosa_grpc_port,
         grpc_host=ns.nosa_grpc_host, grpc_token=ns.nosa_grpc_token or os.environ.get(TOKEN_ENV_VAR) or None,
-        ck_dtype=ns.nosa_ck_dtype, graphs=ns.nosa_graphs == "on", model_graphs=None if ns.nosa_model_graphs == "auto" else ns.nosa_model_graphs == "on",
+        ck_dtype=ns.nosa_ck_dtype, graphs=ns.nosa_graphs == "on",
+        model_graphs=None if ns.nosa_model_graphs == "auto" else ns.nosa_model_graphs == "on",
     )
 
 

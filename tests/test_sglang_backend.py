@@ -27,7 +27,6 @@ from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E4
 
 from nosa_sglang.backend import NosaAttnBackend  # noqa: E402
 from nosa_sglang.kv_pool import NosaKVPool  # noqa: E402
-from nosa_sglang.runtime.types import ModelShape  # noqa: E402
 
 L, HQ, HKV, D = 2, 4, 2, 16
 PAGE = SMALL.block_size
