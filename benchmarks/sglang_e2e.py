@@ -1,10 +1,12 @@
 """End to end on the GPU: the real SGLang server with --enable-nosa against the reference model.
 
 Generates a small NOSA checkpoint, launches `python -m nosa_sglang.launch_server --enable-nosa` in each
-configuration of `--configs` (default: offload on, then off; `CONFIGS`), sends prompts long enough for sparse selection (> 64 blocks of 64 tokens) as token ids
-with greedy sampling, and compares every output token with the reference model's greedy generation
-(`NosaLlamaForCausalLM.generate` in the server's dtype, plain torch math). While the server runs, it reads the offload
-counters and changes a knob through the control API in the scheduler process (`nosa-ctl`).
+configuration of `--configs` (default: offload on, then off; `CONFIGS`), sends prompts long enough for
+sparse selection (> 64 blocks of 64 tokens) as token ids with greedy sampling, and compares every output
+token with the reference model's greedy generation (`NosaLlamaForCausalLM.generate` in the server's
+dtype, plain torch math) and with the fully-on-GPU server's. While a server runs, it reads the offload
+counters and changes a knob through the control API in the scheduler process (`nosa-ctl`). `--serving`
+adds the serving checks (tokenizer, frontend program, OpenAI endpoint, aborts) on `--serving-config`.
 Prints a table and writes it as markdown (--out).
 
     python3 benchmarks/sglang_e2e.py --out sglang_e2e.md
@@ -168,8 +170,9 @@ def serving_checks(args, ckpt: Path, workdir: Path) -> list[str]:
     are aborted, then the pools back at their start (NOSA counters in /server_info; SGLang's own idle
     leak check would have killed the server), and the offline engine example."""
     port, url = args.port, f"http://127.0.0.1:{args.port}"
-    proc, cmd = serve(ckpt, True, port, args.grpc_port, workdir / "server_serving.log", args.dtype,
-                      args.extra.split(), tokenizer=True)
+    offload, flags = CONFIGS[args.serving_config]
+    proc, cmd = serve(ckpt, offload, port, args.grpc_port, workdir / "server_serving.log", args.dtype,
+                      [*flags, *args.extra.split()], tokenizer=True)
     out = Progress([f"`{' '.join(cmd[1:])}`", ""])
     examples = Path(__file__).resolve().parent.parent / "examples"
     try:
@@ -243,6 +246,7 @@ def main() -> int:
                     help="server and reference dtype (sgl_kernel's RMSNorm has no float32)")
     ap.add_argument("--extra", default="", help="more sglang flags")
     ap.add_argument("--serving", action="store_true", help="also the serving checks (tokenizer, frontend, aborts)")
+    ap.add_argument("--serving-config", default="offload", choices=list(CONFIGS), help="the server of --serving")
     ap.add_argument("--abort-requests", type=int, default=100)
     ap.add_argument("--engine-example", action="store_true", help="also run examples/offline_engine.py")
     ap.add_argument("--out", default=None)
@@ -301,7 +305,7 @@ def main() -> int:
                          f"{same_tok}/{n_tok} | {'; '.join(excused) or '-'} |")
             ok &= all(e.endswith(NEAR_TIE_NOTE) for e in excused)
     if args.serving:
-        details += ["### serving (tokenizer on, offload)", "", *serving_checks(args, ckpt, workdir), ""]
+        details += [f"### serving (tokenizer on, {args.serving_config})", "", *serving_checks(args, ckpt, workdir), ""]
     text = "\n".join(lines) + "\n\n" + "\n".join(details)
     print(text)
     if args.out:
