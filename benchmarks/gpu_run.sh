@@ -70,7 +70,10 @@ for what in "$@"; do case $what in
   serve)  # serving throughput, NOSA server vs stock SGLang on the same weights (needs .whl-sglang, as sglang-e2e)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl-sglang/*.whl 2>&1 \
       | grep -v -i warning
-    PYTHONSAFEPATH=1 step serve ${SERVE_LIMIT:-560} python3 benchmarks/serve_throughput.py ${SERVE_ARGS:-} --logs $OUT/serve_logs ${SERVE_PROFILE:+--profile-dir $OUT/profiles} \
-      --out $OUT/serve_throughput.md ;;
+    PYTHONSAFEPATH=1 step serve ${SERVE_LIMIT:-560} python3 benchmarks/serve_throughput.py ${SERVE_ARGS:-} --logs $OUT/serve_logs ${SERVE_PROFILE:+--profile-dir /tmp/profiles} \
+      --out $OUT/serve_throughput.md
+    # SERVE_PROFILE=1: the traces stay on the GPU machine (hundreds of MiB), their summaries come back
+    [ -n "${SERVE_PROFILE:-}" ] && for d in /tmp/profiles/*/; do
+      python3 scripts/trace_summary.py "$d" --out "$OUT/trace_$(basename "$d").md" > /dev/null; done ;;
   *) echo "unknown step $what"; exit 2 ;;
 esac; done
