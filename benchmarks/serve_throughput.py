@@ -22,6 +22,10 @@ nvidia-smi while the server idles after the passes; NOSA's hit rate and H2D byte
 from /server_info. N is --requests with one KV pool size for all, or with `--requests max` as many
 as each configuration's own pool holds to the end (the roadmap's "as many concurrent requests as each
 configuration admits": SGLang sizes the pool from --mem-fraction-static, offloaded NOSA from host memory).
+`--output-spread f` gives the requests outputs from (1 - f) x to 1 x --output-tokens, so they leave the
+batch one by one as in continuous serving (output tok/s only: no steady step then); the last column
+shows how the NOSA runtime's per-layer segments ran in the timed pass (replayed from CUDA graphs,
+captured, run eagerly, and how often every graph was dropped: a batch that changes size or rows).
 
     python3 benchmarks/serve_throughput.py --prompt-tokens 16384,32768 --requests 32 --out serve.md
     python3 benchmarks/serve_throughput.py --prompt-tokens 32768 --requests max --configs dense,nosa
@@ -89,9 +93,17 @@ def gpu_memory_used_mib() -> int:
 
 
 def nosa_counters(url: str) -> dict:
-    """NOSA's cumulative hits, misses and H2D bytes ({} on the dense server)."""
+    """NOSA's cumulative hits, misses, H2D bytes and segment-graph runs ({} on the dense server)."""
     nosa = get(f"{url}/server_info")["internal_states"][0].get("nosa", {})
-    return {k: nosa[k] for k in ("hits", "misses", "bytes_h2d") if k in nosa}
+    graphs = {f"graph_{k}": v for k, v in nosa.get("segment_graphs", {}).items()}
+    return {**{k: nosa[k] for k in ("hits", "misses", "bytes_h2d") if k in nosa}, **graphs}
+
+
+def output_lengths(n: int, args) -> list[int]:
+    """Each request's output tokens: all --output-tokens, or with --output-spread f evenly from
+    (1 - f) x that to that (at least 3), so requests finish one after another as in continuous serving."""
+    out = args.output_tokens
+    return [max(3, out - round(args.output_spread * out * i / max(1, n - 1))) for i in range(n)]
 
 
 def admitted(pool_tokens: int, P: int, args) -> int:
@@ -108,12 +120,14 @@ def host_pool_gib(info: dict) -> float | None:
     return pool["kv_bytes"] / 2**30 if pool.get("memory") == "host" else None
 
 
-def send(url: str, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[dict]]:
-    sp = {"temperature": 0.0, "max_new_tokens": new_tokens, "ignore_eos": True}
+def send(url: str, prompts: list[list[int]], new_tokens: int | list[int]) -> tuple[float, list[dict]]:
+    """All prompts at once (new_tokens: one for all, or one per prompt); (wall s, answers)."""
+    news = new_tokens if isinstance(new_tokens, list) else [new_tokens] * len(prompts)
+    sp = {"temperature": 0.0, "ignore_eos": True}
     t0 = time.time()
     with ThreadPoolExecutor(len(prompts)) as pool:
-        outs = list(pool.map(lambda p: post(f"{url}/generate", {"input_ids": p, "sampling_params": sp}, 1800),
-                             prompts))
+        outs = list(pool.map(lambda pn: post(f"{url}/generate", {
+            "input_ids": pn[0], "sampling_params": {**sp, "max_new_tokens": pn[1]}}, 1800), zip(prompts, news)))
     return time.time() - t0, outs
 
 
@@ -137,15 +151,19 @@ def run_config(config: str, ckpt: Path, args, workdir: Path) -> list[dict]:
             send(url, prompts, 4)  # NOTE: a short decode first: kernel compiles and graph captures of this batch
             fixed_s, _ = send(url, prompts, 2)  # the tail's extend, the first decode step (admission) and one more
             before = nosa_counters(url)
-            decode_s, outs = send(url, prompts, args.output_tokens)
-            step_s = (decode_s - fixed_s) / (args.output_tokens - 2)
+            news = output_lengths(n, args)
+            decode_s, outs = send(url, prompts, news)
+            # NOTE: the steady step holds only while the whole batch decodes every step (no spread)
+            step_s = (decode_s - fixed_s) / (args.output_tokens - 2) if not args.output_spread else None
             cached = sum(o["meta_info"].get("cached_tokens", 0) for o in outs)
             nosa = {k: v - before.get(k, 0) for k, v in nosa_counters(url).items()}  # the decode pass's
             looked_up = nosa.get("hits", 0) + nosa.get("misses", 0)
+            graphs = {k.removeprefix("graph_"): v for k, v in nosa.items() if k.startswith("graph_")}
             row = {"config": config, "P": P, "N": n, "pool_tokens": pool_tokens, "prefill_s": prefill_s,
-                   "decode_s": decode_s, "cached": cached, "tok_s": n * args.output_tokens / decode_s,
-                   "tpot_ms": 1e3 * decode_s / args.output_tokens, "fixed_s": fixed_s, "step_ms": 1e3 * step_s,
-                   "steady_tok_s": n / step_s, "gpu_mib": gpu_memory_used_mib(), "host_gib": host_gib,
+                   "decode_s": decode_s, "cached": cached, "tok_s": sum(news) / decode_s,
+                   "tpot_ms": 1e3 * decode_s / args.output_tokens, "fixed_s": fixed_s,
+                   "step_ms": 1e3 * step_s if step_s else None, "steady_tok_s": n / step_s if step_s else None,
+                   "gpu_mib": gpu_memory_used_mib(), "host_gib": host_gib, "graphs": graphs or None,
                    "hit_rate": nosa["hits"] / looked_up if looked_up else None, "h2d_bytes": nosa.get("bytes_h2d")}
             print(row, flush=True)
             rows.append(row)
@@ -165,19 +183,30 @@ def run_config(config: str, ckpt: Path, args, workdir: Path) -> list[dict]:
     return rows
 
 
+def fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
 def table(rows: list[dict], args) -> str:
     lines = ["| prompt tokens | config | requests | KV pool tokens | prefill pass s | 2-token pass s | decode pass s "
              "| cached tokens | output tok/s | vs dense | steady step ms | steady tok/s | vs dense | GPU MiB used "
-             "| host KV pool GiB | NOSA hit rate | H2D GiB |", "|" + "---|" * 17]
+             "| host KV pool GiB | NOSA hit rate | H2D GiB | runtime segments: replayed / captured / eager / clears |",
+             "|" + "---|" * 18]
     dense = {r["P"]: r for r in rows if r.get("config") == "dense" and "tok_s" in r}
+
+    def ratio(r, key):
+        d = dense.get(r["P"], {}).get(key)
+        return "-" if d is None or r[key] is None else f"{r[key] / d:.2f}x"
+
     for r in sorted((r for r in rows if "tok_s" in r), key=lambda r: (r["P"], list(CONFIGS).index(r["config"]))):
-        ratios = [f"{r[key] / dense[r['P']][key]:.2f}x" if r["P"] in dense else "-" for key in ("tok_s", "steady_tok_s")]
-        hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
-        h2d = "-" if r["h2d_bytes"] is None else f"{r['h2d_bytes'] / 2**30:.2f}"
-        host = "-" if r.get("host_gib") is None else f"{r['host_gib']:.1f}"
+        h2d = None if r["h2d_bytes"] is None else r["h2d_bytes"] / 2**30
+        g = r.get("graphs")
+        graphs = "-" if not g else f"{g['replays']} / {g['captures']} / {g['eager']} / {g['clears']}"
         lines.append(f"| {r['P']} | {r['config']} | {r['N']} | {r['pool_tokens']} | {r['prefill_s']:.1f} | "
-                     f"{r['fixed_s']:.2f} | {r['decode_s']:.2f} | {r['cached']} | {r['tok_s']:.0f} | {ratios[0]} | "
-                     f"{r['step_ms']:.1f} | {r['steady_tok_s']:.0f} | {ratios[1]} | {r['gpu_mib']} | {host} | {hit} | {h2d} |")
+                     f"{r['fixed_s']:.2f} | {r['decode_s']:.2f} | {r['cached']} | {r['tok_s']:.0f} | "
+                     f"{ratio(r, 'tok_s')} | {fmt(r['step_ms'], '.1f')} | {fmt(r['steady_tok_s'], '.0f')} | "
+                     f"{ratio(r, 'steady_tok_s')} | {r['gpu_mib']} | {fmt(r.get('host_gib'), '.1f')} | "
+                     f"{fmt(r['hit_rate'], '.3f')} | {fmt(h2d, '.2f')} | {graphs} |")
     extra = [f"- {r['config']}: `{r['cmd']}`" for r in rows if "cmd" in r]
     errors = [f"- {r['config']} failed: {r['error']}\n```\n{r['log']}\n```" for r in rows if "error" in r]
     return "\n".join(lines + [""] + extra + errors)
@@ -194,6 +223,9 @@ def main() -> int:
     ap.add_argument("--shape", default="1b", choices=sorted(SHAPES))
     ap.add_argument("--prompt-tokens", default="16384,32768", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--output-tokens", type=int, default=128, help="> 2")
+    ap.add_argument("--output-spread", type=float, default=0.0,
+                    help="in [0, 0.9]: outputs evenly from (1 - f) x --output-tokens to it, so requests leave the "
+                         "batch one by one (continuous serving); no steady step then")
     ap.add_argument("--requests", type=requests_arg, default=32,
                     help="concurrent requests (also --max-running-requests), or `max`: as many as each "
                          "configuration's KV pool holds (the roadmap's view), at most --max-requests")
@@ -207,6 +239,10 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--logs", default=None)
     args = ap.parse_args()
+    if not 0 <= args.output_spread <= 0.9:
+        ap.error(f"--output-spread={args.output_spread}: allowed range is [0, 0.9]")
+    if args.output_tokens <= 2:
+        ap.error(f"--output-tokens={args.output_tokens}: allowed range is > 2 (a 2-token pass is subtracted)")
     configs = [c for c in args.configs.split(",") if c]
     bad = [c for c in configs if c not in CONFIGS]
     if bad:
@@ -219,8 +255,9 @@ def main() -> int:
     rows = []
     for config in configs:
         rows += run_config(config, ckpt, args, workdir)
+    spread = f" down to {output_lengths(2, args)[-1]} (--output-spread)" if args.output_spread else " each"
     text = (f"shape {args.shape}: {SHAPES[args.shape]}\n{args.requests} concurrent requests, "
-            f"{args.output_tokens} output tokens each (greedy, ignore_eos)\n\n" + table(rows, args))
+            f"{args.output_tokens} output tokens{spread} (greedy, ignore_eos)\n\n" + table(rows, args))
     print(text)
     if args.out:
         Path(args.out).write_text(text)

@@ -64,6 +64,7 @@ def stats_dict(runtime) -> dict:
         "resident_blocks": snap.resident_blocks, "gpu_slot_capacity": snap.gpu_slot_capacity,
         "host_blocks_used": snap.host_blocks_used, "host_blocks_total": snap.host_blocks_total,
         "host_capacity_bytes": snap.host_capacity_bytes, "knobs": knobs.to_dict(),
+        "segment_graphs": runtime.graph_counts(),
     }
 
 

@@ -40,6 +40,8 @@ class SegmentGraphs:
         self._pools: dict[Hashable, object] = {}
         self.captures = 0
         self.replays = 0
+        self.eager = 0  # first runs of a key (eager by design; after a clear, every key runs eagerly again)
+        self.clears = 0  # every graph dropped (a 5th batch shape, rows moved, slot knobs changed)
 
     def run(self, shape: Hashable, key: Hashable, fn: Callable[[], object]) -> object:
         """fn() for this step: eagerly the first time, then captured and replayed."""
@@ -55,6 +57,7 @@ class SegmentGraphs:
             return entry[1]
         if key not in self._seen:
             self._seen.add(key)
+            self.eager += 1
             return fn()
         pool = self._pools.get(shape)
         if pool is None:
@@ -80,6 +83,7 @@ class SegmentGraphs:
 
     def clear(self) -> None:
         """Drop every graph (after a change that the keys do not capture, e.g. reallocated buffers)."""
+        self.clears += bool(self._graphs or self._seen)
         self._graphs.clear()
         self._seen.clear()
         self._shapes.clear()

@@ -176,6 +176,13 @@ class NosaRuntime:
         assert snap is not None, "the constructor publishes a first snapshot"
         return snap
 
+    def graph_counts(self) -> dict[str, int]:
+        """How the per-layer segments ran since start: eager (a key's first run), captures, replays, and
+        clears (every graph dropped). Empty without segment graphs. A serving batch that keeps changing
+        size or rows shows up here as eager runs and captures instead of replays."""
+        g = self._decoder.graphs
+        return {} if g is None else {"eager": g.eager, "captures": g.captures, "replays": g.replays, "clears": g.clears}
+
     def nosa_config(self) -> NosaConfig:
         return self.config
 

@@ -45,6 +45,23 @@ def test_serve_throughput_gives_every_configuration_one_capacity_and_compares_wi
     nosa_line = [x for x in st.table(rows, args).splitlines() if "| nosa |" in x][0]
     assert "| 0.50x |" in nosa_line and "| 2.00x |" in nosa_line
     assert st.admitted(10**6, 2048, args) == 4  # a fixed batch whatever the pool
+    spread = {**base, "config": "nosa", "tok_s": 60.0, "step_ms": None, "steady_tok_s": None,
+              "graphs": {"replays": 90, "captures": 6, "eager": 7, "clears": 2}}
+    line = [x for x in st.table([rows[0], spread], args).splitlines() if "| nosa |" in x][0]
+    assert "| 0.60x | - | - | - |" in line and line.endswith("| 90 / 6 / 7 / 2 |")
+
+
+def test_serve_throughput_spreads_outputs_so_requests_leave_one_by_one():
+    from types import SimpleNamespace
+
+    import serve_throughput as st
+
+    args = SimpleNamespace(output_tokens=128, output_spread=0.0)
+    assert st.output_lengths(4, args) == [128] * 4
+    args.output_spread = 0.5
+    assert st.output_lengths(5, args) == [128, 112, 96, 80, 64] and st.output_lengths(1, args) == [128]
+    args.output_tokens, args.output_spread = 4, 0.9
+    assert min(st.output_lengths(8, args)) == 3  # never fewer than the passes before it decode
 
 
 def test_serve_throughput_max_batch_lets_each_configuration_size_its_pool_and_fills_it():

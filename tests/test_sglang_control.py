@@ -81,6 +81,7 @@ def test_server_info_carries_the_counters(served):
     pool = backend.kv_pool.pages  # offloading: the pool is in host memory, all its pages the host store
     assert nosa["kv_pool"] == {"memory": "host", "pages": pool.num_pages, "kv_bytes": pool.kv_bytes}
     assert nosa["host_blocks_total"] == pool.num_pages
+    assert nosa["segment_graphs"] == {}  # CPU: the runtime's segments run eagerly (GPU: eager/captures/replays)
 
 
 def test_the_token_from_the_launcher_guards_the_scheduler_api(monkeypatch):
