@@ -62,11 +62,11 @@ class NosaKVPool(KVCache):
         allocator places token i at offset i % page_size of the request's (i // page_size)-th page."""
         return torch.div(loc[:: self.page_size], self.page_size, rounding_mode="floor")
 
-    def read_pages(self, layer_id: int, pages: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                     torch.Tensor]:
+    def read_pages(self, layer_id: int, pages: torch.Tensor, n_tokens: int, with_v: bool = True) -> tuple[
+            torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(k, v [n, Hkv, d], c [n, Hkv] float32) of the first n_tokens of the sequence on `pages` (whole page
-        runs gathered, PagePool.read_pages)."""
-        return self.pages.read_pages(layer_id - self.start_layer, pages, n_tokens)
+        runs gathered, PagePool.read_pages); v is None when not wanted."""
+        return self.pages.read_pages(layer_id - self.start_layer, pages, n_tokens, with_v)
 
     # -- SGLang's KVCache interface ----------------------------------------------------------------------
     def get_key_buffer(self, layer_id: int) -> torch.Tensor:

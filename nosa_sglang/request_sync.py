@@ -92,7 +92,9 @@ class RuntimeRequests:
         rt = self.runtime
         pages = self.kv_pool.sequence_pages(self.req_to_token[req_pool_idx, :n_tokens])
         s = rt.shape
-        prompt = PoolPrompt(s.num_layers, lambda layer: self.kv_pool.read_pages(layer, pages, n_tokens), n_tokens,
-                            s.num_kv_heads, s.head_dim)
+        # NOTE: no V: the runtime computes the compressed keys from K, and an offloaded warm start reads
+        # the runs it installs from their pages (`prompt.v[layer]` is None)
+        prompt = PoolPrompt(s.num_layers, lambda layer: self.kv_pool.read_pages(layer, pages, n_tokens, with_v=False),
+                            n_tokens, s.num_kv_heads, s.head_dim)
         rt.begin_request(rid, prompt.k, prompt.v, prompt.c, pages=pages.tolist())
         self.begun += 1

@@ -126,6 +126,7 @@ class NosaRuntime:
         L, H, d, bs = shape.num_layers, shape.num_kv_heads, shape.head_dim, config.block_size
         self.selection = SelectionState(L, max_requests, H, d, self.max_blocks * bs, config, shape.dtype, self.device,
                                         ck_dtype=ck_dtype)
+        self.page_pool = page_pool
         self.paged = page_pool is not None  # the server's pages hold every token (its allocator, its writes)
         self.pool_backed = self.paged and gpu_only  # decoding from the pages in place
         self._host_table = None  # [rows, max_blocks] int32: host block (offload) or pool page of each block

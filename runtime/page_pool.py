@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from nosa_sglang.kernels.block_copy import gather_runs
+from nosa_sglang.kernels.block_copy import gather_k_runs, gather_runs
 from nosa_sglang.kernels.pinned import alloc_pinned
 from nosa_sglang.kernels.token_store import store_tokens
 
@@ -78,24 +78,35 @@ class PagePool:
                 for i in range(2))
         return k, v, self.c[layer][runs, off]
 
-    def read_pages(self, layer: int, pages: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                  torch.Tensor]:
+    def read_runs(self, layer: int, runs: torch.Tensor, with_v: bool = True) -> tuple[torch.Tensor,
+                                                                                   torch.Tensor | None, torch.Tensor]:
+        """(k, v [n, block_size * d], c [n, block_size] float32) of the runs `runs` [n] (run id = page * Hkv
+        + head), on `device`; v is None when not wanted. Host storage on CUDA: a zero-copy gather over PCIe."""
+        runs = runs.to(self.device, torch.long)
+        c = self.c[layer][runs]
+        if not (self.host and self.device.type == "cuda"):
+            return self.kv[0, layer, runs], self.kv[1, layer, runs] if with_v else None, c
+        if not with_v:  # NOTE: K alone crosses PCIe (admission needs no V: the warm start reads its runs)
+            return gather_k_runs(self.kv[0, layer], runs, self.device), None, c
+        n = runs.numel()
+        staged = torch.empty((2, n, self.block_size * self.head_dim), dtype=self.dtype, device=self.device)
+        gather_runs(self.kv[0, layer], self.kv[1, layer], runs, staged[0], staged[1],
+                    torch.arange(n, device=self.device), mode="zero_copy", validate_ids=False)
+        return staged[0], staged[1], c
+
+    def read_pages(self, layer: int, pages: torch.Tensor, n_tokens: int, with_v: bool = True) -> tuple[
+            torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(k, v [n, Hkv, d], c [n, Hkv] float32) of the first `n_tokens` tokens of a sequence laid out
         on `pages` [>= ceil(n / block_size)] in order (token i at page i // block_size, offset i % block_size:
-        how a paged allocator places a request). Whole runs are gathered: far fewer, longer reads than
-        `read_tokens` over the same tokens."""
+        how a paged allocator places a request); v is None when not wanted. Whole runs are gathered: far
+        fewer, longer reads than `read_tokens` over the same tokens."""
         bs, hkv, d = self.block_size, self.num_kv_heads, self.head_dim
         nb = -(-n_tokens // bs)
         runs = (pages[:nb].to(self.device, torch.long)[:, None] * hkv + self._heads).flatten()
-        if self.host and self.device.type == "cuda":  # zero-copy gather of the runs over PCIe
-            staged = torch.empty((2, nb * hkv, bs * d), dtype=self.dtype, device=self.device)
-            gather_runs(self.kv[0, layer], self.kv[1, layer], runs, staged[0], staged[1],
-                        torch.arange(nb * hkv, device=self.device), mode="zero_copy", validate_ids=False)
-        else:
-            staged = self.kv[:, layer, runs]
-        k, v = (staged[i].view(nb, hkv, bs, d).transpose(1, 2).reshape(nb * bs, hkv, d)[:n_tokens] for i in range(2))
-        c = self.c[layer][runs].view(nb, hkv, bs).transpose(1, 2).reshape(nb * bs, hkv)[:n_tokens]
-        return k, v, c
+        k, v, c = self.read_runs(layer, runs, with_v)
+        k, v = (None if x is None else x.view(nb, hkv, bs, d).transpose(1, 2).reshape(nb * bs, hkv, d)[:n_tokens]
+                for x in (k, v))
+        return k, v, c.view(nb, hkv, bs).transpose(1, 2).reshape(nb * bs, hkv)[:n_tokens]
 
     def layer_views(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(k, v [runs, block_size * d], c [runs, block_size]) of one layer: the decode kernel's slots

@@ -3,9 +3,10 @@
 - full blocks -> the host store (staged as runs on the device, written on the write-back stream);
   blocks shared with another request's prefix are already there and are skipped;
 - compressed keys, eviction chunk means and biases -> SelectionState;
-- a warm start of the GPU slots straight from the device copy of the prompt (no PCIe): the partial
-  tail block into the tail slot, then the blocks the first decode step will most likely select
-  (forced sink/local blocks, then the highest eviction scores) into the regular slots.
+- a warm start of the GPU slots: the partial tail block into the tail slot, then the blocks the first
+  decode step will most likely select (forced sink/local blocks, then the highest eviction scores) into
+  the regular slots; from the device copy of the prompt (no PCIe), or, over a server's host pages, from
+  those pages (only the installed runs cross PCIe; the prompt's V is never read whole).
 In gpu_only mode every block goes to its slot instead, or, over a server's page pool, nowhere: the
 pages hold it, and the block table maps the request's blocks to them.
 """
@@ -65,12 +66,14 @@ class PromptLoader:
         self._reset_row(row, host_blocks, nb)
         for layer in range(rt.shape.num_layers):
             k = prompt_k[layer].to(dev, rt.shape.dtype)
-            v = None if rt.pool_backed else prompt_v[layer].to(dev, rt.shape.dtype)
             c = prompt_c[layer].to(dev, torch.float32)
             rt.selection.load_prompt(layer, row, k, c)
             if rt.pool_backed:
                 continue  # the pool's pages hold the prompt already
-            runs = [self._stage(x, nb, bs) for x in (k, v, c)]
+            if rt.paged:  # offloaded over the server's pages: they hold it; the warm start reads its runs there
+                self._warm_start(layer, row, T, self._page_runs(layer, host_blocks), step)
+                continue
+            runs = [self._stage(x, nb, bs) for x in (k, prompt_v[layer].to(dev, rt.shape.dtype), c)]
             if rt.gpu_only:
                 gids = rt.slots.slot_base(torch.tensor([row], device=dev))[0] + torch.arange(nb, device=dev)
                 src = (torch.arange(nb, device=dev)[None, :] * H + rt._heads[:, None]).flatten()
@@ -81,7 +84,7 @@ class PromptLoader:
                 dst = torch.tensor([b * H + h for b in host_blocks[n_shared:n_full] for h in range(H)],
                                    dtype=torch.long)
                 rt.transfer.write_back(layer, src, dst, gpu_k=runs[0], gpu_v=runs[1])
-            self._warm_start(layer, row, T, runs, step)
+            self._warm_start(layer, row, T, lambda src, runs=runs: tuple(x[src] for x in runs), step)
         if rt.gpu_only:
             rt.slots.set_blocks(row, nb)
 
@@ -112,6 +115,14 @@ class PromptLoader:
             table[:nb] = torch.tensor(host_blocks, dtype=torch.int32)
             rt._host_table[row] = table.to(rt.device)
 
+    def _page_runs(self, layer: int, pages: list[int]):
+        """read(src) -> (k, v, c runs) of the prompt's runs src (block * Hkv + head), from the pool pages
+        that hold those blocks: an offloaded warm start moves only the runs it installs over PCIe."""
+        rt = self.rt
+        H, pool = rt.shape.num_kv_heads, rt.page_pool
+        page_of = torch.tensor(pages, dtype=torch.long, device=rt.device)
+        return lambda src: pool.read_runs(layer, page_of[torch.div(src, H, rounding_mode="floor")] * H + src % H)
+
     @staticmethod
     def _stage(x: torch.Tensor, nb: int, bs: int) -> torch.Tensor:
         """[T, Hkv, ...] -> runs [nb * Hkv, block_size * ...] (run id = block * Hkv + head), zero padded."""
@@ -120,7 +131,9 @@ class PromptLoader:
         x = torch.cat((x, pad)).view(nb, bs, H, -1).transpose(1, 2)
         return x.reshape(nb * H, -1).contiguous()
 
-    def _warm_start(self, layer: int, row: int, T: int, runs: list[torch.Tensor] | None, step: int) -> None:
+    def _warm_start(self, layer: int, row: int, T: int, read_runs, step: int) -> None:
+        """The blocks the first decode step most likely selects (and the partial tail) into the row's
+        slots; read_runs(src run ids) -> their (k, v, c) runs, or None (synthetic: map without data)."""
         rt = self.rt
         cfg, dev = rt.config, rt.device
         bs = cfg.block_size
@@ -134,4 +147,4 @@ class PromptLoader:
         blocks = torch.sort(prio, dim=-1, descending=True, stable=True).indices[:, :m]
         e_vals = E[0, :, :n_full].gather(-1, blocks)
         tail = nb - 1 if T % bs else None
-        rt.slots.install_prompt(layer, row, blocks, e_vals, tail, runs, step)
+        rt.slots.install_prompt(layer, row, blocks, e_vals, tail, read_runs, step)

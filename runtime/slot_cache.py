@@ -143,28 +143,26 @@ class GpuSlotCache(SlotBuffers):
 
     def install_prompt(
         self, layer: int, row: int, blocks: torch.Tensor, e_vals: torch.Tensor, tail_block: int | None,
-        runs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, step: int,
+        read_runs, step: int,
     ) -> None:
-        """Warm start from a prompt still on the device (no PCIe): blocks [Hkv, m] long go to regular
-        slots 0..m-1 of each head, the partial tail block (if any) to the tail slot. runs: the prompt
-        staged as (k, v, c) runs [n_blocks * Hkv, ...] (run id = block * Hkv + head), or None to map the
-        blocks without writing data (synthetic benchmark requests)."""
+        """Warm start: blocks [Hkv, m] long go to regular slots 0..m-1 of each head, the partial tail
+        block (if any) to the tail slot. read_runs(src) -> the (k, v, c) runs of the prompt's run ids src
+        (run id = block * Hkv + head), or None to map the blocks without writing data (synthetic
+        benchmark requests)."""
         H = self.num_kv_heads
         base = self.slot_base(torch.tensor([row], device=self.device))[0]  # [Hkv, 1]
         m = blocks.shape[1]
         if m:
             local = torch.arange(m, device=self.device).expand(H, m)
-            if runs is not None:
-                src = (blocks * H + self.heads[:, None]).flatten()
-                self.write_runs(layer, (base + local).flatten(), runs[0][src], runs[1][src], runs[2][src])
+            if read_runs is not None:
+                self.write_runs(layer, (base + local).flatten(), *read_runs((blocks * H + self.heads[:, None]).flatten()))
             self.slot_block[layer, row, :, :m] = blocks.int()
             self.block_slot[layer, row].scatter_(-1, blocks, local.int())
             self.last_step[layer, row, :, :m] = step - 1
             self.stored_e[layer, row, :, :m] = e_vals
         if tail_block is not None:
-            if runs is not None:
-                src = tail_block * H + self.heads
-                self.write_runs(layer, (base[:, 0] + self.tail), runs[0][src], runs[1][src], runs[2][src])
+            if read_runs is not None:
+                self.write_runs(layer, (base[:, 0] + self.tail), *read_runs(tail_block * H + self.heads))
             self.slot_block[layer, row, :, self.tail] = tail_block
             self.block_slot[layer, row, :, tail_block] = self.tail
             self.last_step[layer, row, :, self.tail] = step

@@ -20,8 +20,8 @@ import pytest
 
 from nosa_sglang.kernels._checks import KernelArgumentError, triton_interpreting
 from nosa_sglang.kernels.block_copy import (
-    MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, SKIPS_NEGATIVE_IDS, TARGET_PROGRAMS, _copy_runs_kernel, gather_runs, launch_zero_copy, scatter_runs,
-    zero_copy_launch_config,
+    MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, SKIPS_NEGATIVE_IDS, TARGET_PROGRAMS, _copy_runs_kernel, gather_k_runs,
+    gather_runs, launch_zero_copy, scatter_runs, zero_copy_launch_config,
 )
 from nosa_sglang.kernels.copy_engine import batch_memcpy_available, coalesce_runs, copy_spans
 from nosa_sglang.kernels.pinned import alloc_pinned, pinned_mode
@@ -75,6 +75,27 @@ def test_gather_equals_indexing(gen, mode, d, dtype):
     assert_copied(gk, dst, hk, src)
     assert_copied(gv, dst, hv, src)
     assert res.runs == 9 and res.bytes == 2 * 9 * run * hk.element_size()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gather_of_one_store_reads_each_run_once_and_equals_indexing(gen, dtype):
+    """gather_k_runs: K alone through the pair-moving kernel, as half runs of two shifted views (the last
+    run, SGLang's trash run, included); repeats allowed, odd run sizes refused."""
+    cpu_mode("zero_copy")
+    hk = store(gen, 40, 64 * 16, dtype)
+    src = torch.cat((torch.randperm(39, generator=gen)[:12], torch.tensor([39, 3, 3])))
+    assert torch.equal(gather_k_runs(hk, src, "cpu"), hk[src])
+    assert gather_k_runs(hk, src[:0], "cpu").shape == (0, 64 * 16)
+    with pytest.raises(KernelArgumentError, match="run_elems 63 must be even"):
+        gather_k_runs(store(gen, 4, 63, dtype), src[:2], "cpu")
+
+
+@gpu
+@needs_cuda
+def test_gather_of_one_store_from_pinned_memory_on_cuda(gen):
+    hk = store(gen, 300, 64 * 128, torch.bfloat16, pinned=True)
+    src = torch.randint(0, 300, (77,), generator=gen)
+    assert torch.equal(gather_k_runs(hk, src, "cuda").cpu(), hk[src])
 
 
 @pytest.mark.parametrize("mode", ["zero_copy", "cpu"])

@@ -249,6 +249,30 @@ def test_the_load_batch_hook_hands_the_real_rids_to_the_nosa_backend():
     assert stash_decode_rids(lambda r, fb: "loaded", other, SimpleNamespace(rids=("z",))) == "loaded"
 
 
+@pytest.mark.parametrize("offload", [True, False], ids=["offload", "gpu_only"])
+def test_admission_reads_no_v_and_an_offloaded_warm_start_only_the_runs_it_installs(gen, offload, monkeypatch):
+    """A request entering decode: its compressed keys come from K alone (the pool's pages hold V), and
+    offloaded the warm start reads from the host pages just the runs it installs (the tail and as many
+    blocks as there are slots), not the whole prompt; the decode still equals the reference."""
+    from nosa_sglang.runtime.page_pool import PagePool
+
+    runner = make_runner(offload=offload)
+    backend = NosaAttnBackend(runner, NosaServerFlags(offload=offload, slots=SMALL.topk_blocks))
+    sched = Scheduler(backend, runner, gen)
+    a = sched.new("a")
+    sched.forward(ForwardMode.EXTEND, [(a, 20 * PAGE + 5)])  # 21 blocks, the last one partial
+    reads, original = [], PagePool.read_runs
+    monkeypatch.setattr(PagePool, "read_runs", lambda pool, layer, runs, with_v=True: reads.append(
+        (layer, runs.numel(), with_v)) or original(pool, layer, runs, with_v))
+    sched.forward(ForwardMode.DECODE, [(a, 1)])  # admission, then the first step
+    k_reads = [(layer, n) for layer, n, with_v in reads if not with_v]
+    assert k_reads == [(layer, 21 * HKV) for layer in range(L)]  # every run of K, once per layer
+    v_runs = sum(n for _, n, with_v in reads if with_v)
+    assert v_runs == (L * (SMALL.topk_blocks + 1) * HKV if offload else 0)  # slots + the tail, per layer
+    for _ in range(3):
+        sched.forward(ForwardMode.DECODE, [(a, 1)])
+
+
 def test_breakable_graphs_hold_and_replay_a_logits_output(gen):
     """SGLang 0.5.17's breakable backend keeps a captured output in buffers of tensors and tuples only, and
     raised on the LogitsProcessorOutput of a causal LM (the first GPU run): the capture hook hands it the
