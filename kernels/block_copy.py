@@ -119,19 +119,19 @@ def gather_runs(
                      copy_backend=copy_backend)
 
 
-def gather_k_runs(host_k: torch.Tensor, src_ids: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """Host -> GPU, one store alone: out[i] = host_k[src_ids[i]], zero-copy, [n, run_elems] on `device`.
+def gather_store_runs(host: torch.Tensor, src_ids: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Host -> GPU, one store alone (K or V): out[i] = host[src_ids[i]], zero-copy, [n, run_elems] on `device`.
 
     The copy kernel always moves a pair, the K and the V run of one id. Seen as half runs, run r is half
     runs 2r and 2r + 1, and those are one id (2r) of two views of the same store shifted by half a run:
-    every byte crosses PCIe once (gathering K "twice" as K and V would move it twice). No id checks
+    every byte crosses PCIe once (passing the store as both K and V would move it twice). No id checks
     (trusted callers); run_elems must be even."""
-    n, elems = src_ids.numel(), host_k.shape[1]
+    n, elems = src_ids.numel(), host.shape[1]
     if elems % 2:
-        raise KernelArgumentError(f"host_k: run_elems {elems} must be even")
-    flat, half = host_k.view(-1), elems // 2
+        raise KernelArgumentError(f"host: run_elems {elems} must be even")
+    flat, half = host.view(-1), elems // 2
     first, second = flat[:-half].view(-1, half), flat[half:].view(-1, half)
-    out = torch.empty((2, n, half), dtype=host_k.dtype, device=device)
+    out = torch.empty((2, n, half), dtype=host.dtype, device=device)
     gather_runs(first, second, 2 * src_ids.to(device, torch.long), out[0], out[1],
                 torch.arange(n, device=device), mode="zero_copy", validate_ids=False)
     return torch.cat((out[0], out[1]), dim=1)

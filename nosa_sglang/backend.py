@@ -162,15 +162,37 @@ class NosaAttnBackend(AttentionBackend):
         for prefix, n, pages in self._extends:
             new = slice(start, start + n)
             kk, vv, cc = k3[new].to(self.kv_pool.dtype), v3[new].to(self.kv_pool.dtype), c[new]  # as stored
-            if prefix:  # NOTE: only the cached or earlier part comes from the pool (PCIe when it lives on the host)
-                pk, pv, pc = self.kv_pool.read_pages(lid, pages, prefix)
-                kk, vv, cc = torch.cat((pk, kk)), torch.cat((pv, vv)), torch.cat((pc, cc))
             qq = q3[new]
+            if prefix:  # NOTE: only the cached or earlier part comes from the pool (PCIe when it lives on the host)
+                host = self.kv_pool.pages.host
+                pk, pv, pc = self.kv_pool.read_pages(lid, pages, prefix, with_v=not host)
+                kk, cc = torch.cat((pk, kk)), torch.cat((pc, cc))
             sel = select_blocks_prefill(qq, kk, cc, self.nosa, impl=impl, q_start=prefix)
+            if prefix:  # offloaded: V only of the prefix blocks some new token selects
+                pv = self._selected_prefix_v(lid, pages, prefix, sel) if host else pv
+                vv = torch.cat((pv, vv))
             out[new] = sparse_prefill_attention(qq, kk, vv, cc, sel, self.nosa.block_size, sm_scale=layer.scaling,
                                                 impl=impl, q_start=prefix)
             start += n
         return out.view(-1, hq * d)
+
+    def _selected_prefix_v(self, layer_id: int, pages: torch.Tensor, prefix: int, sel: torch.Tensor) -> torch.Tensor:
+        """[prefix, Hkv, d] V of the prefix with only the (block, head) runs in `sel` (the new tokens'
+        selections, [n, Hkv, topk]) read from the host pages; the rest stays zero, which the sparse
+        attention never reads (a token attends only its selected blocks). Saves the PCIe pass over every
+        V a cached prefix holds when a few tokens extend it."""
+        bs, hkv, d = self.nosa.block_size, self.shape.num_kv_heads, self.shape.head_dim
+        nb = -(-prefix // bs)
+        picked = torch.zeros((hkv, nb + 1), dtype=torch.bool, device=sel.device)
+        blocks = torch.where((sel >= 0) & (sel < nb), sel, nb).long().transpose(0, 1).reshape(hkv, -1)
+        picked.scatter_(1, blocks, True)
+        head, block = picked[:, :nb].nonzero(as_tuple=True)  # NOTE: a sync: the number of runs to read
+        runs = block * hkv + head
+        v = torch.zeros((nb * hkv, bs * d), dtype=self.kv_pool.dtype, device=sel.device)
+        v[runs] = self.kv_pool.pages.read_runs(layer_id - self.kv_pool.start_layer,
+                                               pages[:nb].to(sel.device, torch.long)[block] * hkv + head,
+                                               with_k=False)[1]
+        return v.view(nb, hkv, bs, d).transpose(1, 2).reshape(nb * bs, hkv, d)[:prefix]
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, nosa_bias=None, **kwargs):
         if nosa_bias is None or not save_kv_cache:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from nosa_sglang.kernels.block_copy import gather_k_runs, gather_runs
+from nosa_sglang.kernels.block_copy import gather_store_runs, gather_runs
 from nosa_sglang.kernels.pinned import alloc_pinned
 from nosa_sglang.kernels.token_store import store_tokens
 
@@ -78,16 +78,18 @@ class PagePool:
                 for i in range(2))
         return k, v, self.c[layer][runs, off]
 
-    def read_runs(self, layer: int, runs: torch.Tensor, with_v: bool = True) -> tuple[torch.Tensor,
-                                                                                   torch.Tensor | None, torch.Tensor]:
+    def read_runs(self, layer: int, runs: torch.Tensor, with_k: bool = True, with_v: bool = True) -> tuple[
+            torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
         """(k, v [n, block_size * d], c [n, block_size] float32) of the runs `runs` [n] (run id = page * Hkv
-        + head), on `device`; v is None when not wanted. Host storage on CUDA: a zero-copy gather over PCIe."""
+        + head), on `device`; k or v is None when not wanted. Host storage on CUDA: zero-copy gathers over
+        PCIe (a part not wanted is not moved)."""
         runs = runs.to(self.device, torch.long)
         c = self.c[layer][runs]
         if not (self.host and self.device.type == "cuda"):
-            return self.kv[0, layer, runs], self.kv[1, layer, runs] if with_v else None, c
-        if not with_v:  # NOTE: K alone crosses PCIe (admission needs no V: the warm start reads its runs)
-            return gather_k_runs(self.kv[0, layer], runs, self.device), None, c
+            return tuple(self.kv[i, layer, runs] if want else None for i, want in enumerate((with_k, with_v))) + (c,)
+        if not (with_k and with_v):
+            return tuple(gather_store_runs(self.kv[i, layer], runs, self.device) if want else None
+                         for i, want in enumerate((with_k, with_v))) + (c,)
         n = runs.numel()
         staged = torch.empty((2, n, self.block_size * self.head_dim), dtype=self.dtype, device=self.device)
         gather_runs(self.kv[0, layer], self.kv[1, layer], runs, staged[0], staged[1],
@@ -103,7 +105,7 @@ class PagePool:
         bs, hkv, d = self.block_size, self.num_kv_heads, self.head_dim
         nb = -(-n_tokens // bs)
         runs = (pages[:nb].to(self.device, torch.long)[:, None] * hkv + self._heads).flatten()
-        k, v, c = self.read_runs(layer, runs, with_v)
+        k, v, c = self.read_runs(layer, runs, with_v=with_v)
         k, v = (None if x is None else x.view(nb, hkv, bs, d).transpose(1, 2).reshape(nb * bs, hkv, d)[:n_tokens]
                 for x in (k, v))
         return k, v, c.view(nb, hkv, bs).transpose(1, 2).reshape(nb * bs, hkv)[:n_tokens]

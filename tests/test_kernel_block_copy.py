@@ -20,7 +20,7 @@ import pytest
 
 from nosa_sglang.kernels._checks import KernelArgumentError, triton_interpreting
 from nosa_sglang.kernels.block_copy import (
-    MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, SKIPS_NEGATIVE_IDS, TARGET_PROGRAMS, _copy_runs_kernel, gather_k_runs,
+    MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, SKIPS_NEGATIVE_IDS, TARGET_PROGRAMS, _copy_runs_kernel, gather_store_runs,
     gather_runs, launch_zero_copy, scatter_runs, zero_copy_launch_config,
 )
 from nosa_sglang.kernels.copy_engine import batch_memcpy_available, coalesce_runs, copy_spans
@@ -79,15 +79,15 @@ def test_gather_equals_indexing(gen, mode, d, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_gather_of_one_store_reads_each_run_once_and_equals_indexing(gen, dtype):
-    """gather_k_runs: K alone through the pair-moving kernel, as half runs of two shifted views (the last
+    """gather_store_runs: one store (K or V) alone through the pair-moving kernel, as half runs of two shifted views (the last
     run, SGLang's trash run, included); repeats allowed, odd run sizes refused."""
     cpu_mode("zero_copy")
     hk = store(gen, 40, 64 * 16, dtype)
     src = torch.cat((torch.randperm(39, generator=gen)[:12], torch.tensor([39, 3, 3])))
-    assert torch.equal(gather_k_runs(hk, src, "cpu"), hk[src])
-    assert gather_k_runs(hk, src[:0], "cpu").shape == (0, 64 * 16)
-    with pytest.raises(KernelArgumentError, match="run_elems 63 must be even"):
-        gather_k_runs(store(gen, 4, 63, dtype), src[:2], "cpu")
+    assert torch.equal(gather_store_runs(hk, src, "cpu"), hk[src])
+    assert gather_store_runs(hk, src[:0], "cpu").shape == (0, 64 * 16)
+    with pytest.raises(KernelArgumentError, match="host: run_elems 63 must be even"):
+        gather_store_runs(store(gen, 4, 63, dtype), src[:2], "cpu")
 
 
 @gpu
@@ -95,7 +95,7 @@ def test_gather_of_one_store_reads_each_run_once_and_equals_indexing(gen, dtype)
 def test_gather_of_one_store_from_pinned_memory_on_cuda(gen):
     hk = store(gen, 300, 64 * 128, torch.bfloat16, pinned=True)
     src = torch.randint(0, 300, (77,), generator=gen)
-    assert torch.equal(gather_k_runs(hk, src, "cuda").cpu(), hk[src])
+    assert torch.equal(gather_store_runs(hk, src, "cuda").cpu(), hk[src])
 
 
 @pytest.mark.parametrize("mode", ["zero_copy", "cpu"])

@@ -250,10 +250,11 @@ def test_the_load_batch_hook_hands_the_real_rids_to_the_nosa_backend():
 
 
 @pytest.mark.parametrize("offload", [True, False], ids=["offload", "gpu_only"])
-def test_admission_reads_no_v_and_an_offloaded_warm_start_only_the_runs_it_installs(gen, offload, monkeypatch):
+def test_admission_and_extends_read_only_the_v_they_use(gen, offload, monkeypatch):
     """A request entering decode: its compressed keys come from K alone (the pool's pages hold V), and
     offloaded the warm start reads from the host pages just the runs it installs (the tail and as many
-    blocks as there are slots), not the whole prompt; the decode still equals the reference."""
+    blocks as there are slots), not the whole prompt. An offloaded extend after a cached prefix reads
+    the prefix's V only where its tokens select. Every output still equals the reference."""
     from nosa_sglang.runtime.page_pool import PagePool
 
     runner = make_runner(offload=offload)
@@ -262,8 +263,8 @@ def test_admission_reads_no_v_and_an_offloaded_warm_start_only_the_runs_it_insta
     a = sched.new("a")
     sched.forward(ForwardMode.EXTEND, [(a, 20 * PAGE + 5)])  # 21 blocks, the last one partial
     reads, original = [], PagePool.read_runs
-    monkeypatch.setattr(PagePool, "read_runs", lambda pool, layer, runs, with_v=True: reads.append(
-        (layer, runs.numel(), with_v)) or original(pool, layer, runs, with_v))
+    monkeypatch.setattr(PagePool, "read_runs", lambda pool, layer, runs, with_k=True, with_v=True: reads.append(
+        (layer, runs.numel(), with_v)) or original(pool, layer, runs, with_k, with_v))
     sched.forward(ForwardMode.DECODE, [(a, 1)])  # admission, then the first step
     k_reads = [(layer, n) for layer, n, with_v in reads if not with_v]
     assert k_reads == [(layer, 21 * HKV) for layer in range(L)]  # every run of K, once per layer
@@ -271,6 +272,17 @@ def test_admission_reads_no_v_and_an_offloaded_warm_start_only_the_runs_it_insta
     assert v_runs == (L * (SMALL.topk_blocks + 1) * HKV if offload else 0)  # slots + the tail, per layer
     for _ in range(3):
         sched.forward(ForwardMode.DECODE, [(a, 1)])
+    # a radix hit on the 20 full pages, extended by 3 tokens: offloaded, the prefix's V is read only
+    # where one of them selects (K and c whole: the selection needs them)
+    reads.clear()
+    b = sched.new("b", shared_from=a, shared_pages=20)
+    sched.forward(ForwardMode.EXTEND, [(b, 3)])
+    k_runs = [n for _, n, with_v in reads if not with_v]
+    v_runs = [n for _, n, with_v in reads if with_v]
+    if offload:
+        assert k_runs == [20 * HKV] * L and len(v_runs) == L and all(0 < n < 20 * HKV for n in v_runs), reads
+    else:
+        assert not k_runs and v_runs == [20 * HKV] * L
 
 
 def test_breakable_graphs_hold_and_replay_a_logits_output(gen):
