@@ -120,7 +120,8 @@ def gather_runs(
 
 
 def gather_store_runs(host: torch.Tensor, src_ids: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """Host -> GPU, one store alone (K or V): out[i] = host[src_ids[i]], zero-copy, [n, run_elems] on `device`.
+    """Host -> GPU, one store alone (K or V): out[i] = host[src_ids[i]], zero-copy, [n, run_elems] on
+    `device`; a negative id reads nothing and its row is zeros (SKIPS_NEGATIVE_IDS).
 
     The copy kernel always moves a pair, the K and the V run of one id. Seen as half runs, run r is half
     runs 2r and 2r + 1, and those are one id (2r) of two views of the same store shifted by half a run:
@@ -131,7 +132,7 @@ def gather_store_runs(host: torch.Tensor, src_ids: torch.Tensor, device: torch.d
         raise KernelArgumentError(f"host: run_elems {elems} must be even")
     flat, half = host.view(-1), elems // 2
     first, second = flat[:-half].view(-1, half), flat[half:].view(-1, half)
-    out = torch.empty((2, n, half), dtype=host.dtype, device=device)
+    out = torch.zeros((2, n, half), dtype=host.dtype, device=device)
     gather_runs(first, second, 2 * src_ids.to(device, torch.long), out[0], out[1],
                 torch.arange(n, device=device), mode="zero_copy", validate_ids=False)
     return torch.cat((out[0], out[1]), dim=1)

@@ -180,18 +180,16 @@ class NosaAttnBackend(AttentionBackend):
         """[prefix, Hkv, d] V of the prefix with only the (block, head) runs in `sel` (the new tokens'
         selections, [n, Hkv, topk]) read from the host pages; the rest stays zero, which the sparse
         attention never reads (a token attends only its selected blocks). Saves the PCIe pass over every
-        V a cached prefix holds when a few tokens extend it."""
+        V a cached prefix holds when a few tokens extend it. No sync: the run list has a fixed size,
+        the unselected runs are skipped ids."""
         bs, hkv, d = self.nosa.block_size, self.shape.num_kv_heads, self.shape.head_dim
         nb = -(-prefix // bs)
         picked = torch.zeros((hkv, nb + 1), dtype=torch.bool, device=sel.device)
         blocks = torch.where((sel >= 0) & (sel < nb), sel, nb).long().transpose(0, 1).reshape(hkv, -1)
         picked.scatter_(1, blocks, True)
-        head, block = picked[:, :nb].nonzero(as_tuple=True)  # NOTE: a sync: the number of runs to read
-        runs = block * hkv + head
-        v = torch.zeros((nb * hkv, bs * d), dtype=self.kv_pool.dtype, device=sel.device)
-        v[runs] = self.kv_pool.pages.read_runs(layer_id - self.kv_pool.start_layer,
-                                               pages[:nb].to(sel.device, torch.long)[block] * hkv + head,
-                                               with_k=False)[1]
+        heads = torch.arange(hkv, device=sel.device)
+        runs = torch.where(picked[:, :nb].T, pages[:nb].to(sel.device, torch.long)[:, None] * hkv + heads, -1)
+        v = self.kv_pool.pages.read_runs(layer_id - self.kv_pool.start_layer, runs.flatten(), with_k=False)[1]
         return v.view(nb, hkv, bs, d).transpose(1, 2).reshape(nb * bs, hkv, d)[:prefix]
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, nosa_bias=None, **kwargs):

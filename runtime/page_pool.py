@@ -81,17 +81,22 @@ class PagePool:
     def read_runs(self, layer: int, runs: torch.Tensor, with_k: bool = True, with_v: bool = True) -> tuple[
             torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
         """(k, v [n, block_size * d], c [n, block_size] float32) of the runs `runs` [n] (run id = page * Hkv
-        + head), on `device`; k or v is None when not wanted. Host storage on CUDA: zero-copy gathers over
-        PCIe (a part not wanted is not moved)."""
+        + head; a negative id reads nothing and answers zeros), on `device`; k or v is None when not
+        wanted. Host storage on CUDA: zero-copy gathers over PCIe, of the wanted parts and live ids only,
+        with no sync (a fixed-size id list can stay on the GPU)."""
         runs = runs.to(self.device, torch.long)
-        c = self.c[layer][runs]
+        live = (runs >= 0)[:, None]
+        safe = runs.clamp(min=0)
+        c = self.c[layer][safe] * live
+        wanted = (with_k, with_v)
         if not (self.host and self.device.type == "cuda"):
-            return tuple(self.kv[i, layer, runs] if want else None for i, want in enumerate((with_k, with_v))) + (c,)
+            return tuple(self.kv[i, layer][safe.to(self.kv.device)].to(self.device) * live.to(self.device)
+                         if want else None for i, want in enumerate(wanted)) + (c,)
         if not (with_k and with_v):
             return tuple(gather_store_runs(self.kv[i, layer], runs, self.device) if want else None
-                         for i, want in enumerate((with_k, with_v))) + (c,)
+                         for i, want in enumerate(wanted)) + (c,)
         n = runs.numel()
-        staged = torch.empty((2, n, self.block_size * self.head_dim), dtype=self.dtype, device=self.device)
+        staged = torch.zeros((2, n, self.block_size * self.head_dim), dtype=self.dtype, device=self.device)
         gather_runs(self.kv[0, layer], self.kv[1, layer], runs, staged[0], staged[1],
                     torch.arange(n, device=self.device), mode="zero_copy", validate_ids=False)
         return staged[0], staged[1], c

@@ -86,6 +86,9 @@ def test_gather_of_one_store_reads_each_run_once_and_equals_indexing(gen, dtype)
     src = torch.cat((torch.randperm(39, generator=gen)[:12], torch.tensor([39, 3, 3])))
     assert torch.equal(gather_store_runs(hk, src, "cpu"), hk[src])
     assert gather_store_runs(hk, src[:0], "cpu").shape == (0, 64 * 16)
+    skipped = torch.tensor([5, -1, 39, -1])  # a negative id reads nothing: its row is zeros
+    got = gather_store_runs(hk, skipped, "cpu")
+    assert torch.equal(got[0::2], hk[[5, 39]]) and not got[1::2].any()
     with pytest.raises(KernelArgumentError, match="host: run_elems 63 must be even"):
         gather_store_runs(store(gen, 4, 63, dtype), src[:2], "cpu")
 

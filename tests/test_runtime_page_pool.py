@@ -200,3 +200,29 @@ def test_reading_a_sequence_by_pages_equals_reading_its_tokens():
             by_pages = pool.read_pages(layer, pages, T)
             assert all(torch.equal(a, b) for a, b in zip(by_pages, pool.read_tokens(layer, locs)))
             assert torch.equal(by_pages[0], ks[layer]) and torch.equal(by_pages[2], cs[layer])
+            k_only = pool.read_pages(layer, pages, T, with_v=False)
+            assert k_only[1] is None and torch.equal(k_only[0], by_pages[0]) and torch.equal(k_only[2], by_pages[2])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("with_k, with_v", [(True, True), (True, False), (False, True)])
+def test_reading_runs_skips_negative_ids_and_parts_not_wanted(with_k, with_v, device):
+    """read_runs: the parts asked for, each live run as stored, a negative id (a fixed-size list's
+    padding) as zeros. On CUDA the pool is in pinned host memory: the zero-copy gathers (K or V alone
+    through gather_store_runs)."""
+    g = torch.Generator().manual_seed(fresh_seed())
+    pool = PagePool(SHAPE.num_layers, SHAPE.num_kv_heads, SHAPE.head_dim, BS, SHAPE.dtype, num_pages=12, device=device,
+                    host=device == "cuda")
+    pool.kv.copy_(torch.randn(pool.kv.shape, generator=g).to(pool.kv.dtype))
+    pool.c.copy_(torch.randn(pool.c.shape, generator=g))
+    runs = torch.tensor([7, -1, 0, 23, -1], device=device)
+    k, v, c = pool.read_runs(1, runs, with_k=with_k, with_v=with_v)
+    live, dead = (runs >= 0).cpu(), (runs < 0).cpu()
+    for got, i, want in ((k, 0, with_k), (v, 1, with_v)):
+        if not want:
+            assert got is None
+            continue
+        got = got.cpu()
+        assert torch.equal(got[live], pool.kv[i, 1].cpu()[runs.cpu()[live]]) and not got[dead].any()
+    c = c.cpu()
+    assert torch.equal(c[live], pool.c[1].cpu()[runs.cpu()[live]]) and not c[dead].any()
