@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from nosa_sglang.kernels.block_copy import gather_store_runs, gather_runs
+from nosa_sglang.kernels.block_copy import gather_runs, gather_store_runs
 from nosa_sglang.kernels.pinned import alloc_pinned
 from nosa_sglang.kernels.token_store import store_tokens
 
