@@ -84,15 +84,20 @@ class PagePool:
         + head; a negative id reads nothing and answers zeros), on `device`; k or v is None when not
         wanted. Host storage on CUDA: zero-copy gathers over PCIe, of the wanted parts and live ids only,
         with no sync (a fixed-size id list can stay on the GPU)."""
+        return self._read_runs(layer, runs, with_k, with_v, skips=True)
+
+    def _read_runs(self, layer: int, runs: torch.Tensor, with_k: bool, with_v: bool, skips: bool):
+        """read_runs; skips=False: every id is a run (no masking pass over what was read)."""
         runs = runs.to(self.device, torch.long)
-        live = (runs >= 0)[:, None]
-        safe = runs.clamp(min=0)
-        c = self.c[layer][safe] * live
+        live = (runs >= 0)[:, None] if skips else None
+        safe = runs.clamp(min=0) if skips else runs
+        masked = (lambda x: x * live.to(x.device)) if skips else (lambda x: x)  # noqa: E731
+        c = masked(self.c[layer][safe])
         wanted = (with_k, with_v)
         if not (self.host and self.device.type == "cuda"):
-            return tuple(self.kv[i, layer][safe.to(self.kv.device)].to(self.device) * live.to(self.device)
-                         if want else None for i, want in enumerate(wanted)) + (c,)
-        if not (with_k and with_v):
+            return tuple(masked(self.kv[i, layer][safe.to(self.kv.device)].to(self.device)) if want else None
+                         for i, want in enumerate(wanted)) + (c,)
+        if not (with_k and with_v):  # NOTE: the zero-copy gathers skip negative ids and leave zeros there
             return tuple(gather_store_runs(self.kv[i, layer], runs, self.device) if want else None
                          for i, want in enumerate(wanted)) + (c,)
         n = runs.numel()
@@ -110,7 +115,7 @@ class PagePool:
         bs, hkv, d = self.block_size, self.num_kv_heads, self.head_dim
         nb = -(-n_tokens // bs)
         runs = (pages[:nb].to(self.device, torch.long)[:, None] * hkv + self._heads).flatten()
-        k, v, c = self.read_runs(layer, runs, with_v=with_v)
+        k, v, c = self._read_runs(layer, runs, True, with_v, skips=False)
         k, v = (None if x is None else x.view(nb, hkv, bs, d).transpose(1, 2).reshape(nb * bs, hkv, d)[:n_tokens]
                 for x in (k, v))
         return k, v, c.view(nb, hkv, bs).transpose(1, 2).reshape(nb * bs, hkv)[:n_tokens]

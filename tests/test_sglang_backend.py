@@ -262,9 +262,9 @@ def test_admission_and_extends_read_only_the_v_they_use(gen, offload, monkeypatc
     sched = Scheduler(backend, runner, gen)
     a = sched.new("a")
     sched.forward(ForwardMode.EXTEND, [(a, 20 * PAGE + 5)])  # 21 blocks, the last one partial
-    reads, original = [], PagePool.read_runs
-    monkeypatch.setattr(PagePool, "read_runs", lambda pool, layer, runs, with_k=True, with_v=True: reads.append(
-        (layer, int((runs >= 0).sum()), with_v)) or original(pool, layer, runs, with_k, with_v))  # runs read
+    reads, original = [], PagePool._read_runs  # every read of runs (read_runs, read_pages) goes through it
+    monkeypatch.setattr(PagePool, "_read_runs", lambda pool, layer, runs, with_k, with_v, skips: reads.append(
+        (layer, int((runs >= 0).sum()), with_v)) or original(pool, layer, runs, with_k, with_v, skips))  # runs read
     sched.forward(ForwardMode.DECODE, [(a, 1)])  # admission, then the first step
     k_reads = [(layer, n) for layer, n, with_v in reads if not with_v]
     assert k_reads == [(layer, 21 * HKV) for layer in range(L)]  # every run of K, once per layer
