@@ -157,20 +157,18 @@ class NosaAttnBackend(AttentionBackend):
         q3, k3, v3 = q.view(-1, hq, d), k.view(-1, hkv, d), v.view(-1, hkv, d)
         c = nosa_bias.float()  # NOTE: what the pool holds (the model rounded c to its dtype)
         out = torch.empty_like(q3)
-        impl = self.runtime.impl
+        impl, host = self.runtime.impl, self.kv_pool.pages.host
         start = 0
         for prefix, n, pages in self._extends:
             new = slice(start, start + n)
             kk, vv, cc = k3[new].to(self.kv_pool.dtype), v3[new].to(self.kv_pool.dtype), c[new]  # as stored
             qq = q3[new]
             if prefix:  # NOTE: only the cached or earlier part comes from the pool (PCIe when it lives on the host)
-                host = self.kv_pool.pages.host
                 pk, pv, pc = self.kv_pool.read_pages(lid, pages, prefix, with_v=not host)
                 kk, cc = torch.cat((pk, kk)), torch.cat((pc, cc))
             sel = select_blocks_prefill(qq, kk, cc, self.nosa, impl=impl, q_start=prefix)
             if prefix:  # offloaded: V only of the prefix blocks some new token selects
-                pv = self._selected_prefix_v(lid, pages, prefix, sel) if host else pv
-                vv = torch.cat((pv, vv))
+                vv = torch.cat((self._selected_prefix_v(lid, pages, prefix, sel) if host else pv, vv))
             out[new] = sparse_prefill_attention(qq, kk, vv, cc, sel, self.nosa.block_size, sm_scale=layer.scaling,
                                                 impl=impl, q_start=prefix)
             start += n
@@ -187,9 +185,9 @@ class NosaAttnBackend(AttentionBackend):
         picked = torch.zeros((hkv, nb + 1), dtype=torch.bool, device=sel.device)
         blocks = torch.where((sel >= 0) & (sel < nb), sel, nb).long().transpose(0, 1).reshape(hkv, -1)
         picked.scatter_(1, blocks, True)
-        heads = torch.arange(hkv, device=sel.device)
-        runs = torch.where(picked[:, :nb].T, pages[:nb].to(sel.device, torch.long)[:, None] * hkv + heads, -1)
-        v = self.kv_pool.pages.read_runs(layer_id - self.kv_pool.start_layer, runs.flatten(), with_k=False)[1]
+        pool = self.kv_pool.pages
+        runs = torch.where(picked[:, :nb].T, pool.runs_of(pages[:nb]), -1)
+        v = pool.read_runs(layer_id - self.kv_pool.start_layer, runs.flatten(), with_k=False)[1]
         return v.view(nb, hkv, bs, d).transpose(1, 2).reshape(nb * bs, hkv, d)[:prefix]
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, nosa_bias=None, **kwargs):

@@ -24,9 +24,10 @@ from nosa_sglang.runtime.nosa_runtime import NosaRuntime
 
 class PoolPrompt:
     """One request's tokens in the pool, read one layer at a time: `.k`, `.v`, `.c` are sequences over
-    layers (what `NosaRuntime.begin_request` takes) that read a layer's k, v and c together when one of
-    them is indexed and keep only that layer. The runtime loads a prompt layer by layer; all layers at
-    once would be L times one layer (17 GiB of K and V for an 8B model at 128K)."""
+    layers (what `NosaRuntime.begin_request` takes) that call `read(layer)` when one of them is indexed
+    and keep only that layer. The runtime loads a prompt layer by layer; all layers at once would be L
+    times one layer (17 GiB of K and V for an 8B model at 128K). With a page pool the runtime never
+    reads `.v` (its pages hold V), so `read` may answer None for it; `.v` still declares its shape."""
 
     def __init__(self, num_layers: int, read, n: int, num_kv_heads: int, head_dim: int) -> None:
         """read(layer) -> (k, v, c) of the request's n tokens in that layer."""

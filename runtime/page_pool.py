@@ -55,11 +55,15 @@ class PagePool:
         """Bytes of the K/V storage (host memory when host=True)."""
         return self.kv.numel() * self.kv.element_size()
 
+    def runs_of(self, pages: torch.Tensor) -> torch.Tensor:
+        """[n, Hkv] run of each (page, KV head): page * Hkv + head (flattened: indexed by block * Hkv + head
+        when `pages` lists a sequence's pages in order)."""
+        return pages.to(self.device, torch.long)[:, None] * self.num_kv_heads + self._heads
+
     def _runs_and_offsets(self, locs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[n, Hkv] run of each (token, head) and [n, 1] token offset in its run, in elements."""
         locs = locs.to(self.device, torch.long)
-        page = torch.div(locs, self.block_size, rounding_mode="floor")
-        return page[:, None] * self.num_kv_heads + self._heads, (locs % self.block_size)[:, None]
+        return self.runs_of(torch.div(locs, self.block_size, rounding_mode="floor")), (locs % self.block_size)[:, None]
 
     def write_tokens(self, layer: int, locs: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      c: torch.Tensor | None = None) -> None:
@@ -114,8 +118,7 @@ class PagePool:
         fewer, longer reads than `read_tokens` over the same tokens."""
         bs, hkv, d = self.block_size, self.num_kv_heads, self.head_dim
         nb = -(-n_tokens // bs)
-        runs = (pages[:nb].to(self.device, torch.long)[:, None] * hkv + self._heads).flatten()
-        k, v, c = self._read_runs(layer, runs, True, with_v, skips=False)
+        k, v, c = self._read_runs(layer, self.runs_of(pages[:nb]).flatten(), True, with_v, skips=False)
         k, v = (None if x is None else x.view(nb, hkv, bs, d).transpose(1, 2).reshape(nb * bs, hkv, d)[:n_tokens]
                 for x in (k, v))
         return k, v, c.view(nb, hkv, bs).transpose(1, 2).reshape(nb * bs, hkv)[:n_tokens]

@@ -118,10 +118,9 @@ class PromptLoader:
     def _page_runs(self, layer: int, pages: list[int]):
         """read(src) -> (k, v, c runs) of the prompt's runs src (block * Hkv + head), from the pool pages
         that hold those blocks: an offloaded warm start moves only the runs it installs over PCIe."""
-        rt = self.rt
-        H, pool = rt.shape.num_kv_heads, rt.page_pool
-        page_of = torch.tensor(pages, dtype=torch.long, device=rt.device)
-        return lambda src: pool.read_runs(layer, page_of[torch.div(src, H, rounding_mode="floor")] * H + src % H)
+        pool = self.rt.page_pool
+        runs = pool.runs_of(torch.tensor(pages, dtype=torch.long)).flatten()  # indexed by block * Hkv + head
+        return lambda src: pool.read_runs(layer, runs[src])
 
     @staticmethod
     def _stage(x: torch.Tensor, nb: int, bs: int) -> torch.Tensor:
