@@ -129,6 +129,8 @@ class NosaRuntime:
         self.page_pool = page_pool
         self.paged = page_pool is not None  # the server's pages hold every token (its allocator, its writes)
         self.pool_backed = self.paged and gpu_only  # decoding from the pages in place
+        #: the runtime allocates its requests' host blocks (offloading over its own store, not a server's pages)
+        self.allocates_blocks = not (gpu_only or self.paged)
         self._host_table = None  # [rows, max_blocks] int32: host block (offload) or pool page of each block
         if self.pool_backed:
             self.slots = PoolResidency(page_pool, max_requests)
@@ -208,14 +210,14 @@ class NosaRuntime:
     # -- admission -------------------------------------------------------------------------------------
     def can_admit(self, prompt_tokens: int, shared_prefix_blocks: int = 0) -> Admission:
         """Whether begin_request for a prompt of `prompt_tokens` would succeed now (a value, no raise)."""
-        own = self.gpu_only or self.paged  # NOTE: paged, the server's allocator admits the blocks
-        need = 0 if own else self.config.num_blocks(prompt_tokens) - shared_prefix_blocks
-        free = 0 if own else self.host.free_blocks
+        mine = self.allocates_blocks  # NOTE: paged, the server's allocator admits the blocks
+        need = self.config.num_blocks(prompt_tokens) - shared_prefix_blocks if mine else 0
+        free = self.host.free_blocks if mine else 0
         rows = self.max_requests - len(self._row_owner)
         reason, never = "", False
         if prompt_tokens + 1 > self.max_seq_len:
             reason, never = f"prompt of {prompt_tokens} tokens exceeds max_seq_len={self.max_seq_len}", True
-        elif not own and need > self.host.num_blocks:
+        elif mine and need > self.host.num_blocks:
             reason, never = str(RequestTooLarge(prompt_tokens, need, self.host.num_blocks)), True
         elif rows < 1:
             reason = f"no GPU slots: all {self.max_requests} request rows in use"
@@ -460,7 +462,7 @@ class NosaRuntime:
 
     def _check_fits(self, tokens: int, new_blocks: int) -> None:
         """RequestTooLarge when `new_blocks` exceed the whole host store: no wait could make room."""
-        if not (self.gpu_only or self.paged) and new_blocks > self.host.num_blocks:
+        if self.allocates_blocks and new_blocks > self.host.num_blocks:
             raise RequestTooLarge(tokens, new_blocks, self.host.num_blocks)
 
     def _step_complete(self) -> bool:
