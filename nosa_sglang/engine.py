@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from nosa_sglang.server_flags import (
     DECODE_GRAPHS_OFF, DEFAULT_MAX_RUNNING_REQUESTS, NosaServerFlags, check_owned_fields, check_server_args,
-    nosa_server_args,
+    field_of, nosa_server_args,
 )
 
 
@@ -22,7 +22,8 @@ def server_arg_fields(nosa: NosaServerFlags | None = None, **kwargs) -> dict:
     from nosa_sglang.plugin import register
 
     check_owned_fields(kwargs)
-    nosa = (nosa or NosaServerFlags()).under_sglang_graph_switch(any(kwargs.get(f) for _, f in DECODE_GRAPHS_OFF))
+    graphs_off = any(kwargs.get(field_of(flag)) for flag in DECODE_GRAPHS_OFF)
+    nosa = (nosa or NosaServerFlags()).under_sglang_graph_switch(graphs_off)
     nosa.export()
     register()  # here too: ServerArgs must accept attention_backend="nosa" in this process
     fields = {**nosa_server_args(nosa), "max_running_requests": DEFAULT_MAX_RUNNING_REQUESTS, "log_level": "error",

@@ -47,8 +47,7 @@ def prepare(argv: list[str]):
             raise NosaFlagError(f"{nosa_given[0].split('=', 1)[0]}: needs --enable-nosa")
         load_plugins()
         return prepare_server_args(rest), None
-    off = {flag for flag, _ in DECODE_GRAPHS_OFF}
-    flags = flags_from_args(ns).under_sglang_graph_switch(any(t.split("=", 1)[0] in off for t in rest))
+    flags = flags_from_args(ns).under_sglang_graph_switch(any(t.split("=", 1)[0] in DECODE_GRAPHS_OFF for t in rest))
     flags.export()  # before the plugins load: they register only when NOSA is on
     load_plugins()
     server_args = prepare_server_args(sglang_argv(rest, flags))

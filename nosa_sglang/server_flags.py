@@ -22,9 +22,8 @@ AUTO_ON_OFF = ("auto", "on", "off")
 CK_DTYPES = ("float32", "model")
 
 DEFAULT_MAX_RUNNING_REQUESTS = 32  # each running request holds GPU slots in every layer
-#: SGLang's switches that turn its decode graphs off (flag, ServerArgs field)
-DECODE_GRAPHS_OFF = (("--disable-cuda-graph", "disable_cuda_graph"),
-                     ("--disable-decode-cuda-graph", "disable_decode_cuda_graph"))
+#: SGLang's switches that turn its decode graphs off (their ServerArgs fields: `field_of`)
+DECODE_GRAPHS_OFF = ("--disable-cuda-graph", "--disable-decode-cuda-graph")
 
 #: SGLang flags the launcher sets itself; a user value would break NOSA (page = NOSA block, our backend)
 OWNED_SGLANG_FLAGS = {
