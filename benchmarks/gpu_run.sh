@@ -74,7 +74,7 @@ for what in "$@"; do case $what in
     PYTHONSAFEPATH=1 step serve ${SERVE_LIMIT:-560} python3 benchmarks/serve_throughput.py ${SERVE_ARGS:-} --logs $OUT/serve_logs ${SERVE_PROFILE:+--profile-dir /tmp/profiles} \
       --out $OUT/serve_throughput.md
     # SERVE_PROFILE=1: the traces stay on the GPU machine (hundreds of MiB), their summaries come back
-    [ -n "${SERVE_PROFILE:-}" ] && for d in /tmp/profiles/*/; do
-      python3 scripts/trace_summary.py "$d" --out "$OUT/trace_$(basename "$d").md" > /dev/null; done ;;
+    if [ -n "${SERVE_PROFILE:-}" ]; then for d in /tmp/profiles/*/; do
+      python3 scripts/trace_summary.py "$d" --out "$OUT/trace_$(basename "$d").md" > /dev/null; done; fi ;;
   *) echo "unknown step $what"; exit 2 ;;
 esac; done
