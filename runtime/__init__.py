@@ -33,6 +33,7 @@ _EXPORTS = {
     "NosaRuntime": "nosa_runtime",
     "MicroBatches": "micro_batches",
     "StepGraphs": "step_graphs",
+    "PaddedSteps": "padded_steps",
     "SELECTION_POLICIES": "nosa_runtime",
     "LayerStats": "stats",
     "RequestStats": "stats",

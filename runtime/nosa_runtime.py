@@ -481,7 +481,8 @@ class NosaRuntime:
             return
         here = torch.cuda.current_stream()
         for p in self._plans.values():
-            p.streams.join_into(here)
+            if p.streams is not None:  # NOTE: a PaddedSteps plan runs on the caller's one stream
+                p.streams.join_into(here)
         if self.transfer is not None:
             self.transfer.join_copy_streams()
 

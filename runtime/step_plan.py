@@ -21,7 +21,7 @@ from nosa_sglang.runtime.plan_streams import PlanStreams
 
 #: per-request int64 fields of the packed layout, in order (then token_slots and slot_base, Hkv each)
 FIELDS = ("rows", "pos", "seq_lens", "n_chunks", "offsets", "tail_blocks", "opens", "completes", "chunk_ids", "perm",
-          "inv")
+          "inv", "real")
 #: per-(request, KV head) int64 fields after them: the token's slot, local slot 0's global id, and the
 #: write-back of a tail that fills (slot, host run; -1 where the tail does not fill)
 HEAD_FIELDS = ("token_slots", "slot_base", "wb_src", "wb_dst")
@@ -43,6 +43,7 @@ class StepPlan:
     chunk_ids: torch.Tensor  # [B] long, that chunk (a valid index elsewhere, rewritten unchanged)
     perm: torch.Tensor | None  # [B] caller index of each row-order position (None: same order)
     inv: torch.Tensor | None  # caller index -> row-order index
+    real: torch.Tensor  # [B] long 1, or 0 for a padding row (PaddedSteps: counted nowhere)
     token_slots: torch.Tensor  # [B, Hkv] long, slot the new token is written to
     slot_base: torch.Tensor  # [B, Hkv, 1] long, global slot of local slot 0 of each (row, head)
     row_range: tuple[int, int] | None  # (lo, hi) when the rows are exactly lo..hi-1
@@ -75,6 +76,8 @@ def build_step_plan(
     device: torch.device,
     num_blocks: int | None = None,
     static: torch.Tensor | None = None,
+    real: int | None = None,
+    fixed: bool = False,
 ) -> StepPlan:
     """Plan the step in which request i (row rows[i], seq_lens[i] tokens so far) appends a token.
 
@@ -82,6 +85,10 @@ def build_step_plan(
     write-back). token_slot_fn(row, head, block), tail_slot_fn(row, head), slot_base_fn(row, head):
     global slot ids (host arithmetic). num_blocks: NB of the selection (default: the batch's longest).
     static: a device buffer of packed_len(B, Hkv) int64 to upload into (CUDA graphs need fixed addresses).
+    real: the first `real` requests are real, the rest padding (default: all real).
+    fixed: for a graph that serves every step of B rows (PaddedSteps): the host-side flags are constants
+    (perm and inv always applied, the chunk completion always run under its mask), so one capture fits
+    every step.
     """
     bs, ks, st = config.block_size, config.kernel_size, config.kernel_stride
     B, H = len(rows), num_kv_heads
@@ -98,6 +105,7 @@ def build_step_plan(
         "offsets": [p % bs for p in pos], "tail_blocks": [p // bs for p in pos],
         "opens": [int(p % bs == 0) for p in pos], "completes": [int(c) for c in completes],
         "chunk_ids": [max(n - 1, 0) for n in n_ch], "perm": order, "inv": inv,
+        "real": [int(i < (B if real is None else real)) for i in order],
     }
     full = [p % bs == bs - 1 and tail_host_blocks[order[j]] is not None for j, p in enumerate(pos)]
     heads = [(j, h) for j in range(B) for h in range(H)]
@@ -117,7 +125,7 @@ def build_step_plan(
     parts = dict(zip(FIELDS, dev[: B * len(FIELDS)].view(len(FIELDS), B)))
     per_head = dev[B * len(FIELDS) :].view(len(HEAD_FIELDS), B * H)
     tok, base = per_head[0].view(B, H), per_head[1].view(B, H, 1)
-    identity = order == list(range(B))
+    identity = order == list(range(B)) and not fixed
     wb_src = wb_dst = None
     if any(full):
         host_wb = host[B * len(FIELDS) + 2 * B * H :].view(2, B * H)
@@ -127,10 +135,10 @@ def build_step_plan(
         request_ids=request_ids, rows=parts["rows"], pos=parts["pos"], seq_lens=parts["seq_lens"],
         n_chunks=parts["n_chunks"], offsets=parts["offsets"], tail_blocks=parts["tail_blocks"],
         opens=parts["opens"], completes=parts["completes"], chunk_ids=parts["chunk_ids"],
-        perm=None if identity else parts["perm"], inv=None if identity else parts["inv"], token_slots=tok,
-        slot_base=base,
+        perm=None if identity else parts["perm"], inv=None if identity else parts["inv"], real=parts["real"],
+        token_slots=tok, slot_base=base,
         row_range=(r[0], r[0] + B) if r == list(range(r[0], r[0] + B)) else None,
-        any_open=any(cols["opens"]), any_complete=any(completes), wb_src=wb_src, wb_dst=wb_dst,
+        any_open=fixed or any(cols["opens"]), any_complete=fixed or any(completes), wb_src=wb_src, wb_dst=wb_dst,
         wb_padded=per_head[2:],
         num_blocks=num_blocks or max(config.num_blocks(p + 1) for p in pos),
     )

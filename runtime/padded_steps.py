@@ -1,0 +1,109 @@
+"""PaddedSteps: decode steps inside a caller's CUDA graph of a fixed, padded batch size.
+
+Why: SGLang's *full* decode graph captures the whole model forward, NOSA's attention included, once
+per padded batch size, and replays it for every step of any batch that pads to that size. Decoding
+from the pool's pages in place (`pool_backed`), no copy or read-back happens inside a step, so the
+runtime's layers can be part of that graph: the host work between layers (segment-graph launches,
+input copies, the plan lookups: ~0.2-0.5 ms a layer) goes, and a step costs one graph launch.
+
+What makes one capture fit every step of `batch` rows (`build_step_plan(fixed=True)`):
+- the plan is uploaded before each replay into one static buffer per batch size (never evicted: the
+  caller's graphs hold its address), and the layers read only it and persistent state;
+- the running requests are exactly the real rows 0..n-1 (the runtime keeps rows compact); rows n..batch-1
+  are padding: they decode position 0 of an unused row, write their token to pool page 0 (never
+  allocated: SGLang's padding page) and are counted nowhere (`StepPlan.real`);
+- the caller's order is always permuted to row order and back, and the chunk completion always runs
+  under its mask, so no host flag picks a code path.
+The capture itself runs on a plan with no real rows (`begin((), batch, ...)`), which touches only unused
+rows and page 0. After a replay, `end()` does the host bookkeeping the layers would have done.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from nosa_sglang.runtime.step_plan import StepPlan, build_step_plan, packed_len
+from nosa_sglang.runtime.types import RuntimeUsageError
+
+if TYPE_CHECKING:
+    from nosa_sglang.runtime.nosa_runtime import NosaRuntime
+
+#: the page padding rows write to and read from (SGLang's allocator never hands it out)
+PADDING_PAGE = 0
+
+
+class PaddedSteps:
+    """begin (host, before a capture or replay) -> decode per layer (captured) -> end (host, after)."""
+
+    def __init__(self, rt: "NosaRuntime") -> None:
+        if not rt.pool_backed:
+            raise ValueError("PaddedSteps: only a runtime decoding from a page pool in place (gpu_only with "
+                             "page_pool): offloading copies blocks between layers")
+        self.rt = rt
+        self._buffers: dict[int, torch.Tensor] = {}  # batch size -> static plan buffer
+        self.plan: StepPlan | None = None
+
+    def begin(self, request_ids, batch: int, token_locs: torch.Tensor) -> StepPlan:
+        """Plan a step of `request_ids` (every running request; none for a capture) padded to `batch`
+        rows. token_locs [n]: the pool location of each request's new token (caller order)."""
+        rt = self.rt
+        ids = tuple(request_ids)
+        rt._require_no_open_step("PaddedSteps.begin")
+        if set(ids) != set(rt.running_requests) or len(set(ids)) != len(ids):
+            raise RuntimeUsageError(f"PaddedSteps.begin: request_ids={ids} must be the running requests "
+                                    f"{rt.running_requests}, each once (padding rows take the unused rows)")
+        n = len(ids)
+        if not max(n, 1) <= batch <= rt.max_requests:
+            raise ValueError(f"batch={batch}: allowed range is [{max(n, 1)}, {rt.max_requests}] (the requests, "
+                             "at most max_requests rows)")
+        if tuple(token_locs.shape) != (n,):
+            raise ValueError(f"token_locs: expected [{n}] pool locations, got {list(token_locs.shape)}")
+        reqs = [rt._req(r) for r in ids]
+        for r in reqs:
+            if r.seq_len + 1 > rt.max_seq_len:
+                raise ValueError(f"request {r.request_id!r}: {r.seq_len + 1} tokens exceed max_seq_len={rt.max_seq_len}")
+        if batch not in self._buffers:
+            self._buffers[batch] = torch.zeros(packed_len(batch, rt.shape.num_kv_heads), dtype=torch.long,
+                                               device=rt.device)
+        if rt._ordered is not None:
+            torch.cuda.current_stream().wait_event(rt._ordered)
+        slot = rt.slots.slot_id
+        p = build_step_plan(ids, [r.row for r in reqs] + list(range(n, batch)),
+                            [r.seq_len for r in reqs] + [0] * (batch - n), [None] * batch,
+                            slot, None, lambda row, h: slot(row, h, 0), rt.shape.num_kv_heads, rt.config,
+                            rt.device, num_blocks=rt.max_blocks, static=self._buffers[batch], real=n, fixed=True)
+        pad = torch.full((batch - n,), PADDING_PAGE * rt.config.block_size, dtype=torch.long, device=rt.device)
+        rt._map_token_pages(p, torch.cat((token_locs.to(rt.device, torch.long), pad)))
+        for r in reqs:
+            rt.slots.set_blocks(r.row, rt.config.num_blocks(r.seq_len + 1))
+        if n:
+            rt._plans[ids] = p
+        self.plan = p
+        return p
+
+    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """One layer of the begun step, all `batch` rows in the caller's order ([batch, Hq, d] out):
+        device work only, reading the plan's static buffer (what a capture records)."""
+        rt, p = self.rt, self.plan
+        if p is None:
+            raise RuntimeUsageError(f"PaddedSteps.decode(layer={layer}): no step begun")
+        rt.in_step_graph = True
+        try:
+            o = rt._decoder.decode(layer, p, q, k, v, c)
+        finally:
+            rt.in_step_graph = False
+        p.appended.add(layer)
+        p.attended.add(layer)
+        return o
+
+    def end(self) -> None:
+        """After the step ran (eagerly or as a replay): close it. A capture's plan ends as nothing ran."""
+        p, self.plan = self.plan, None
+        if p is None or not p.request_ids:
+            return
+        L = range(self.rt.shape.num_layers)
+        p.appended.update(L)
+        p.attended.update(L)
+        self.rt.step_boundary()

@@ -1,0 +1,192 @@
+"""PaddedSteps (the runtime's half of SGLang's full decode graph) against the runtime's own decode, bit for
+bit: padded batches in another order than the rows, requests ending (rows move), a capture's plan with no
+request at all. The padding must touch nothing but unused rows and the padding page, and count nowhere;
+every step's plan must have the same host-side shape and addresses, or one capture would not fit them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernel_checks import SMALL
+from test_runtime_equivalence import fresh_seed, random_prompt
+from test_runtime_page_pool import BS, SHAPE, Server, runtimes
+
+from nosa_sglang.runtime import PaddedSteps, RuntimeUsageError
+from nosa_sglang.runtime.page_pool import PagePool
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROWS = 4
+L = SHAPE.num_layers
+
+
+def plan_shape(p) -> tuple:
+    """What a captured step depends on beyond the static buffer's contents."""
+    return (p.row_range, p.perm is not None, p.inv is not None, p.any_open, p.any_complete, p.wb_src,
+            p.num_blocks, p.rows.data_ptr(), p.token_slots.data_ptr())
+
+
+def pools_and_runtimes(g: torch.Generator, prompt_lens: list[int], device: str = "cpu", before_admission=None):
+    """Two pool-backed runtimes over two pools that hold the same prompts (the server's pages);
+    `before_admission(padded runtime)` runs first (SGLang captures its graphs at start-up)."""
+    pools = [PagePool(SHAPE.num_layers, SHAPE.num_kv_heads, SHAPE.head_dim, BS, SHAPE.dtype, num_pages=120,
+                      device=device) for _ in range(2)]
+    server = Server(pools[0], g)
+    rts = [runtimes(pool, device) for pool in pools]
+    if before_admission is not None:
+        before_admission(rts[1])
+    for i, T in enumerate(prompt_lens):
+        ks, vs, cs = random_prompt(SHAPE, T, g, device)
+        pages, locs = server.admit(f"r{i}", ks, vs, cs)
+        for layer in range(SHAPE.num_layers):
+            pools[1].write_tokens(layer, locs.to(device), ks[layer], vs[layer], cs[layer])
+        for rt in rts:
+            rt.begin_request(f"r{i}", ks, vs, cs, pages=pages)
+    return pools, server, rts
+
+
+def step_inputs(B: int, g: torch.Generator, device: str) -> list[tuple[torch.Tensor, ...]]:
+    """Per layer q, k, v, c of B rows."""
+    H, Hq, d = SHAPE.num_kv_heads, SHAPE.num_q_heads, SHAPE.head_dim
+    return [(torch.randn(B, Hq, d, generator=g).to(device), torch.randn(B, H, d, generator=g).to(device),
+             torch.randn(B, H, d, generator=g).to(device), (0.1 + 2 * torch.rand(B, H, generator=g)).to(device))
+            for _ in range(SHAPE.num_layers)]
+
+
+class CapturedSteps:
+    """Every layer of a padded step as one CUDA graph per batch size, captured as SGLang does (at start-up,
+    on a plan without requests, after two eager warm-ups); `run` copies the inputs into the graph's
+    and replays it."""
+
+    def __init__(self, steps: PaddedSteps, sizes: tuple[int, ...], g: torch.Generator) -> None:
+        from nosa_sglang.runtime.graph_capture import capture
+
+        self.steps, self.inputs, self.outputs, self.graphs, self.shapes = steps, {}, {}, {}, {}
+        for B in sizes:
+            x = self.inputs[B] = step_inputs(B, g, "cuda")
+            self.shapes[B] = plan_shape(steps.begin((), B, torch.zeros(0, dtype=torch.long, device="cuda")))
+            body = lambda x=x: [steps.decode(layer, *x[layer]) for layer in range(SHAPE.num_layers)]  # noqa: E731
+            for _ in range(2):
+                body()
+            torch.cuda.synchronize()
+            self.graphs[B] = torch.cuda.CUDAGraph()
+            with capture(self.graphs[B], None):
+                self.outputs[B] = body()
+            steps.end()
+
+    def run(self, B: int, x: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
+        for static, new in zip(self.inputs[B], x):
+            for a, b in zip(static, new):
+                a.copy_(b)
+        self.graphs[B].replay()
+        return self.outputs[B]
+
+
+def drive(device: str, graphs: bool) -> None:
+    """70 steps of 3, then 2 requests, in changing order, padded to 2-4 rows: PaddedSteps (eagerly, or
+    replayed from graphs captured before any request) against the runtime's own decode."""
+    g = torch.Generator().manual_seed(fresh_seed())
+    captured = {}
+    before = (lambda rt: captured.setdefault("g", CapturedSteps(PaddedSteps(rt), (3, 4), g))) if graphs else None
+    pools, server, (plain, padded) = pools_and_runtimes(g, [150, 161, 97], device, before)
+    steps = captured["g"].steps if graphs else PaddedSteps(padded)
+    if not graphs:
+        with pytest.raises(RuntimeUsageError, match="running requests"):  # padding would take r0..r2's rows
+            steps.begin((), ROWS, torch.zeros(0, dtype=torch.long))
+    ids = ["r0", "r1", "r2"]
+    shapes: dict[int, tuple] = dict(captured["g"].shapes) if graphs else {}
+    for step in range(70):
+        if step == 25:  # r0 ends: r2 moves into its row
+            for rt in (plain, padded):
+                rt.end_request("r0")
+            server.finish("r0")
+            ids.remove("r0")
+        batch = ids[::-1] if step % 3 == 0 else list(ids)
+        n = len(batch)
+        B = ROWS if step % 2 or graphs else n
+        locs = server.decode_locs(batch).to(device)
+        p = steps.begin(batch, B, locs)
+        assert shapes.setdefault(B, plan_shape(p)) == plan_shape(p), "a step's plan differs from the capture's"
+        x = step_inputs(B, g, device)
+        refs = [plain.decode(layer, batch, *(t[:n] for t in x[layer]), token_locs=locs) for layer in range(L)]
+        sels = [plain.last_selection(layer).clone() for layer in range(L)]
+        outs = captured["g"].run(B, x) if graphs else [steps.decode(layer, *x[layer]) for layer in range(L)]
+        for layer in range(L):
+            assert torch.equal(outs[layer][:n], refs[layer]), f"step {step} layer {layer}: outputs differ"
+            assert torch.equal(padded.last_selection(layer)[:n], sels[layer])
+        steps.end()
+        plain.step_boundary()
+        assert padded.snapshot().steps == plain.snapshot().steps
+    assert all(padded.seq_len(r) == plain.seq_len(r) for r in ids)
+    a, b = plain.snapshot(), padded.snapshot()
+    assert [(x.hits, x.misses) for x in a.layers] == [(x.hits, x.misses) for x in b.layers], "padding was counted"
+    for rid in ids:  # every token where the server put it, in both pools
+        locs = server.locs(rid, server.lens[rid]).to(device)
+        for layer in range(L):
+            assert all(torch.equal(x, y) for x, y in zip(pools[0].read_tokens(layer, locs),
+                                                        pools[1].read_tokens(layer, locs)))
+
+
+def capture_step(steps: PaddedSteps, batch: int, g: torch.Generator) -> None:
+    """What SGLang's warm-ups and capture run: every layer on a plan without requests, garbage inputs."""
+    steps.begin((), batch, torch.zeros(0, dtype=torch.long))
+    for layer, x in enumerate(step_inputs(batch, g, "cpu")):
+        assert steps.decode(layer, *x).shape == (batch, SHAPE.num_q_heads, SHAPE.head_dim)
+    steps.end()
+
+
+def test_padded_steps_equal_the_runtime_decode_bit_for_bit():
+    drive("cpu", graphs=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
+def test_padded_steps_replayed_from_cuda_graphs_equal_the_runtime_decode_bit_for_bit():
+    """The CPU twin runs the same steps eagerly; here each is a replay of a graph captured before any
+    request, through the Triton kernels."""
+    drive("cuda", graphs=True)
+
+
+def test_a_capture_plan_touches_only_unused_rows_and_the_padding_page():
+    g = torch.Generator().manual_seed(fresh_seed())
+    pool = PagePool(SHAPE.num_layers, SHAPE.num_kv_heads, SHAPE.head_dim, BS, SHAPE.dtype, num_pages=40, device="cpu")
+    rt = runtimes(pool)
+    steps = PaddedSteps(rt)
+    pool.kv.normal_(generator=g)
+    pool.c.normal_(generator=g)
+    before = pool.kv.clone(), pool.c.clone()
+    capture_step(steps, ROWS, g)
+    page = SHAPE.num_kv_heads  # runs of page 0: 0..Hkv-1
+    assert torch.equal(pool.kv[:, :, page:], before[0][:, :, page:])
+    assert torch.equal(pool.c[:, page:], before[1][:, page:])
+    assert rt.running_requests == () and rt.snapshot().steps == 0
+    assert all(x.hits == x.misses == 0 for x in rt.snapshot().layers)
+    ks, vs, cs = random_prompt(SHAPE, 70, g, "cpu")  # a request admitted after the capture decodes as usual
+    pages = list(range(5, 5 + SMALL.num_blocks(70)))
+    rt.begin_request("a", ks, vs, cs, pages=pages)
+    steps.begin(["a"], ROWS, torch.tensor([pages[70 // BS] * BS + 70 % BS]))
+    for layer, x in enumerate(step_inputs(ROWS, g, "cpu")):
+        steps.decode(layer, *x)
+    steps.end()
+    assert rt.seq_len("a") == 71 and rt.snapshot().steps == 1
+
+
+def test_padded_steps_refuse_what_one_capture_cannot_hold():
+    g = torch.Generator().manual_seed(fresh_seed())
+    pools, server, (rt, _) = pools_and_runtimes(g, [40, 50])
+    steps = PaddedSteps(rt)
+    with pytest.raises(RuntimeUsageError, match="running requests"):
+        steps.begin(["r0"], ROWS, torch.tensor([1]))  # r1 runs too: the padding would take its row
+    with pytest.raises(ValueError, match=r"batch=5: allowed range is \[2, 4\]"):
+        steps.begin(["r0", "r1"], 5, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="token_locs"):
+        steps.begin(["r0", "r1"], ROWS, torch.tensor([1]))
+    with pytest.raises(RuntimeUsageError, match="no step begun"):
+        steps.decode(0, *(torch.zeros(1) for _ in range(4)))
+    offloaded = runtimes(PagePool(SHAPE.num_layers, SHAPE.num_kv_heads, SHAPE.head_dim, BS, SHAPE.dtype,
+                                  num_pages=8, device="cpu", host=True), gpu_only=False)
+    with pytest.raises(ValueError, match="in place"):
+        PaddedSteps(offloaded)
+    steps.begin(["r1", "r0"], 3, server.decode_locs(["r1", "r0"]))
+    with pytest.raises(RuntimeUsageError, match="open"):  # the step must end before anything else begins
+        rt.begin_request("x", *random_prompt(SHAPE, 10, g, "cpu"), pages=[9])
