@@ -62,12 +62,12 @@ for what in "$@"; do case $what in
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl-sglang/*.whl 2>&1 \
       | grep -v -i warning
     PYTHONSAFEPATH=1 step sglang_e2e ${E2E_LIMIT:-500} python3 benchmarks/sglang_e2e.py ${E2E_ARGS:-} --logs $OUT/e2e_logs --out $OUT/sglang_e2e.md ;;
-  sglang-gpu-tests)  # the marked GPU tests of the page pool, the token store, the one-store gather and the backend
+  sglang-gpu-tests)  # the marked GPU tests of the page pool, padded steps, the token store, the one-store gather, the backend
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl-sglang/*.whl 2>&1 \
       | grep -v -i warning
     step sglang_gpu_tests ${TESTS_LIMIT:-300} python3 -P -m pytest -q -p no:cacheprovider -m gpu -rfE --tb=short \
-      tests/test_runtime_page_pool.py tests/test_kernel_token_store.py tests/test_sglang_backend.py \
-      tests/test_kernel_block_copy.py ;;
+      tests/test_runtime_page_pool.py tests/test_runtime_padded_steps.py tests/test_kernel_token_store.py \
+      tests/test_sglang_backend.py tests/test_kernel_block_copy.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
   serve)  # serving throughput, NOSA server vs stock SGLang on the same weights (needs .whl-sglang, as sglang-e2e)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl-sglang/*.whl 2>&1 \
       | grep -v -i warning

@@ -5,12 +5,13 @@ served by, one after the other on the same GPU:
   dense         stock `python -m sglang.launch_server`, the weights loaded as plain Llama (the eviction
                 head's tensors are ignored), triton attention, CUDA graphs on: SGLang as users run it;
   nosa          `python -m nosa_sglang.launch_server --enable-nosa --nosa-offload off`: NOSA decoding from
-                the KV pool's pages with its defaults there: the runtime replays each layer's work as
-                graphs (`--nosa-graphs on`), the model's other decode work replays as SGLang's breakable
-                CUDA graphs (`--nosa-model-graphs auto` = on without offloading);
+                the KV pool's pages with its defaults there: each decode step, NOSA's layers included, is
+                one of SGLang's full CUDA graphs (`--nosa-model-graphs auto` = full without offloading);
+  nosa_breakable        the same with SGLang's breakable graphs, broken at the NOSA attention, where the
+                runtime replays each layer's work as graphs of its own (`--nosa-model-graphs breakable`);
   nosa_eager_model      the same with the model's other decode work eager (`--nosa-model-graphs off`);
-  nosa_offload          the host tier (`--nosa-offload on`, model graphs off by default);
-  nosa_offload_graphs   the host tier with the model graphs on.
+  nosa_offload          the host tier (`--nosa-offload on`; breakable model graphs by default);
+  nosa_offload_eager_model   the host tier with the model's other decode work eager.
 For each prompt length, N concurrent requests of random token ids (no shared prefix) are sent several
 times: with one output token (prefill; it also fills the radix cache), with 4 (warm-up: kernel compiles
 and graph captures for this batch), then timed with 2 and with `--output-tokens` tokens (greedy,
@@ -60,8 +61,10 @@ SHAPES = {
 }
 #: config -> the NOSA launcher's flags (dense: stock SGLang); "nosa" and "nosa_offload" are the defaults
 CONFIGS = {"dense": None, "nosa": ["--nosa-offload", "off"],
+           "nosa_breakable": ["--nosa-offload", "off", "--nosa-model-graphs", "breakable"],
            "nosa_eager_model": ["--nosa-offload", "off", "--nosa-model-graphs", "off"],
-           "nosa_offload": ["--nosa-offload", "on"], "nosa_offload_graphs": ["--nosa-offload", "on", "--nosa-model-graphs", "on"]}
+           "nosa_offload": ["--nosa-offload", "on"],
+           "nosa_offload_eager_model": ["--nosa-offload", "on", "--nosa-model-graphs", "off"]}
 
 
 def request_tokens(P: int, args) -> int:

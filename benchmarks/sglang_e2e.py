@@ -85,9 +85,11 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 #: config name -> (offloaded, NOSA flags beside --nosa-offload); gpu_only is the base every other is held to.
-#: By default the model graphs are on without offloading and off with it (--nosa-model-graphs auto).
+#: By default SGLang's decode graphs are full ones without offloading and breakable with it
+#: (--nosa-model-graphs auto); the other kinds are configurations of their own.
 CONFIGS = {"offload": (True, []), "gpu_only": (False, []), "eager_model": (False, ["--nosa-model-graphs", "off"]),
-           "offload_graphs": (True, ["--nosa-model-graphs", "on"])}
+           "gpu_only_breakable": (False, ["--nosa-model-graphs", "breakable"]),
+           "offload_eager_model": (True, ["--nosa-model-graphs", "off"])}
 
 
 def run_config(args, ckpt: Path, prompts: list[list[int]], name: str, workdir: Path) -> dict:

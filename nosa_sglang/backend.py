@@ -31,6 +31,7 @@ from nosa_sglang.kv_pool import NosaKVPool
 from nosa_sglang.request_sync import RuntimeRequests
 from nosa_sglang.runtime.knobs import OffloadKnobs
 from nosa_sglang.runtime.nosa_runtime import NosaRuntime
+from nosa_sglang.runtime.padded_steps import PaddedSteps
 from nosa_sglang.runtime.types import ModelShape
 from nosa_sglang.server_flags import NosaFlagError, NosaServerFlags
 
@@ -82,6 +83,8 @@ class NosaAttnBackend(AttentionBackend):
         self.pending_rids: list[str] | None = None  # a graph replay's rids (model_graphs.stash_decode_rids)
         # NOTE: a graph break under SGLang's breakable decode graphs; a plain call otherwise
         self.decode_break = eager_on_graph(True)(self._decode_rows)
+        #: SGLang's full decode graphs (--nosa-model-graphs full): the runtime's layers inside them
+        self.padded = PaddedSteps(self.runtime) if flags.model_graphs == "full" else None
         kv = self.kv_pool.pages
         logger.info("NOSA backend: %s, offload %s, %d request rows, KV pool %.2f GiB in %s memory, NOSA GPU state "
                     "%.2f GiB", self.shape, "on" if flags.offload else "off", max_requests,
@@ -114,6 +117,8 @@ class NosaAttnBackend(AttentionBackend):
     def init_forward_metadata(self, forward_batch) -> None:
         mode = forward_batch.forward_mode
         self._capturing = False
+        if self.padded is not None:
+            self.padded.plan = None  # NOTE: an eager forward; a capture's plan is no step (nothing to close)
         if mode.is_decode():
             self._sync_decode(list(forward_batch.rids), forward_batch)
         elif mode.is_extend() and not mode.is_idle():
@@ -195,6 +200,11 @@ class NosaAttnBackend(AttentionBackend):
             raise RuntimeError(f"layer {layer.layer_id}: decode needs the model's eviction bias (nosa_bias) and "
                                "the KV write")
         self._layers[layer.layer_id] = layer
+        if self.padded is not None and self.padded.plan is not None:  # inside SGLang's full decode graph
+            hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
+            o = self.padded.decode(layer.layer_id, q.view(-1, hq, d), k.view(-1, hkv, d), v.view(-1, hkv, d),
+                                   nosa_bias.float())
+            return o.reshape(-1, hq * d)
         return self.decode_break(q, k, v, nosa_bias, layer.layer_id)
 
     def _decode_rows(self, q, k, v, c, layer_id: int):
@@ -219,7 +229,7 @@ class NosaAttnBackend(AttentionBackend):
         out[:B] = o
         return out
 
-    # -- SGLang's breakable decode graphs (--nosa-model-graphs on; model_graphs.py) ---------------------------
+    # -- SGLang's decode graphs (--nosa-model-graphs full | breakable; model_graphs.py) -----------------------
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
         """Nothing to preallocate: the runtime's state is sized at start-up."""
 
@@ -227,16 +237,30 @@ class NosaAttnBackend(AttentionBackend):
         return 1
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False) -> None:
-        """Before a capture (a dummy batch: decode answers zeros) or a replay (the padded batch view: sync
-        the runtime to the real rows, whose rids the runner's load_batch hook stashed)."""
-        self._capturing = in_capture
+        """Before a capture or a replay, on the padded batch view. Breakable graphs: a capture's dummy batch
+        decodes zeros; a replay syncs the runtime to the real rows, whose rids the runner's load_batch hook
+        stashed. Full graphs: the same sync, then the step's plan for the padded size is uploaded where
+        the captured layers read it (a capture's plan has no request: it touches no runtime state)."""
+        self._capturing = in_capture and self.padded is None
+        batch = forward_batch.req_pool_indices.shape[0]
         if in_capture:
+            if self.padded is not None:
+                self.padded.begin((), batch, forward_batch.out_cache_loc[:0])
             return
         rids, self.pending_rids = self.pending_rids, None
         if rids is None:
             raise RuntimeError("a decode graph replay without the batch's request ids: the NOSA plugin's hook on "
-                               "DecodeCudaGraphRunner.load_batch did not run (start with --nosa-model-graphs on)")
+                               "DecodeCudaGraphRunner.load_batch did not run (start through nosa_sglang.launch_server)")
         self._sync_decode(rids, forward_batch)
+        if self.padded is not None:
+            self.padded.begin(self._decode_ids, batch, self._token_locs)
+
+    def end_graph_step(self) -> None:
+        """After a full decode graph's replay (`model_graphs.end_full_graph_step`): the step's host side."""
+        if self.padded is not None and self.padded.plan is not None:
+            self.padded.end()
+            if self.metrics is not None:
+                self.metrics.update(self.runtime)
 
 
 def create_nosa_backend(model_runner) -> NosaAttnBackend:

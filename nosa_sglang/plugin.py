@@ -42,12 +42,15 @@ def register() -> bool:
         ModelRegistry.models[cls.__name__] = cls
     HookRegistry.register(BUILD_MHA_POOL, build_mha_pool, HookType.AROUND)
     HookRegistry.register(KV_BUDGET, host_kv_budget, HookType.AROUND)
-    if flags.model_graphs:
+    if flags.model_graphs != "off":
         from nosa_sglang import model_graphs as mg
 
         HookRegistry.register(mg.LOAD_BATCH, mg.stash_decode_rids, HookType.AROUND)
-        HookRegistry.register(mg.CAPTURE_ONE, mg.capture_logits_as_tuple, HookType.AROUND)
-        HookRegistry.register(mg.REPLAY, mg.replay_logits_output, HookType.AROUND)
+        if flags.model_graphs == "full":
+            HookRegistry.register(mg.EXECUTE, mg.end_full_graph_step, HookType.AFTER)
+        else:
+            HookRegistry.register(mg.CAPTURE_ONE, mg.capture_logits_as_tuple, HookType.AROUND)
+            HookRegistry.register(mg.REPLAY, mg.replay_logits_output, HookType.AROUND)
     scheduler = "sglang.srt.managers.scheduler.Scheduler"
     HookRegistry.register(f"{scheduler}.on_idle", on_scheduler_idle, HookType.AFTER)
     HookRegistry.register(f"{scheduler}.get_internal_state", add_internal_state, HookType.AFTER)

@@ -18,7 +18,9 @@ from nosa_sglang.runtime.knobs import MAX_GPU_SLOTS, TRANSFER_MODES, VICTIM_POLI
 ENV_VAR = "NOSA_SGLANG_FLAGS"
 TOKEN_ENV_VAR = "NOSA_GRPC_TOKEN"  # the token on a command line would show in `ps`
 ON_OFF = ("on", "off")
-AUTO_ON_OFF = ("auto", "on", "off")
+#: how SGLang's decode graphs hold NOSA (`--nosa-model-graphs`; `on` is kept as a name of `breakable`)
+MODEL_GRAPHS = ("full", "breakable", "off")
+MODEL_GRAPHS_CHOICES = ("auto", *MODEL_GRAPHS, "on")
 CK_DTYPES = ("float32", "model")
 
 DEFAULT_MAX_RUNNING_REQUESTS = 32  # each running request holds GPU slots in every layer
@@ -50,11 +52,10 @@ UNSUPPORTED = (
 
 
 def nosa_server_args(flags: "NosaServerFlags") -> dict:
-    """SGLang settings NOSA sets itself (ServerArgs field -> value). A whole-step CUDA graph cannot hold
-    the runtime's host-side plan (selection diff, slot assignment), so SGLang's decode graphs are its
-    *breakable* ones, which break at the NOSA attention (`model_graphs.py`), or off; prefill graphs are off."""
+    """SGLang settings NOSA sets itself (ServerArgs field -> value): its decode graphs as
+    `--nosa-model-graphs` says (`model_graphs.py`); prefill graphs are off."""
     return {"attention_backend": "nosa", "page_size": 64,
-            "cuda_graph_backend_decode": "breakable" if flags.model_graphs else "disabled",
+            "cuda_graph_backend_decode": "disabled" if flags.model_graphs == "off" else flags.model_graphs,
             "cuda_graph_backend_prefill": "disabled"}
 
 
@@ -81,10 +82,11 @@ class NosaServerFlags:
             state, at the price of rare near-tie flips in the selection.
         graphs: replay each decode layer's runtime work as CUDA graphs (segments captured once per batch
             shape; CUDA only): an eager layer is dozens of small launches. Results are the same.
-        model_graphs: the rest of each decode step (norms, projections, MLP) as SGLang's breakable CUDA
-            graphs, broken at the NOSA attention (`model_graphs.py`). None (auto): on when not offloading
-            (run on the GPU: the same tokens, half the decode step), off when offloading (its transfers
-            inside a graph break have not run on a GPU yet).
+        model_graphs: how SGLang's decode CUDA graphs hold a step (`model_graphs.py`): "full", the whole
+            step with NOSA's layers inside as one graph (decoding from the pool's pages: not offloaded);
+            "breakable", the model's norms, projections and MLP as graphs broken at the NOSA attention,
+            which runs eagerly between them (its copies and host plan stay outside); "off". None (auto):
+            full when not offloading, breakable when offloading ("on" is read as breakable).
     """
 
     offload: bool = True
@@ -99,11 +101,18 @@ class NosaServerFlags:
     grpc_token: str | None = None
     ck_dtype: str = "float32"
     graphs: bool = True
-    model_graphs: bool | None = None
+    model_graphs: str | None = None
 
     def __post_init__(self) -> None:
-        if self.model_graphs is None:
-            object.__setattr__(self, "model_graphs", not self.offload)
+        graphs = {"auto": None, "on": "breakable"}.get(self.model_graphs, self.model_graphs)
+        if graphs is None:
+            graphs = "breakable" if self.offload else "full"
+        if graphs not in MODEL_GRAPHS:
+            raise NosaFlagError(f"--nosa-model-graphs={self.model_graphs!r}: allowed values are {list(MODEL_GRAPHS_CHOICES)}")
+        if graphs == "full" and self.offload:
+            raise NosaFlagError("--nosa-model-graphs=full: needs --nosa-offload off (offloaded, blocks are copied "
+                                "between layers, outside any graph); allowed with offloading: breakable, off")
+        object.__setattr__(self, "model_graphs", graphs)
         for name in ("slots", "max_slots"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_GPU_SLOTS):
@@ -126,7 +135,7 @@ class NosaServerFlags:
     def under_sglang_graph_switch(self, decode_graphs_off: bool) -> "NosaServerFlags":
         """SGLang's own off-switch (`--disable-cuda-graph`, `--disable-decode-cuda-graph`) also turns the
         model graphs off: NOSA passes `--cuda-graph-backend-decode`, which would otherwise win over it."""
-        return dataclasses.replace(self, model_graphs=False) if decode_graphs_off and self.model_graphs else self
+        return dataclasses.replace(self, model_graphs="off") if decode_graphs_off else self
 
     def to_env(self) -> str:
         """JSON for ENV_VAR; the token is left out (it travels in TOKEN_ENV_VAR)."""
@@ -165,9 +174,10 @@ def add_nosa_args(parser: argparse.ArgumentParser) -> None:
                    help="compressed keys on the GPU: float32 (exact selection) or the model dtype (half the memory)")
     g.add_argument("--nosa-graphs", choices=ON_OFF, default="on",
                    help="replay each decode layer's runtime work as CUDA graphs (default on; CUDA only)")
-    g.add_argument("--nosa-model-graphs", choices=AUTO_ON_OFF, default="auto",
-                   help="the model's other decode work as SGLang's breakable CUDA graphs (default auto: on when "
-                        "--nosa-offload off)")
+    g.add_argument("--nosa-model-graphs", choices=MODEL_GRAPHS_CHOICES, default="auto",
+                   help="SGLang's decode CUDA graphs: full (the whole step, NOSA inside; needs --nosa-offload off), "
+                        "breakable (graphs broken at the NOSA attention; 'on' is the same), off (default auto: full "
+                        "without offloading, breakable with it)")
     g.add_argument("--nosa-grpc-port", type=int, help="serve the NOSA control API (gRPC) on this port")
     g.add_argument("--nosa-grpc-host", default="127.0.0.1", help="address of the control API (default loopback)")
     g.add_argument("--nosa-grpc-token", help=f"bearer token of the control API (or env {TOKEN_ENV_VAR})")
@@ -180,7 +190,7 @@ def flags_from_args(ns: argparse.Namespace) -> NosaServerFlags:
         prefetch=ns.nosa_prefetch == "on", victim_policy=ns.nosa_victim_policy, grpc_port=ns.nosa_grpc_port,
         grpc_host=ns.nosa_grpc_host, grpc_token=ns.nosa_grpc_token or os.environ.get(TOKEN_ENV_VAR) or None,
         ck_dtype=ns.nosa_ck_dtype, graphs=ns.nosa_graphs == "on",
-        model_graphs=None if ns.nosa_model_graphs == "auto" else ns.nosa_model_graphs == "on",
+        model_graphs=ns.nosa_model_graphs,
     )
 
 

@@ -108,9 +108,9 @@ class Scheduler:
 
     def forward(self, mode: ForwardMode, batch: list[tuple[Seq, int]], pad: int = 0) -> None:
         """One forward of `batch` [(seq, new tokens)], every layer checked against the reference.
-        `pad` (decode): as a replay of SGLang's breakable decode graphs does it: the rids handed over by
-        the runner hook, a metadata view padded with `pad` dummy rows, inputs with `pad` garbage rows,
-        whose outputs must be zeros."""
+        `pad` (decode): as a replay of SGLang's decode graphs does it: the rids handed over by the runner
+        hook, a metadata view padded with `pad` dummy rows, inputs with `pad` garbage rows (breakable
+        graphs: their outputs must be zeros; full graphs: the runner's execute hook closes the step)."""
         locs = torch.cat([self._locs(s, n) for s, n in batch])
         dev = self.device
         fb = SimpleNamespace(
@@ -135,7 +135,7 @@ class Scheduler:
             fwd = self.backend.forward_decode if mode.is_decode() else self.backend.forward_extend
             out = fwd(*(x.to(dev) for x in (q.reshape(-1, HQ * D), k, v)), layer, fb, nosa_bias=c.to(dev))
             out = out.view(total + pad, HQ, D).cpu()
-            assert not out[total:].any(), "padded rows must answer zeros"
+            assert self.backend.padded is not None or not out[total:].any(), "padded rows must answer zeros"
             out = out[:total]
             self.outputs.append(out)
             start = 0
@@ -146,6 +146,8 @@ class Scheduler:
                     ref = self._reference(s, i, q[start : start + n], n)
                     torch.testing.assert_close(out[start : start + n], ref, rtol=1e-4, atol=1e-5)
                 start += n
+        if pad:
+            self.backend.end_graph_step()
 
     @staticmethod
     def _reference(s: Seq, layer: int, q: torch.Tensor, n: int) -> torch.Tensor:
@@ -215,7 +217,8 @@ def test_breakable_graph_capture_touches_nothing_and_padded_replays_equal_the_re
     as it was and answers zeros; replays see padded views and padded inputs, decode the real rows
     exactly, answer zeros in the padded ones, and need the rids the runner hook hands over."""
     runner = make_runner(offload=offload)
-    backend = NosaAttnBackend(runner, NosaServerFlags(offload=offload, slots=SMALL.topk_blocks, max_slots=12))
+    backend = NosaAttnBackend(runner, NosaServerFlags(offload=offload, slots=SMALL.topk_blocks, max_slots=12,
+                                                      model_graphs="breakable"))
     sched = Scheduler(backend, runner, gen)
     a, b = sched.new("a"), sched.new("b")
     sched.forward(ForwardMode.EXTEND, [(a, 150), (b, 90)])
@@ -234,6 +237,70 @@ def test_breakable_graph_capture_touches_nothing_and_padded_replays_equal_the_re
     assert backend.runtime.running_requests == ("b",)
     with pytest.raises(RuntimeError, match="without the batch's request ids"):
         backend.init_forward_metadata_out_graph(dummy)
+
+
+def test_full_graph_capture_touches_nothing_and_every_replay_fits_the_capture(gen):
+    """SGLang's full decode graphs (--nosa-model-graphs full): the capture (two warm-ups and the capture
+    itself on a dummy batch) leaves the runtime as it was; replays of padded batches decode the real rows
+    exactly, and each replay's plan has the host-side shape and the addresses of its batch size's
+    capture (CPU has no graphs: this is what makes one capture fit every step)."""
+    from test_runtime_padded_steps import plan_shape
+
+    runner = make_runner(offload=False)
+    backend = NosaAttnBackend(runner, NosaServerFlags(offload=False, model_graphs="full"))
+    rt, shapes = backend.runtime, {}
+    for batch in (2, 4):
+        dummy = SimpleNamespace(forward_mode=ForwardMode.DECODE, req_pool_indices=torch.zeros(batch, dtype=torch.long),
+                                seq_lens_cpu=torch.ones(batch, dtype=torch.long),
+                                out_cache_loc=torch.zeros(batch, dtype=torch.long))
+        backend.init_forward_metadata_out_graph(dummy, in_capture=True)
+        shapes[batch] = plan_shape(backend.padded.plan)
+        sched = Scheduler(backend, runner, gen)
+        for _ in range(3):
+            for layer in sched.layers:
+                out = backend.forward_decode(torch.randn(batch, HQ * D, generator=gen),
+                                             torch.randn(batch, HKV, D, generator=gen),
+                                             torch.randn(batch, HKV, D, generator=gen), layer, dummy,
+                                             nosa_bias=torch.randn(batch, HKV, generator=gen))
+                assert out.shape == (batch, HQ * D)
+    assert rt.running_requests == () and rt.snapshot().steps == 0
+    a, b = sched.new("a"), sched.new("b")
+    sched.forward(ForwardMode.EXTEND, [(a, 150), (b, 90)])  # an eager forward drops the capture's plan
+    assert backend.padded.plan is None
+    for step in range(12):
+        sched.forward(ForwardMode.DECODE, [(a, 1), (b, 1)] if step % 3 else [(b, 1), (a, 1)], pad=2 * (step % 2))
+    sched.forward(ForwardMode.DECODE, [(b, 1)], pad=1)  # a finished: b moves to row 0, padded to 2
+    assert rt.running_requests == ("b",) and rt.snapshot().steps == 13 and rt.seq_len("b") == 103
+    sched.forward(ForwardMode.DECODE, [(b, 1)])  # a batch larger than any graph: eager, as before
+    assert rt.seq_len("b") == 104
+    seen = []
+    real_begin = backend.padded.begin
+    backend.padded.begin = lambda ids, batch, locs: seen.append(plan_shape(real_begin(ids, batch, locs)) == shapes[batch])
+    sched.forward(ForwardMode.DECODE, [(b, 1)], pad=3)
+    assert seen == [True]
+
+
+def test_model_graph_flags_pick_sglangs_graph_backend_and_the_hooks():
+    from nosa_sglang.server_flags import nosa_server_args
+
+    assert NosaServerFlags(offload=False).model_graphs == "full"
+    assert NosaServerFlags().model_graphs == "breakable" == NosaServerFlags(model_graphs="on").model_graphs
+    assert nosa_server_args(NosaServerFlags(offload=False))["cuda_graph_backend_decode"] == "full"
+    assert nosa_server_args(NosaServerFlags(model_graphs="off"))["cuda_graph_backend_decode"] == "disabled"
+    with pytest.raises(NosaFlagError, match="--nosa-model-graphs=full: needs --nosa-offload off"):
+        NosaServerFlags(model_graphs="full")
+    with pytest.raises(NosaFlagError, match=r"--nosa-model-graphs='yes': allowed values are \['auto', 'full'"):
+        NosaServerFlags(model_graphs="yes")
+
+
+def test_the_execute_hook_closes_a_full_graph_step_and_passes_anything_else_through():
+    from nosa_sglang.model_graphs import end_full_graph_step
+
+    closed = []
+    backend = NosaAttnBackend(make_runner(offload=False), NosaServerFlags(offload=False))
+    backend.end_graph_step = lambda: closed.append(True)
+    assert end_full_graph_step("out", SimpleNamespace(attn_backend=backend)) == "out" and closed == [True]
+    assert end_full_graph_step("out", SimpleNamespace(attn_backend=object())) == "out" and closed == [True]
 
 
 def test_the_load_batch_hook_hands_the_real_rids_to_the_nosa_backend():

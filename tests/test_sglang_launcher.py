@@ -76,21 +76,22 @@ def test_launcher_sets_backend_page_graphs_and_a_bounded_batch():
     argv = sglang_argv(["--model-path", "m"], NosaServerFlags())
     assert argv[argv.index("--attention-backend") + 1] == "nosa" and argv[argv.index("--page-size") + 1] == "64"
     assert argv[argv.index("--max-running-requests") + 1] == str(DEFAULT_MAX_RUNNING_REQUESTS)
-    assert argv[argv.index("--cuda-graph-backend-decode") + 1] == "disabled"  # offloading: model graphs off
     assert sglang_argv(["--max-running-requests=4"], NosaServerFlags()).count("--max-running-requests") == 0
-    for flags in (NosaServerFlags(model_graphs=True), NosaServerFlags(offload=False)):  # on, and auto without offloading
-        breakable = sglang_argv(["--model-path", "m"], flags)
-        assert breakable[breakable.index("--cuda-graph-backend-decode") + 1] == "breakable"
-        assert breakable[breakable.index("--cuda-graph-backend-prefill") + 1] == "disabled"
+    for flags, want in ((NosaServerFlags(), "breakable"), (NosaServerFlags(offload=False), "full"),
+                        (NosaServerFlags(model_graphs="off"), "disabled")):
+        argv = sglang_argv(["--model-path", "m"], flags)
+        assert argv[argv.index("--cuda-graph-backend-decode") + 1] == want
+        assert argv[argv.index("--cuda-graph-backend-prefill") + 1] == "disabled"
 
 
-@pytest.mark.parametrize("argv, want", [([], False), (["--nosa-offload", "off"], True),
-                                        (["--nosa-offload", "off", "--nosa-model-graphs", "off"], False),
-                                        (["--nosa-model-graphs", "on"], True)])
-def test_model_graphs_are_on_by_default_only_without_offloading(argv, want):
+@pytest.mark.parametrize("argv, want", [([], "breakable"), (["--nosa-offload", "off"], "full"),
+                                        (["--nosa-offload", "off", "--nosa-model-graphs", "off"], "off"),
+                                        (["--nosa-offload", "off", "--nosa-model-graphs", "on"], "breakable"),
+                                        (["--nosa-model-graphs", "off"], "off")])
+def test_model_graphs_default_to_full_without_offloading_and_breakable_with_it(argv, want):
     flags = flags_from_args(split_args(["--enable-nosa", *argv])[0])
-    assert flags.model_graphs is want
-    assert NosaServerFlags.from_env({ENV_VAR: flags.to_env()}).model_graphs is want  # resolved once, travels so
+    assert flags.model_graphs == want
+    assert NosaServerFlags.from_env({ENV_VAR: flags.to_env()}).model_graphs == want  # resolved once, travels so
 
 
 @pytest.mark.parametrize("field, allowed, flag, why", UNSUPPORTED)
@@ -121,11 +122,11 @@ def test_launcher_prepares_sglang_args_in_a_fresh_process(tmp_path):
     )
     r = run_python(code)
     line = [x for x in r.stdout.splitlines() if x.startswith("RESULT")]
-    assert line == [f"RESULT nosa 64 disabled {DEFAULT_MAX_RUNNING_REQUESTS} 0 True SparseLlamaForCausalLM"], r.stderr[-3000:]
-    # without offloading the model graphs are on, unless SGLang's own off-switch is given
-    graphs = [x.split(" ", 1)[1] for x in r.stdout.splitlines() if x.startswith("GRAPHS")]
-    assert [g.split("] ")[1].split()[0] for g in graphs] == ["True", "False", "False"], r.stdout
-    assert "reakable" in graphs[0].split("] ")[1] and all("reakable" not in g.split("] ")[1] for g in graphs[1:]), graphs
+    assert line == [f"RESULT nosa 64 breakable {DEFAULT_MAX_RUNNING_REQUESTS} 0 True SparseLlamaForCausalLM"], r.stderr[-3000:]
+    # without offloading the model graphs are full ones, unless SGLang's own off-switch is given
+    graphs = [x.split("] ", 1)[1].split() for x in r.stdout.splitlines() if x.startswith("GRAPHS")]
+    assert [g[0] for g in graphs] == ["full", "off", "off"], r.stdout
+    assert "full" in graphs[0][1].lower() and all("full" not in g[1].lower() for g in graphs[1:]), graphs
 
 
 def test_launcher_exits_2_with_one_line_naming_the_flag():
@@ -160,12 +161,14 @@ def test_plugin_is_inactive_unless_nosa_is_enabled():
 def test_plugin_registers_through_the_entry_point_when_enabled():
     probe = PLUGIN_PROBE + ("from nosa_sglang import model_graphs as mg\n"
                             "print('GRAPH_HOOKS', [t in HookRegistry._hooks for t in (mg.LOAD_BATCH, mg.CAPTURE_ONE, "
-                            "mg.REPLAY)])\n")
-    r = run_python(probe, env={ENV_VAR: NosaServerFlags().to_env()})
+                            "mg.REPLAY, mg.EXECUTE)])\n")
+    r = run_python(probe, env={ENV_VAR: NosaServerFlags(model_graphs="off").to_env()})
     assert "RESULT True True nosa_sglang.models.nosa_llama True sglang.srt.models.llama" in r.stdout, r.stderr[-3000:]
-    assert "GRAPH_HOOKS [False, False, False]" in r.stdout  # only with --nosa-model-graphs on
-    r = run_python(probe, env={ENV_VAR: NosaServerFlags(model_graphs=True).to_env()})
-    assert "GRAPH_HOOKS [True, True, True]" in r.stdout, r.stderr[-3000:]
+    assert "GRAPH_HOOKS [False, False, False, False]" in r.stdout
+    r = run_python(probe, env={ENV_VAR: NosaServerFlags().to_env()})  # offloading: breakable graphs
+    assert "GRAPH_HOOKS [True, True, True, False]" in r.stdout, r.stderr[-3000:]
+    r = run_python(probe, env={ENV_VAR: NosaServerFlags(offload=False).to_env()})  # full graphs
+    assert "GRAPH_HOOKS [True, False, False, True]" in r.stdout, r.stderr[-3000:]
 
 
 def test_the_pool_hook_builds_a_nosa_pool_with_sglangs_sizes():
@@ -234,7 +237,7 @@ def test_engine_server_args_set_what_nosa_owns_and_refuse_the_rest(tmp_path):
         "    print('ERROR', e)\n"
     )
     r = run_python(code)
-    assert f"RESULT nosa 64 breakable {DEFAULT_MAX_RUNNING_REQUESTS} disabled" in r.stdout, r.stderr[-3000:]
+    assert f"RESULT nosa 64 full {DEFAULT_MAX_RUNNING_REQUESTS} disabled" in r.stdout, r.stderr[-3000:]
     assert "ERROR --enable-mixed-chunk=True: not supported with --enable-nosa" in r.stdout, r.stderr[-3000:]
 
 
