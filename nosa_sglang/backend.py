@@ -122,9 +122,9 @@ class NosaAttnBackend(AttentionBackend):
         if mode.is_decode():
             self._sync_decode(list(forward_batch.rids), forward_batch)
         elif mode.is_extend() and not mode.is_idle():
-            # NOTE: each request's prefix pages once per forward, not once per layer
+            # NOTE: each extended sequence's pages once per forward, not once per layer
             rows = forward_batch.req_pool_indices.tolist()
-            self._extends = [(prefix, n, self.kv_pool.sequence_pages(self.req_to_token[row, :prefix]) if prefix else None)
+            self._extends = [(prefix, n, self.kv_pool.sequence_pages(self.req_to_token[row, :prefix + n]) if prefix else None)
                              for row, prefix, n in zip(rows, forward_batch.extend_prefix_lens_cpu,
                                                        forward_batch.extend_seq_lens_cpu)]
 
@@ -149,12 +149,13 @@ class NosaAttnBackend(AttentionBackend):
 
     # -- forward -----------------------------------------------------------------------------------------
     def _store(self, layer, forward_batch, k, v, c, save_kv_cache: bool) -> None:
-        if c is None:
-            raise RuntimeError(f"layer {layer.layer_id}: the NOSA backend needs the model's eviction bias "
-                               "(nosa_bias); serve a NosaLlamaForCausalLM / SparseLlamaForCausalLM checkpoint")
-        if save_kv_cache:
-            hkv, d = layer.tp_k_head_num, layer.head_dim
-            self.kv_pool.store(layer.layer_id, forward_batch.out_cache_loc, k.view(-1, hkv, d), v.view(-1, hkv, d), c)
+        """Every new token into the pool with its bias: the extend then reads whole sequences there."""
+        if c is None or not save_kv_cache:
+            raise RuntimeError(f"layer {layer.layer_id}: the NOSA backend stores each new token with the model's "
+                               "eviction bias (nosa_bias, save_kv_cache); serve a NosaLlamaForCausalLM / "
+                               "SparseLlamaForCausalLM checkpoint")
+        hkv, d = layer.tp_k_head_num, layer.head_dim
+        self.kv_pool.store(layer.layer_id, forward_batch.out_cache_loc, k.view(-1, hkv, d), v.view(-1, hkv, d), c)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, nosa_bias=None, **kwargs):
         self._store(layer, forward_batch, k, v, nosa_bias, save_kv_cache)
@@ -166,34 +167,35 @@ class NosaAttnBackend(AttentionBackend):
         start = 0
         for prefix, n, pages in self._extends:
             new = slice(start, start + n)
-            kk, vv, cc = k3[new].to(self.kv_pool.dtype), v3[new].to(self.kv_pool.dtype), c[new]  # as stored
             qq = q3[new]
-            if prefix:  # NOTE: only the cached or earlier part comes from the pool (PCIe when it lives on the host)
-                pk, pv, pc = self.kv_pool.read_pages(lid, pages, prefix, with_v=not host)
-                kk, cc = torch.cat((pk, kk)), torch.cat((pc, cc))
+            if prefix:  # NOTE: the whole sequence from the pool, which holds the new tokens since _store (PCIe
+                # when it lives on the host: K and c, and V only where the new tokens select)
+                kk, vv, cc = self.kv_pool.read_pages(lid, pages, prefix + n, with_v=not host)
+            else:
+                kk, vv, cc = k3[new].to(self.kv_pool.dtype), v3[new].to(self.kv_pool.dtype), c[new]  # as stored
             sel = select_blocks_prefill(qq, kk, cc, self.nosa, impl=impl, q_start=prefix)
-            if prefix:  # offloaded: V only of the prefix blocks some new token selects
-                vv = torch.cat((self._selected_prefix_v(lid, pages, prefix, sel) if host else pv, vv))
+            if vv is None:
+                vv = self._selected_v(lid, pages, prefix + n, sel)
             out[new] = sparse_prefill_attention(qq, kk, vv, cc, sel, self.nosa.block_size, sm_scale=layer.scaling,
                                                 impl=impl, q_start=prefix)
             start += n
         return out.view(-1, hq * d)
 
-    def _selected_prefix_v(self, layer_id: int, pages: torch.Tensor, prefix: int, sel: torch.Tensor) -> torch.Tensor:
-        """[prefix, Hkv, d] V of the prefix with only the (block, head) runs in `sel` (the new tokens'
+    def _selected_v(self, layer_id: int, pages: torch.Tensor, n_tokens: int, sel: torch.Tensor) -> torch.Tensor:
+        """[n_tokens, Hkv, d] V of the sequence with only the (block, head) runs in `sel` (the new tokens'
         selections, [n, Hkv, topk]) read from the host pages; the rest stays zero, which the sparse
         attention never reads (a token attends only its selected blocks). Saves the PCIe pass over every
         V a cached prefix holds when a few tokens extend it. No sync: the run list has a fixed size,
         the unselected runs are skipped ids."""
         bs, hkv, d = self.nosa.block_size, self.shape.num_kv_heads, self.shape.head_dim
-        nb = -(-prefix // bs)
+        nb = -(-n_tokens // bs)
         picked = torch.zeros((hkv, nb + 1), dtype=torch.bool, device=sel.device)
         blocks = torch.where((sel >= 0) & (sel < nb), sel, nb).long().transpose(0, 1).reshape(hkv, -1)
         picked.scatter_(1, blocks, True)
         pool = self.kv_pool.pages
         runs = torch.where(picked[:, :nb].T, pool.runs_of(pages[:nb]), -1)
         v = pool.read_runs(layer_id - self.kv_pool.start_layer, runs.flatten(), with_k=False)[1]
-        return v.view(nb, hkv, bs, d).transpose(1, 2).reshape(nb * bs, hkv, d)[:prefix]
+        return v.view(nb, hkv, bs, d).transpose(1, 2).reshape(nb * bs, hkv, d)[:n_tokens]
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, nosa_bias=None, **kwargs):
         if nosa_bias is None or not save_kv_cache:

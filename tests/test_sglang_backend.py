@@ -339,17 +339,18 @@ def test_admission_and_extends_read_only_the_v_they_use(gen, offload, monkeypatc
     assert v_runs == (L * (SMALL.topk_blocks + 1) * HKV if offload else 0)  # slots + the tail, per layer
     for _ in range(3):
         sched.forward(ForwardMode.DECODE, [(a, 1)])
-    # a radix hit on the 20 full pages, extended by 3 tokens: offloaded, the prefix's V is read only
-    # where one of them selects (K and c whole: the selection needs them)
+    # a radix hit on the 20 full pages, extended by 3 tokens on a 21st page: the whole sequence comes from
+    # the pool (it holds the 3 tokens once stored); offloaded, V only where one of them selects (K and c
+    # whole: the selection needs them)
     reads.clear()
     b = sched.new("b", shared_from=a, shared_pages=20)
     sched.forward(ForwardMode.EXTEND, [(b, 3)])
     k_runs = [n for _, n, with_v in reads if not with_v]
     v_runs = [n for _, n, with_v in reads if with_v]
     if offload:
-        assert k_runs == [20 * HKV] * L and len(v_runs) == L and all(0 < n < 20 * HKV for n in v_runs), reads
+        assert k_runs == [21 * HKV] * L and len(v_runs) == L and all(0 < n < 21 * HKV for n in v_runs), reads
     else:
-        assert not k_runs and v_runs == [20 * HKV] * L
+        assert not k_runs and v_runs == [21 * HKV] * L
 
 
 def test_breakable_graphs_hold_and_replay_a_logits_output(gen):
@@ -413,9 +414,12 @@ def test_backend_needs_the_eviction_bias(gen):
     fb = SimpleNamespace(forward_mode=ForwardMode.EXTEND, req_pool_indices=torch.tensor([1]),
                          extend_prefix_lens_cpu=[0], extend_seq_lens_cpu=[4], out_cache_loc=torch.arange(16, 20))
     backend.init_forward_metadata(fb)
+    layer = RadixAttention(HQ, D, D ** -0.5, HKV, layer_id=0)
     with pytest.raises(RuntimeError, match="nosa_bias"):
-        backend.forward_extend(torch.randn(4, HQ * D), torch.randn(4, HKV, D), torch.randn(4, HKV, D),
-                               RadixAttention(HQ, D, D ** -0.5, HKV, layer_id=0), fb)
+        backend.forward_extend(torch.randn(4, HQ * D), torch.randn(4, HKV, D), torch.randn(4, HKV, D), layer, fb)
+    with pytest.raises(RuntimeError, match="save_kv_cache"):  # the extend reads its new tokens from the pool
+        backend.forward_extend(torch.randn(4, HQ * D), torch.randn(4, HKV, D), torch.randn(4, HKV, D), layer, fb,
+                               save_kv_cache=False, nosa_bias=torch.randn(4, HKV))
 
 
 def test_pool_prompt_reads_one_layer_at_a_time():
