@@ -41,8 +41,10 @@ def compress_windows(x: torch.Tensor, config: NosaConfig) -> torch.Tensor:
     n = config.num_chunks(x.shape[0])
     if n == 0:
         return x.new_zeros((0, *x.shape[1:]), dtype=torch.float32)
-    # unfold is a strided view (no copy); the mean accumulates in fp32 like the reference
-    return x.unfold(0, config.kernel_size, config.kernel_stride).mean(dim=-1, dtype=torch.float32)
+    # unfold is a strided view (no copy); the mean accumulates in fp32 like the reference. NOTE: on a
+    # contiguous input, so that the result does not depend on the caller's layout (the reduction order
+    # follows the strides: a one-page read is a strided view, the same tokens read with others are not)
+    return x.contiguous().unfold(0, config.kernel_size, config.kernel_stride).mean(dim=-1, dtype=torch.float32)
 
 
 def compress_new_chunks(k_tail: torch.Tensor, c_tail: torch.Tensor, config: NosaConfig) -> NewChunk:

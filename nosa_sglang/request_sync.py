@@ -5,9 +5,10 @@ abort, finish) and its pages; NosaRuntime owns the decode state. Before each dec
 makes the runtime hold exactly the batch's requests:
 * a runtime request absent from the batch has finished, been aborted or been retracted: it ends (its
   GPU row and page references are released; a retracted one comes back as a new request);
-* a request new to decode (or whose length no longer matches: re-prefilled) begins with its pages
-  (its req_to_token row, page by page) and its prompt's K/c read from the pool for its compressed keys
-  (and, offloaded, the warm start of its slots).
+* requests new to decode (or whose length no longer matches: re-prefilled) begin together with their
+  pages (each one's req_to_token row, page by page): the runtime reads their prompts' K and c from the
+  pool for their compressed keys (one pass per layer for all of them) and, offloaded, the runs each
+  one's warm start installs.
 The pages are the runtime's blocks in both modes (fully on the GPU it decodes from them; offloaded they
 are its host store), so requests that share a radix-cache prefix share its blocks with no bookkeeping
 here. Ends run before begins.
@@ -15,45 +16,11 @@ here. Ends run before begins.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from itertools import accumulate
 
 import torch
 
 from nosa_sglang.runtime.nosa_runtime import NosaRuntime
-
-
-class PoolPrompt:
-    """One request's tokens in the pool, read one layer at a time: `.k`, `.v`, `.c` are sequences over
-    layers (what `NosaRuntime.begin_request` takes) that call `read(layer)` when one of them is indexed
-    and keep only that layer. The runtime loads a prompt layer by layer; all layers at once would be L
-    times one layer (17 GiB of K and V for an 8B model at 128K). With a page pool the runtime never
-    reads `.v` (its pages hold V), so `read` may answer None for it; `.v` still declares its shape."""
-
-    def __init__(self, num_layers: int, read, n: int, num_kv_heads: int, head_dim: int) -> None:
-        """read(layer) -> (k, v, c) of the request's n tokens in that layer."""
-        self.num_layers, self.read = num_layers, read
-        self._layer, self._kvc = -1, ()
-        self.k, self.v = (_LayerView(self, i, (n, num_kv_heads, head_dim)) for i in range(2))
-        self.c = _LayerView(self, 2, (n, num_kv_heads))
-
-    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if not 0 <= layer < self.num_layers:
-            raise IndexError(layer)
-        if layer != self._layer:
-            self._layer, self._kvc = layer, ()  # NOTE: drop the previous layer before reading the next
-            self._kvc = self.read(layer)
-        return self._kvc
-
-
-class _LayerView(Sequence):
-    def __init__(self, prompt: PoolPrompt, index: int, layer_shape: tuple[int, ...]) -> None:
-        self.prompt, self.index, self.layer_shape = prompt, index, layer_shape
-
-    def __len__(self) -> int:
-        return self.prompt.num_layers
-
-    def __getitem__(self, layer: int) -> torch.Tensor:
-        return self.prompt.layer(layer)[self.index]
 
 
 class RuntimeRequests:
@@ -77,8 +44,12 @@ class RuntimeRequests:
         new = [i for i, rid in enumerate(rids) if rid not in running]
         if new:
             rows = req_pool_indices.tolist()
-            for i in new:
-                self._begin(rids[i], rows[i], seq_lens[i] - 1)
+            pages = [self.kv_pool.sequence_pages(self.req_to_token[rows[i], : seq_lens[i] - 1]) for i in new]
+            flat = torch.cat(pages).tolist()  # NOTE: one read-back for all of them
+            sizes = [p.numel() for p in pages]
+            rt.begin_paged_requests([(rids[i], seq_lens[i] - 1, flat[end - n : end])
+                                     for i, n, end in zip(new, sizes, accumulate(sizes))])
+            self.begun += len(new)
         return tuple(rids)
 
     def end(self, rid: str) -> None:
@@ -88,14 +59,3 @@ class RuntimeRequests:
         for rid in self.runtime.running_requests:
             if rid not in keep:
                 self.end(rid)
-
-    def _begin(self, rid: str, req_pool_idx: int, n_tokens: int) -> None:
-        rt = self.runtime
-        pages = self.kv_pool.sequence_pages(self.req_to_token[req_pool_idx, :n_tokens])
-        s = rt.shape
-        # NOTE: no V: the runtime computes the compressed keys from K, and an offloaded warm start reads
-        # the runs it installs from their pages (`prompt.v[layer]` is None)
-        prompt = PoolPrompt(s.num_layers, lambda layer: self.kv_pool.read_pages(layer, pages, n_tokens, with_v=False),
-                            n_tokens, s.num_kv_heads, s.head_dim)
-        rt.begin_request(rid, prompt.k, prompt.v, prompt.c, pages=pages.tolist())
-        self.begun += 1

@@ -14,6 +14,7 @@ Only the stepping thread may call the request and decode methods.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 import torch
 
@@ -272,6 +273,42 @@ class NosaRuntime:
             self._row_owner.append(request_id)
         self._order_after_host_changes()
         return Admitted(request_id, tuple(host_blocks), T)
+
+    def begin_paged_requests(self, requests: Sequence[tuple[str, int, Sequence[int]]]) -> list[Admitted]:
+        """Admit several requests whose prompts already sit on the page pool's pages (page_pool mode):
+        `requests` = (request_id, prompt tokens, the pool page of each prompt block). The state
+        begin_request builds, bit for bit, with one pass per layer for all of them (a server admits
+        every request new to a decode batch at once). All or nothing: raises as begin_request does
+        (ValueError, RuntimeUsageError, GpuSlotsExhausted) and then changes nothing."""
+        self._require_no_open_step("begin_paged_requests")
+        if not self.paged:
+            raise RuntimeUsageError("begin_paged_requests: only with a page_pool (use begin_request)")
+        ids = [rid for rid, _, _ in requests]
+        if not ids or len(set(ids)) != len(ids) or set(ids) & self._requests.keys():
+            raise RuntimeUsageError(f"request ids {ids}: expected distinct requests that are not running")
+        n_pages = self.slots.pool.num_pages if self.pool_backed else self.host.num_blocks
+        for rid, T, pages in requests:
+            if not 1 <= T < self.max_seq_len:
+                raise ValueError(f"request {rid!r}: {T} prompt tokens; allowed range is [1, {self.max_seq_len - 1}]")
+            if len(pages) != self.config.num_blocks(T) or not all(0 <= b < n_pages for b in pages):
+                raise ValueError(f"request {rid!r} pages: expected {self.config.num_blocks(T)} page ids in "
+                                 f"[0, {n_pages}), got {len(pages)}")
+        if len(self._row_owner) + len(ids) > self.max_requests:
+            raise GpuSlotsExhausted(self.max_requests)
+        pages = [list(p) for _, _, p in requests]
+        if not self.gpu_only:
+            for p in pages:
+                self.host.adopt(p)
+            self.transfer.quiesce()
+        rows = list(range(len(self._row_owner), len(self._row_owner) + len(ids)))
+        lens = [T for _, T, _ in requests]
+        self._prompts.load_paged(rows, lens, pages, self._step)
+        with self._lock:
+            for rid, row, T, p in zip(ids, rows, lens, pages):
+                self._requests[rid] = _Request(rid, row, T, p)
+                self._row_owner.append(rid)
+        self._order_after_host_changes()
+        return [Admitted(rid, tuple(p), T) for rid, T, p in zip(ids, lens, pages)]
 
     def begin_request_synthetic(self, request_id: str, num_tokens: int, seed: int = 0,
                                 shared_blocks: list[int] | None = None) -> Admitted:

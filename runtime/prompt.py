@@ -9,6 +9,10 @@
   those pages (only the installed runs cross PCIe; the prompt's V is never read whole).
 In gpu_only mode every block goes to its slot instead, or, over a server's page pool, nowhere: the
 pages hold it, and the block table maps the request's blocks to them.
+
+Prompts already on a server's pages are admitted several at a time (`load_paged`): their pages read
+as one sequence per layer and their selection state written by a few indexed copies (`PagedPrompts`),
+instead of ~20 small launches per request and layer.
 """
 
 from __future__ import annotations
@@ -22,6 +26,41 @@ from nosa_sglang.kernels.topk import forced_and_existing
 
 if TYPE_CHECKING:
     from nosa_sglang.runtime.nosa_runtime import NosaRuntime
+
+
+#: K bytes of the prompts read as one sequence per layer, at most (more prompts go in further groups)
+PAGED_GROUP_BYTES = 256 << 20
+
+
+class PagedPrompts:
+    """Where several prompts on pool pages land in SelectionState when their pages, concatenated, are read
+    as one sequence (`SelectionState.load_prompts`). Each prompt starts at a block boundary, so its j-th
+    compressed-key window is the sequence's window (first block * windows per block + j): the same
+    tokens and the same mean as alone. Index tensors built on the host once, uploaded in one copy."""
+
+    def __init__(self, rows: list[int], lens: list[int], pages: list[list[int]], config, device: torch.device) -> None:
+        bs, ks, per_block = config.block_size, config.kernel_size, config.chunks_per_block
+        first, parts = 0, {name: [] for name in _PLAN_FIELDS}
+        for row, T, pg in zip(rows, lens, pages):
+            chunks, tokens, ring = (torch.arange(config.num_chunks(T)), torch.arange(T),
+                                    torch.arange(max(0, T - ks), T))
+            for name, src, ids in (("chunk", first * per_block + chunks, chunks), ("token", first * bs + tokens, tokens),
+                                   ("ring", first * bs + ring, ring % ks)):
+                parts[f"{name}_src"].append(src)
+                parts[f"{name}_rows"].append(torch.full_like(ids, row))
+                parts[f"{name}_ids"].append(ids)
+            first += len(pg)
+        sizes = [sum(x.numel() for x in parts[name]) for name in _PLAN_FIELDS]
+        flat = torch.cat([x for name in _PLAN_FIELDS for x in parts[name]])
+        if device.type == "cuda":
+            flat = flat.pin_memory()
+        for name, t in zip(_PLAN_FIELDS, flat.to(device, non_blocking=True).split(sizes)):
+            setattr(self, name, t)
+        self.pages = torch.tensor([p for pg in pages for p in pg], dtype=torch.long)
+        self.n_tokens = first * bs
+
+
+_PLAN_FIELDS = tuple(f"{kind}_{part}" for kind in ("chunk", "token", "ring") for part in ("src", "rows", "ids"))
 
 
 def _layer_shape(seq, layer: int):
@@ -63,7 +102,7 @@ class PromptLoader:
         cfg, dev = rt.config, rt.device
         bs, H = cfg.block_size, rt.shape.num_kv_heads
         nb, n_full = cfg.num_blocks(T), T // bs
-        self._reset_row(row, host_blocks, nb)
+        self._reset_rows([row], [host_blocks])
         for layer in range(rt.shape.num_layers):
             k = prompt_k[layer].to(dev, rt.shape.dtype)
             c = prompt_c[layer].to(dev, torch.float32)
@@ -88,13 +127,43 @@ class PromptLoader:
         if rt.gpu_only:
             rt.slots.set_blocks(row, nb)
 
+    def load_paged(self, rows: list[int], lens: list[int], pages: list[list[int]], step: int) -> None:
+        """Prompts already on the page pool's pages (`lens` tokens each on `pages`) into rows `rows`: per
+        layer, groups of them read as one sequence (K and c; the pages hold V) and loaded together; over
+        host pages, each one's warm start reads only the runs it installs."""
+        rt = self.rt
+        self._reset_rows(rows, pages)
+        per_token = rt.shape.num_kv_heads * rt.shape.head_dim * rt.shape.dtype_bytes * rt.config.block_size
+        groups, size = [[]], 0
+        for i, pg in enumerate(pages):
+            if groups[-1] and size + len(pg) * per_token > PAGED_GROUP_BYTES:
+                groups.append([])
+                size = 0
+            groups[-1].append(i)
+            size += len(pg) * per_token
+        for g in filter(None, groups):
+            self._load_group([rows[i] for i in g], [lens[i] for i in g], [pages[i] for i in g], step)
+        if rt.gpu_only:
+            for row, T in zip(rows, lens):
+                rt.slots.set_blocks(row, rt.config.num_blocks(T))
+
+    def _load_group(self, rows: list[int], lens: list[int], pages: list[list[int]], step: int) -> None:
+        rt = self.rt
+        plan = PagedPrompts(rows, lens, pages, rt.config, rt.device)
+        for layer in range(rt.shape.num_layers):
+            k, _, c = rt.page_pool.read_pages(layer, plan.pages, plan.n_tokens, with_v=False)
+            rt.selection.load_prompts(layer, k, c, plan)
+            if not rt.pool_backed:
+                for row, T, pg in zip(rows, lens, pages):
+                    self._warm_start(layer, row, T, self._page_runs(layer, pg), step)
+
     def load_synthetic(self, row: int, T: int, host_blocks: list[int], seed: int, step: int) -> None:
         """Benchmarks: a request of T tokens whose K/V are whatever the host store and slots hold (finite
         by construction), with random compressed keys, chunk means and biases; no KV upload at all."""
         rt = self.rt
         cfg, dev, sel = rt.config, rt.device, rt.selection
         H, d, nb, n = rt.shape.num_kv_heads, rt.shape.head_dim, cfg.num_blocks(T), cfg.num_chunks(T)
-        self._reset_row(row, host_blocks, nb)
+        self._reset_rows([row], [host_blocks])
         g = torch.Generator(device=dev).manual_seed(seed)
         for layer in range(rt.shape.num_layers):
             sel.ck[layer, row, :n] = torch.randn((n, H, d), generator=g, device=dev).to(sel.ck.dtype)
@@ -106,14 +175,17 @@ class PromptLoader:
         if rt.gpu_only:
             rt.slots.set_blocks(row, nb)
 
-    def _reset_row(self, row: int, host_blocks: list[int], nb: int) -> None:
+    def _reset_rows(self, rows: list[int], host_blocks: list[list[int]]) -> None:
+        """Empty residency and counters; the block table rows map the given blocks (one upload)."""
         rt = self.rt
-        rt.slots.clear_row(row)
-        rt.counters.clear_row(row)
+        for row in rows:
+            rt.slots.clear_row(row)
+            rt.counters.clear_row(row)
         if rt.host_table is not None:
-            table = torch.full((rt.max_blocks,), -1, dtype=torch.int32)
-            table[:nb] = torch.tensor(host_blocks, dtype=torch.int32)
-            rt._host_table[row] = table.to(rt.device)
+            table = torch.full((len(rows), rt.max_blocks), -1, dtype=torch.int32)
+            for i, blocks in enumerate(host_blocks):
+                table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+            rt._host_table[torch.tensor(rows, device=rt.device)] = table.to(rt.device)
 
     def _page_runs(self, layer: int, pages: list[int]):
         """read(src) -> (k, v, c runs) of the prompt's runs src (block * Hkv + head), from the pool pages

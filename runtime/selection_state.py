@@ -63,6 +63,16 @@ class SelectionState:
         pos = torch.arange(max(0, T - ks), T, device=k.device)
         self.ring[layer, row, pos % ks] = k[pos].to(self.ring.dtype)
 
+    def load_prompts(self, layer: int, k: torch.Tensor, c: torch.Tensor, plan) -> None:
+        """load_prompt for several prompts read as one sequence k [N, Hkv, d], c [N, Hkv], each starting at
+        a block boundary (`prompt.PagedPrompts`: its windows are then the sequence's windows from its
+        first block on, the same means as load_prompt's); a few launches whatever their number."""
+        ck, ce = compress_windows(k, self.config), compress_windows(c, self.config)
+        self.ck[layer][plan.chunk_rows, plan.chunk_ids] = ck[plan.chunk_src].to(self.ck.dtype)
+        self.ce[layer][plan.chunk_rows, plan.chunk_ids] = ce[plan.chunk_src]
+        self.c[layer].transpose(1, 2)[plan.token_rows, plan.token_ids] = c[plan.token_src].to(torch.float32)
+        self.ring[layer][plan.ring_rows, plan.ring_ids] = k[plan.ring_src].to(self.ring.dtype)
+
     # -- decode ---------------------------------------------------------------------------------------
     def token_views(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(ring [R, kernel_size, Hkv, d], c [R, Hkv, max_tokens]) of `layer`: where a decode token's key

@@ -226,3 +226,62 @@ def test_reading_runs_skips_negative_ids_and_parts_not_wanted(with_k, with_v, de
         assert torch.equal(got[live], pool.kv[i, 1].cpu()[runs.cpu()[live]]) and not got[dead].any()
     c = c.cpu()
     assert torch.equal(c[live], pool.c[1].cpu()[runs.cpu()[live]]) and not c[dead].any()
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("host", [False, True], ids=["pool_backed", "offloaded"])
+def test_admitting_paged_prompts_together_equals_one_by_one_bit_for_bit(host, device, monkeypatch):
+    """begin_paged_requests (the server's admission: prompts read from their pages as one sequence per
+    layer, in groups) builds the state begin_request builds per request, and decodes the same; under a
+    small group cap the prompts go in three groups, one of two prompts. Bad input changes nothing."""
+    from nosa_sglang.runtime import GpuSlotsExhausted
+    from nosa_sglang.runtime import prompt as prompt_module
+
+    g = torch.Generator().manual_seed(fresh_seed())
+    pools = [PagePool(SHAPE.num_layers, SHAPE.num_kv_heads, SHAPE.head_dim, BS, SHAPE.dtype, num_pages=100,
+                      device=device, host=host) for _ in range(2)]
+    server = Server(pools[0], g)
+    one, many = (runtimes(pool, device, gpu_only=not host) for pool in pools)
+    admitted = []
+    for i, T in enumerate([150, 3, 97, 16, 41]):  # 10, 1, 7, 1 and 3 blocks; r1 is shorter than a window
+        ks, vs, cs = random_prompt(SHAPE, T, g, device)
+        pages, locs = server.admit(f"r{i}", ks, vs, cs)
+        for layer in range(SHAPE.num_layers):
+            pools[1].write_tokens(layer, locs.to(device), ks[layer], vs[layer], cs[layer])
+        if i < 4:
+            one.begin_request(f"r{i}", ks, vs, cs, pages=pages)
+        admitted.append((f"r{i}", T, pages))
+    before = many.selection.ck.clone()
+    with pytest.raises(RuntimeUsageError, match="distinct"):
+        many.begin_paged_requests(admitted[:2] + admitted[:1])
+    with pytest.raises(ValueError, match=r"request 'r1' pages: expected 1 page ids"):
+        many.begin_paged_requests([admitted[0], ("r1", 3, [1, 2])])
+    with pytest.raises(GpuSlotsExhausted):
+        many.begin_paged_requests(admitted)  # 5 requests, 4 rows
+    assert many.running_requests == () and torch.equal(many.selection.ck, before)
+    if host:
+        assert many.host.used_blocks == 0
+    bytes_per_block = SHAPE.num_kv_heads * SHAPE.head_dim * SHAPE.dtype_bytes * BS
+    monkeypatch.setattr(prompt_module, "PAGED_GROUP_BYTES", 8 * bytes_per_block)  # [r0], [r1, r2], [r3]
+    groups = []
+    load_group = prompt_module.PromptLoader._load_group
+    monkeypatch.setattr(prompt_module.PromptLoader, "_load_group",
+                        lambda self, rows, *a: groups.append(rows) or load_group(self, rows, *a))
+    assert [a.request_id for a in many.begin_paged_requests(admitted[:4])] == ["r0", "r1", "r2", "r3"]
+    assert groups == [[0], [1, 2], [3]] and one.running_requests == many.running_requests
+    for name in ("ck", "ce", "c", "ring"):
+        assert torch.equal(getattr(one.selection, name), getattr(many.selection, name)), name
+    assert torch.equal(one.host_table, many.host_table)
+    if host:
+        assert one.host.used_blocks == many.host.used_blocks
+    ids = list(many.running_requests)
+    locs = server.decode_locs(ids).to(device)
+    for layer in range(SHAPE.num_layers):
+        q = torch.randn(len(ids), SHAPE.num_q_heads, SHAPE.head_dim, generator=g).to(device)
+        k, v = (torch.randn(len(ids), SHAPE.num_kv_heads, SHAPE.head_dim, generator=g).to(device) for _ in range(2))
+        c = (0.1 + 2 * torch.rand(len(ids), SHAPE.num_kv_heads, generator=g)).to(device)
+        if host:
+            for pool in pools:
+                pool.write_tokens(layer, locs, k, v, c)
+        outs = [rt.decode(layer, ids, q, k, v, c, token_locs=locs) for rt in (one, many)]
+        assert torch.equal(*outs)

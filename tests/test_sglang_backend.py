@@ -422,24 +422,6 @@ def test_backend_needs_the_eviction_bias(gen):
                                save_kv_cache=False, nosa_bias=torch.randn(4, HKV))
 
 
-def test_pool_prompt_reads_one_layer_at_a_time():
-    from nosa_sglang.request_sync import PoolPrompt
-
-    calls = []
-
-    def read(layer):
-        calls.append(layer)
-        return tuple(torch.full((2, HKV, D)[: 3 - (i == 2)], float(layer * 10 + i)) for i in range(3))
-
-    p = PoolPrompt(3, read, 2, HKV, D)
-    assert len(p.k) == 3 and p.k.layer_shape == (2, HKV, D) and p.c.layer_shape == (2, HKV)
-    assert float(p.v[2][0, 0, 0]) == 21.0 and float(p.k[2][0, 0, 0]) == 20.0 and float(p.c[2][0, 0]) == 22.0
-    assert calls == [2]  # k, v and c of a layer come from one read
-    assert float(p.k[0][0, 0, 0]) == 0.0 and calls == [2, 0]
-    with pytest.raises(IndexError):
-        p.k[3]
-
-
 def test_backend_refuses_sglangs_own_pool_and_a_pool_in_the_wrong_memory():
     with pytest.raises(NosaFlagError, match="MHATokenToKVPool, not a NosaKVPool"):
         NosaAttnBackend(make_runner(pool_class=MHATokenToKVPool), NosaServerFlags())
