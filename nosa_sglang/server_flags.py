@@ -48,6 +48,8 @@ UNSUPPORTED = (
     ("enable_hisparse", False, "--enable-hisparse", "NOSA is the sparse attention"),
     ("enable_lora", None, "--enable-lora", "not supported"),
     ("kv_cache_dtype", "auto", "--kv-cache-dtype", "the NOSA kernels read the model dtype"),
+    ("enable_torch_compile", False, "--enable-torch-compile",
+     "the decode graphs hold the NOSA runtime's Python, which torch.compile has never been run over"),
 )
 
 
