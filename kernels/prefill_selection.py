@@ -80,6 +80,57 @@ def select_blocks_prefill(
     return out
 
 
+def select_blocks_prefill_batched(
+    q: torch.Tensor, k: torch.Tensor, c: torch.Tensor, seqs: list[tuple[int, int, int]], config: NosaConfig,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """select_blocks_prefill of several sequences in one launch of each kernel: what a server's extends
+    of a few tokens over long cached prefixes need (one call per sequence is ~15 launches each).
+
+    Args:
+        seqs: [(n_i, base_i, T_i)] in q's row order: sequence i is k[base_i : base_i + T_i] (base_i a
+            multiple of block_size: the sequences' pages read as one), its queries the next n_i rows of
+            q, at positions T_i - n_i .. T_i - 1.
+        q, k, c: as select_blocks_prefill, k and c holding all the sequences.
+    Returns:
+        [sum n_i, Hkv, topk_blocks] int32: each row's blocks in its own sequence, as select_blocks_prefill.
+    """
+    check_float("q", q, 3)
+    check_float("k", k, 3)
+    E, Hq, d = q.shape
+    N, hkv = k.shape[0], k.shape[1]
+    G = check_gqa(Hq, hkv)
+    if not isinstance(c, torch.Tensor) or c.dtype != torch.float32 or tuple(c.shape) != (N, hkv):
+        raise KernelArgumentError(f"c: expected a float32 tensor [{N}, {hkv}]")
+    if sum(n for n, _, _ in seqs) != E:
+        raise KernelArgumentError(f"seqs: their queries must be q's {E} rows, got {sum(n for n, _, _ in seqs)}")
+    for i, (n, base, T) in enumerate(seqs):
+        if base % config.block_size or not 0 < n <= T or base + T > N:
+            raise KernelArgumentError(f"seqs[{i}] = {(n, base, T)}: need base % {config.block_size} == 0, "
+                                      f"0 < n <= T and base + T <= {N}")
+    device = check_devices(q=q, k=k, c=c)
+    use = resolve_impl(impl, device)
+    if use == "torch":  # the reference path: one sequence at a time
+        rows = [0]
+        for n, _, _ in seqs:
+            rows.append(rows[-1] + n)
+        return torch.cat([select_blocks_prefill(q[r:r + n], k[b:b + T], c[b:b + T], config, impl=use, q_start=T - n)
+                          for r, (n, b, T) in zip(rows, seqs)])
+    check_head_dim("q", d, True)
+    ck = compress_windows(k, config).to(q.dtype)
+    ce = compress_windows(c, config)
+    nb = max(config.num_blocks(T) for _, _, T in seqs)
+    S = torch.empty((E, hkv, nb), dtype=torch.float32, device=device)
+    Ev = torch.empty_like(S)
+    tiles, row, seq_lens = [], 0, []
+    for n, base, T in seqs:
+        tiles.append((row, row, T - n, T, base // config.kernel_stride))
+        seq_lens += range(T - n + 1, T + 1)
+        row += n
+    _scores_by_tiles(q, ck, ce, S, Ev, scores_tiles(tiles, G), config, G)
+    return select_topk(S, Ev, upload_ints(seq_lens, device, torch.int32), config, impl=use)
+
+
 def prefill_block_scores_torch(q, ck, ce, lo: int, config: NosaConfig, nb: int) -> tuple[torch.Tensor, torch.Tensor]:
     """S, E [Tt, Hkv, NB] of the tokens lo .. lo + Tt - 1 (q holds just those rows)."""
     Tt, Hq, d = q.shape
@@ -97,16 +148,43 @@ def prefill_block_scores_torch(q, ck, ce, lo: int, config: NosaConfig, nb: int) 
     return S, E
 
 
+def tokens_per_tile(G: int) -> int:
+    """Query tokens per program of the prefill kernels (a tile is BLOCK_T tokens x the padded group)."""
+    return max(1, ROWS_PER_TILE // next_pow2(G))
+
+
+def upload_ints(values: list, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Host integers (a tile table: rows of fields) on `device` without a sync (pinned, non-blocking)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+def scores_tiles(seqs: list[tuple[int, int, int, int]], G: int) -> list[tuple[int, int, int, int, int]]:
+    """Tiles of the scores kernel: per sequence (q_row0, out_row0, pos0, pos_end, chunk_base) in steps
+    of tokens_per_tile: query rows q_row0.., output rows out_row0.. hold positions pos0 .. pos_end - 1."""
+    bt, tiles = tokens_per_tile(G), []
+    for q_row0, out_row0, pos0, pos_end, cbase in seqs:
+        tiles += [(q_row0 + t, out_row0 + t, pos0 + t, pos_end, cbase) for t in range(0, pos_end - pos0, bt)]
+    return tiles
+
+
 def _prefill_block_scores_triton(q, q_start, ck, ce, lo, hi, config: NosaConfig, nb: int, G: int):
-    _, Hq, d = q.shape
-    hkv = ck.shape[1]
-    g_pad = next_pow2(G)
-    block_t = max(1, ROWS_PER_TILE // g_pad)
-    S = torch.empty((hi - lo, hkv, nb), dtype=torch.float32, device=q.device)
+    S = torch.empty((hi - lo, ck.shape[1], nb), dtype=torch.float32, device=q.device)
     E = torch.empty_like(S)
+    return _scores_by_tiles(q, ck, ce, S, E, scores_tiles([(lo - q_start, 0, lo, hi, 0)], G), config, G)
+
+
+def _scores_by_tiles(q, ck, ce, S, E, tiles, config: NosaConfig, G: int):
+    """S, E rows of every tile (a tile's rows belong to one sequence, its compressed keys from chunk_base)."""
+    _, Hq, d = q.shape
+    hkv, nb = ck.shape[1], S.shape[2]
+    g_pad = next_pow2(G)
+    block_t = tokens_per_tile(G)
     r = config.chunks_per_block
-    _prefill_scores_kernel[(triton.cdiv(hi - lo, block_t), hkv)](
-        q, ck, ce, S, E, LOG2E / math.sqrt(d), q_start, lo, hi, ck.shape[0], nb,
+    _prefill_scores_kernel[(len(tiles), hkv)](
+        q, ck, ce, S, E, upload_ints(tiles, q.device), LOG2E / math.sqrt(d), nb,
         q.stride(0), q.stride(1), ck.stride(0), ck.stride(1), ce.stride(0), ce.stride(1),
         G=G, G_PAD=g_pad, BLOCK_T=block_t, HEAD_DIM=d, BLOCK_C=CHUNK_TILE, BLOCK_NB=BLOCK_TILE,
         R=r, R_PAD=next_pow2(r), STRIDE=config.kernel_stride, KSIZE=config.kernel_size,
@@ -138,21 +216,25 @@ def _group_pool(x, lse, vis_rows, vis_tok, BLOCK_T: tl.constexpr, G_PAD: tl.cons
 
 @triton.jit
 def _prefill_scores_kernel(
-    Q, CK, CE, S, E, scale_log2, q_start, lo, hi, n_chunks, nb, s_qt, s_qh, s_cn, s_ch, s_en, s_eh,
+    Q, CK, CE, S, E, TILES, scale_log2, nb, s_qt, s_qh, s_cn, s_ch, s_en, s_eh,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_NB: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
     STRIDE: tl.constexpr, KSIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr, INIT: tl.constexpr,
     LOCAL: tl.constexpr, IEEE: tl.constexpr,
 ):
     h = tl.program_id(1)
-    t0 = lo + tl.program_id(0) * BLOCK_T
+    # this tile: query row, output row, position of its first token, its sequence's end, chunk base
+    tile = TILES + tl.program_id(0).to(tl.int64) * 5
+    q_row0, out_row0, t0, hi, cbase = tl.load(tile), tl.load(tile + 1), tl.load(tile + 2), tl.load(tile + 3), tl.load(tile + 4)
+    CK = CK + cbase * s_cn
+    CE = CE + cbase * s_en
     M: tl.constexpr = BLOCK_T * G_PAD
     X: tl.constexpr = BLOCK_NB * R_PAD
     rows = tl.arange(0, M)
     tok = t0 + rows // G_PAD
     g = rows % G_PAD
     row_ok = (tok < hi) & (g < G)
-    q = tl.load(Q + (tok - q_start).to(tl.int64)[:, None] * s_qt + (h * G + g)[:, None] * s_qh + tl.arange(0, HEAD_DIM)[None, :],
+    q = tl.load(Q + (q_row0 + tok - t0)[:, None] * s_qt + (h * G + g)[:, None] * s_qh + tl.arange(0, HEAD_DIM)[None, :],
                 mask=row_ok[:, None], other=0.0)
     if IEEE:
         q = q.to(tl.float32)
@@ -179,7 +261,7 @@ def _prefill_scores_kernel(
 
     # pass 2: blocks whose window [R*b - 1, R*b + R) can hold a visible chunk
     qb_t = tok_t // BLOCK_SIZE
-    out_row = (tok_t - lo).to(tl.int64)[:, None] * (tl.num_programs(1) * nb) + h * nb
+    out_row = (out_row0 + tok_t - t0)[:, None] * (tl.num_programs(1) * nb) + h * nb
     offs_j = tl.arange(0, X)
     nb_compute = tl.minimum(n_tile // R + 1, nb)
     offs_b = tl.arange(0, BLOCK_NB)

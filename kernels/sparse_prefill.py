@@ -19,12 +19,12 @@ from nosa_sglang.kernels._dispatch import (
     check_block_size, check_devices, check_extend, check_float, check_gqa, check_head_dim, check_index, check_shape,
     default_scale, fp32_dot, next_pow2, resolve_impl,
 )
-from nosa_sglang.kernels.prefill_selection import select_blocks_prefill
+from nosa_sglang.kernels.prefill_selection import select_blocks_prefill, tokens_per_tile, upload_ints
 
-__all__ = ["select_blocks_prefill", "sparse_prefill_attention", "sparse_prefill_torch", "union_blocks"]
+__all__ = ["select_blocks_prefill", "sparse_prefill_attention", "sparse_prefill_batched", "sparse_prefill_torch",
+           "union_blocks"]
 
 LOG2E = 1.4426950408889634
-ROWS_PER_TILE = 64  # tokens x GQA heads per program
 UNION_PAD = torch.iinfo(torch.int32).max
 #: launch options of the prefill kernel (wgmma on sm_90, no spills at 4 or 8 warps x 2 stages)
 PREFILL_LAUNCH = {"num_warps": 4, "num_stages": 2}
@@ -115,7 +115,13 @@ def union_blocks(block_ids: torch.Tensor, tokens_per_tile: int) -> tuple[torch.T
     ids = block_ids.to(torch.int32)
     if tiles * tokens_per_tile != T:
         ids = torch.cat([ids, ids.new_full((tiles * tokens_per_tile - T, hkv, topk), -1)])
-    ids = ids.view(tiles, tokens_per_tile, hkv, topk).permute(0, 2, 1, 3).reshape(tiles, hkv, -1)
+    return _union_of_tiles(ids.view(tiles, tokens_per_tile, hkv, topk))
+
+
+def _union_of_tiles(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """union_blocks of ids [tiles, tokens_per_tile, Hkv, topk] int32 (-1 = none)."""
+    tiles, _, hkv, _ = ids.shape
+    ids = ids.permute(0, 2, 1, 3).reshape(tiles, hkv, -1)
     ids = torch.where(ids < 0, UNION_PAD, ids).sort(dim=-1).values
     dup = torch.zeros_like(ids, dtype=torch.bool)
     dup[..., 1:] = ids[..., 1:] == ids[..., :-1]
@@ -124,15 +130,58 @@ def union_blocks(block_ids: torch.Tensor, tokens_per_tile: int) -> tuple[torch.T
 
 
 def _sparse_prefill_triton(q, k, v, c, block_ids, block_size, scale, q_start):
+    E = q.shape[0]
+    block_t = tokens_per_tile(q.shape[1] // k.shape[1])
+    union, counts = union_blocks(block_ids, block_t)
+    tiles = [(t, min(block_t, E - t), q_start + t, 0, q_start + E) for t in range(0, E, block_t)]
+    return _attend_tiles(q, k, v, c, block_ids, union, counts, tiles, block_size, scale)
+
+
+def sparse_prefill_batched(q, k, v, c, block_ids, seqs: list[tuple[int, int, int]], block_size: int,
+                           sm_scale: float | None = None, impl: str = "auto") -> torch.Tensor:
+    """sparse_prefill_attention of several sequences in one launch (seqs and the layout as
+    `select_blocks_prefill_batched`; block_ids: each row's blocks in its own sequence)."""
+    E, Hq, d = q.shape
+    N, hkv = k.shape[0], k.shape[1]
+    if sum(n for n, _, _ in seqs) != E or tuple(block_ids.shape[:2]) != (E, hkv):
+        raise KernelArgumentError(f"seqs / block_ids: expected {E} query rows of [Hkv={hkv}] selections")
+    for i, (n, base, T) in enumerate(seqs):
+        if base % block_size or not 0 < n <= T or base + T > N:
+            raise KernelArgumentError(f"seqs[{i}] = {(n, base, T)}: need base % {block_size} == 0, 0 < n <= T "
+                                      f"and base + T <= {N}")
+    scale = default_scale(sm_scale, d)
+    device = check_devices(q=q, k=k, v=v, c=c, block_ids=block_ids)
+    rows = [0]
+    for n, _, _ in seqs:
+        rows.append(rows[-1] + n)
+    if resolve_impl(impl, device) == "torch":  # the reference path: one sequence at a time
+        return torch.cat([sparse_prefill_torch(q[r:r + n], k[b:b + T], v[b:b + T], c[b:b + T], block_ids[r:r + n],
+                                               block_size, scale, T - n) for r, (n, b, T) in zip(rows, seqs)])
+    check_block_size("block_size", block_size, True)
+    check_head_dim("q", d, True)
+    block_t = tokens_per_tile(Hq // hkv)
+    tiles, tile_rows = [], []
+    for r, (n, base, T) in zip(rows, seqs):
+        for t in range(0, n, block_t):
+            tiles.append((r + t, min(block_t, n - t), T - n + t, base, T))
+            tile_rows.append([r + t + i if t + i < n else -1 for i in range(block_t)])
+    idx = upload_ints(tile_rows, device)
+    ids = torch.where(idx[..., None, None] >= 0, block_ids.to(torch.int32)[idx.clamp(min=0)], -1)
+    union, counts = _union_of_tiles(ids)
+    return _attend_tiles(q, k, v, c, block_ids, union, counts, tiles, block_size, scale)
+
+
+def _attend_tiles(q, k, v, c, block_ids, union, counts, tiles, block_size, scale):
+    """The kernel over tiles (q_row0, n_rows, pos0, key_base, n_keys): a tile's rows are positions pos0..
+    of the sequence at keys key_base .. key_base + n_keys - 1, attending its blocks in `union`."""
     E, Hq, d = q.shape
     hkv, topk = k.shape[1], block_ids.shape[2]
     G = Hq // hkv
     g_pad = next_pow2(G)
-    block_t = max(1, ROWS_PER_TILE // g_pad)
-    union, counts = union_blocks(block_ids, block_t)
+    block_t = tokens_per_tile(G)
     out = torch.empty_like(q)
     _prefill_kernel[(union.shape[0], hkv)](
-        q, k, v, c, block_ids, union, counts, out, scale * LOG2E, q_start, E, hkv,
+        q, k, v, c, block_ids, union, counts, out, upload_ints(tiles, q.device), scale * LOG2E, hkv,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), c.stride(0), c.stride(1),
         block_ids.stride(0), block_ids.stride(1), block_ids.stride(2), out.stride(0), out.stride(1),
         union.shape[2], topk,
@@ -144,7 +193,7 @@ def _sparse_prefill_triton(q, k, v, c, block_ids, block_size, scale, q_start):
 
 @triton.jit
 def _prefill_kernel(
-    Q, K, V, C, IDS, UNION, COUNTS, O, scale_log2, q_start, n_queries, n_kv_heads,
+    Q, K, V, C, IDS, UNION, COUNTS, O, TILES, scale_log2, n_kv_heads,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ct, s_ch, s_it, s_ih, s_in, s_ot, s_oh,
     union_width, topk,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -152,11 +201,18 @@ def _prefill_kernel(
 ):
     tile = tl.program_id(0)
     h = tl.program_id(1)
+    # this tile: first query row, rows, position of the first, its sequence's keys (base, count)
+    info = TILES + tile.to(tl.int64) * 5
+    row0, n_rows, pos0, key_base, n_keys = tl.load(info), tl.load(info + 1), tl.load(info + 2), tl.load(info + 3), tl.load(info + 4)
+    K = K + key_base * s_kt
+    V = V + key_base * s_vt
+    C = C + key_base * s_ct
     M: tl.constexpr = BLOCK_T * G_PAD
     rows = tl.arange(0, M)
-    tok = tile * BLOCK_T + rows // G_PAD  # query row; its position is q_start + tok
+    t_in = rows // G_PAD
+    tok = row0 + t_in  # query row; its position is pos0 + t_in
     g = rows % G_PAD
-    row_ok = (tok < n_queries) & (g < G)
+    row_ok = (t_in < n_rows) & (g < G)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_k = tl.arange(0, BLOCK_SIZE)
     tok64 = tok.to(tl.int64)
@@ -164,12 +220,11 @@ def _prefill_kernel(
     if IEEE:
         q = q.to(tl.float32)
     # each tile token's own selection, to test membership of the union's blocks
-    t_loc = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_loc = tl.arange(0, BLOCK_T)
     offs_n = tl.arange(0, TOPK_PAD)
-    own = tl.load(IDS + t_loc.to(tl.int64)[:, None] * s_it + h * s_ih + offs_n[None, :] * s_in,
-                  mask=(t_loc[:, None] < n_queries) & (offs_n[None, :] < topk), other=-1)
-    pos64 = tok64 + q_start
-    n_keys = q_start + n_queries
+    own = tl.load(IDS + (row0 + t_loc)[:, None] * s_it + h * s_ih + offs_n[None, :] * s_in,
+                  mask=(t_loc[:, None] < n_rows) & (offs_n[None, :] < topk), other=-1)
+    pos64 = pos0 + t_in
 
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)

@@ -179,3 +179,42 @@ def test_gpu_prefill_16k(gen, dtype):
     assert agree >= 0.995, f"selection agreement {agree}"
     ref = nosa_prefill_attention(q, k, v, c, cfg, blocks=ref_blocks)
     assert rel_err(out, ref) <= 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_batched_extends_equal_one_call_per_sequence_bit_for_bit(gen, dtype, impl):
+    """A server's extends after cached prefixes, batched: each sequence's pages read as one (every
+    sequence starting at a block boundary, the last block of each partly garbage), its queries the last
+    n rows (one, a tile and a half, the whole sequence). The same blocks and outputs as one call per
+    sequence, and those equal the reference's rows."""
+    from nosa_sglang.kernels.prefill_selection import select_blocks_prefill_batched
+    from nosa_sglang.kernels.sparse_prefill import sparse_prefill_batched
+
+    hq, hkv, d, bs = 8, 2, 64, SMALL.block_size
+    lens, news = [150, 37, 16, 201], [1, 24, 16, 5]  # 10, 3, 1 and 13 blocks: topk is 8
+    seqs, base, parts = [], 0, []
+    for T, n in zip(lens, news):
+        q, k, v, c = inputs(gen, T, hq, hkv, d, dtype)
+        nb = SMALL.num_blocks(T)
+        junk = inputs(gen, nb * bs - T, hq, hkv, d, dtype)  # the rest of the last page
+        parts.append((q[T - n:], *(torch.cat((x, j)) for x, j in zip((k, v, c), junk[1:])), q, k, v, c))
+        seqs.append((n, base, T))
+        base += nb * bs
+    Q = torch.cat([p[0] for p in parts])
+    K, V, C = (torch.cat([p[i] for p in parts]) for i in (1, 2, 3))
+    sel = select_blocks_prefill_batched(Q, K, C, seqs, SMALL, impl=impl)
+    out = sparse_prefill_batched(Q, K, V, C, sel, seqs, bs, impl=impl)
+    row = 0
+    for (n, _, T), (qq, _, _, _, q, k, v, c) in zip(seqs, parts):
+        one = select_blocks_prefill(qq, k, c, SMALL, impl=impl, q_start=T - n)
+        assert torch.equal(sel[row:row + n], one), f"sequence of {T}: selections differ"
+        o = sparse_prefill_attention(qq, k, v, c, one, bs, impl=impl, q_start=T - n)
+        assert torch.equal(out[row:row + n], o), f"sequence of {T}: outputs differ"
+        ref = nosa_prefill_attention(q, k, v, c, SMALL)[T - n:]
+        assert rel_err(o, ref) < TOL[dtype]
+        row += n
+    with pytest.raises(KernelArgumentError, match=r"seqs\[1\]"):
+        select_blocks_prefill_batched(Q, K, C, [seqs[0], (news[1], 3, lens[1]), *seqs[2:]], SMALL, impl=impl)
+    with pytest.raises(KernelArgumentError, match="query rows"):
+        sparse_prefill_batched(Q, K, V, C, sel, seqs[:2], bs, impl=impl)
