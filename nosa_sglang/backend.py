@@ -25,8 +25,9 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.model_executor.runner_backend_utils.breakable_cuda_graph import eager_on_graph
 
 from nosa_sglang.config import NosaConfig
-from nosa_sglang.kernels.prefill_selection import select_blocks_prefill
-from nosa_sglang.kernels.sparse_prefill import sparse_prefill_attention
+from nosa_sglang.extend_batches import GROUPED_NEW_TOKENS, ExtendGroup, plan_groups
+from nosa_sglang.kernels.prefill_selection import select_blocks_prefill, select_blocks_prefill_batched
+from nosa_sglang.kernels.sparse_prefill import sparse_prefill_attention, sparse_prefill_batched
 from nosa_sglang.kv_pool import NosaKVPool
 from nosa_sglang.request_sync import RuntimeRequests
 from nosa_sglang.runtime.knobs import OffloadKnobs
@@ -77,7 +78,8 @@ class NosaAttnBackend(AttentionBackend):
             self.metrics = NosaMetrics({"model_name": str(args.served_model_name)})
         self._decode_ids: tuple[str, ...] = ()
         self._token_locs = None  # the decode batch's out_cache_loc (its real rows)
-        self._extends: list[tuple] = []  # (prefix, new tokens, prefix pages or None) per request
+        self._extends: list[tuple] = []  # (first row, prefix, new tokens, pages or None) per request alone
+        self._extend_groups: list[ExtendGroup] = []  # the short extends after a cached prefix, grouped
         self._layers: dict[int, object] = {}  # layer_id -> RadixAttention (head counts, for decode_break)
         self._capturing = False  # SGLang is capturing its decode graphs on a dummy batch
         self.pending_rids: list[str] | None = None  # a graph replay's rids (model_graphs.stash_decode_rids)
@@ -122,11 +124,21 @@ class NosaAttnBackend(AttentionBackend):
         if mode.is_decode():
             self._sync_decode(list(forward_batch.rids), forward_batch)
         elif mode.is_extend() and not mode.is_idle():
-            # NOTE: each extended sequence's pages once per forward, not once per layer
-            rows = forward_batch.req_pool_indices.tolist()
-            self._extends = [(prefix, n, self.kv_pool.sequence_pages(self.req_to_token[row, :prefix + n]) if prefix else None)
-                             for row, prefix, n in zip(rows, forward_batch.extend_prefix_lens_cpu,
-                                                       forward_batch.extend_seq_lens_cpu)]
+            self._plan_extends(forward_batch)
+
+    def _plan_extends(self, forward_batch) -> None:
+        """Each extended sequence's pages once per forward, not once per layer; the extends of a few tokens
+        after a cached prefix in groups (extend_batches.py), the others alone."""
+        rows = forward_batch.req_pool_indices.tolist()
+        alone, short, start = [], [], 0
+        for row, prefix, n in zip(rows, forward_batch.extend_prefix_lens_cpu, forward_batch.extend_seq_lens_cpu):
+            pages = self.kv_pool.sequence_pages(self.req_to_token[row, :prefix + n]) if prefix else None
+            (short if prefix and n <= GROUPED_NEW_TOKENS else alone).append((start, prefix, n, pages))
+            start += n
+        s = self.shape
+        block_k_bytes = s.num_kv_heads * s.head_dim * s.dtype_bytes * self.nosa.block_size
+        self._extends = alone
+        self._extend_groups = plan_groups(short, self.nosa, s.num_kv_heads, block_k_bytes, self.runtime.device)
 
     def _sync_decode(self, rids: list[str], forward_batch) -> None:
         """The runtime holds exactly the batch's requests: its first len(rids) rows (a graph replay's view
@@ -164,8 +176,9 @@ class NosaAttnBackend(AttentionBackend):
         c = nosa_bias.float()  # NOTE: what the pool holds (the model rounded c to its dtype)
         out = torch.empty_like(q3)
         impl, host = self.runtime.impl, self.kv_pool.pages.host
-        start = 0
-        for prefix, n, pages in self._extends:
+        for group in self._extend_groups:
+            self._extend_group(group, q3, layer, out)
+        for start, prefix, n, pages in self._extends:
             new = slice(start, start + n)
             qq = q3[new]
             if prefix:  # NOTE: the whole sequence from the pool, which holds the new tokens since _store (PCIe
@@ -178,8 +191,19 @@ class NosaAttnBackend(AttentionBackend):
                 vv = self._selected_v(lid, pages, prefix + n, sel)
             out[new] = sparse_prefill_attention(qq, kk, vv, cc, sel, self.nosa.block_size, sm_scale=layer.scaling,
                                                 impl=impl, q_start=prefix)
-            start += n
         return out.view(-1, hq * d)
+
+    def _extend_group(self, group: ExtendGroup, q3: torch.Tensor, layer, out: torch.Tensor) -> None:
+        """A group's sequences read from the pool as one (it holds the new tokens since _store), each
+        kernel once for all of them; offloaded, V only of the blocks some new token selects."""
+        lid, impl, n_tokens = layer.layer_id, self.runtime.impl, group.n_tokens
+        kk, vv, cc = self.kv_pool.read_pages(lid, group.pages, n_tokens, with_v=not self.kv_pool.pages.host)
+        qq = q3[group.rows]
+        sel = select_blocks_prefill_batched(qq, kk, cc, group.seqs, self.nosa, impl=impl)
+        if vv is None:  # NOTE: the selected blocks counted in `pages`, not in each sequence
+            vv = self._selected_v(lid, group.pages, n_tokens, torch.where(sel >= 0, sel + group.row_blocks, -1))
+        out[group.rows] = sparse_prefill_batched(qq, kk, vv, cc, sel, group.seqs, self.nosa.block_size,
+                                                 sm_scale=layer.scaling, impl=impl)
 
     def _selected_v(self, layer_id: int, pages: torch.Tensor, n_tokens: int, sel: torch.Tensor) -> torch.Tensor:
         """[n_tokens, Hkv, d] V of the sequence with only the (block, head) runs in `sel` (the new tokens'

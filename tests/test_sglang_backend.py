@@ -161,7 +161,7 @@ class Scheduler:
 def scenario(gen, offload: bool, device: str = "cpu", check: bool = True) -> Scheduler:
     """Chunked prefill, a radix-cache hit, decode with a changing batch; the pool checked as the complete
     record; everything released at idle. Returns the scheduler (its `outputs`)."""
-    runner = make_runner(offload=offload, device=device)
+    runner = make_runner(offload=offload, device=device, requests=6)
     backend = NosaAttnBackend(runner, NosaServerFlags(offload=offload, slots=SMALL.topk_blocks, max_slots=12))
     rt = backend.runtime
     assert rt.paged and rt.pool_backed == (not offload) and backend.kv_pool.pages.host == offload
@@ -179,6 +179,8 @@ def scenario(gen, offload: bool, device: str = "cpu", check: bool = True) -> Sch
     if offload:  # the host store is the pool: the runtime holds references to the prompts' distinct pages
         assert rt.host.used_blocks == SMALL.num_blocks(157) + SMALL.num_blocks(134) - 4
         assert rt.snapshot().totals.misses > 0 and rt.snapshot().totals.bytes_d2h == 0
+    d, e = sched.new("d", shared_from=a, shared_pages=6), sched.new("e", shared_from=b, shared_pages=5)
+    sched.forward(ForwardMode.EXTEND, [(d, 5), (e, 40)])  # two radix hits extended together: one group
     c = sched.new("c")
     sched.forward(ForwardMode.EXTEND, [(c, 40)])
     for _ in range(20):  # a has finished: absent from the batch, it ends; c joins
@@ -199,6 +201,22 @@ def scenario(gen, offload: bool, device: str = "cpu", check: bool = True) -> Sch
 @pytest.mark.parametrize("offload", [True, False], ids=["offload", "gpu_only"])
 def test_backend_equals_reference_through_chunks_prefix_hits_and_batch_changes(gen, offload):
     scenario(gen, offload)
+
+
+@pytest.mark.parametrize("offload", [True, False], ids=["offload", "gpu_only"])
+def test_grouped_extends_through_the_triton_kernels_equal_the_reference(gen, offload):
+    """Extends of a few tokens after radix-cache hits, grouped (one read of their pages, each kernel once
+    per layer): through the Triton kernels (the interpreter here), every row equals the reference."""
+    runner = make_runner(offload=offload, requests=6)
+    backend = NosaAttnBackend(runner, NosaServerFlags(offload=offload, slots=SMALL.topk_blocks))
+    sched = Scheduler(backend, runner, gen)
+    a, b = sched.new("a"), sched.new("b")
+    sched.forward(ForwardMode.EXTEND, [(a, 9 * PAGE + 3), (b, 11 * PAGE)])
+    x, y, z = (sched.new(r, shared_from=s, shared_pages=n) for r, s, n in (("x", a, 9), ("y", b, 11), ("z", a, 4)))
+    backend.runtime.impl = "triton"
+    sched.forward(ForwardMode.EXTEND, [(x, 1), (y, 20), (z, 7)])
+    assert len(backend._extend_groups) == 1 and backend._extend_groups[0].seqs == [
+        (1, 0, 9 * PAGE + 1), (20, 10 * PAGE, 11 * PAGE + 20), (7, 23 * PAGE, 4 * PAGE + 7)]
 
 
 @pytest.mark.gpu
