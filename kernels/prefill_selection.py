@@ -225,7 +225,8 @@ def _prefill_scores_kernel(
     h = tl.program_id(1)
     # this tile: query row, output row, position of its first token, its sequence's end, chunk base
     tile = TILES + tl.program_id(0).to(tl.int64) * 5
-    q_row0, out_row0, t0, hi, cbase = tl.load(tile), tl.load(tile + 1), tl.load(tile + 2), tl.load(tile + 3), tl.load(tile + 4)
+    q_row0, out_row0, cbase = tl.load(tile), tl.load(tile + 1), tl.load(tile + 4)
+    t0, hi = tl.load(tile + 2).to(tl.int32), tl.load(tile + 3).to(tl.int32)  # positions: int32 as before
     CK = CK + cbase * s_cn
     CE = CE + cbase * s_en
     M: tl.constexpr = BLOCK_T * G_PAD
