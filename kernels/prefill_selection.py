@@ -6,7 +6,8 @@ heads (64 rows), pass 1 streams the visible compressed keys for each row's log-s
 recomputes the logits window by window, normalises, sums the group and max-pools straight into
 [tokens, blocks] scores (forced +inf, absent -inf), and pools the eviction means with the same per-token
 visibility. Tokens go through in slices so S and E stay ~256 MiB; the top-k glue (`topk.py`) then picks
-each token's blocks.
+each token's blocks. A tile table gives each program its query and output rows, positions and chunk
+base, so one launch serves several sequences read as one (`select_blocks_prefill_batched`).
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ their selection (the forced local window and the eviction picks), so the program
 of its tokens' blocks (built in torch: sort, dedupe) and masks, per row, the blocks that row's token did
 not select and the keys after it. Each union block is read once per tile instead of once per token.
 The stage-1 prefill selection lives in `prefill_selection.py` (re-exported here).
+A tile table gives each program its first query row, rows, position and its sequence's keys, so one
+launch serves several sequences read as one (`sparse_prefill_batched`: a server's short extends).
 """
 
 from __future__ import annotations
