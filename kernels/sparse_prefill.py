@@ -143,8 +143,13 @@ def sparse_prefill_batched(q, k, v, c, block_ids, seqs: list[tuple[int, int, int
                            sm_scale: float | None = None, impl: str = "auto") -> torch.Tensor:
     """sparse_prefill_attention of several sequences in one launch (seqs and the layout as
     `select_blocks_prefill_batched`; block_ids: each row's blocks in its own sequence)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float(name, t, 3)
     E, Hq, d = q.shape
     N, hkv = k.shape[0], k.shape[1]
+    if k.dtype != q.dtype or v.dtype != q.dtype or tuple(v.shape) != tuple(k.shape) or c.dtype != torch.float32:
+        raise KernelArgumentError(f"k, v: [N, Hkv, d] in q's dtype {q.dtype}, c: float32 [N, Hkv]; got "
+                                  f"{k.dtype} {list(k.shape)}, {v.dtype} {list(v.shape)}, {c.dtype}")
     if sum(n for n, _, _ in seqs) != E or tuple(block_ids.shape[:2]) != (E, hkv):
         raise KernelArgumentError(f"seqs / block_ids: expected {E} query rows of [Hkv={hkv}] selections")
     for i, (n, base, T) in enumerate(seqs):
