@@ -210,7 +210,8 @@ def _prefill_kernel(
     h = tl.program_id(1)
     # this tile: first query row, rows, position of the first, its sequence's keys (base, count)
     info = TILES + tile.to(tl.int64) * 5
-    row0, n_rows, pos0, key_base, n_keys = tl.load(info), tl.load(info + 1), tl.load(info + 2), tl.load(info + 3), tl.load(info + 4)
+    row0, n_rows, pos0 = tl.load(info), tl.load(info + 1), tl.load(info + 2)
+    key_base, n_keys = tl.load(info + 3), tl.load(info + 4)
     K = K + key_base * s_kt
     V = V + key_base * s_vt
     C = C + key_base * s_ct

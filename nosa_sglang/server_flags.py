@@ -110,7 +110,8 @@ class NosaServerFlags:
         if graphs is None:
             graphs = "breakable" if self.offload else "full"
         if graphs not in MODEL_GRAPHS:
-            raise NosaFlagError(f"--nosa-model-graphs={self.model_graphs!r}: allowed values are {list(MODEL_GRAPHS_CHOICES)}")
+            raise NosaFlagError(f"--nosa-model-graphs={self.model_graphs!r}: allowed values are "
+                                f"{list(MODEL_GRAPHS_CHOICES)}")
         if graphs == "full" and self.offload:
             raise NosaFlagError("--nosa-model-graphs=full: needs --nosa-offload off (offloaded, blocks are copied "
                                 "between layers, outside any graph); allowed with offloading: breakable, off")

@@ -63,7 +63,8 @@ class PaddedSteps:
         reqs = [rt._req(r) for r in ids]
         for r in reqs:
             if r.seq_len + 1 > rt.max_seq_len:
-                raise ValueError(f"request {r.request_id!r}: {r.seq_len + 1} tokens exceed max_seq_len={rt.max_seq_len}")
+                raise ValueError(f"request {r.request_id!r}: {r.seq_len + 1} tokens exceed "
+                                 f"max_seq_len={rt.max_seq_len}")
         if batch not in self._buffers:
             self._buffers[batch] = torch.zeros(packed_len(batch, rt.shape.num_kv_heads), dtype=torch.long,
                                                device=rt.device)

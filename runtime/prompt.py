@@ -44,8 +44,8 @@ class PagedPrompts:
         for row, T, pg in zip(rows, lens, pages):
             chunks, tokens, ring = (torch.arange(config.num_chunks(T)), torch.arange(T),
                                     torch.arange(max(0, T - ks), T))
-            for name, src, ids in (("chunk", first * per_block + chunks, chunks), ("token", first * bs + tokens, tokens),
-                                   ("ring", first * bs + ring, ring % ks)):
+            for name, src, ids in (("chunk", first * per_block + chunks, chunks),
+                                   ("token", first * bs + tokens, tokens), ("ring", first * bs + ring, ring % ks)):
                 parts[f"{name}_src"].append(src)
                 parts[f"{name}_rows"].append(torch.full_like(ids, row))
                 parts[f"{name}_ids"].append(ids)
