@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kernel_checks import SMALL
 
@@ -489,3 +490,66 @@ def test_compressed_keys_are_stored_as_the_flag_says(ck_dtype, expected):
 def test_unknown_ck_dtype_names_the_flag():
     with pytest.raises(NosaFlagError, match=r"--nosa-ck-dtype='fp8': allowed values are \['float32', 'model'\]"):
         NosaServerFlags(ck_dtype="fp8")
+
+
+class OpCount(TorchDispatchMode):
+    """Counts the tensor ops dispatched inside (each a launch on a GPU, or more)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def backend_ops(sched: "Scheduler", mode: ForwardMode, batch: list[tuple[Seq, int]]) -> int:
+    """Tensor ops the backend dispatches for one forward of `batch` (its metadata and every layer); the
+    scheduler's own work (locations, inputs) is outside the count."""
+    locs = torch.cat([sched._locs(s, n) for s, n in batch])
+    total = sum(n for _, n in batch)
+    fb = SimpleNamespace(forward_mode=mode, rids=[s.rid for s, _ in batch],
+                         req_pool_indices=torch.tensor([s.row for s, _ in batch]),
+                         seq_lens_cpu=torch.tensor([s.n + n for s, n in batch]),
+                         extend_prefix_lens_cpu=[s.n for s, _ in batch], extend_seq_lens_cpu=[n for _, n in batch],
+                         out_cache_loc=locs)
+    inputs = [(torch.randn(total, HQ * D), torch.randn(total, HKV, D), torch.randn(total, HKV, D),
+               torch.randn(total, HKV) * 0.5) for _ in sched.layers]
+    count = OpCount()
+    with count:
+        sched.backend.init_forward_metadata(fb)
+        if mode.is_extend():
+            for layer, (q, k, v, c) in zip(sched.layers, inputs):
+                sched.backend.forward_extend(q, k, v, layer, fb, nosa_bias=c)
+    return count.n
+
+
+@pytest.mark.parametrize("offload", [True, False], ids=["offload", "gpu_only"])
+def test_the_fixed_cost_of_a_request_does_not_grow_with_layers_times_requests(gen, offload):
+    """What each request pays once was ~55 launches per layer (the extend of its last page, its admission
+    to the runtime): the server's GPU sat a fifth busy. Grouped extends (Triton path) and batched
+    admission cost the same ops per layer for 2 requests as for 5; what remains per request is outside
+    the layer loop (its pages, its row), or, offloaded, its warm start."""
+    counts = {}
+    for n in (2, 5):
+        runner = make_runner(offload=offload, requests=2 * n + 1)
+        backend = NosaAttnBackend(runner, NosaServerFlags(offload=offload, slots=SMALL.topk_blocks))
+        sched = Scheduler(backend, runner, gen, check=False)
+        first = [sched.new(f"p{i}") for i in range(n)]
+        sched.forward(ForwardMode.EXTEND, [(s, 4 * PAGE + 3) for s in first])
+        again = [sched.new(f"r{i}", shared_from=s, shared_pages=4) for i, s in enumerate(first)]
+        backend.runtime.impl = "triton"
+        extend = backend_ops(sched, ForwardMode.EXTEND, [(s, 5) for s in again])
+        backend.runtime.impl = "torch"
+        for s in again:
+            s.k[0] = torch.empty(s.n + 5, HKV, D)  # NOTE: only the lengths matter from here on
+        admit = backend_ops(sched, ForwardMode.DECODE, [(s, 1) for s in again])
+        assert set(backend.runtime.running_requests) == {s.rid for s in again}
+        counts[n] = extend, admit
+    (e2, a2), (e5, a5) = counts[2], counts[5]
+    # one at a time, a request cost ~35 ops per layer to extend and ~20 per layer to admit (its prompt read,
+    # its compressed keys); now a few per forward: its pages, its row, its index lists (host tensors)
+    assert e5 - e2 <= 3 * 5, counts
+    if not offload:  # NOTE: offloaded, each request's warm start (its slots) still runs in every layer
+        assert a5 - a2 <= 3 * 25, counts
