@@ -25,7 +25,7 @@ from nosa_sglang.runtime.full_residency import FullResidency
 from nosa_sglang.runtime.host_store import HostKVStore, HostMemoryExhausted
 from nosa_sglang.runtime.knob_queue import KnobQueue, KnobRequest
 from nosa_sglang.runtime.knobs import KnobError, OffloadKnobs
-from nosa_sglang.runtime.page_pool import PagePool
+from nosa_sglang.runtime.page_pool import PADDING_PAGE, PagePool
 from nosa_sglang.runtime.plan_streams import PlanStreams
 from nosa_sglang.runtime.pool_residency import PoolResidency
 from nosa_sglang.runtime.prompt import PromptLoader
@@ -518,8 +518,7 @@ class NosaRuntime:
             return
         here = torch.cuda.current_stream()
         for p in self._plans.values():
-            if p.streams is not None:  # NOTE: a PaddedSteps plan runs on the caller's one stream
-                p.streams.join_into(here)
+            p.streams.join_into(here)
         if self.transfer is not None:
             self.transfer.join_copy_streams()
 
@@ -573,16 +572,9 @@ class NosaRuntime:
             if set(request_ids) & set(other.request_ids):
                 raise RuntimeUsageError(f"append(layer={layer}): batch {request_ids} overlaps this step's "
                                         f"micro-batch {other.request_ids} (micro-batches must be disjoint)")
-        for r in reqs:
-            if r.seq_len + 1 > self.max_seq_len:
-                raise ValueError(f"request {r.request_id!r}: {r.seq_len + 1} tokens exceed "
-                                 f"max_seq_len={self.max_seq_len}")
         if self.capture_stream is not None:
             raise RuntimeUsageError(f"batch {request_ids}: not begun before the step's capture (a plan's upload "
                                     f"cannot be captured; StepGraphs begins every batch it was given)")
-        if self._ordered is not None:
-            self._refuse_foreign_capture(f"batch {request_ids}")
-            torch.cuda.current_stream().wait_event(self._ordered)
         if self.paged and (token_locs is None or tuple(token_locs.shape) != (len(reqs),)):
             got = None if token_locs is None else list(token_locs.shape)
             raise ValueError(f"token_locs: expected [{len(reqs)}] pool locations of the new tokens, got {got}")
@@ -600,7 +592,18 @@ class NosaRuntime:
         if self.pool_backed:
             p.token_slots.copy_(pages[:, None] * self.shape.num_kv_heads + self._heads)
 
-    def _build_plan(self, request_ids, reqs, token_locs: torch.Tensor | None) -> StepPlan:
+    def _build_plan(self, request_ids, reqs, token_locs: torch.Tensor | None, pad_to: int | None = None,
+                    static: torch.Tensor | None = None) -> StepPlan:
+        """The step plan of `reqs` (raises ValueError, changing nothing, when one is full). pad_to
+        (PaddedSteps, pool-backed): a fixed plan of pad_to rows at the address `static`, the requests'
+        rows 0..n-1 and then unused rows, whose tokens go to the padding page."""
+        for r in reqs:
+            if r.seq_len + 1 > self.max_seq_len:
+                raise ValueError(f"request {r.request_id!r}: {r.seq_len + 1} tokens exceed "
+                                 f"max_seq_len={self.max_seq_len}")
+        if self._ordered is not None:
+            self._refuse_foreign_capture(f"batch {request_ids}")
+            torch.cuda.current_stream().wait_event(self._ordered)
         bs, H = self.config.block_size, self.shape.num_kv_heads
         tails: list[int | None] = [None] * len(reqs)
         updates: list[tuple[int, int, int]] = []
@@ -617,11 +620,13 @@ class NosaRuntime:
         else:
             token_slot, tail_slot = self.slots.slot_id, None
         base = lambda row, h: self.slots.slot_id(row, h, 0)  # noqa: E731
-        graphs = self._decoder.graphs is not None
-        p = build_step_plan(request_ids, [r.row for r in reqs], [r.seq_len for r in reqs], tails, token_slot,
-                            tail_slot, base, H, self.config, self.device,
-                            num_blocks=self.max_blocks if graphs else None,
-                            static=self._decoder.static_plan_buffer([r.row for r in reqs]))
+        n, fixed = len(reqs), pad_to is not None
+        pad = pad_to - n if fixed else 0
+        rows = [r.row for r in reqs] + list(range(n, n + pad))
+        p = build_step_plan(request_ids, rows, [r.seq_len for r in reqs] + [0] * pad, tails + [None] * pad,
+                            token_slot, tail_slot, base, H, self.config, self.device,
+                            num_blocks=self.max_blocks if fixed or self._decoder.graphs is not None else None,
+                            static=static if fixed else self._decoder.static_plan_buffer(rows), real=n, fixed=fixed)
         if updates:
             t = torch.tensor(updates, dtype=torch.long).T.contiguous()
             if self.device.type == "cuda":
@@ -631,6 +636,9 @@ class NosaRuntime:
             for r in reqs:
                 self.slots.set_blocks(r.row, self.config.num_blocks(r.seq_len + 1))
         if self.paged:
+            if pad:
+                token_locs = torch.cat((token_locs.to(self.device, torch.long),
+                                        torch.full((pad,), PADDING_PAGE * bs, dtype=torch.long, device=self.device)))
             self._map_token_pages(p, token_locs)
         if self._ordered is not None:  # NOTE: after every upload and table write of the plan
             uploaded = torch.cuda.Event()

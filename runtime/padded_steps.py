@@ -24,14 +24,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from nosa_sglang.runtime.step_plan import StepPlan, build_step_plan, packed_len
+from nosa_sglang.runtime.step_plan import StepPlan, packed_len
 from nosa_sglang.runtime.types import RuntimeUsageError
 
 if TYPE_CHECKING:
     from nosa_sglang.runtime.nosa_runtime import NosaRuntime
-
-#: the page padding rows write to and read from (SGLang's allocator never hands it out)
-PADDING_PAGE = 0
 
 
 class PaddedSteps:
@@ -60,25 +57,10 @@ class PaddedSteps:
                              "at most max_requests rows)")
         if tuple(token_locs.shape) != (n,):
             raise ValueError(f"token_locs: expected [{n}] pool locations, got {list(token_locs.shape)}")
-        reqs = [rt._req(r) for r in ids]
-        for r in reqs:
-            if r.seq_len + 1 > rt.max_seq_len:
-                raise ValueError(f"request {r.request_id!r}: {r.seq_len + 1} tokens exceed "
-                                 f"max_seq_len={rt.max_seq_len}")
         if batch not in self._buffers:
             self._buffers[batch] = torch.zeros(packed_len(batch, rt.shape.num_kv_heads), dtype=torch.long,
                                                device=rt.device)
-        if rt._ordered is not None:
-            torch.cuda.current_stream().wait_event(rt._ordered)
-        slot = rt.slots.slot_id
-        p = build_step_plan(ids, [r.row for r in reqs] + list(range(n, batch)),
-                            [r.seq_len for r in reqs] + [0] * (batch - n), [None] * batch,
-                            slot, None, lambda row, h: slot(row, h, 0), rt.shape.num_kv_heads, rt.config,
-                            rt.device, num_blocks=rt.max_blocks, static=self._buffers[batch], real=n, fixed=True)
-        pad = torch.full((batch - n,), PADDING_PAGE * rt.config.block_size, dtype=torch.long, device=rt.device)
-        rt._map_token_pages(p, torch.cat((token_locs.to(rt.device, torch.long), pad)))
-        for r in reqs:
-            rt.slots.set_blocks(r.row, rt.config.num_blocks(r.seq_len + 1))
+        p = rt._build_plan(ids, [rt._req(r) for r in ids], token_locs, pad_to=batch, static=self._buffers[batch])
         if n:
             rt._plans[ids] = p
         self.plan = p

@@ -23,6 +23,9 @@ from nosa_sglang.kernels.block_copy import gather_runs, gather_store_runs
 from nosa_sglang.kernels.pinned import alloc_pinned
 from nosa_sglang.kernels.token_store import store_tokens
 
+#: the page padding tokens go to (SGLang writes them to location 0 and never hands out page 0)
+PADDING_PAGE = 0
+
 
 class PagePool:
     """K/V/c of `num_pages` pages of every layer, in the run layout.
