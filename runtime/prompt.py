@@ -11,7 +11,7 @@ In gpu_only mode every block goes to its slot instead, or, over a server's page 
 pages hold it, and the block table maps the request's blocks to them.
 
 Prompts already on a server's pages are admitted several at a time (`load_paged`): their pages read
-as one sequence per layer and their selection state written by a few indexed copies (`PagedPrompts`),
+as one sequence per layer and their selection state written by a few indexed copies (`PromptLayout`),
 instead of ~20 small launches per request and layer.
 """
 
@@ -32,16 +32,16 @@ if TYPE_CHECKING:
 PAGED_GROUP_BYTES = 256 << 20
 
 
-class PagedPrompts:
-    """Where several prompts on pool pages land in SelectionState when their pages, concatenated, are read
-    as one sequence (`SelectionState.load_prompts`). Each prompt starts at a block boundary, so its j-th
-    compressed-key window is the sequence's window (first block * windows per block + j): the same
-    tokens and the same mean as alone. Index tensors built on the host once, uploaded in one copy."""
+class PromptLayout:
+    """Where prompts land in SelectionState when they are read as one sequence, each from a block
+    boundary (their pages concatenated; one prompt alone from 0): `SelectionState.load_prompts`. A
+    prompt's j-th compressed-key window is the sequence's window (first block * windows per block + j):
+    the same tokens and the same mean as alone. Index tensors built on the host once, uploaded in one copy."""
 
-    def __init__(self, rows: list[int], lens: list[int], pages: list[list[int]], config, device: torch.device) -> None:
+    def __init__(self, rows: list[int], lens: list[int], config, device: torch.device) -> None:
         bs, ks, per_block = config.block_size, config.kernel_size, config.chunks_per_block
         first, parts = 0, {name: [] for name in _PLAN_FIELDS}
-        for row, T, pg in zip(rows, lens, pages):
+        for row, T in zip(rows, lens):
             chunks, tokens, ring = (torch.arange(config.num_chunks(T)), torch.arange(T),
                                     torch.arange(max(0, T - ks), T))
             for name, src, ids in (("chunk", first * per_block + chunks, chunks),
@@ -49,15 +49,14 @@ class PagedPrompts:
                 parts[f"{name}_src"].append(src)
                 parts[f"{name}_rows"].append(torch.full_like(ids, row))
                 parts[f"{name}_ids"].append(ids)
-            first += len(pg)
+            first += config.num_blocks(T)
         sizes = [sum(x.numel() for x in parts[name]) for name in _PLAN_FIELDS]
         flat = torch.cat([x for name in _PLAN_FIELDS for x in parts[name]])
         if device.type == "cuda":
             flat = flat.pin_memory()
         for name, t in zip(_PLAN_FIELDS, flat.to(device, non_blocking=True).split(sizes)):
             setattr(self, name, t)
-        self.pages = torch.tensor([p for pg in pages for p in pg], dtype=torch.long)
-        self.n_tokens = first * bs
+        self.n_tokens = first * bs  # the sequence's tokens: every block of every prompt
 
 
 _PLAN_FIELDS = tuple(f"{kind}_{part}" for kind in ("chunk", "token", "ring") for part in ("src", "rows", "ids"))
@@ -103,10 +102,11 @@ class PromptLoader:
         bs, H = cfg.block_size, rt.shape.num_kv_heads
         nb, n_full = cfg.num_blocks(T), T // bs
         self._reset_rows([row], [host_blocks])
+        layout = PromptLayout([row], [T], cfg, dev)
         for layer in range(rt.shape.num_layers):
             k = prompt_k[layer].to(dev, rt.shape.dtype)
             c = prompt_c[layer].to(dev, torch.float32)
-            rt.selection.load_prompt(layer, row, k, c)
+            rt.selection.load_prompts(layer, k, c, layout)
             if rt.pool_backed:
                 continue  # the pool's pages hold the prompt already
             if rt.paged:  # offloaded over the server's pages: they hold it; the warm start reads its runs there
@@ -149,10 +149,11 @@ class PromptLoader:
 
     def _load_group(self, rows: list[int], lens: list[int], pages: list[list[int]], step: int) -> None:
         rt = self.rt
-        plan = PagedPrompts(rows, lens, pages, rt.config, rt.device)
+        layout = PromptLayout(rows, lens, rt.config, rt.device)
+        all_pages = torch.tensor([p for pg in pages for p in pg], dtype=torch.long)
         for layer in range(rt.shape.num_layers):
-            k, _, c = rt.page_pool.read_pages(layer, plan.pages, plan.n_tokens, with_v=False)
-            rt.selection.load_prompts(layer, k, c, plan)
+            k, _, c = rt.page_pool.read_pages(layer, all_pages, layout.n_tokens, with_v=False)
+            rt.selection.load_prompts(layer, k, c, layout)
             if not rt.pool_backed:
                 for row, T, pg in zip(rows, lens, pages):
                     self._warm_start(layer, row, T, self._page_runs(layer, pg), step)

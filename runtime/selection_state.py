@@ -51,22 +51,11 @@ class SelectionState:
         return sum(t.numel() * t.element_size() for t in (self.ck, self.ce, self.c, self.ring))
 
     # -- prompts --------------------------------------------------------------------------------------
-    def load_prompt(self, layer: int, row: int, k: torch.Tensor, c: torch.Tensor) -> None:
-        """Whole-prompt K~, chunk means, biases and recent keys of one request: k [T, Hkv, d], c [T, Hkv]."""
-        T = k.shape[0]
-        ck = compress_windows(k, self.config)
-        n = ck.shape[0]
-        self.ck[layer, row, :n] = ck.to(self.ck.dtype)
-        self.ce[layer, row, :n] = compress_windows(c, self.config)
-        self.c[layer, row, :, :T] = c.T.to(torch.float32)
-        ks = self.config.kernel_size
-        pos = torch.arange(max(0, T - ks), T, device=k.device)
-        self.ring[layer, row, pos % ks] = k[pos].to(self.ring.dtype)
-
     def load_prompts(self, layer: int, k: torch.Tensor, c: torch.Tensor, plan) -> None:
-        """load_prompt for several prompts read as one sequence k [N, Hkv, d], c [N, Hkv], each starting at
-        a block boundary (`prompt.PagedPrompts`: its windows are then the sequence's windows from its
-        first block on, the same means as load_prompt's); a few launches whatever their number."""
+        """Whole-prompt K~, chunk means, biases and recent keys of one or several requests, read as one
+        sequence k [N, Hkv, d], c [N, Hkv] with each prompt starting at a block boundary
+        (`prompt.PromptLayout`: its windows are then the sequence's windows from its first block on, the
+        same means as alone); a few launches whatever their number."""
         ck, ce = compress_windows(k, self.config), compress_windows(c, self.config)
         self.ck[layer][plan.chunk_rows, plan.chunk_ids] = ck[plan.chunk_src].to(self.ck.dtype)
         self.ce[layer][plan.chunk_rows, plan.chunk_ids] = ce[plan.chunk_src]
