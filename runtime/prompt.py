@@ -63,11 +63,7 @@ _PLAN_FIELDS = tuple(f"{kind}_{part}" for kind in ("chunk", "token", "ring") for
 
 
 def _layer_shape(seq, layer: int):
-    """A layer's shape (or its type's name if it is no tensor). A sequence that builds each layer when
-    indexed declares `layer_shape` instead: checking must not build every layer once more."""
-    shape = getattr(seq, "layer_shape", None)
-    if shape is not None:
-        return tuple(shape)
+    """A layer's shape (or its type's name if it is no tensor)."""
     t = seq[layer]
     return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
 
