@@ -135,10 +135,9 @@ class NosaAttnBackend(AttentionBackend):
             pages = self.kv_pool.sequence_pages(self.req_to_token[row, :prefix + n]) if prefix else None
             (short if prefix and n <= GROUPED_NEW_TOKENS else alone).append((start, prefix, n, pages))
             start += n
-        s = self.shape
-        block_k_bytes = s.num_kv_heads * s.head_dim * s.dtype_bytes * self.nosa.block_size
         self._extends = alone
-        self._extend_groups = plan_groups(short, self.nosa, s.num_kv_heads, block_k_bytes, self.runtime.device)
+        self._extend_groups = plan_groups(short, self.nosa, self.shape.num_kv_heads, self.kv_pool.pages.page_k_bytes,
+                                          self.runtime.device)
 
     def _sync_decode(self, rids: list[str], forward_batch) -> None:
         """The runtime holds exactly the batch's requests: its first len(rids) rows (a graph replay's view

@@ -37,14 +37,14 @@ class ExtendGroup:
 
 
 def plan_groups(extends: list[tuple[int, int, int, torch.Tensor]], config: NosaConfig, num_kv_heads: int,
-                block_k_bytes: int, device: torch.device) -> list[ExtendGroup]:
+                page_k_bytes: int, device: torch.device) -> list[ExtendGroup]:
     """Groups of `extends` [(first query row, prefix, new tokens, the sequence's pages)], each within the
     K-byte and score budgets (a request alone may exceed them: it still forms a group)."""
     groups, members, blocks, nb_max = [], [], 0, 0
     for e in extends:
         nb = e[3].numel()
         rows = sum(m[2] for m in members) + e[2]
-        if members and ((blocks + nb) * block_k_bytes > GROUP_K_BYTES
+        if members and ((blocks + nb) * page_k_bytes > GROUP_K_BYTES
                         or rows * max(nb_max, nb) * num_kv_heads > SCORE_BUDGET_FLOATS):
             groups.append(_group(members, config, device))
             members, blocks, nb_max = [], 0, 0

@@ -58,6 +58,11 @@ class PagePool:
         """Bytes of the K/V storage (host memory when host=True)."""
         return self.kv.numel() * self.kv.element_size()
 
+    @property
+    def page_k_bytes(self) -> int:
+        """K bytes of one page, every KV head: what reading a page's K moves (its V as much again)."""
+        return self.num_kv_heads * self.block_size * self.head_dim * self.kv.element_size()
+
     def runs_of(self, pages: torch.Tensor) -> torch.Tensor:
         """[n, Hkv] run of each (page, KV head): page * Hkv + head (flattened: indexed by block * Hkv + head
         when `pages` lists a sequence's pages in order)."""

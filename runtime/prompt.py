@@ -129,14 +129,14 @@ class PromptLoader:
         host pages, each one's warm start reads only the runs it installs."""
         rt = self.rt
         self._reset_rows(rows, pages)
-        per_block = rt.shape.num_kv_heads * rt.shape.head_dim * rt.shape.dtype_bytes * rt.config.block_size  # K bytes
+        per_page = rt.page_pool.page_k_bytes
         groups, size = [[]], 0
         for i, pg in enumerate(pages):
-            if groups[-1] and size + len(pg) * per_block > PAGED_GROUP_BYTES:
+            if groups[-1] and size + len(pg) * per_page > PAGED_GROUP_BYTES:
                 groups.append([])
                 size = 0
             groups[-1].append(i)
-            size += len(pg) * per_block
+            size += len(pg) * per_page
         for g in filter(None, groups):
             self._load_group([rows[i] for i in g], [lens[i] for i in g], [pages[i] for i in g], step)
         if rt.gpu_only:
