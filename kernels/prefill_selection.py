@@ -103,18 +103,10 @@ def select_blocks_prefill_batched(
     G = check_gqa(Hq, hkv)
     if not isinstance(c, torch.Tensor) or c.dtype != torch.float32 or tuple(c.shape) != (N, hkv):
         raise KernelArgumentError(f"c: expected a float32 tensor [{N}, {hkv}]")
-    if sum(n for n, _, _ in seqs) != E:
-        raise KernelArgumentError(f"seqs: their queries must be q's {E} rows, got {sum(n for n, _, _ in seqs)}")
-    for i, (n, base, T) in enumerate(seqs):
-        if base % config.block_size or not 0 < n <= T or base + T > N:
-            raise KernelArgumentError(f"seqs[{i}] = {(n, base, T)}: need base % {config.block_size} == 0, "
-                                      f"0 < n <= T and base + T <= {N}")
+    rows = check_seqs(seqs, E, N, config.block_size)
     device = check_devices(q=q, k=k, c=c)
     use = resolve_impl(impl, device)
     if use == "torch":  # the reference path: one sequence at a time
-        rows = [0]
-        for n, _, _ in seqs:
-            rows.append(rows[-1] + n)
         return torch.cat([select_blocks_prefill(q[r:r + n], k[b:b + T], c[b:b + T], config, impl=use, q_start=T - n)
                           for r, (n, b, T) in zip(rows, seqs)])
     check_head_dim("q", d, True)
@@ -147,6 +139,20 @@ def prefill_block_scores_torch(q, ck, ce, lo: int, config: NosaConfig, nb: int) 
     S = torch.where(forced, float("inf"), pool_chunks_torch(s, nb, config)).masked_fill(~exists, float("-inf"))
     E = pool_chunks_torch(e, nb, config).masked_fill(~exists, float("-inf"))
     return S, E
+
+
+def check_seqs(seqs: list[tuple[int, int, int]], n_rows: int, n_keys: int, block_size: int) -> list[int]:
+    """Validate the batched prefills' `seqs` [(n, base, T)] against q's n_rows and k's n_keys; returns each
+    sequence's first query row."""
+    rows = [0]
+    for i, (n, base, T) in enumerate(seqs):
+        if base % block_size or not 0 < n <= T or base + T > n_keys:
+            raise KernelArgumentError(f"seqs[{i}] = {(n, base, T)}: need base % {block_size} == 0, "
+                                      f"0 < n <= T and base + T <= {n_keys}")
+        rows.append(rows[-1] + n)
+    if rows[-1] != n_rows:
+        raise KernelArgumentError(f"seqs: {rows[-1]} query rows in all, q has {n_rows}")
+    return rows[:-1]
 
 
 def tokens_per_tile(G: int) -> int:

@@ -21,7 +21,7 @@ from nosa_sglang.kernels._dispatch import (
     check_block_size, check_devices, check_extend, check_float, check_gqa, check_head_dim, check_index, check_shape,
     default_scale, fp32_dot, next_pow2, resolve_impl,
 )
-from nosa_sglang.kernels.prefill_selection import select_blocks_prefill, tokens_per_tile, upload_ints
+from nosa_sglang.kernels.prefill_selection import check_seqs, select_blocks_prefill, tokens_per_tile, upload_ints
 
 __all__ = ["select_blocks_prefill", "sparse_prefill_attention", "sparse_prefill_batched", "sparse_prefill_torch",
            "union_blocks"]
@@ -150,17 +150,12 @@ def sparse_prefill_batched(q, k, v, c, block_ids, seqs: list[tuple[int, int, int
     if k.dtype != q.dtype or v.dtype != q.dtype or tuple(v.shape) != tuple(k.shape) or c.dtype != torch.float32:
         raise KernelArgumentError(f"k, v: [N, Hkv, d] in q's dtype {q.dtype}, c: float32 [N, Hkv]; got "
                                   f"{k.dtype} {list(k.shape)}, {v.dtype} {list(v.shape)}, {c.dtype}")
-    if sum(n for n, _, _ in seqs) != E or tuple(block_ids.shape[:2]) != (E, hkv):
-        raise KernelArgumentError(f"seqs / block_ids: expected {E} query rows of [Hkv={hkv}] selections")
-    for i, (n, base, T) in enumerate(seqs):
-        if base % block_size or not 0 < n <= T or base + T > N:
-            raise KernelArgumentError(f"seqs[{i}] = {(n, base, T)}: need base % {block_size} == 0, 0 < n <= T "
-                                      f"and base + T <= {N}")
+    if tuple(block_ids.shape[:2]) != (E, hkv):
+        raise KernelArgumentError(f"block_ids: expected {E} query rows of [Hkv={hkv}] selections, "
+                                  f"got {list(block_ids.shape)}")
+    rows = check_seqs(seqs, E, N, block_size)
     scale = default_scale(sm_scale, d)
     device = check_devices(q=q, k=k, v=v, c=c, block_ids=block_ids)
-    rows = [0]
-    for n, _, _ in seqs:
-        rows.append(rows[-1] + n)
     if resolve_impl(impl, device) == "torch":  # the reference path: one sequence at a time
         return torch.cat([sparse_prefill_torch(q[r:r + n], k[b:b + T], v[b:b + T], c[b:b + T], block_ids[r:r + n],
                                                block_size, scale, T - n) for r, (n, b, T) in zip(rows, seqs)])
