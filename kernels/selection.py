@@ -21,8 +21,8 @@ from nosa_sglang.config import NosaConfig
 from nosa_sglang.kernels import pdl
 from nosa_sglang.kernels._checks import KernelArgumentError, check_tensor
 from nosa_sglang.kernels._dispatch import (
-    check_devices, check_float, check_gqa, check_head_dim, check_index, check_shape, fp32_dot, next_pow2,
-    num_sms, resolve_impl,
+    check_devices, check_float, check_gqa, check_head_dim, check_index, check_shape, fp32_dot, interpret_mode,
+    next_pow2, num_sms, resolve_impl,
 )
 from nosa_sglang.kernels.compress import NewChunk, append_new_chunks, chunk_completes, compress_new_chunks
 from nosa_sglang.kernels.topk import forced_and_existing, select_topk
@@ -36,6 +36,8 @@ LOG2E = 1.4426950408889634
 CHUNK_TILE = 64  # compressed keys per dot in kernel 1
 BLOCK_TILE = 32  # blocks per program in kernel 3
 PROB_TILE = 256  # chunks per program in kernel 2
+#: kernel 1's product for fp32 K~ on a GPU: "ieee" (an fp32 dot), "tf32x3" or "fma" (`scripts/sweep_chunk_logits.py --fp32`)
+FP32_SCORES_DOT = "tf32x3"
 
 
 def max_blocks_for_chunks(cmax: int, config: NosaConfig) -> int:
@@ -170,6 +172,19 @@ def chunk_splits(cmax: int, programs: int, device: torch.device, block_c: int = 
     return max(1, triton.cdiv(cmax, per_split)), per_split
 
 
+def scores_dot(q_dtype: torch.dtype, ck_dtype: torch.dtype) -> str:
+    """How kernel 1 multiplies q by K~: "native" (a tensor-core dot in the keys' dtype), or for fp32 K~
+    (the reference's scores) FP32_SCORES_DOT; "ieee" under the interpreter (its bf16 dot is garbage)."""
+    if interpret_mode():
+        return "ieee"
+    return FP32_SCORES_DOT if fp32_dot(q_dtype) or ck_dtype == torch.float32 else "native"
+
+
+def group_rows(G: int, dot: str) -> int:
+    """Query rows per program: a tensor-core dot needs 16 (the group padded), FMAs only the group."""
+    return next_pow2(G) if dot == "fma" else max(16, next_pow2(G))
+
+
 def _decode_block_scores_triton(q, ck, n_chunks, seq_lens, config: NosaConfig, nb: int, G: int) -> torch.Tensor:
     B, Hq, d = q.shape
     _, cmax, hkv, _ = ck.shape
@@ -177,12 +192,11 @@ def _decode_block_scores_triton(q, ck, n_chunks, seq_lens, config: NosaConfig, n
     logits = torch.empty((B, hkv, G, max(cmax, 1)), dtype=torch.float32, device=q.device)
     run_max = torch.empty((B, hkv, G, splits), dtype=torch.float32, device=q.device)
     run_sum = torch.empty_like(run_max)
-    block_g = max(16, next_pow2(G))
+    dot = scores_dot(q.dtype, ck.dtype)
     _chunk_logits_kernel[(B * hkv, splits)](
         q, ck, n_chunks, logits, run_max, run_sum, LOG2E / math.sqrt(d), hkv, max(cmax, 1), per_split,
         q.stride(0), q.stride(1), ck.stride(0), ck.stride(1), ck.stride(2),
-        G=G, BLOCK_G=block_g, HEAD_DIM=d, BLOCK_C=CHUNK_TILE, IEEE=fp32_dot(q.dtype) or ck.dtype == torch.float32,
-        num_warps=4, **pdl.options(q),
+        G=G, BLOCK_G=group_rows(G, dot), HEAD_DIM=d, BLOCK_C=CHUNK_TILE, DOT=dot, num_warps=4, **pdl.options(q),
     )
     probs = torch.empty((B, hkv, max(cmax, 1)), dtype=torch.float32, device=q.device)
     _group_probs_kernel[(B * hkv, triton.cdiv(max(cmax, 1), PROB_TILE))](
@@ -197,7 +211,7 @@ def _decode_block_scores_triton(q, ck, n_chunks, seq_lens, config: NosaConfig, n
 def _chunk_logits_kernel(
     Q, CK, NCH, W, M, L, scale_log2, n_kv_heads, cmax, per_split,
     s_qb, s_qh, s_cb, s_cc, s_ch,
-    G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr,
     WAIT: tl.constexpr,
 ):
     pdl.prologue(WAIT)
@@ -212,7 +226,7 @@ def _chunk_logits_kernel(
     offs_c = tl.arange(0, BLOCK_C)
     row_ok = offs_g < G
     q = tl.load(Q + b * s_qb + (h * G + offs_g)[:, None] * s_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    if IEEE:
+    if DOT != "native":
         q = q.to(tl.float32)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -223,10 +237,12 @@ def _chunk_logits_kernel(
         cc = c0 + offs_c
         ok = cc < c_hi
         k = tl.load(CK + b * s_cb + cc[:, None] * s_cc + h * s_ch + offs_d[None, :], mask=ok[:, None], other=0.0)
-        if IEEE:
-            x = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
+        if DOT == "native":
             x = tl.dot(q, tl.trans(k.to(q.dtype)))
+        elif DOT == "fma":
+            x = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+        else:
+            x = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=DOT)
         x = tl.where(ok[None, :], x * scale_log2, float("-inf"))
         tl.store(w_row + cc[None, :], x, mask=row_ok[:, None] & ok[None, :])
         m_new = tl.maximum(m_i, tl.max(x, 1))

@@ -2,6 +2,7 @@
 the time to read K~ once, to find why it runs far below HBM bandwidth.
 
     python scripts/sweep_chunk_logits.py [--quick]
+    python scripts/sweep_chunk_logits.py --fp32    # fp32 K~: the product's variants and their error
 
 For each shape it times the kernel alone (triton.testing.do_bench, L2 flushed) under BLOCK_C, warps,
 stages and the number of chunk splits, checks every variant writes the same logits and row max/sum as
@@ -20,7 +21,7 @@ from nosa_sglang.kernels._dispatch import num_sms
 SHAPES = {"1b": (16, 2), "8b": (32, 8)}
 
 
-def launch(q, ck, n_chunks, block_c, warps, stages, split_factor):
+def launch(q, ck, n_chunks, block_c, warps, stages, split_factor, dot="native"):
     B, hq, d = q.shape
     cmax, hkv = ck.shape[1], ck.shape[2]
     G = hq // hkv
@@ -33,7 +34,7 @@ def launch(q, ck, n_chunks, block_c, warps, stages, split_factor):
         sel._chunk_logits_kernel[(B * hkv, splits)](
             q, ck, n_chunks, w, m, s, sel.LOG2E / math.sqrt(d), hkv, cmax, per_split,
             q.stride(0), q.stride(1), ck.stride(0), ck.stride(1), ck.stride(2),
-            G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), HEAD_DIM=d, BLOCK_C=block_c, IEEE=False, WAIT=False,
+            G=G, BLOCK_G=sel.group_rows(G, dot), HEAD_DIM=d, BLOCK_C=block_c, DOT=dot, WAIT=False,
             num_warps=warps, num_stages=stages,
         )
     return run, w, m, s
@@ -45,15 +46,55 @@ def lse(m, s):
     return mm.squeeze(-1) + torch.log2((s * torch.exp2(mu - mm)).sum(-1))
 
 
+def fp32_sweep(hbm: float) -> None:
+    """fp32 K~ (the server's default, the reference's scores): the product's variants side by side, each
+    one's worst logit error against float64, and bf16 K~'s tensor-core dot beside them."""
+    dev = torch.device("cuda")
+    print("\n| heads q/kv, d | ctx | B | K~ fp32 MB | floor us | variant (dot, BLOCK_C, warps, split x) | us | "
+          "GB/s | max logit error vs fp64 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (hq, hkv, d), ctx, B in (((32, 8, 64), 32768, 32), ((32, 8, 64), 131072, 16), ((32, 8, 128), 32768, 16)):
+        cmax = (ctx - 32) // 16 + 1
+        torch.manual_seed(0)
+        q = torch.randn(B, hq, d, device=dev, dtype=torch.bfloat16)
+        ck = torch.randn(B, cmax, hkv, d, device=dev, dtype=torch.float32)
+        n_chunks = torch.full((B,), cmax, dtype=torch.int32, device=dev)
+        want = torch.einsum("bhgd,bchd->bhgc", q.double().view(B, hkv, hq // hkv, d), ck.double())
+        want = want * (sel.LOG2E / math.sqrt(d))
+        mb = ck.numel() * 4 / 1e6
+        floor = ck.numel() * 4 / (hbm / 2 * 1e9) * 1e6
+        variants = ([("ieee", 64, 4, 2), ("ieee", 32, 4, 8)]
+                    + [("tf32x3", bc, 4, f) for bc in (32, 64) for f in (2, 8)]
+                    + [("fma", bc, warps, f) for bc in (16, 32, 64) for warps in (4, 8) for f in (2, 8)]
+                    + [("native", 64, 4, 2)])
+        for dot, bc, warps, f in variants:
+            x = ck.to(torch.bfloat16) if dot == "native" else ck
+            try:
+                run, w, _, _ = launch(q, x, n_chunks, bc, warps, 3, f, dot)
+                run()
+                us = triton.testing.do_bench(run, warmup=5, rep=30) * 1e3
+            except Exception as e:  # noqa: BLE001 - a variant Triton cannot compile (registers) is reported
+                print(f"| {hq}/{hkv}, {d} | {ctx} | {B} | {mb:.1f} | {floor:.1f} | {(dot, bc, warps, f)} | "
+                      f"failed: {type(e).__name__} | - | - |", flush=True)
+                continue
+            err = (w.double() - want).abs().max().item()
+            print(f"| {hq}/{hkv}, {d} | {ctx} | {B} | {mb:.1f} | {floor:.1f} | {(dot, bc, warps, f)} | {us:.1f} | "
+                  f"{mb * 1e3 / us:.0f} | {err:.2e} |", flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--fp32", action="store_true", help="only the fp32-K~ variants (ieee / tf32x3 / fma products)")
     a = p.parse_args()
     dev = torch.device("cuda")
     x = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
     t = triton.testing.do_bench(lambda: x[: 1 << 29].copy_(x[1 << 29:]), warmup=10, rep=50)
     hbm = 2 * (1 << 29) / (t * 1e-3) / 1e9
     print(f"device copy (read+write) {hbm:.0f} GB/s; SMs {num_sms(dev)}")
+    if a.fp32:
+        fp32_sweep(hbm)
+        return 0
     cases = [("1b", 16384, 16), ("1b", 131072, 1), ("1b", 131072, 16), ("1b", 131072, 64), ("8b", 131072, 16),
              ("8b", 131072, 64), ("8b", 16384, 64)]
     # split factor 1: at most one wave of programs (at B 1 the default's two waves of one tile each

@@ -106,7 +106,7 @@ COMPILE = textwrap.dedent("""
     out["chunk logits"] = ptx(SEL._chunk_logits_kernel, {
         "Q": "*bf16", "CK": "*bf16", "NCH": "*i32", "W": "*fp32", "M": "*fp32", "L": "*fp32", "scale_log2": "fp32",
         **ints("n_kv_heads", "cmax", "per_split", "s_qb", "s_qh", "s_cb", "s_cc", "s_ch")},
-        dict(G=8, BLOCK_G=16, HEAD_DIM=128, BLOCK_C=SEL.CHUNK_TILE, IEEE=False, WAIT=True), num_warps=4)
+        dict(G=8, BLOCK_G=16, HEAD_DIM=128, BLOCK_C=SEL.CHUNK_TILE, DOT="native", WAIT=True), num_warps=4)
     out["group probs"] = ptx(SEL._group_probs_kernel, {
         "W": "*fp32", "M": "*fp32", "L": "*fp32", "NCH": "*i32", "P": "*fp32",
         **ints("n_kv_heads", "cmax", "n_splits")},

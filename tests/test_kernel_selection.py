@@ -14,6 +14,7 @@ from kernel_checks import SMALL
 
 from nosa_sglang.config import NosaConfig
 from nosa_sglang.kernels import topk as topk_module
+from nosa_sglang.kernels import selection as SEL
 from nosa_sglang.kernels._checks import KernelArgumentError
 from nosa_sglang.kernels.selection import (
     append_new_chunks, chunk_completes, compress_new_chunks, decode_block_scores, eviction_block_scores,
@@ -121,6 +122,25 @@ def test_decode_selection_equals_reference(gen, impl):
     sel = select_topk(S, E, sl, SMALL, impl=impl)
     assert sel.dtype == torch.int32 and sel.shape == (3, 2, SMALL.topk_blocks)
     assert torch.equal(sel.long(), select_blocks_decode(q, k, c, sl, SMALL))
+
+
+@pytest.mark.parametrize("dot", ["ieee", "tf32x3", "fma"])
+def test_chunk_logits_fp32_products_match_float64(gen, dot):
+    """Kernel 1's fp32-K~ products (FP32_SCORES_DOT picks one on a GPU) on 2 requests, one shorter than
+    the buffer, split in two: every visible logit within fp32 rounding of float64, none written past n."""
+    B, hq, hkv, d, cmax = 2, 8, 2, 64, 100
+    q, ck = randn(gen, B, hq, d), randn(gen, B, cmax, hkv, d)
+    n = torch.tensor([100, 77], dtype=torch.int32, device=DEVICE)
+    G = hq // hkv
+    w = torch.full((B, hkv, G, cmax), float("nan"), device=DEVICE)
+    m, s = torch.empty((B, hkv, G, 2), device=DEVICE), torch.empty((B, hkv, G, 2), device=DEVICE)
+    SEL._chunk_logits_kernel[(B * hkv, 2)](
+        q, ck, n, w, m, s, SEL.LOG2E / d ** 0.5, hkv, cmax, 64, q.stride(0), q.stride(1), ck.stride(0),
+        ck.stride(1), ck.stride(2), G=G, BLOCK_G=SEL.group_rows(G, dot), HEAD_DIM=d, BLOCK_C=32, DOT=dot, WAIT=False)
+    want = torch.einsum("bhgd,bchd->bhgc", q.double().view(B, hkv, G, d), ck.double()) * SEL.LOG2E / d ** 0.5
+    for b, nb in enumerate(n.tolist()):
+        torch.testing.assert_close(w[b, ..., :nb].double(), want[b, ..., :nb], rtol=0, atol=1e-5)
+        assert w[b, ..., nb:].isnan().all()
 
 
 def use_search(monkeypatch, search) -> None:
@@ -246,8 +266,11 @@ def test_argument_errors_name_the_argument(call, match):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch", [1, 4])
-def test_gpu_decode_selection_real_sizes(gen, batch):
-    """Default NOSA config, d 128, 8B-like heads, 16K context (bf16 keys, fp32 K~ and bf16 K~)."""
+@pytest.mark.parametrize("fp32_dot", ["ieee", "tf32x3", "fma"])
+def test_gpu_decode_selection_real_sizes(gen, batch, fp32_dot, monkeypatch):
+    """Default NOSA config, d 128, 8B-like heads, 16K context (bf16 keys, fp32 K~ under each fp32 product
+    kernel 1 can use, and bf16 K~)."""
+    monkeypatch.setattr(SEL, "FP32_SCORES_DOT", fp32_dot)
     cfg = NosaConfig()
     lens = [16384, 16000 + 37, 12345, 9000][:batch]
     L = max(lens)
