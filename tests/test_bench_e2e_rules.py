@@ -81,3 +81,20 @@ def test_serve_throughput_max_batch_lets_each_configuration_size_its_pool_and_fi
     assert st.host_pool_gib(info({})) is None  # dense
     assert st.host_pool_gib(info({"nosa": {"kv_pool": {"memory": "gpu", "kv_bytes": 2**30}}})) is None
     assert st.host_pool_gib(info({"nosa": {"kv_pool": {"memory": "host", "kv_bytes": 3 * 2**30}}})) == 3.0
+
+
+def test_serve_throughput_reads_sglang_logged_rate_of_the_full_batch():
+    import serve_throughput as st
+
+    line = ("[2026-11-30 01:08:00] Decode batch, #running-req: {n}, #token: 1052672, token usage: 0.90, cuda graph: "
+            "True, gen throughput (token/s): {r}, #queue-req: 0\n")
+    log = "".join(line.format(n=n, r=r) for n, r in ((32, 34.65), (32, 6021.3), (32, 6014.0), (31, 9000.0),
+                                                      (32, 6011.3), (32, 5000.0)))
+    assert st.logged_gen_tok_s(log, 32) == (6011.3 + 6014.0) / 2  # the first interval and other batch sizes left out
+    assert st.logged_gen_tok_s(log, 16) is None and st.logged_gen_tok_s("Prefill batch\n", 32) is None
+    args = type("A", (), {})()
+    base = {"N": 4, "pool_tokens": 9000, "prefill_s": 1.0, "cached": 8000, "gpu_mib": 1, "P": 2048, "fixed_s": 0.5,
+            "decode_s": 1.0, "tpot_ms": 1.0, "hit_rate": None, "h2d_bytes": None, "tok_s": 1.0, "step_ms": 1.0,
+            "steady_tok_s": 1.0}
+    rows = [{**base, "config": "dense", "logged_tok_s": 2000.0}, {**base, "config": "nosa", "logged_tok_s": 6000.0}]
+    assert "| 6000 | 3.00x |" in [x for x in st.table(rows, args).splitlines() if "| nosa |" in x][0]
