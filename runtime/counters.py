@@ -71,6 +71,7 @@ class Counters:
         # streams may add to one layer's counts at the same time, where `+=` would lose an update
         self._layer_idx = torch.arange(num_layers * N_LAYER, device=device).view(num_layers, N_LAYER)
         self.row_counts = torch.zeros((max_rows, N_ROW), dtype=torch.long, device=device)
+        self._selected = torch.zeros((num_layers, max_rows), dtype=torch.long, device=device)  # this step's, per row
         self._lock = threading.Lock()
         self._d2h_bytes = [0] * num_layers
         self._transfer_s = [0.0] * num_layers
@@ -95,6 +96,26 @@ class Counters:
         else:
             self.row_counts.index_add_(0, rows, counts)
         self.layer_counts.view(-1).index_add_(0, self._layer_idx[layer, :N_ROW], counts.sum(dim=0))
+
+    def note_selected(self, layer: int, rows: torch.Tensor, row_range: tuple[int, int] | None,
+                      sel: torch.Tensor) -> None:
+        """Fully on the GPU (no misses): the blocks `sel` [B, Hkv, K] (-1 = none) selects in `layer`, kept
+        until `add_selected` adds every layer's at once (2 launches a layer instead of ~9)."""
+        n = (sel >= 0).sum(dim=(1, 2))
+        if row_range is not None:
+            self._selected[layer, row_range[0] : row_range[1]] = n
+        else:
+            self._selected[layer].index_put_((rows,), n)
+
+    def add_selected(self, rows: torch.Tensor, row_range: tuple[int, int] | None, real: torch.Tensor) -> None:
+        """After the step's last layer: the counts `note_selected` kept for the batch's rows, padding
+        rows (real 0) left out, into the row and layer counts."""
+        n = self._selected[:, slice(*row_range) if row_range is not None else rows] * real  # [L, B]
+        if row_range is not None:
+            self.row_counts[row_range[0] : row_range[1], 0] += n.sum(dim=0)
+        else:
+            self.row_counts[:, 0].index_add_(0, rows, n.sum(dim=0))
+        self.layer_counts.view(-1).index_add_(0, self._layer_idx[:, 0], n.sum(dim=1))
 
     def diff_tally(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(row_counts, this layer's counts, rows): where a residency diff of `rows` adds its counts."""

@@ -252,8 +252,9 @@ class LayerDecoder:
         sel = select_topk(S, E if nosa else None, p.seq_lens, cfg, rt.selection_policy, impl=rt.impl)
         if rt.gpu_only:
             valid = sel >= 0
-            n = valid.sum(dim=(1, 2)) * p.real
-            rt.counters.add_diff(layer, p.rows, p.row_range, torch.stack((n, torch.zeros_like(n)), dim=-1))
+            rt.counters.note_selected(layer, p.rows, p.row_range, sel)
+            if layer == rt.shape.num_layers - 1:
+                rt.counters.add_selected(p.rows, p.row_range, p.real)
             slots = rt.host_runs(p, sel) if rt.pool_backed else p.slot_base + sel  # int32 + int64 slot base: int64
             return sel, torch.where(valid, slots, -1), None, E
         view = rt.slots.rows_view(layer, p.rows, p.row_range)

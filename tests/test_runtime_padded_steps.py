@@ -95,6 +95,8 @@ def drive(device: str, graphs: bool) -> None:
             steps.begin((), ROWS, torch.zeros(0, dtype=torch.long))
     ids = ["r0", "r1", "r2"]
     shapes: dict[int, tuple] = dict(captured["g"].shapes) if graphs else {}
+    selected = [0] * L  # blocks the steps selected, per layer and per request: what both must count
+    per_request = dict.fromkeys(ids, 0)
     for step in range(70):
         if step == 25:  # r0 ends: r2 moves into its row
             for rt in (plain, padded):
@@ -110,6 +112,10 @@ def drive(device: str, graphs: bool) -> None:
         x = step_inputs(B, g, device)
         refs = [plain.decode(layer, batch, *(t[:n] for t in x[layer]), token_locs=locs) for layer in range(L)]
         sels = [plain.last_selection(layer).clone() for layer in range(L)]
+        for layer in range(L):
+            selected[layer] += int((sels[layer] >= 0).sum())
+            for rid, sel in zip(batch, sels[layer]):
+                per_request[rid] += int((sel >= 0).sum())
         outs = captured["g"].run(B, x) if graphs else [steps.decode(layer, *x[layer]) for layer in range(L)]
         for layer in range(L):
             assert torch.equal(outs[layer][:n], refs[layer]), f"step {step} layer {layer}: outputs differ"
@@ -120,6 +126,9 @@ def drive(device: str, graphs: bool) -> None:
     assert all(padded.seq_len(r) == plain.seq_len(r) for r in ids)
     a, b = plain.snapshot(), padded.snapshot()
     assert [(x.hits, x.misses) for x in a.layers] == [(x.hits, x.misses) for x in b.layers], "padding was counted"
+    assert [x.hits for x in a.layers] == selected and all(x.misses == 0 for x in a.layers)
+    for snap in (a, b):
+        assert {r.request_id: r.hits for r in snap.requests} == {rid: per_request[rid] for rid in ids}
     for rid in ids:  # every token where the server put it, in both pools
         locs = server.locs(rid, server.lens[rid]).to(device)
         for layer in range(L):
