@@ -101,11 +101,10 @@ class Counters:
                       sel: torch.Tensor) -> None:
         """Fully on the GPU (no misses): the blocks `sel` [B, Hkv, K] (-1 = none) selects in `layer`, kept
         until `add_selected` adds every layer's at once (2 launches a layer instead of ~9)."""
-        n = (sel >= 0).sum(dim=(1, 2))
         if row_range is not None:
-            self._selected[layer, row_range[0] : row_range[1]] = n
+            torch.sum(sel >= 0, dim=(1, 2), out=self._selected[layer, row_range[0] : row_range[1]])
         else:
-            self._selected[layer].index_put_((rows,), n)
+            self._selected[layer].index_put_((rows,), (sel >= 0).sum(dim=(1, 2)))
 
     def add_selected(self, rows: torch.Tensor, row_range: tuple[int, int] | None, real: torch.Tensor) -> None:
         """After the step's last layer: the counts `note_selected` kept for the batch's rows, padding

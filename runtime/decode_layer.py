@@ -19,6 +19,7 @@ import torch
 
 from nosa_sglang.kernels.selection import decode_block_scores, eviction_block_scores, select_topk
 from nosa_sglang.kernels.sparse_decode import sparse_decode_attention
+from nosa_sglang.kernels.table_runs import table_run_ids
 from nosa_sglang.kernels.token_write import TokenBuffers, write_token
 from nosa_sglang.kernels.topk import forced_and_existing
 from nosa_sglang.runtime.graph_cache import SegmentGraphs
@@ -251,12 +252,12 @@ class LayerDecoder:
         S = decode_block_scores(q, ck, p.n_chunks, p.seq_lens, cfg, impl=rt.impl, num_blocks=p.num_blocks)
         sel = select_topk(S, E if nosa else None, p.seq_lens, cfg, rt.selection_policy, impl=rt.impl)
         if rt.gpu_only:
-            valid = sel >= 0
             rt.counters.note_selected(layer, p.rows, p.row_range, sel)
             if layer == rt.shape.num_layers - 1:
                 rt.counters.add_selected(p.rows, p.row_range, p.real)
-            slots = rt.host_runs(p, sel) if rt.pool_backed else p.slot_base + sel  # int32 + int64 slot base: int64
-            return sel, torch.where(valid, slots, -1), None, E
+            # NOTE: the attention masks the slots of unselected entries (sel -1), so none are masked here
+            slots = table_run_ids(rt.host_table, p.rows, sel, impl=rt.impl) if rt.pool_backed else p.slot_base + sel
+            return sel, slots, None, E
         view = rt.slots.rows_view(layer, p.rows, p.row_range)
         if view.rows is not None:
             state["view"] = view  # gathered copies (eager only): committed after attention
