@@ -11,10 +11,12 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import triton
+import triton.language as tl
 
 from nosa_sglang.config import NosaConfig
 from nosa_sglang.kernels._checks import KernelArgumentError
-from nosa_sglang.kernels._dispatch import check_float, check_index, check_shape
+from nosa_sglang.kernels._dispatch import check_float, check_index, check_shape, next_pow2, resolve_impl
 
 
 class NewChunk(NamedTuple):
@@ -98,3 +100,72 @@ def append_new_chunks(
     ck_buf[rows, idx] = torch.where(done[:, None, None], new.ck.to(ck_buf.dtype), ck_buf[rows, idx])
     ce_buf[rows, idx] = torch.where(done[:, None], new.ce.to(ce_buf.dtype), ce_buf[rows, idx])
     n_chunks.add_(done.to(n_chunks.dtype))
+
+
+def complete_chunks(ck: torch.Tensor, ce: torch.Tensor, ring: torch.Tensor, c: torch.Tensor, rows: torch.Tensor,
+                    pos: torch.Tensor, completes: torch.Tensor, chunk_ids: torch.Tensor, config: NosaConfig,
+                    impl: str = "auto") -> None:
+    """In place, one layer of a runtime's selection state: each request b whose token at pos[b] completed
+    a chunk (completes[b] != 0) writes chunk chunk_ids[b] of its row rows[b]: K~ = the mean of its
+    recent-key ring, the chunk mean = the mean of its last kernel_size biases; the others write nothing.
+    One launch where torch needs ~15 (fixed shapes inside a decode graph: a masked write, no branch).
+
+    Args:
+        ck: [R, Cmax, Hkv, d] compressed keys; ce: [R, Cmax, Hkv] float32 chunk means.
+        ring: [R, kernel_size, Hkv, d] the last kernel_size keys; c: [R, Hkv, max_tokens] float32 biases.
+        rows, pos, completes, chunk_ids: [B] int.
+    """
+    check_float("ck", ck, 4)
+    R, cmax, hkv, d = ck.shape
+    check_shape("ce", ce, (R, cmax, hkv), "[rows, Cmax, Hkv] like ck")
+    check_shape("ring", ring, (R, config.kernel_size, hkv, d), "[rows, kernel_size, Hkv, d]")
+    check_float("ring", ring, 4)
+    check_float("c", c, 3)
+    for name, t in (("rows", rows), ("pos", pos), ("completes", completes), ("chunk_ids", chunk_ids)):
+        check_index(name, t, 1)
+        check_shape(name, t, rows.shape, "[batch] like rows")
+    B = rows.shape[0]
+    if resolve_impl(impl, ck.device) == "torch" or B == 0:
+        complete_chunks_torch(ck, ce, ring, c, rows, pos, completes, chunk_ids, config)
+        return
+    _complete_chunks_kernel[(B * hkv,)](
+        ck, ce, ring, c, rows, pos, completes, chunk_ids, hkv, d,
+        *ck.stride()[:3], *ce.stride(), *ring.stride()[:3], *c.stride()[:2],
+        KS=config.kernel_size, BLOCK_T=next_pow2(config.kernel_size), BLOCK_D=next_pow2(d), num_warps=1,
+    )
+
+
+def complete_chunks_torch(ck, ce, ring, c, rows, pos, completes, chunk_ids, config: NosaConfig) -> None:
+    """The same writes as torch ops (rows without a new chunk rewrite theirs unchanged: no branch)."""
+    ks = config.kernel_size
+    done = completes != 0
+    ck_new = ring[rows].float().mean(dim=1).to(ck.dtype)
+    ck[rows, chunk_ids] = torch.where(done[:, None, None], ck_new, ck[rows, chunk_ids])
+    start = (pos + 1 - ks).clamp(min=0)[:, None, None]
+    heads = torch.arange(ce.shape[2], device=ce.device)
+    window = c[rows[:, None, None], heads[None, :, None], start + torch.arange(ks, device=c.device)]
+    ce[rows, chunk_ids] = torch.where(done[:, None], window.mean(dim=-1), ce[rows, chunk_ids])
+
+
+@triton.jit
+def _complete_chunks_kernel(
+    CK, CE, RING, C, ROWS, POS, DONE, CHUNK, n_kv_heads, head_dim,
+    s_kr, s_kc, s_kh, s_er, s_ec, s_eh, s_rr, s_rt, s_rh, s_cr, s_ch,
+    KS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // n_kv_heads
+    h = pid % n_kv_heads
+    if tl.load(DONE + b) != 0:
+        row = tl.load(ROWS + b).to(tl.int64)
+        chunk = tl.load(CHUNK + b).to(tl.int64)
+        offs_t = tl.arange(0, BLOCK_T)
+        offs_d = tl.arange(0, BLOCK_D)
+        in_window = offs_t < KS
+        keys = tl.load(RING + row * s_rr + offs_t[:, None] * s_rt + h * s_rh + offs_d[None, :],
+                       mask=in_window[:, None] & (offs_d[None, :] < head_dim), other=0.0).to(tl.float32)
+        ck = tl.sum(keys, axis=0) / KS
+        tl.store(CK + row * s_kr + chunk * s_kc + h * s_kh + offs_d, ck.to(CK.dtype.element_ty), mask=offs_d < head_dim)
+        start = tl.maximum(tl.load(POS + b).to(tl.int64) + 1 - KS, 0)
+        bias = tl.load(C + row * s_cr + h * s_ch + start + offs_t, mask=in_window, other=0.0)
+        tl.store(CE + row * s_er + chunk * s_ec + h * s_eh, tl.sum(bias, axis=0) / KS)

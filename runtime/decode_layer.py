@@ -126,7 +126,7 @@ class LayerDecoder:
         write_token(TokenBuffers(*rt.slots.token_views(layer), *rt.selection.token_views(layer)), p.token_slots,
                     p.offsets, p.rows, p.pos, x["k"], x["v"], x["c"], impl=rt.impl)
         if p.any_complete:
-            rt.selection.complete_chunks(layer, p.rows, p.pos, p.completes, p.chunk_ids)
+            rt.selection.complete_chunks(layer, p.rows, p.pos, p.completes, p.chunk_ids, impl=rt.impl)
 
     def _write_back(self, layer: int, p: StepPlan) -> None:
         if p.wb_src is None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from nosa_sglang.config import NosaConfig
-from nosa_sglang.kernels.compress import compress_windows
+from nosa_sglang.kernels.compress import complete_chunks, compress_windows
 
 
 class SelectionState:
@@ -43,8 +43,6 @@ class SelectionState:
         self.ce = torch.zeros((L, R, self.max_chunks, H), dtype=torch.float32, device=device)
         self.c = torch.zeros((L, R, H, max_tokens), dtype=torch.float32, device=device)
         self.ring = torch.zeros((L, R, ks, H, d), dtype=dtype, device=device)
-        self.heads = torch.arange(H, device=device)
-        self._window = torch.arange(ks, device=device)
 
     @property
     def gpu_bytes(self) -> int:
@@ -68,27 +66,13 @@ class SelectionState:
         and bias are recorded (kernels.token_write, with the slot buffers' views)."""
         return self.ring[layer], self.c[layer]
 
-    def complete_chunks(
-        self,
-        layer: int,
-        rows: torch.Tensor,
-        pos: torch.Tensor,
-        completes: torch.Tensor,
-        chunk_ids: torch.Tensor,
-    ) -> None:
+    def complete_chunks(self, layer: int, rows: torch.Tensor, pos: torch.Tensor, completes: torch.Tensor,
+                        chunk_ids: torch.Tensor, impl: str = "auto") -> None:
         """After the token at pos [B] of rows [B] was recorded (token_views): requests with completes[b]
         (0/1) append chunk chunk_ids[b] (its K~ = mean of the recent-key ring, its chunk mean = mean of the
-        last kernel_size biases); the others rewrite chunk_ids[b] unchanged (fixed shapes, no host branch).
-        """
-        ks = self.config.kernel_size
-        done = completes != 0
-        ck_new = self.ring[layer][rows].float().mean(dim=1).to(self.ck.dtype)
-        ck_old = self.ck[layer][rows, chunk_ids]
-        self.ck[layer][rows, chunk_ids] = torch.where(done[:, None, None], ck_new, ck_old)
-        start = (pos + 1 - ks).clamp(min=0)[:, None, None]
-        window = self.c[layer][rows[:, None, None], self.heads[None, :, None], start + self._window]
-        ce_old = self.ce[layer][rows, chunk_ids]
-        self.ce[layer][rows, chunk_ids] = torch.where(done[:, None], window.mean(dim=-1), ce_old)
+        last kernel_size biases); the others write nothing (fixed shapes, no host branch)."""
+        complete_chunks(self.ck[layer], self.ce[layer], self.ring[layer], self.c[layer], rows, pos, completes,
+                        chunk_ids, self.config, impl=impl)
 
     def batch(
         self, layer: int, rows: torch.Tensor, row_range: tuple[int, int] | None

@@ -16,6 +16,7 @@ from nosa_sglang.config import NosaConfig
 from nosa_sglang.kernels import topk as topk_module
 from nosa_sglang.kernels import selection as SEL
 from nosa_sglang.kernels._checks import KernelArgumentError
+from nosa_sglang.kernels.compress import complete_chunks, complete_chunks_torch
 from nosa_sglang.kernels.selection import (
     append_new_chunks, chunk_completes, compress_new_chunks, decode_block_scores, eviction_block_scores,
     max_blocks_for_chunks, select_topk,
@@ -221,6 +222,35 @@ def test_incremental_compression_equals_whole_prompt(gen):
     nc = SMALL.num_chunks(L)
     torch.testing.assert_close(ck_buf[:, :nc], compress_keys(k, SMALL), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(ce_buf[:, :nc], compress_eviction(c, SMALL), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("ck_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cfg", [SMALL, NosaConfig()], ids=["small", "default"])
+def test_complete_chunks_kernel_equals_torch_statement(gen, ck_dtype, cfg):
+    """The decode step's chunk completion (one launch) against its torch statement on random state: rows
+    in any order, some completing a chunk and some not (those must stay bit for bit untouched), a window
+    at the start of the sequence (pos + 1 == kernel_size)."""
+    if DEVICE == "cpu" and not SEL.interpret_mode():
+        pytest.skip("needs TRITON_INTERPRET=1 (set by the test command on machines without CUDA)")
+    R, cmax, H, d, T, ks = 6, 9, 2, 16, 200, cfg.kernel_size
+    state = (randn(gen, R, cmax, H, d).to(ck_dtype), randn(gen, R, cmax, H),
+             randn(gen, R, ks, H, d, dtype=torch.bfloat16), randn(gen, R, H, T))
+    rows = torch.tensor([4, 1, 3, 0], device=DEVICE)
+    pos = torch.tensor([ks - 1, 150, 77, 120], device=DEVICE)
+    completes = torch.tensor([1, 0, 1, 1], device=DEVICE)
+    chunk_ids = torch.tensor([0, 5, 8, 3], device=DEVICE)
+    want = [t.clone() for t in state]
+    complete_chunks_torch(*want, rows, pos, completes, chunk_ids, cfg)
+    got = [t.clone() for t in state]
+    complete_chunks(*got, rows, pos, completes, chunk_ids, cfg, impl="triton")
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6 if ck_dtype == torch.float32 else 1e-2, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-6)
+    assert not torch.equal(want[0], state[0]) and not torch.equal(want[1], state[1]), "the case must write"
+    untouched = torch.ones(R, cmax, dtype=torch.bool)
+    untouched[[4, 3, 0], [0, 8, 3]] = False
+    assert torch.equal(got[0][untouched], state[0][untouched]) and torch.equal(got[1][untouched], state[1][untouched])
+    window = state[3][3, :, 77 + 1 - ks : 78]  # row 3's chunk mean: its last kernel_size biases
+    torch.testing.assert_close(got[1][3, 8], window.mean(dim=-1), rtol=1e-6, atol=1e-6)
 
 
 def test_chunk_completes_every_stride():
