@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from nosa_sglang.kernels.block_copy import gather_runs, gather_store_runs
+from nosa_sglang.kernels.page_tokens import read_page_tokens
 from nosa_sglang.kernels.pinned import alloc_pinned
 from nosa_sglang.kernels.token_store import store_tokens
 
@@ -124,6 +125,9 @@ class PagePool:
         on `pages` [>= ceil(n / block_size)] in order (token i at page i // block_size, offset i % block_size:
         how a paged allocator places a request); v is None when not wanted. Whole runs are gathered: far
         fewer, longer reads than `read_tokens` over the same tokens."""
+        if not self.host:  # NOTE: one token-major pass over each run (the gather and transpose below move it twice)
+            return read_page_tokens(self.kv[0, layer], self.kv[1, layer] if with_v else None, self.c[layer], pages,
+                                    n_tokens, self.num_kv_heads)
         bs, hkv, d = self.block_size, self.num_kv_heads, self.head_dim
         nb = -(-n_tokens // bs)
         k, v, c = self._read_runs(layer, self.runs_of(pages[:nb]).flatten(), True, with_v, skips=False)

@@ -348,9 +348,21 @@ def test_admission_and_extends_read_only_the_v_they_use(gen, offload, monkeypatc
     sched = Scheduler(backend, runner, gen)
     a = sched.new("a")
     sched.forward(ForwardMode.EXTEND, [(a, 20 * PAGE + 5)])  # 21 blocks, the last one partial
-    reads, original = [], PagePool._read_runs  # every read of runs (read_runs, read_pages) goes through it
+    import nosa_sglang.runtime.page_pool as page_pool
+
+    reads, original, by_runs = [], PagePool._read_runs, page_pool.read_page_tokens
+    # every read of runs goes through one of them: read_runs and a host pool's read_pages through _read_runs, a
+    # device pool's read_pages through read_page_tokens (its layer found by address)
     monkeypatch.setattr(PagePool, "_read_runs", lambda pool, layer, runs, with_k, with_v, skips: reads.append(
         (layer, int((runs >= 0).sum()), with_v)) or original(pool, layer, runs, with_k, with_v, skips))  # runs read
+
+    def spy(k_runs, v_runs, c_runs, pages, n_tokens, num_kv_heads, impl="auto"):
+        pool = backend.kv_pool.pages
+        layer = [x.data_ptr() for x in pool.kv[0]].index(k_runs.data_ptr())
+        reads.append((layer, -(-n_tokens // pool.block_size) * num_kv_heads, v_runs is not None))
+        return by_runs(k_runs, v_runs, c_runs, pages, n_tokens, num_kv_heads, impl)
+
+    monkeypatch.setattr(page_pool, "read_page_tokens", spy)
     sched.forward(ForwardMode.DECODE, [(a, 1)])  # admission, then the first step
     k_reads = [(layer, n) for layer, n, with_v in reads if not with_v]
     assert k_reads == [(layer, 21 * HKV) for layer in range(L)]  # every run of K, once per layer
