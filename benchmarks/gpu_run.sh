@@ -58,9 +58,11 @@ for what in "$@"; do case $what in
       --out $OUT/grpc_batched.md ;;
   runtime-gpu-tests) step runtime_gpu_tests ${TESTS_LIMIT:-420} python3 -P -m pytest -q -p no:cacheprovider -m gpu \
       tests/test_runtime_gpu.py tests/test_runtime_graph_capture.py tests/test_kernel_block_copy.py --tb=short -rfE ${PYTEST_K:+-k "$PYTEST_K"} ;;
-  prefill-tests)  # every prefill kernel test on CUDA (the batched extends' kernels included; not marked gpu: they run on any device)
-    step prefill_tests ${TESTS_LIMIT:-300} python3 -P -m pytest -q -p no:cacheprovider -rfE --tb=short \
-      tests/test_kernel_sparse_prefill.py ;;
+  device-tests)  # the kernel tests that run on whichever device they find (not marked gpu), here on CUDA: the
+    # prefill kernels (batched extends included), selection (fp32 K~ products, chunk completion), table runs, page tokens
+    step device_tests ${TESTS_LIMIT:-300} python3 -P -m pytest -q -p no:cacheprovider -rfE --tb=short \
+      tests/test_kernel_sparse_prefill.py tests/test_kernel_selection.py tests/test_kernel_table_runs.py \
+      tests/test_kernel_page_tokens.py ;;
   sglang-e2e)  # the real SGLang server with --enable-nosa (needs `build_wheels.sh .whl-sglang` here, carried too)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl-sglang/*.whl 2>&1 \
       | grep -v -i warning
