@@ -80,6 +80,6 @@ for what in "$@"; do case $what in
       --out $OUT/serve_throughput.md
     # SERVE_PROFILE=1: the traces stay on the GPU machine (hundreds of MiB), their summaries come back
     if [ -n "${SERVE_PROFILE:-}" ]; then for d in /tmp/profiles/*/; do
-      python3 scripts/trace_summary.py "$d" --out "$OUT/trace_$(basename "$d").md" > /dev/null; done; fi ;;
+      python3 scripts/trace_summary.py "$d" --top 40 --out "$OUT/trace_$(basename "$d").md" > /dev/null; done; fi ;;
   *) echo "unknown step $what"; exit 2 ;;
 esac; done

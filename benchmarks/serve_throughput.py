@@ -177,14 +177,14 @@ def run_config(config: str, ckpt: Path, args, workdir: Path) -> list[dict]:
                    "hit_rate": nosa["hits"] / looked_up if looked_up else None, "h2d_bytes": nosa.get("bytes_h2d")}
             print(row, flush=True)
             rows.append(row)
-            if args.profile_dir:  # torch profiler traces of 4 steady decode steps (SGLang writes them, gzipped)
-                out_dir = Path(args.profile_dir) / f"{config}_{P}"
-                body = json.dumps({"output_dir": str(out_dir), "num_steps": 4, "activities": ["CPU", "GPU"]}).encode()
+            if args.profile_dir:  # torch profiler traces (SGLang writes them, gzipped): the first forwards of
+                # a pass (the extend of each last page, the admission, the first steps), then 4 steady steps
+                start_profile(url, Path(args.profile_dir) / f"{config}_{P}_fixed", 4)
+                send(url, prompts, 4)
                 with ThreadPoolExecutor(1) as pool:  # NOTE: asked for once the pass's fixed cost is behind it
                     passing = pool.submit(send, url, prompts, 64)
                     time.sleep(fixed_s + 0.1)
-                    urllib.request.urlopen(urllib.request.Request(f"{url}/start_profile", data=body, headers={
-                        "Content-Type": "application/json"}), timeout=60).read()  # NOTE: answers in plain text
+                    start_profile(url, Path(args.profile_dir) / f"{config}_{P}_steady", 4)
                     passing.result()
     except Exception as e:  # noqa: BLE001 - report the failure and the log tail, keep the other configs
         rows.append({"config": config, "error": f"{type(e).__name__}: {e}",
@@ -194,6 +194,13 @@ def run_config(config: str, ckpt: Path, args, workdir: Path) -> list[dict]:
         log.close()
     rows.append({"config": config, "cmd": " ".join(cmd[1:])})
     return rows
+
+
+def start_profile(url: str, out_dir: Path, steps: int) -> None:
+    """SGLang's profiler over the server's next `steps` forwards, written to out_dir."""
+    body = json.dumps({"output_dir": str(out_dir), "num_steps": steps, "activities": ["CPU", "GPU"]}).encode()
+    urllib.request.urlopen(urllib.request.Request(f"{url}/start_profile", data=body, headers={
+        "Content-Type": "application/json"}), timeout=60).read()  # NOTE: answers in plain text
 
 
 def logged_gen_tok_s(log_text: str, batch: int) -> float | None:
@@ -262,7 +269,7 @@ def main() -> int:
     ap.add_argument("--extra", default="", help="more flags for every server")
     ap.add_argument("--port", type=int, default=31100)
     ap.add_argument("--startup-s", type=float, default=300)
-    ap.add_argument("--profile-dir", default=None, help="also write torch profiler traces of 4 steady decode steps here")
+    ap.add_argument("--profile-dir", default=None, help="also write torch profiler traces here: the first 4 forwards of a pass (its fixed cost) and 4 steady decode steps")
     ap.add_argument("--out", default=None)
     ap.add_argument("--logs", default=None)
     args = ap.parse_args()
