@@ -82,6 +82,7 @@ def decode_block_scores(
     config: NosaConfig,
     impl: str = "auto",
     num_blocks: int | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Query-aware block scores S of each request's decode token.
 
@@ -90,6 +91,8 @@ def decode_block_scores(
         n_chunks: [B] int, valid chunks of each request (the rest of ck is ignored).
         seq_lens: [B] int, tokens of each request including the decode token (sets qb and forced blocks).
         num_blocks: NB of the output; default max_blocks_for_chunks(Cmax) (enough for any consistent row).
+        rows: [B] int: request b's keys are ck[rows[b]] of a larger ck [R, Cmax, Hkv, d] (a runtime's
+            state, read in place: no gathered copy of the batch's K~).
     Returns:
         S [B, Hkv, NB] float32: pooled stage-1 probabilities, +inf on forced blocks, -inf on absent ones.
     """
@@ -97,7 +100,8 @@ def decode_block_scores(
     check_float("ck", ck, 4)
     B, Hq, d = q.shape
     _, cmax, hkv, _ = ck.shape
-    if ck.shape[0] != B or ck.shape[3] != d:
+    _check_rows(rows, B, ck.shape[0], "ck")
+    if (rows is None and ck.shape[0] != B) or ck.shape[3] != d:
         raise KernelArgumentError(f"ck: expected [{B}, Cmax, Hkv, {d}] (batch and head_dim of q), got {list(ck.shape)}")
     G = check_gqa(Hq, hkv)
     _check_chunks(n_chunks, seq_lens, B)
@@ -106,8 +110,8 @@ def decode_block_scores(
     use = resolve_impl(impl, device)
     check_head_dim("q", d, use == "triton")
     if use == "torch" or B == 0:
-        return decode_block_scores_torch(q, ck, n_chunks, seq_lens, config, nb)
-    return _decode_block_scores_triton(q, ck, n_chunks, seq_lens, config, nb, G)
+        return decode_block_scores_torch(q, ck if rows is None else ck[rows.long()], n_chunks, seq_lens, config, nb)
+    return _decode_block_scores_triton(q, ck, n_chunks, seq_lens, config, nb, G, rows)
 
 
 def decode_block_scores_torch(q, ck, n_chunks, seq_lens, config: NosaConfig, nb: int) -> torch.Tensor:
@@ -128,35 +132,46 @@ def eviction_block_scores(
     config: NosaConfig,
     impl: str = "auto",
     num_blocks: int | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Eviction block scores E: chunk means ce [B, Cmax, Hkv] float32 max-pooled like S.
+    """Eviction block scores E: chunk means ce [B, Cmax, Hkv] float32 max-pooled like S (with `rows` [B]:
+    request b's are ce[rows[b]] of a larger ce [R, Cmax, Hkv], as in decode_block_scores).
 
     Returns [B, Hkv, NB] float32, -inf on absent blocks and on blocks without a valid chunk.
     """
     check_tensor("ce", ce, 3, (torch.float32,))
-    B, cmax, hkv = ce.shape
+    _, cmax, hkv = ce.shape
+    B = n_chunks.shape[0] if rows is not None else ce.shape[0]
+    _check_rows(rows, B, ce.shape[0], "ce")
     _check_chunks(n_chunks, seq_lens, B)
     device = check_devices(ce=ce, n_chunks=n_chunks, seq_lens=seq_lens)
     nb = _num_blocks(num_blocks, cmax, config)
     if resolve_impl(impl, device) == "torch" or B == 0:
+        ce = ce if rows is None else ce[rows.long()]
         visible = (torch.arange(cmax, device=ce.device) < n_chunks.long()[:, None])[:, None, :]
         e = ce.transpose(1, 2).masked_fill(~visible, float("-inf"))
         exists, _ = forced_and_existing(seq_lens, nb, config)
         return pool_chunks_torch(e, nb, config).masked_fill(~exists, float("-inf"))
     return _pool_chunks(ce, (ce.stride(0), ce.stride(1), ce.stride(2)), hkv, n_chunks, seq_lens, config, nb,
-                        forced=False)
+                        forced=False, rows=rows)
+
+
+def _check_rows(rows: torch.Tensor | None, B: int, R: int, of: str) -> None:
+    if rows is not None:
+        check_index("rows", rows, 1)
+        check_shape("rows", rows, (B,), f"[batch]: the row of {of} of each request")
 
 
 def _pool_chunks(x: torch.Tensor, strides: tuple[int, int, int], hkv: int, n_chunks, seq_lens, config: NosaConfig,
-                 nb: int, forced: bool) -> torch.Tensor:
-    """[B, Hkv, NB] block max-pool of chunk scores x (strides: request, chunk, KV head) by `_pool_kernel`;
-    `forced`: the sink and local blocks +inf (S, not E)."""
+                 nb: int, forced: bool, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, Hkv, NB] block max-pool of chunk scores x (strides: request, chunk, KV head; request b at x's
+    rows[b] if given) by `_pool_kernel`; `forced`: the sink and local blocks +inf (S, not E)."""
     B = n_chunks.shape[0]
     out = torch.empty((B, hkv, nb), dtype=torch.float32, device=x.device)
     r = config.chunks_per_block
     _pool_kernel[(B * hkv, triton.cdiv(nb, BLOCK_TILE))](
-        x, n_chunks, seq_lens, out, hkv, nb, *strides,
-        R=r, R_PAD=next_pow2(r), BLOCK_NB=BLOCK_TILE, FORCED=forced,
+        x, n_chunks, seq_lens, rows if rows is not None else n_chunks, out, hkv, nb, *strides,
+        R=r, R_PAD=next_pow2(r), BLOCK_NB=BLOCK_TILE, FORCED=forced, HAS_ROWS=rows is not None,
         BLOCK_SIZE=config.block_size, INIT=config.init_blocks, LOCAL=config.local_blocks, **pdl.options(x),
     )
     return out
@@ -185,7 +200,8 @@ def group_rows(G: int, dot: str) -> int:
     return next_pow2(G) if dot == "fma" else max(16, next_pow2(G))
 
 
-def _decode_block_scores_triton(q, ck, n_chunks, seq_lens, config: NosaConfig, nb: int, G: int) -> torch.Tensor:
+def _decode_block_scores_triton(q, ck, n_chunks, seq_lens, config: NosaConfig, nb: int, G: int,
+                                rows: torch.Tensor | None = None) -> torch.Tensor:
     B, Hq, d = q.shape
     _, cmax, hkv, _ = ck.shape
     splits, per_split = chunk_splits(cmax, B * hkv, q.device)
@@ -194,9 +210,10 @@ def _decode_block_scores_triton(q, ck, n_chunks, seq_lens, config: NosaConfig, n
     run_sum = torch.empty_like(run_max)
     dot = scores_dot(q.dtype, ck.dtype)
     _chunk_logits_kernel[(B * hkv, splits)](
-        q, ck, n_chunks, logits, run_max, run_sum, LOG2E / math.sqrt(d), hkv, max(cmax, 1), per_split,
-        q.stride(0), q.stride(1), ck.stride(0), ck.stride(1), ck.stride(2),
-        G=G, BLOCK_G=group_rows(G, dot), HEAD_DIM=d, BLOCK_C=CHUNK_TILE, DOT=dot, num_warps=4, **pdl.options(q),
+        q, ck, n_chunks, rows if rows is not None else n_chunks, logits, run_max, run_sum, LOG2E / math.sqrt(d),
+        hkv, max(cmax, 1), per_split, q.stride(0), q.stride(1), ck.stride(0), ck.stride(1), ck.stride(2),
+        G=G, BLOCK_G=group_rows(G, dot), HEAD_DIM=d, BLOCK_C=CHUNK_TILE, DOT=dot, HAS_ROWS=rows is not None,
+        num_warps=4, **pdl.options(q),
     )
     probs = torch.empty((B, hkv, max(cmax, 1)), dtype=torch.float32, device=q.device)
     _group_probs_kernel[(B * hkv, triton.cdiv(max(cmax, 1), PROB_TILE))](
@@ -209,10 +226,10 @@ def _decode_block_scores_triton(q, ck, n_chunks, seq_lens, config: NosaConfig, n
 
 @triton.jit
 def _chunk_logits_kernel(
-    Q, CK, NCH, W, M, L, scale_log2, n_kv_heads, cmax, per_split,
+    Q, CK, NCH, ROWS, W, M, L, scale_log2, n_kv_heads, cmax, per_split,
     s_qb, s_qh, s_cb, s_cc, s_ch,
     G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr,
-    WAIT: tl.constexpr,
+    HAS_ROWS: tl.constexpr, WAIT: tl.constexpr,
 ):
     pdl.prologue(WAIT)
     pid = tl.program_id(0).to(tl.int64)
@@ -220,6 +237,9 @@ def _chunk_logits_kernel(
     n_splits = tl.num_programs(1)
     b = pid // n_kv_heads
     h = pid % n_kv_heads
+    row = b  # where request b's K~ sits in CK
+    if HAS_ROWS:
+        row = tl.load(ROWS + b).to(tl.int64)
     n = tl.load(NCH + b)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -236,7 +256,7 @@ def _chunk_logits_kernel(
     for c0 in range(c_lo, c_hi, BLOCK_C):
         cc = c0 + offs_c
         ok = cc < c_hi
-        k = tl.load(CK + b * s_cb + cc[:, None] * s_cc + h * s_ch + offs_d[None, :], mask=ok[:, None], other=0.0)
+        k = tl.load(CK + row * s_cb + cc[:, None] * s_cc + h * s_ch + offs_d[None, :], mask=ok[:, None], other=0.0)
         if DOT == "native":
             x = tl.dot(q, tl.trans(k.to(q.dtype)))
         elif DOT == "fma":
@@ -288,8 +308,8 @@ def _group_probs_kernel(
 
 @triton.jit
 def _pool_kernel(
-    X, NCH, SEQ, OUT, n_kv_heads, nb, s_xb, s_xc, s_xh,
-    R: tl.constexpr, R_PAD: tl.constexpr, BLOCK_NB: tl.constexpr, FORCED: tl.constexpr,
+    X, NCH, SEQ, ROWS, OUT, n_kv_heads, nb, s_xb, s_xc, s_xh,
+    R: tl.constexpr, R_PAD: tl.constexpr, BLOCK_NB: tl.constexpr, FORCED: tl.constexpr, HAS_ROWS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, WAIT: tl.constexpr,
 ):
     """Blocks [b0, b0 + BLOCK_NB) of one (request, KV head): max of the chunk scores X over chunks
@@ -308,7 +328,10 @@ def _pool_kernel(
     blk = b0 + tl.arange(0, BLOCK_NB)
     ch_left = blk * R - 1
     ok_left = (ch_left >= 0) & (ch_left < n)
-    x_row = X + b * s_xb + h * s_xh
+    row = b  # where request b's chunk scores sit in X
+    if HAS_ROWS:
+        row = tl.load(ROWS + b).to(tl.int64)
+    x_row = X + row * s_xb + h * s_xh
     s_main = tl.load(x_row + ch_main * s_xc, mask=ok_main, other=float("-inf"))
     s_left = tl.load(x_row + ch_left * s_xc, mask=ok_left, other=float("-inf"))
     pooled = tl.max(tl.reshape(s_main, [BLOCK_NB, R_PAD]), 1)

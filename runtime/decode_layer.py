@@ -247,9 +247,9 @@ class LayerDecoder:
     def _select(self, layer: int, p: StepPlan, q: torch.Tensor, nosa: bool, state: dict):
         rt = self.rt
         cfg = rt.config
-        ck, ce = rt.selection.batch(layer, p.rows, p.row_range)
-        E = eviction_block_scores(ce, p.n_chunks, p.seq_lens, cfg, impl=rt.impl, num_blocks=p.num_blocks)
-        S = decode_block_scores(q, ck, p.n_chunks, p.seq_lens, cfg, impl=rt.impl, num_blocks=p.num_blocks)
+        ck, ce, rows = rt.selection.batch(layer, p.rows, p.row_range)
+        E = eviction_block_scores(ce, p.n_chunks, p.seq_lens, cfg, impl=rt.impl, num_blocks=p.num_blocks, rows=rows)
+        S = decode_block_scores(q, ck, p.n_chunks, p.seq_lens, cfg, impl=rt.impl, num_blocks=p.num_blocks, rows=rows)
         sel = select_topk(S, E if nosa else None, p.seq_lens, cfg, rt.selection_policy, impl=rt.impl)
         if rt.gpu_only:
             rt.counters.note_selected(layer, p.rows, p.row_range, sel)

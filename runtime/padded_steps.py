@@ -12,8 +12,9 @@ What makes one capture fit every step of `batch` rows (`build_step_plan(fixed=Tr
 - the running requests are exactly the real rows 0..n-1 (the runtime keeps rows compact); rows n..batch-1
   are padding: they decode position 0 of an unused row, write their token to pool page 0 (never
   allocated: SGLang's padding page) and are counted nowhere (`StepPlan.real`);
-- the caller's order is always permuted to row order and back, and the chunk completion always runs
-  under its mask, so no host flag picks a code path.
+- the batch stays in the caller's order and every kernel finds a request's state through the plan's
+  rows (no permutation of the inputs and the output, no row-range views), and the chunk completion
+  always runs under its mask, so no host flag picks a code path.
 The capture itself runs on a plan with no real rows (`begin((), batch, ...)`), which touches only unused
 rows and page 0. After a replay, `end()` does the host bookkeeping the layers would have done.
 """

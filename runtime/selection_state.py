@@ -74,14 +74,15 @@ class SelectionState:
         complete_chunks(self.ck[layer], self.ce[layer], self.ring[layer], self.c[layer], rows, pos, completes,
                         chunk_ids, self.config, impl=impl)
 
-    def batch(
-        self, layer: int, rows: torch.Tensor, row_range: tuple[int, int] | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ck [B, Cmax, Hkv, d], ce [B, Cmax, Hkv]) of the batch: views for a contiguous row range."""
+    def batch(self, layer: int, rows: torch.Tensor, row_range: tuple[int, int] | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(ck, ce, rows) for the selection kernels: views [B, Cmax, ...] and None for a contiguous row
+        range, else the layer's whole state [R, Cmax, ...] and the batch's rows, read in place (a gathered
+        copy of K~ would move as many bytes as the scores read)."""
         if row_range is not None:
             lo, hi = row_range
-            return self.ck[layer, lo:hi], self.ce[layer, lo:hi]
-        return self.ck[layer][rows], self.ce[layer][rows]
+            return self.ck[layer, lo:hi], self.ce[layer, lo:hi], None
+        return self.ck[layer], self.ce[layer], rows
 
     def c_layer(self, layer: int) -> torch.Tensor:
         """[R, Hkv, max_tokens] float32 per-token biases of `layer` (a view)."""

@@ -87,12 +87,12 @@ def build_step_plan(
     static: a device buffer of packed_len(B, Hkv) int64 to upload into (CUDA graphs need fixed addresses).
     real: the first `real` requests are real, the rest padding (default: all real).
     fixed: for a graph that serves every step of B rows (PaddedSteps): the host-side flags are constants
-    (perm and inv always applied, the chunk completion always run under its mask), so one capture fits
-    every step.
+    (the caller's order kept and the rows always read through `rows`, never as a row range; the chunk
+    completion always run under its mask), so one capture fits every step.
     """
     bs, ks, st = config.block_size, config.kernel_size, config.kernel_stride
     B, H = len(rows), num_kv_heads
-    order = sorted(range(B), key=lambda i: rows[i])
+    order = list(range(B)) if fixed else sorted(range(B), key=lambda i: rows[i])
     r = [rows[i] for i in order]
     pos = [seq_lens[i] for i in order]
     completes = [p + 1 >= ks and (p + 1 - ks) % st == 0 for p in pos]
@@ -125,7 +125,7 @@ def build_step_plan(
     parts = dict(zip(FIELDS, dev[: B * len(FIELDS)].view(len(FIELDS), B)))
     per_head = dev[B * len(FIELDS) :].view(len(HEAD_FIELDS), B * H)
     tok, base = per_head[0].view(B, H), per_head[1].view(B, H, 1)
-    identity = order == list(range(B)) and not fixed
+    identity = order == list(range(B))
     wb_src = wb_dst = None
     if any(full):
         host_wb = host[B * len(FIELDS) + 2 * B * H :].view(2, B * H)
@@ -137,7 +137,7 @@ def build_step_plan(
         opens=parts["opens"], completes=parts["completes"], chunk_ids=parts["chunk_ids"],
         perm=None if identity else parts["perm"], inv=None if identity else parts["inv"], real=parts["real"],
         token_slots=tok, slot_base=base,
-        row_range=(r[0], r[0] + B) if r == list(range(r[0], r[0] + B)) else None,
+        row_range=(r[0], r[0] + B) if r == list(range(r[0], r[0] + B)) and not fixed else None,
         any_open=fixed or any(cols["opens"]), any_complete=fixed or any(completes), wb_src=wb_src, wb_dst=wb_dst,
         wb_padded=per_head[2:],
         num_blocks=num_blocks or max(config.num_blocks(p + 1) for p in pos),

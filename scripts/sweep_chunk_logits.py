@@ -32,9 +32,9 @@ def launch(q, ck, n_chunks, block_c, warps, stages, split_factor, dot="native"):
 
     def run():
         sel._chunk_logits_kernel[(B * hkv, splits)](
-            q, ck, n_chunks, w, m, s, sel.LOG2E / math.sqrt(d), hkv, cmax, per_split,
+            q, ck, n_chunks, n_chunks, w, m, s, sel.LOG2E / math.sqrt(d), hkv, cmax, per_split,
             q.stride(0), q.stride(1), ck.stride(0), ck.stride(1), ck.stride(2),
-            G=G, BLOCK_G=sel.group_rows(G, dot), HEAD_DIM=d, BLOCK_C=block_c, DOT=dot, WAIT=False,
+            G=G, BLOCK_G=sel.group_rows(G, dot), HEAD_DIM=d, BLOCK_C=block_c, DOT=dot, HAS_ROWS=False, WAIT=False,
             num_warps=warps, num_stages=stages,
         )
     return run, w, m, s

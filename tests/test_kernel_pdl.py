@@ -104,16 +104,18 @@ COMPILE = textwrap.dedent("""
                "s_ct_h", "s_sl_b", "s_sl_h", "s_k_b", "s_k_h", "s_v_b", "s_v_h", "s_c_b", "s_c_h")},
         dict(BLOCK_D=128, WAIT=True), num_warps=1)
     out["chunk logits"] = ptx(SEL._chunk_logits_kernel, {
-        "Q": "*bf16", "CK": "*bf16", "NCH": "*i32", "W": "*fp32", "M": "*fp32", "L": "*fp32", "scale_log2": "fp32",
+        "Q": "*bf16", "CK": "*bf16", "NCH": "*i32", "ROWS": "*i32", "W": "*fp32", "M": "*fp32", "L": "*fp32", "scale_log2": "fp32",
         **ints("n_kv_heads", "cmax", "per_split", "s_qb", "s_qh", "s_cb", "s_cc", "s_ch")},
-        dict(G=8, BLOCK_G=16, HEAD_DIM=128, BLOCK_C=SEL.CHUNK_TILE, DOT="native", WAIT=True), num_warps=4)
+        dict(G=8, BLOCK_G=16, HEAD_DIM=128, BLOCK_C=SEL.CHUNK_TILE, DOT="native", HAS_ROWS=False, WAIT=True),
+        num_warps=4)
     out["group probs"] = ptx(SEL._group_probs_kernel, {
         "W": "*fp32", "M": "*fp32", "L": "*fp32", "NCH": "*i32", "P": "*fp32",
         **ints("n_kv_heads", "cmax", "n_splits")},
         dict(BLOCK_C=SEL.PROB_TILE, BLOCK_G=8, G=8, BLOCK_SPLITS=4, WAIT=True))
     out["pool"] = ptx(SEL._pool_kernel, {
-        "X": "*fp32", "NCH": "*i32", "SEQ": "*i32", "OUT": "*fp32", **ints("n_kv_heads", "nb", "s_xb", "s_xc", "s_xh")},
-        dict(R=4, R_PAD=4, BLOCK_NB=SEL.BLOCK_TILE, FORCED=True, BLOCK_SIZE=64, INIT=1, LOCAL=2, WAIT=True))
+        "X": "*fp32", "NCH": "*i32", "SEQ": "*i32", "ROWS": "*i32", "OUT": "*fp32", **ints("n_kv_heads", "nb", "s_xb", "s_xc", "s_xh")},
+        dict(R=4, R_PAD=4, BLOCK_NB=SEL.BLOCK_TILE, FORCED=True, HAS_ROWS=False, BLOCK_SIZE=64, INIT=1, LOCAL=2,
+             WAIT=True))
     out["residency"] = ptx(RES._resolve_kernel, {
         "SEL": "*i32", "BS": "*i32", "SB": "*i32", "LS": "*i32", "SE": "*fp32", "E": "*fp32", "INACT": "*i1",
         "STEP": "*i32", "BASE": "*i64", "SLOT_IDS": "*i64", "MISS": "*i1", "DST": "*i64", "COUNTS": "*i64",

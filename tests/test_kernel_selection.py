@@ -113,6 +113,26 @@ def test_pooled_ties_stay_bit_identical(gen, impl, hq, hkv):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_scores_read_through_rows_equal_the_gathered_batch(gen, impl):
+    """rows= reads each request's K~ and chunk means in place from a runtime's state (rows in any order,
+    poisoned rows between them): the same S and E bit for bit as the gathered batch."""
+    lens = [203, 61, 130]
+    q, k, c = randn(gen, 3, 8, 64), randn(gen, 3, 203, 2, 64), randn(gen, 3, 203, 2)
+    ck, ce, n = padded_chunks(k, c, lens, SMALL)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    rows = torch.tensor([4, 0, 2], device=DEVICE)
+    ck_all = torch.full((5, *ck.shape[1:]), float("nan"), device=DEVICE)
+    ce_all = torch.full((5, *ce.shape[1:]), float("nan"), device=DEVICE)
+    ck_all[rows], ce_all[rows] = ck, ce
+    S = decode_block_scores(q, ck_all, n, sl, SMALL, impl=impl, rows=rows)
+    E = eviction_block_scores(ce_all, n, sl, SMALL, impl=impl, rows=rows)
+    assert torch.equal(S, decode_block_scores(q, ck, n, sl, SMALL, impl=impl))
+    assert torch.equal(E, eviction_block_scores(ce, n, sl, SMALL, impl=impl))
+    with pytest.raises(KernelArgumentError, match=r"rows: expected shape \[3\]"):
+        decode_block_scores(q, ck_all, n, sl, SMALL, impl=impl, rows=rows[:2])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_decode_selection_equals_reference(gen, impl):
     lens = [250, 117, 40]
     q, k, c = randn(gen, 3, 8, 64), randn(gen, 3, 250, 2, 64), randn(gen, 3, 250, 2)
@@ -136,8 +156,9 @@ def test_chunk_logits_fp32_products_match_float64(gen, dot):
     w = torch.full((B, hkv, G, cmax), float("nan"), device=DEVICE)
     m, s = torch.empty((B, hkv, G, 2), device=DEVICE), torch.empty((B, hkv, G, 2), device=DEVICE)
     SEL._chunk_logits_kernel[(B * hkv, 2)](
-        q, ck, n, w, m, s, SEL.LOG2E / d ** 0.5, hkv, cmax, 64, q.stride(0), q.stride(1), ck.stride(0),
-        ck.stride(1), ck.stride(2), G=G, BLOCK_G=SEL.group_rows(G, dot), HEAD_DIM=d, BLOCK_C=32, DOT=dot, WAIT=False)
+        q, ck, n, n, w, m, s, SEL.LOG2E / d ** 0.5, hkv, cmax, 64, q.stride(0), q.stride(1), ck.stride(0),
+        ck.stride(1), ck.stride(2), G=G, BLOCK_G=SEL.group_rows(G, dot), HEAD_DIM=d, BLOCK_C=32, DOT=dot,
+        HAS_ROWS=False, WAIT=False)
     want = torch.einsum("bhgd,bchd->bhgc", q.double().view(B, hkv, G, d), ck.double()) * SEL.LOG2E / d ** 0.5
     for b, nb in enumerate(n.tolist()):
         torch.testing.assert_close(w[b, ..., :nb].double(), want[b, ..., :nb], rtol=0, atol=1e-5)

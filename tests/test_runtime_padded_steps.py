@@ -109,6 +109,7 @@ def drive(device: str, graphs: bool) -> None:
         locs = server.decode_locs(batch).to(device)
         p = steps.begin(batch, B, locs)
         assert shapes.setdefault(B, plan_shape(p)) == plan_shape(p), "a step's plan differs from the capture's"
+        assert p.perm is None and p.row_range is None  # the caller's order, state read through the rows
         x = step_inputs(B, g, device)
         refs = [plain.decode(layer, batch, *(t[:n] for t in x[layer]), token_locs=locs) for layer in range(L)]
         sels = [plain.last_selection(layer).clone() for layer in range(L)]
