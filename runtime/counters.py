@@ -64,14 +64,14 @@ class _Timing(NamedTuple):
 class Counters:
     """Device-side counts + host-side times of one runtime; builds StatsSnapshot."""
 
-    def __init__(self, num_layers: int, max_rows: int, run_bytes: int, device: torch.device) -> None:
+    def __init__(self, num_layers: int, max_rows: int, num_kv_heads: int, run_bytes: int, device: torch.device) -> None:
         self.num_layers, self.max_rows, self.run_bytes, self.device = num_layers, max_rows, run_bytes, device
         self.layer_counts = torch.zeros((num_layers, N_LAYER), dtype=torch.long, device=device)
         # NOTE: flat indices of layer_counts, for index_add_ (atomic on CUDA): two micro-batches on two
         # streams may add to one layer's counts at the same time, where `+=` would lose an update
         self._layer_idx = torch.arange(num_layers * N_LAYER, device=device).view(num_layers, N_LAYER)
         self.row_counts = torch.zeros((max_rows, N_ROW), dtype=torch.long, device=device)
-        self._selected = torch.zeros((num_layers, max_rows), dtype=torch.long, device=device)  # this step's, per row
+        self._selected = torch.zeros((num_layers, max_rows, num_kv_heads), dtype=torch.long, device=device)  # this step's
         self._lock = threading.Lock()
         self._d2h_bytes = [0] * num_layers
         self._transfer_s = [0.0] * num_layers
@@ -97,19 +97,23 @@ class Counters:
             self.row_counts.index_add_(0, rows, counts)
         self.layer_counts.view(-1).index_add_(0, self._layer_idx[layer, :N_ROW], counts.sum(dim=0))
 
+    def selected(self, layer: int) -> torch.Tensor:
+        """[R, Hkv] where a fully-on-GPU layer notes the blocks each (row, KV head) selected this step
+        (`kernels.table_runs` writes it with the slot list), kept until `add_selected`."""
+        return self._selected[layer]
+
     def note_selected(self, layer: int, rows: torch.Tensor, row_range: tuple[int, int] | None,
                       sel: torch.Tensor) -> None:
-        """Fully on the GPU (no misses): the blocks `sel` [B, Hkv, K] (-1 = none) selects in `layer`, kept
-        until `add_selected` adds every layer's at once (2 launches a layer instead of ~9)."""
+        """The same from `sel` [B, Hkv, K] (-1 = none), for a layer without a table (2 launches)."""
         if row_range is not None:
-            torch.sum(sel >= 0, dim=(1, 2), out=self._selected[layer, row_range[0] : row_range[1]])
+            torch.sum(sel >= 0, dim=2, out=self._selected[layer, row_range[0] : row_range[1]])
         else:
-            self._selected[layer].index_put_((rows,), (sel >= 0).sum(dim=(1, 2)))
+            self._selected[layer].index_put_((rows,), (sel >= 0).sum(dim=2))
 
     def add_selected(self, rows: torch.Tensor, row_range: tuple[int, int] | None, real: torch.Tensor) -> None:
-        """After the step's last layer: the counts `note_selected` kept for the batch's rows, padding
-        rows (real 0) left out, into the row and layer counts."""
-        n = self._selected[:, slice(*row_range) if row_range is not None else rows] * real  # [L, B]
+        """After the step's last layer: every layer's noted counts of the batch's rows, padding rows
+        (real 0) left out, into the row and layer counts (a few launches a step, not ~9 a layer)."""
+        n = self._selected[:, slice(*row_range) if row_range is not None else rows].sum(dim=2) * real  # [L, B]
         if row_range is not None:
             self.row_counts[row_range[0] : row_range[1], 0] += n.sum(dim=0)
         else:

@@ -252,11 +252,14 @@ class LayerDecoder:
         S = decode_block_scores(q, ck, p.n_chunks, p.seq_lens, cfg, impl=rt.impl, num_blocks=p.num_blocks, rows=rows)
         sel = select_topk(S, E if nosa else None, p.seq_lens, cfg, rt.selection_policy, impl=rt.impl)
         if rt.gpu_only:
-            rt.counters.note_selected(layer, p.rows, p.row_range, sel)
+            # NOTE: the attention masks the slots of unselected entries (sel -1), so none are masked here
+            if rt.pool_backed:  # the slot list and the selected-block counts in one launch
+                slots = table_run_ids(rt.host_table, p.rows, sel, impl=rt.impl, counts=rt.counters.selected(layer))
+            else:
+                slots = p.slot_base + sel
+                rt.counters.note_selected(layer, p.rows, p.row_range, sel)
             if layer == rt.shape.num_layers - 1:
                 rt.counters.add_selected(p.rows, p.row_range, p.real)
-            # NOTE: the attention masks the slots of unselected entries (sel -1), so none are masked here
-            slots = table_run_ids(rt.host_table, p.rows, sel, impl=rt.impl) if rt.pool_backed else p.slot_base + sel
             return sel, slots, None, E
         view = rt.slots.rows_view(layer, p.rows, p.row_range)
         if view.rows is not None:

@@ -149,7 +149,7 @@ class NosaRuntime:
             self.host.set_limit_bytes(knobs.host_capacity_bytes)
             self._host_table = torch.full((max_requests, self.max_blocks), -1, dtype=torch.int32, device=self.device)
         run_bytes = bs * d * shape.dtype_bytes
-        self.counters = Counters(L, max_requests, run_bytes, self.device)
+        self.counters = Counters(L, max_requests, shape.num_kv_heads, run_bytes, self.device)
         self.transfer = None if gpu_only else TransferEngine(self.device, self.host, self.slots, self.counters,
                                                              knobs.transfer_mode, per_stream_copies)
         self._prompts = PromptLoader(self)

@@ -28,8 +28,15 @@ def test_kernel_equals_torch_statement_and_a_loop(gen, table_dtype, R, max_block
     if DEVICE == "cpu" and not interpret_mode():
         pytest.skip("needs TRITON_INTERPRET=1 (set by the test command on machines without CUDA)")
     table, rows, blocks = case(gen, R, max_blocks, B, H, K, table_dtype)
-    got = table_run_ids(table, rows, blocks, impl="triton")
+    counts = torch.full((R, H), -7, dtype=torch.long, device=DEVICE)
+    got = table_run_ids(table, rows, blocks, impl="triton", counts=counts)
     assert got.dtype == torch.long and torch.equal(got, table_run_ids_torch(table, rows, blocks))
+    want = torch.full_like(counts, -7)
+    want[rows] = (blocks >= 0).sum(dim=2)  # each listed row's count per head, the other rows untouched
+    assert torch.equal(counts, want)
+    counts_torch = torch.full_like(counts, -7)
+    table_run_ids(table, rows, blocks, impl="torch", counts=counts_torch)
+    assert torch.equal(counts_torch, want)
     t, r, bl = table.cpu(), rows.cpu(), blocks.cpu()
     for b in range(B):
         for h in range(H):
@@ -56,6 +63,9 @@ def test_strided_blocks_and_table_rows_view(gen):
                            torch.zeros(1, 1, 1, dtype=torch.long)), r"rows: expected \[1\]"),
     (lambda: table_run_ids(torch.zeros(2, 3, dtype=torch.int32), torch.zeros(1, dtype=torch.long),
                            torch.zeros(1, 1, dtype=torch.long)), "blocks"),
+    (lambda: table_run_ids(torch.zeros(2, 3, dtype=torch.int32), torch.zeros(1, dtype=torch.long),
+                           torch.zeros(1, 2, 1, dtype=torch.long), counts=torch.zeros(2, 3, dtype=torch.long)),
+     r"counts: expected an int64 \[rows, 2\]"),
 ])
 def test_argument_errors_name_the_argument(call, match):
     with pytest.raises(KernelArgumentError, match=match):

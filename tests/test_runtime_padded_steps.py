@@ -200,3 +200,33 @@ def test_padded_steps_refuse_what_one_capture_cannot_hold():
     steps.begin(["r1", "r0"], 3, server.decode_locs(["r1", "r0"]))
     with pytest.raises(RuntimeUsageError, match="open"):  # the step must end before anything else begins
         rt.begin_request("x", *random_prompt(SHAPE, 10, g, "cpu"), pages=[9])
+
+
+def test_fully_on_gpu_counts_equal_the_selections_with_and_without_a_page_table():
+    """Hits of a runtime fully on the GPU are its selected blocks (no misses): counted by the slot-list
+    kernel from a page table, by two ops a layer from the slot base without one; either way added for
+    every layer after the last, per layer and per request, batches in any order."""
+    g = torch.Generator().manual_seed(fresh_seed())
+    pool = PagePool(SHAPE.num_layers, SHAPE.num_kv_heads, SHAPE.head_dim, BS, SHAPE.dtype, num_pages=60, device="cpu")
+    server = Server(pool, g)
+    pooled, copied = runtimes(pool), runtimes(None)
+    ids = ["a", "b", "c"]
+    for rid, T in zip(ids, (150, 70, 97)):
+        ks, vs, cs = random_prompt(SHAPE, T, g, "cpu")
+        pages, _ = server.admit(rid, ks, vs, cs)
+        pooled.begin_request(rid, ks, vs, cs, pages=pages)
+        copied.begin_request(rid, ks, vs, cs)
+    for rt in (pooled, copied):
+        selected, per_request = [0] * L, dict.fromkeys(ids, 0)
+        for step in range(4):
+            batch = ids[::-1] if step % 2 else ["b", "a", "c"]
+            locs = server.decode_locs(batch) if rt is pooled else None
+            for layer, x in enumerate(step_inputs(len(batch), g, "cpu")):
+                rt.decode(layer, batch, *x, token_locs=locs)
+                for rid, sel in zip(batch, rt.last_selection(layer)):
+                    selected[layer] += int((sel >= 0).sum())
+                    per_request[rid] += int((sel >= 0).sum())
+            rt.step_boundary()
+        snap = rt.snapshot()
+        assert [x.hits for x in snap.layers] == selected and all(x.misses == 0 for x in snap.layers)
+        assert {r.request_id: r.hits for r in snap.requests} == per_request
