@@ -100,12 +100,12 @@ def decode_block_scores(
     check_float("ck", ck, 4)
     B, Hq, d = q.shape
     _, cmax, hkv, _ = ck.shape
-    _check_rows(rows, B, ck.shape[0], "ck")
+    _check_rows(rows, B, "ck")
     if (rows is None and ck.shape[0] != B) or ck.shape[3] != d:
         raise KernelArgumentError(f"ck: expected [{B}, Cmax, Hkv, {d}] (batch and head_dim of q), got {list(ck.shape)}")
     G = check_gqa(Hq, hkv)
     _check_chunks(n_chunks, seq_lens, B)
-    device = check_devices(q=q, ck=ck, n_chunks=n_chunks, seq_lens=seq_lens)
+    device = check_devices(q=q, ck=ck, n_chunks=n_chunks, seq_lens=seq_lens, **({} if rows is None else {"rows": rows}))
     nb = _num_blocks(num_blocks, cmax, config)
     use = resolve_impl(impl, device)
     check_head_dim("q", d, use == "triton")
@@ -142,9 +142,9 @@ def eviction_block_scores(
     check_tensor("ce", ce, 3, (torch.float32,))
     _, cmax, hkv = ce.shape
     B = n_chunks.shape[0] if rows is not None else ce.shape[0]
-    _check_rows(rows, B, ce.shape[0], "ce")
+    _check_rows(rows, B, "ce")
     _check_chunks(n_chunks, seq_lens, B)
-    device = check_devices(ce=ce, n_chunks=n_chunks, seq_lens=seq_lens)
+    device = check_devices(ce=ce, n_chunks=n_chunks, seq_lens=seq_lens, **({} if rows is None else {"rows": rows}))
     nb = _num_blocks(num_blocks, cmax, config)
     if resolve_impl(impl, device) == "torch" or B == 0:
         ce = ce if rows is None else ce[rows.long()]
@@ -156,7 +156,7 @@ def eviction_block_scores(
                         forced=False, rows=rows)
 
 
-def _check_rows(rows: torch.Tensor | None, B: int, R: int, of: str) -> None:
+def _check_rows(rows: torch.Tensor | None, B: int, of: str) -> None:
     if rows is not None:
         check_index("rows", rows, 1)
         check_shape("rows", rows, (B,), f"[batch]: the row of {of} of each request")

@@ -3,7 +3,8 @@
 A pool-backed runtime attends straight from the KV pool: block b of (row, KV head h) is run
 table[row, b] * Hkv + h of the pool's run layout. In torch that is a clamp, a gather, a cast, a
 multiply and an add for every layer of every step (SGLang replays them inside its decode graph, one
-small launch each); here one program per (request, KV head) reads its table row directly.
+small launch each); here one program per (request, KV head) reads its table row directly, and counts
+the blocks it lists for the runtime's counters in the same launch (two more torch ops a layer).
 """
 
 from __future__ import annotations
