@@ -19,7 +19,8 @@ ignore_eos). The cached passes prefill only each prompt's last page. Output toke
 = N * output_tokens / wall; it includes what each request pays once (the extend of its last page over
 the cached prefix and its first decode step, which admits it to the NOSA runtime), which the 2-token
 pass measures, so the steady decode step is (t_all - t_2) / (output_tokens - 2); beside it, the median
-of SGLang's own logged gen throughput while the whole batch decodes (no fixed cost in it at all). GPU memory is read from
+of SGLang's own logged gen throughput while the whole batch decodes (no fixed cost in it at all), and
+how many Triton kernels each timed pass compiled (each server has its own cache). GPU memory is read from
 nvidia-smi while the server idles after the passes; NOSA's hit rate and H2D bytes of the timed pass
 from /server_info. N is --requests with one KV pool size for all, or with `--requests max` as many
 as each configuration's own pool holds to the end (the roadmap's "as many concurrent requests as each
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -141,7 +143,9 @@ def run_config(config: str, ckpt: Path, args, workdir: Path) -> list[dict]:
     url = f"http://127.0.0.1:{args.port}"
     cmd = server_cmd(config, ckpt, args.port, args)
     log = open(workdir / f"server_{config}.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    triton_cache = workdir / f"triton_cache_{config}"  # NOTE: its own, so that the timed passes' compiles show
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "TRITON_CACHE_DIR": str(triton_cache)})
     rows = []
     try:
         startup = wait_healthy(url, proc, args.startup_s)
@@ -155,12 +159,16 @@ def run_config(config: str, ckpt: Path, args, workdir: Path) -> list[dict]:
             prompts = [torch.randint(3, 259, (P,), generator=g).tolist() for _ in range(n)]
             prefill_s, _ = send(url, prompts, 1)
             send(url, prompts, 4)  # NOTE: a short decode first: kernel compiles and graph captures of this batch
+            compiled = kernels_compiled(triton_cache)
             fixed_s, _ = send(url, prompts, 2)  # the tail's extend, the first decode step (admission) and one more
+            compiles_fixed = kernels_compiled(triton_cache) - compiled
             before = nosa_counters(url)
             news = output_lengths(n, args)
             log.flush()
             log_from = (workdir / f"server_{config}.log").stat().st_size
+            compiled = kernels_compiled(triton_cache)
             decode_s, outs = send(url, prompts, news)
+            compiles_decode = kernels_compiled(triton_cache) - compiled
             logged = logged_gen_tok_s((workdir / f"server_{config}.log").read_text(errors="replace")[log_from:], n)
             # NOTE: the steady step holds only while the whole batch decodes every step (no spread)
             step_s = (decode_s - fixed_s) / (args.output_tokens - 2) if not args.output_spread else None
@@ -172,7 +180,7 @@ def run_config(config: str, ckpt: Path, args, workdir: Path) -> list[dict]:
                    "decode_s": decode_s, "cached": cached, "tok_s": sum(news) / decode_s,
                    "tpot_ms": 1e3 * decode_s / args.output_tokens, "fixed_s": fixed_s,
                    "step_ms": 1e3 * step_s if step_s else None, "steady_tok_s": n / step_s if step_s else None,
-                   "logged_tok_s": logged,
+                   "logged_tok_s": logged, "compiles": (compiles_fixed, compiles_decode),
                    "gpu_mib": gpu_memory_used_mib(), "host_gib": host_gib, "graphs": graphs or None,
                    "hit_rate": nosa["hits"] / looked_up if looked_up else None, "h2d_bytes": nosa.get("bytes_h2d")}
             print(row, flush=True)
@@ -194,6 +202,13 @@ def run_config(config: str, ckpt: Path, args, workdir: Path) -> list[dict]:
         log.close()
     rows.append({"config": config, "cmd": " ".join(cmd[1:])})
     return rows
+
+
+def kernels_compiled(cache: Path) -> int:
+    """Triton kernels compiled into the server's cache so far (one folder each): a timed pass that
+    compiles a new specialization (an integer argument that became 1 or a multiple of 16) pays
+    seconds that are not serving."""
+    return sum(1 for _ in cache.iterdir()) if cache.is_dir() else 0
 
 
 def start_profile(url: str, out_dir: Path, steps: int) -> None:
@@ -222,9 +237,9 @@ def fmt(x, spec: str) -> str:
 def table(rows: list[dict], args) -> str:
     lines = ["| prompt tokens | config | requests | KV pool tokens | prefill pass s | 2-token pass s | decode pass s "
              "| cached tokens | output tok/s | vs dense | steady step ms | steady tok/s | vs dense | GPU MiB used "
-             "| SGLang-logged gen tok/s | vs dense | host KV pool GiB | NOSA hit rate | H2D GiB "
-             "| runtime segments: replayed / captured / eager / clears |",
-             "|" + "---|" * 20]
+             "| SGLang-logged gen tok/s | vs dense | Triton compiles in the 2-token / decode pass | host KV pool GiB "
+             "| NOSA hit rate | H2D GiB | runtime segments: replayed / captured / eager / clears |",
+             "|" + "---|" * 21]
     dense = {r["P"]: r for r in rows if r.get("config") == "dense" and "tok_s" in r}
 
     def ratio(r, key):
@@ -234,12 +249,13 @@ def table(rows: list[dict], args) -> str:
     for r in sorted((r for r in rows if "tok_s" in r), key=lambda r: (r["P"], list(CONFIGS).index(r["config"]))):
         h2d = None if r["h2d_bytes"] is None else r["h2d_bytes"] / 2**30
         g = r.get("graphs")
+        compiles = "-" if r.get("compiles") is None else " / ".join(map(str, r["compiles"]))
         graphs = "-" if not g else f"{g['replays']} / {g['captures']} / {g['eager']} / {g['clears']}"
         lines.append(f"| {r['P']} | {r['config']} | {r['N']} | {r['pool_tokens']} | {r['prefill_s']:.1f} | "
                      f"{r['fixed_s']:.2f} | {r['decode_s']:.2f} | {r['cached']} | {r['tok_s']:.0f} | "
                      f"{ratio(r, 'tok_s')} | {fmt(r['step_ms'], '.1f')} | {fmt(r['steady_tok_s'], '.0f')} | "
                      f"{ratio(r, 'steady_tok_s')} | {r['gpu_mib']} | {fmt(r.get('logged_tok_s'), '.0f')} | "
-                     f"{ratio(r, 'logged_tok_s')} | {fmt(r.get('host_gib'), '.1f')} | "
+                     f"{ratio(r, 'logged_tok_s')} | {compiles} | {fmt(r.get('host_gib'), '.1f')} | "
                      f"{fmt(r['hit_rate'], '.3f')} | {fmt(h2d, '.2f')} | {graphs} |")
     extra = [f"- {r['config']}: `{r['cmd']}`" for r in rows if "cmd" in r]
     errors = [f"- {r['config']} failed: {r['error']}\n```\n{r['log']}\n```" for r in rows if "error" in r]

@@ -96,5 +96,15 @@ def test_serve_throughput_reads_sglang_logged_rate_of_the_full_batch():
     base = {"N": 4, "pool_tokens": 9000, "prefill_s": 1.0, "cached": 8000, "gpu_mib": 1, "P": 2048, "fixed_s": 0.5,
             "decode_s": 1.0, "tpot_ms": 1.0, "hit_rate": None, "h2d_bytes": None, "tok_s": 1.0, "step_ms": 1.0,
             "steady_tok_s": 1.0}
-    rows = [{**base, "config": "dense", "logged_tok_s": 2000.0}, {**base, "config": "nosa", "logged_tok_s": 6000.0}]
-    assert "| 6000 | 3.00x |" in [x for x in st.table(rows, args).splitlines() if "| nosa |" in x][0]
+    rows = [{**base, "config": "dense", "logged_tok_s": 2000.0},
+            {**base, "config": "nosa", "logged_tok_s": 6000.0, "compiles": (2, 0)}]
+    assert "| 6000 | 3.00x | 2 / 0 |" in [x for x in st.table(rows, args).splitlines() if "| nosa |" in x][0]
+
+
+def test_serve_throughput_counts_the_kernels_a_pass_compiled(tmp_path):
+    import serve_throughput as st
+
+    assert st.kernels_compiled(tmp_path / "none") == 0  # no cache yet: nothing compiled
+    for name in ("a1", "b2"):
+        (tmp_path / name).mkdir()
+    assert st.kernels_compiled(tmp_path) == 2
