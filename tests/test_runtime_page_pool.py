@@ -285,3 +285,30 @@ def test_admitting_paged_prompts_together_equals_one_by_one_bit_for_bit(host, de
                 pool.write_tokens(layer, locs, k, v, c)
         outs = [rt.decode(layer, ids, q, k, v, c, token_locs=locs) for rt in (one, many)]
         assert torch.equal(*outs)
+
+
+def test_prompt_layout_lists_every_chunk_token_and_ring_entry_of_each_prompt():
+    """The index lists expanded on the device equal the per-prompt statement: prompt i (row rows[i], T
+    tokens) starts at its first block in the concatenated sequence; its chunks, tokens and last
+    kernel_size tokens (ring slot = position % kernel_size) map to its row; prompts without a chunk too."""
+    from nosa_sglang.runtime.prompt import PromptLayout
+
+    rows, lens = [3, 0, 2, 1], [150, 5, 64, 97]
+    cfg, bs, ks = SMALL, SMALL.block_size, SMALL.kernel_size
+    lay = PromptLayout(rows, lens, cfg, torch.device("cpu"))
+    want = {k: ([], [], []) for k in ("chunk", "token", "ring")}
+    first = 0
+    for row, T in zip(rows, lens):
+        entries = {"chunk": [(first * cfg.chunks_per_block + j, j) for j in range(cfg.num_chunks(T))],
+                   "token": [(first * bs + t, t) for t in range(T)],
+                   "ring": [(first * bs + t, t % ks) for t in range(max(0, T - ks), T)]}
+        for name, pairs in entries.items():
+            want[name][0].extend(src for src, _ in pairs)
+            want[name][1].extend(row for _ in pairs)
+            want[name][2].extend(slot for _, slot in pairs)
+        first += cfg.num_blocks(T)
+    for name, (src, row_of, ids) in want.items():
+        assert getattr(lay, f"{name}_src").tolist() == src, name
+        assert getattr(lay, f"{name}_rows").tolist() == row_of, name
+        assert getattr(lay, f"{name}_ids").tolist() == ids, name
+    assert lay.n_tokens == first * bs and SMALL.num_chunks(5) == 0
