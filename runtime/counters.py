@@ -112,7 +112,8 @@ class Counters:
 
     def add_selected(self, rows: torch.Tensor, row_range: tuple[int, int] | None, real: torch.Tensor) -> None:
         """After the step's last layer: every layer's noted counts of the batch's rows, padding rows
-        (real 0) left out, into the row and layer counts (a few launches a step, not ~9 a layer)."""
+        (real 0) left out, into the row and layer counts (a few launches a step, not ~9 a layer). A step
+        abandoned before its last layer (an abort inside it) counts nothing, as it decodes nothing."""
         n = self._selected[:, slice(*row_range) if row_range is not None else rows].sum(dim=2) * real  # [L, B]
         if row_range is not None:
             self.row_counts[row_range[0] : row_range[1], 0] += n.sum(dim=0)
