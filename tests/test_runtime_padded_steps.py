@@ -82,13 +82,16 @@ class CapturedSteps:
         return self.outputs[B]
 
 
-def drive(device: str, graphs: bool) -> None:
+def drive(device: str, graphs: bool, impl: str | None = None, n_steps: int = 70) -> None:
     """70 steps of 3, then 2 requests, in changing order, padded to 2-4 rows: PaddedSteps (eagerly, or
-    replayed from graphs captured before any request) against the runtime's own decode."""
+    replayed from graphs captured before any request) against the runtime's own decode (which permutes
+    the batch into row order and reads row ranges, where PaddedSteps reads through the rows)."""
     g = torch.Generator().manual_seed(fresh_seed())
     captured = {}
     before = (lambda rt: captured.setdefault("g", CapturedSteps(PaddedSteps(rt), (3, 4), g))) if graphs else None
     pools, server, (plain, padded) = pools_and_runtimes(g, [150, 161, 97], device, before)
+    if impl is not None:
+        plain.impl = padded.impl = impl
     steps = captured["g"].steps if graphs else PaddedSteps(padded)
     if not graphs:
         with pytest.raises(RuntimeUsageError, match="running requests"):  # padding would take r0..r2's rows
@@ -97,8 +100,8 @@ def drive(device: str, graphs: bool) -> None:
     shapes: dict[int, tuple] = dict(captured["g"].shapes) if graphs else {}
     selected = [0] * L  # blocks the steps selected, per layer and per request: what both must count
     per_request = dict.fromkeys(ids, 0)
-    for step in range(70):
-        if step == 25:  # r0 ends: r2 moves into its row
+    for step in range(n_steps):
+        if step == min(25, n_steps // 2):  # r0 ends: r2 moves into its row
             for rt in (plain, padded):
                 rt.end_request("r0")
             server.finish("r0")
@@ -147,6 +150,16 @@ def capture_step(steps: PaddedSteps, batch: int, g: torch.Generator) -> None:
 
 def test_padded_steps_equal_the_runtime_decode_bit_for_bit():
     drive("cpu", graphs=False)
+
+
+def test_padded_steps_through_the_triton_kernels_equal_the_runtime_decode_bit_for_bit():
+    """The same through the Triton kernels (the interpreter): the slot list and counts, the chunk
+    completion and the scores read through the rows, as a GPU runs them (a CPU runtime uses torch)."""
+    from nosa_sglang.kernels._dispatch import interpret_mode
+
+    if not interpret_mode():
+        pytest.skip("runs the Triton kernels through the interpreter (TRITON_INTERPRET=1, the test command's)")
+    drive("cpu", graphs=False, impl="triton", n_steps=6)
 
 
 @pytest.mark.gpu
@@ -230,3 +243,59 @@ def test_fully_on_gpu_counts_equal_the_selections_with_and_without_a_page_table(
         snap = rt.snapshot()
         assert [x.hits for x in snap.layers] == selected and all(x.misses == 0 for x in snap.layers)
         assert {r.request_id: r.hits for r in snap.requests} == per_request
+
+
+def test_a_full_graph_decode_layer_launches_only_nosa_kernels(monkeypatch):
+    """Inside SGLang's full decode graph each launch costs ~2-3 us even when its work is tiny, and a layer
+    was 46 of them (permutations, slot ids, counts, the chunk completion in torch ops). A pool-backed
+    padded layer (not the step's last, which also adds up the counts) is its Triton kernels alone: the
+    token write, the chunk completion, the scores, the top-k, the slot list, the attention."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from nosa_sglang.kernels._dispatch import interpret_mode
+
+    if not interpret_mode():
+        pytest.skip("counts Triton launches through the interpreter (TRITON_INTERPRET=1, the test command's)")
+    import triton.runtime.interpreter as interpreter
+
+    kernels, torch_ops, inside = [], [], [0]
+    launch = interpreter.GridExecutor.__call__
+
+    def counted(self, *args, **kwargs):
+        if not inside[0]:
+            kernels.append(self.fn.__name__)
+        inside[0] += 1
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            inside[0] -= 1
+
+    class TorchLaunches(TorchDispatchMode):
+        ALLOC = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.empty_like.default",
+                 "aten.new_empty.default", "aten.lift_fresh.default"}  # allocations: no launch
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not inside[0] and not func.is_view and str(func) not in self.ALLOC:
+                torch_ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(fresh_seed())
+    pools, server, (_, padded) = pools_and_runtimes(g, [150, 161, 97])
+    padded.impl = "triton"  # NOTE: a CPU runtime's default is torch; a GPU's, these kernels
+    steps = PaddedSteps(padded)
+    for step in range(2):
+        batch = ["r2", "r0", "r1"] if step else ["r0", "r1", "r2"]
+        steps.begin(batch, ROWS, server.decode_locs(batch))
+        x = step_inputs(ROWS, g, "cpu")
+        if step:
+            monkeypatch.setattr(interpreter.GridExecutor, "__call__", counted)
+            with TorchLaunches():
+                steps.decode(0, *x[0])
+            monkeypatch.undo()
+        else:
+            steps.decode(0, *x[0])
+        for layer in range(1, L):
+            steps.decode(layer, *x[layer])
+        steps.end()
+    assert torch_ops == [], torch_ops
+    assert len(kernels) <= 10 and {"_table_runs_kernel", "_complete_chunks_kernel", "_decode_kernel"} <= set(kernels)
