@@ -128,11 +128,18 @@ def host_pool_gib(info: dict) -> float | None:
     return pool["kv_bytes"] / 2**30 if pool.get("memory") == "host" else None
 
 
-def send(url: str, prompts: list[list[int]], new_tokens: int | list[int]) -> tuple[float, list[dict]]:
-    """All prompts at once (new_tokens: one for all, or one per prompt); (wall s, answers)."""
+def send(url: str, prompts: list[list[int]], new_tokens: int | list[int], batch: bool = False
+         ) -> tuple[float, list[dict]]:
+    """All prompts at once (new_tokens: one for all, or one per prompt); (wall s, answers). Concurrent
+    clients by default, one request each, which SGLang prefills in as many batches as they arrive in;
+    `batch`: one /generate call with every prompt (a batch client), which it admits together."""
     news = new_tokens if isinstance(new_tokens, list) else [new_tokens] * len(prompts)
     sp = {"temperature": 0.0, "ignore_eos": True}
     t0 = time.time()
+    if batch:
+        outs = post(f"{url}/generate", {"input_ids": prompts,
+                                        "sampling_params": [{**sp, "max_new_tokens": n} for n in news]}, 1800)
+        return time.time() - t0, outs
     with ThreadPoolExecutor(len(prompts)) as pool:
         outs = list(pool.map(lambda pn: post(f"{url}/generate", {
             "input_ids": pn[0], "sampling_params": {**sp, "max_new_tokens": pn[1]}}, 1800), zip(prompts, news)))
@@ -157,17 +164,18 @@ def run_config(config: str, ckpt: Path, args, workdir: Path) -> list[dict]:
             g = torch.Generator().manual_seed(P)
             n = admitted(pool_tokens, P, args)
             prompts = [torch.randint(3, 259, (P,), generator=g).tolist() for _ in range(n)]
-            prefill_s, _ = send(url, prompts, 1)
-            send(url, prompts, 4)  # NOTE: a short decode first: kernel compiles and graph captures of this batch
+            batch = args.submit == "batch"
+            prefill_s, _ = send(url, prompts, 1, batch)
+            send(url, prompts, 4, batch)  # NOTE: a short decode first: kernel compiles and graph captures of this batch
             compiled = kernels_compiled(triton_cache)
-            fixed_s, _ = send(url, prompts, 2)  # the tail's extend, the first decode step (admission) and one more
+            fixed_s, _ = send(url, prompts, 2, batch)  # the tail's extend, the first decode step (admission), one more
             compiles_fixed = kernels_compiled(triton_cache) - compiled
             before = nosa_counters(url)
             news = output_lengths(n, args)
             log.flush()
             log_from = (workdir / f"server_{config}.log").stat().st_size
             compiled = kernels_compiled(triton_cache)
-            decode_s, outs = send(url, prompts, news)
+            decode_s, outs = send(url, prompts, news, batch)
             compiles_decode = kernels_compiled(triton_cache) - compiled
             logged = logged_gen_tok_s((workdir / f"server_{config}.log").read_text(errors="replace")[log_from:], n)
             # NOTE: the steady step holds only while the whole batch decodes every step (no spread)
@@ -188,9 +196,9 @@ def run_config(config: str, ckpt: Path, args, workdir: Path) -> list[dict]:
             if args.profile_dir:  # torch profiler traces (SGLang writes them, gzipped): the first forwards of
                 # a pass (the extend of each last page, the admission, the first steps), then 4 steady steps
                 start_profile(url, Path(args.profile_dir) / f"{config}_{P}_fixed", 4)
-                send(url, prompts, 4)
+                send(url, prompts, 4, batch)
                 with ThreadPoolExecutor(1) as pool:  # NOTE: asked for once the pass's fixed cost is behind it
-                    passing = pool.submit(send, url, prompts, 64)
+                    passing = pool.submit(send, url, prompts, 64, batch)
                     time.sleep(fixed_s + 0.1)
                     start_profile(url, Path(args.profile_dir) / f"{config}_{P}_steady", 4)
                     passing.result()
@@ -280,12 +288,16 @@ def main() -> int:
                     help="concurrent requests (also --max-running-requests), or `max`: as many as each "
                          "configuration's KV pool holds (the roadmap's view), at most --max-requests")
     ap.add_argument("--max-requests", type=int, default=128, help="with --requests max: the servers' batch limit")
+    ap.add_argument("--submit", default="concurrent", choices=("concurrent", "batch"),
+                    help="concurrent: one HTTP request per prompt (SGLang prefills them in as many batches as they "
+                         "arrive in); batch: one /generate call with every prompt")
     ap.add_argument("--configs", default="dense,nosa,nosa_offload")
     ap.add_argument("--mem-fraction", type=float, default=0.85)
     ap.add_argument("--extra", default="", help="more flags for every server")
     ap.add_argument("--port", type=int, default=31100)
     ap.add_argument("--startup-s", type=float, default=300)
-    ap.add_argument("--profile-dir", default=None, help="also write torch profiler traces here: the first 4 forwards of a pass (its fixed cost) and 4 steady decode steps")
+    ap.add_argument("--profile-dir", default=None, help="also write torch profiler traces here: the first 4 "
+                    "forwards of a pass (its fixed cost) and 4 steady decode steps")
     ap.add_argument("--out", default=None)
     ap.add_argument("--logs", default=None)
     args = ap.parse_args()
@@ -306,7 +318,8 @@ def main() -> int:
     for config in configs:
         rows += run_config(config, ckpt, args, workdir)
     spread = f" down to {output_lengths(2, args)[-1]} (--output-spread)" if args.output_spread else " each"
-    text = (f"shape {args.shape}: {SHAPES[args.shape]}\n{args.requests} concurrent requests, "
+    text = (f"shape {args.shape}: {SHAPES[args.shape]}\n"
+            f"{args.requests} concurrent requests ({args.submit} submission), "
             f"{args.output_tokens} output tokens{spread} (greedy, ignore_eos)\n\n" + table(rows, args))
     print(text)
     if args.out:

@@ -36,7 +36,8 @@ LOG2E = 1.4426950408889634
 CHUNK_TILE = 64  # compressed keys per dot in kernel 1
 BLOCK_TILE = 32  # blocks per program in kernel 3
 PROB_TILE = 256  # chunks per program in kernel 2
-#: kernel 1's product for fp32 K~ on a GPU: "ieee" (an fp32 dot), "tf32x3" or "fma" (`scripts/sweep_chunk_logits.py --fp32`)
+#: kernel 1's product for fp32 K~ on a GPU: "ieee" (an fp32 dot), "tf32x3" or "fma"
+#: (`scripts/sweep_chunk_logits.py --fp32`)
 FP32_SCORES_DOT = "tf32x3"
 
 

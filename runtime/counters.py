@@ -71,7 +71,8 @@ class Counters:
         # streams may add to one layer's counts at the same time, where `+=` would lose an update
         self._layer_idx = torch.arange(num_layers * N_LAYER, device=device).view(num_layers, N_LAYER)
         self.row_counts = torch.zeros((max_rows, N_ROW), dtype=torch.long, device=device)
-        self._selected = torch.zeros((num_layers, max_rows, num_kv_heads), dtype=torch.long, device=device)  # this step's
+        # this step's selected blocks per (layer, row, KV head), fully on the GPU (note_selected / table_runs)
+        self._selected = torch.zeros((num_layers, max_rows, num_kv_heads), dtype=torch.long, device=device)
         self._lock = threading.Lock()
         self._d2h_bytes = [0] * num_layers
         self._transfer_s = [0.0] * num_layers

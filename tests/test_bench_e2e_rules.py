@@ -108,3 +108,23 @@ def test_serve_throughput_counts_the_kernels_a_pass_compiled(tmp_path):
     for name in ("a1", "b2"):
         (tmp_path / name).mkdir()
     assert st.kernels_compiled(tmp_path) == 2
+
+
+def test_serve_throughput_submits_as_concurrent_clients_or_as_one_batch(monkeypatch):
+    import serve_throughput as st
+
+    calls = []
+    def post(url, body, timeout):
+        calls.append(body)
+        batch = isinstance(body["sampling_params"], list)
+        return [{"meta_info": {}}] * len(body["input_ids"]) if batch else {"meta_info": {}}
+
+    monkeypatch.setattr(st, "post", post)
+    prompts = [[5, 6], [7], [8, 9, 10]]
+    _, outs = st.send("http://x", prompts, [4, 3, 2])
+    assert len(calls) == 3 and len(outs) == 3  # one request per prompt
+    assert sorted(c["sampling_params"]["max_new_tokens"] for c in calls) == [2, 3, 4]
+    calls.clear()
+    _, outs = st.send("http://x", prompts, 4, batch=True)
+    assert len(calls) == 1 and calls[0]["input_ids"] == prompts and len(outs) == 3
+    assert [p["max_new_tokens"] for p in calls[0]["sampling_params"]] == [4, 4, 4]
