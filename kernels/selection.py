@@ -36,8 +36,8 @@ LOG2E = 1.4426950408889634
 CHUNK_TILE = 64  # compressed keys per dot in kernel 1
 BLOCK_TILE = 32  # blocks per program in kernel 3
 PROB_TILE = 256  # chunks per program in kernel 2
-#: kernel 1's product for fp32 K~ on a GPU: "ieee" (an fp32 dot), "tf32x3" or "fma"
-#: (`scripts/sweep_chunk_logits.py --fp32`)
+#: kernel 1's product for fp32 K~ on a GPU: "tf32x3" (three tf32 tensor-core products) or "ieee" (an exact
+#: fp32 dot, on FMAs: 3.5x slower; `scripts/sweep_chunk_logits.py --fp32`)
 FP32_SCORES_DOT = "tf32x3"
 
 
@@ -196,11 +196,6 @@ def scores_dot(q_dtype: torch.dtype, ck_dtype: torch.dtype) -> str:
     return FP32_SCORES_DOT if fp32_dot(q_dtype) or ck_dtype == torch.float32 else "native"
 
 
-def group_rows(G: int, dot: str) -> int:
-    """Query rows per program: a tensor-core dot needs 16 (the group padded), FMAs only the group."""
-    return next_pow2(G) if dot == "fma" else max(16, next_pow2(G))
-
-
 def _decode_block_scores_triton(q, ck, n_chunks, seq_lens, config: NosaConfig, nb: int, G: int,
                                 rows: torch.Tensor | None = None) -> torch.Tensor:
     B, Hq, d = q.shape
@@ -213,7 +208,7 @@ def _decode_block_scores_triton(q, ck, n_chunks, seq_lens, config: NosaConfig, n
     _chunk_logits_kernel[(B * hkv, splits)](
         q, ck, n_chunks, rows if rows is not None else n_chunks, logits, run_max, run_sum, LOG2E / math.sqrt(d),
         hkv, max(cmax, 1), per_split, q.stride(0), q.stride(1), ck.stride(0), ck.stride(1), ck.stride(2),
-        G=G, BLOCK_G=group_rows(G, dot), HEAD_DIM=d, BLOCK_C=CHUNK_TILE, DOT=dot, HAS_ROWS=rows is not None,
+        G=G, BLOCK_G=max(16, next_pow2(G)), HEAD_DIM=d, BLOCK_C=CHUNK_TILE, DOT=dot, HAS_ROWS=rows is not None,
         num_warps=4, **pdl.options(q),
     )
     probs = torch.empty((B, hkv, max(cmax, 1)), dtype=torch.float32, device=q.device)
@@ -260,8 +255,6 @@ def _chunk_logits_kernel(
         k = tl.load(CK + row * s_cb + cc[:, None] * s_cc + h * s_ch + offs_d[None, :], mask=ok[:, None], other=0.0)
         if DOT == "native":
             x = tl.dot(q, tl.trans(k.to(q.dtype)))
-        elif DOT == "fma":
-            x = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
         else:
             x = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=DOT)
         x = tl.where(ok[None, :], x * scale_log2, float("-inf"))
