@@ -54,7 +54,7 @@ def table_run_ids(table: torch.Tensor, rows: torch.Tensor, blocks: torch.Tensor,
 def table_run_ids_torch(table: torch.Tensor, rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """The same as torch ops (the statement the kernel is tested against)."""
     B, H, K = blocks.shape
-    pages = table[rows.long()].gather(1, blocks.long().clamp(min=0).view(B, -1)).view(B, H, K).long()
+    pages = table[rows.long()].gather(1, blocks.long().clamp(min=0).reshape(B, -1)).view(B, H, K).long()
     runs = pages * H + torch.arange(H, device=blocks.device).view(1, -1, 1)
     return torch.where(blocks >= 0, runs, -1)
 
