@@ -49,7 +49,8 @@ def read_page_tokens(k_runs: torch.Tensor, v_runs: torch.Tensor | None, c_runs: 
     c = torch.empty((n_tokens, H), dtype=c_runs.dtype, device=c_runs.device)
     _page_tokens_kernel[(nb * H,)](
         k_runs, v_runs if v_runs is not None else k_runs, c_runs, pages, k, v if v is not None else k, c,
-        n_tokens, H, d, bs, BLOCK_T=next_pow2(bs), BLOCK_D=next_pow2(d), WITH_V=v is not None, num_warps=4,
+        n_tokens, H, HEAD_DIM=d, BLOCK_SIZE=bs, BLOCK_T=next_pow2(bs), BLOCK_D=next_pow2(d), WITH_V=v is not None,
+        num_warps=4,
     )
     return k, v, c
 
@@ -66,21 +67,23 @@ def read_page_tokens_torch(k_runs, v_runs, c_runs, pages, n_tokens: int, num_kv_
 
 
 @triton.jit
-def _page_tokens_kernel(K_RUNS, V_RUNS, C_RUNS, PAGES, K, V, C, n_tokens, n_kv_heads, head_dim, block_size,
-                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, WITH_V: tl.constexpr):
-    """One (block, KV head): its run's tokens to their rows of the token-major outputs."""
+def _page_tokens_kernel(K_RUNS, V_RUNS, C_RUNS, PAGES, K, V, C, n_tokens, n_kv_heads,
+                        HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                        WITH_V: tl.constexpr):
+    """One (block, KV head): its run's tokens to their rows of the token-major outputs (the model's
+    block size and head dim are compile-time: the copies vectorize)."""
     pid = tl.program_id(0).to(tl.int64)
     blk = pid // n_kv_heads
     h = pid % n_kv_heads
     run = tl.load(PAGES + blk).to(tl.int64) * n_kv_heads + h
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
-    tok = blk * block_size + offs_t
-    ok = (offs_t < block_size) & (tok < n_tokens)
-    ok2 = ok[:, None] & (offs_d[None, :] < head_dim)
-    src = run * (block_size * head_dim) + offs_t[:, None] * head_dim + offs_d[None, :]
-    dst = (tok[:, None] * n_kv_heads + h) * head_dim + offs_d[None, :]
+    tok = blk * BLOCK_SIZE + offs_t
+    ok = (offs_t < BLOCK_SIZE) & (tok < n_tokens)
+    ok2 = ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    src = run * (BLOCK_SIZE * HEAD_DIM) + offs_t[:, None] * HEAD_DIM + offs_d[None, :]
+    dst = (tok[:, None] * n_kv_heads + h) * HEAD_DIM + offs_d[None, :]
     tl.store(K + dst, tl.load(K_RUNS + src, mask=ok2), mask=ok2)
     if WITH_V:
         tl.store(V + dst, tl.load(V_RUNS + src, mask=ok2), mask=ok2)
-    tl.store(C + tok * n_kv_heads + h, tl.load(C_RUNS + run * block_size + offs_t, mask=ok), mask=ok)
+    tl.store(C + tok * n_kv_heads + h, tl.load(C_RUNS + run * BLOCK_SIZE + offs_t, mask=ok), mask=ok)
