@@ -58,12 +58,19 @@ def read_page_tokens(k_runs: torch.Tensor, v_runs: torch.Tensor | None, c_runs: 
 def read_page_tokens_torch(k_runs, v_runs, c_runs, pages, n_tokens: int, num_kv_heads: int):
     """The gather of whole runs and the transpose to token-major (the statement the kernel is tested against)."""
     H, bs = num_kv_heads, c_runs.shape[1]
-    d = k_runs.shape[1] // bs
     nb = -(-n_tokens // bs)
     runs = (pages[:nb].to(k_runs.device).long()[:, None] * H + torch.arange(H, device=k_runs.device)).flatten()
-    k, v = (None if x is None else x[runs].view(nb, H, bs, d).transpose(1, 2).reshape(nb * bs, H, d)[:n_tokens]
-            for x in (k_runs, v_runs))
-    return k, v, c_runs[runs].view(nb, H, bs).transpose(1, 2).reshape(nb * bs, H)[:n_tokens]
+    k, v = (None if x is None else runs_to_tokens(x[runs], n_tokens, H, bs) for x in (k_runs, v_runs))
+    return k, v, runs_to_tokens(c_runs[runs], n_tokens, H, bs)
+
+
+def runs_to_tokens(runs: torch.Tensor, n_tokens: int, num_kv_heads: int, block_size: int) -> torch.Tensor:
+    """A sequence's runs in order (row j * Hkv + h: block j of head h), [nb * Hkv, block_size * d] or, one
+    value a token (c), [nb * Hkv, block_size] -> token-major [n_tokens, Hkv, d] or [n_tokens, Hkv]."""
+    nb, per_token = runs.shape[0] // num_kv_heads, runs.shape[1] // block_size
+    x = runs.reshape(nb, num_kv_heads, block_size, per_token).transpose(1, 2)
+    x = x.reshape(nb * block_size, num_kv_heads, per_token)[:n_tokens]
+    return x.squeeze(-1) if runs.shape[1] == block_size else x
 
 
 @triton.jit

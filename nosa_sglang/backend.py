@@ -26,6 +26,7 @@ from sglang.srt.model_executor.runner_backend_utils.breakable_cuda_graph import 
 
 from nosa_sglang.config import NosaConfig
 from nosa_sglang.extend_batches import GROUPED_NEW_TOKENS, ExtendGroup, plan_groups
+from nosa_sglang.kernels.page_tokens import runs_to_tokens
 from nosa_sglang.kernels.prefill_selection import select_blocks_prefill, select_blocks_prefill_batched
 from nosa_sglang.kernels.sparse_prefill import sparse_prefill_attention, sparse_prefill_batched
 from nosa_sglang.kv_pool import NosaKVPool
@@ -210,7 +211,7 @@ class NosaAttnBackend(AttentionBackend):
         attention never reads (a token attends only its selected blocks). Saves the PCIe pass over every
         V a cached prefix holds when a few tokens extend it. No sync: the run list has a fixed size,
         the unselected runs are skipped ids."""
-        bs, hkv, d = self.nosa.block_size, self.shape.num_kv_heads, self.shape.head_dim
+        bs, hkv = self.nosa.block_size, self.shape.num_kv_heads
         nb = -(-n_tokens // bs)
         picked = torch.zeros((hkv, nb + 1), dtype=torch.bool, device=sel.device)
         blocks = torch.where((sel >= 0) & (sel < nb), sel, nb).long().transpose(0, 1).reshape(hkv, -1)
@@ -218,7 +219,7 @@ class NosaAttnBackend(AttentionBackend):
         pool = self.kv_pool.pages
         runs = torch.where(picked[:, :nb].T, pool.runs_of(pages[:nb]), -1)
         v = pool.read_runs(layer_id - self.kv_pool.start_layer, runs.flatten(), with_k=False)[1]
-        return v.view(nb, hkv, bs, d).transpose(1, 2).reshape(nb * bs, hkv, d)[:n_tokens]
+        return runs_to_tokens(v, n_tokens, hkv, bs)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, nosa_bias=None, **kwargs):
         if nosa_bias is None or not save_kv_cache:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from nosa_sglang.kernels.block_copy import gather_runs, gather_store_runs
-from nosa_sglang.kernels.page_tokens import read_page_tokens
+from nosa_sglang.kernels.page_tokens import read_page_tokens, runs_to_tokens
 from nosa_sglang.kernels.pinned import alloc_pinned
 from nosa_sglang.kernels.token_store import store_tokens
 
@@ -128,12 +128,10 @@ class PagePool:
         if not self.host:  # NOTE: one token-major pass over each run (the gather and transpose below move it twice)
             return read_page_tokens(self.kv[0, layer], self.kv[1, layer] if with_v else None, self.c[layer], pages,
                                     n_tokens, self.num_kv_heads)
-        bs, hkv, d = self.block_size, self.num_kv_heads, self.head_dim
+        bs, hkv = self.block_size, self.num_kv_heads
         nb = -(-n_tokens // bs)
         k, v, c = self._read_runs(layer, self.runs_of(pages[:nb]).flatten(), True, with_v, skips=False)
-        k, v = (None if x is None else x.view(nb, hkv, bs, d).transpose(1, 2).reshape(nb * bs, hkv, d)[:n_tokens]
-                for x in (k, v))
-        return k, v, c.view(nb, hkv, bs).transpose(1, 2).reshape(nb * bs, hkv)[:n_tokens]
+        return tuple(None if x is None else runs_to_tokens(x, n_tokens, hkv, bs) for x in (k, v, c))
 
     def layer_views(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(k, v [runs, block_size * d], c [runs, block_size]) of one layer: the decode kernel's slots
