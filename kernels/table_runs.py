@@ -53,10 +53,15 @@ def table_run_ids(table: torch.Tensor, rows: torch.Tensor, blocks: torch.Tensor,
 
 def table_run_ids_torch(table: torch.Tensor, rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """The same as torch ops (the statement the kernel is tested against)."""
-    B, H, K = blocks.shape
-    pages = table[rows.long()].gather(1, blocks.long().clamp(min=0).reshape(B, -1)).view(B, H, K).long()
-    runs = pages * H + torch.arange(H, device=blocks.device).view(1, -1, 1)
-    return torch.where(blocks >= 0, runs, -1)
+    return torch.where(blocks >= 0, host_run_ids(table[rows.long()], blocks), -1)
+
+
+def host_run_ids(table: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, K] host run of each (row, head, block): the host block (`table`, the batch's rows of
+    the runtime's [rows, max_blocks] int32 host table) times Hkv plus the head; garbage where block < 0."""
+    B, H = blocks.shape[:2]
+    hb = table.gather(1, blocks.long().clamp(min=0).reshape(B, -1)).view(blocks.shape).long()
+    return hb * H + torch.arange(H, device=blocks.device).view(1, -1, 1)
 
 
 @triton.jit

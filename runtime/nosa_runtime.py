@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from nosa_sglang.config import NosaConfig
+from nosa_sglang.kernels.table_runs import host_run_ids
 from nosa_sglang.runtime.counters import BoundaryInfo, Counters, RunningRequest
 from nosa_sglang.runtime.decode_layer import LayerDecoder
 from nosa_sglang.runtime.full_residency import FullResidency
@@ -30,7 +31,7 @@ from nosa_sglang.runtime.plan_streams import PlanStreams
 from nosa_sglang.runtime.pool_residency import PoolResidency
 from nosa_sglang.runtime.prompt import PromptLoader
 from nosa_sglang.runtime.selection_state import SelectionState
-from nosa_sglang.runtime.slot_cache import GpuSlotCache, host_run_ids
+from nosa_sglang.runtime.slot_cache import GpuSlotCache
 from nosa_sglang.runtime.stats import StatsSnapshot
 from nosa_sglang.runtime.step_plan import StepPlan, build_step_plan
 from nosa_sglang.runtime.transfer import TransferEngine

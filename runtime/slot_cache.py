@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 
 from nosa_sglang.kernels.residency import resolve_slots
+from nosa_sglang.kernels.table_runs import host_run_ids
 from nosa_sglang.runtime.counters import tally_diff
 from nosa_sglang.runtime.slot_buffers import SlotBuffers
 from nosa_sglang.runtime.victim import VictimPolicy, sortable
@@ -38,14 +39,6 @@ class ResidencyDiff(NamedTuple):
     dst_slots: torch.Tensor  #: global victim slot of each miss, the trash slot elsewhere
     counts: torch.Tensor | None  #: [B, 2] long: selected and missed blocks of each request (None: tallied)
     fetch: torch.Tensor | None = None  #: [2, B*Hkv*K] long fetch_list of the misses (when asked for)
-
-
-def host_run_ids(table: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """[B, Hkv, K] host run of each (row, head, block): the host block (`table`, the batch's rows of
-    the runtime's [rows, max_blocks] int32 host table) times Hkv plus the head; garbage where block < 0."""
-    B, H = blocks.shape[:2]
-    hb = table.gather(1, blocks.clamp(min=0).view(B, -1)).view(blocks.shape).long()
-    return hb * H + torch.arange(H, device=blocks.device).view(1, -1, 1)
 
 
 def fetch_list(runs: torch.Tensor, take: torch.Tensor, dst_slots: torch.Tensor) -> torch.Tensor:
